@@ -1,0 +1,74 @@
+//! The tag arena: one page-aligned buffer per tag of a queue, carved from one mapping.
+
+use std::io;
+
+use crate::mmap::{page_size, round_up, Mapping};
+
+/// `depth` buffers of `buf_len` bytes each, page aligned, for one queue.
+///
+/// The kernel copies a write's data into a tag's buffer before it completes that tag's fetch,
+/// and copies a read's data out after the commit; in between the buffer belongs to the server
+/// alone. The arena hands out raw regions; [`crate::Io`] is what lends them safely.
+#[derive(Debug)]
+pub struct TagArena {
+    map: Mapping,
+    buf_len: usize,
+    depth: u16,
+}
+
+impl TagArena {
+    /// Maps `depth` buffers of `max_io` bytes (each rounded up to whole pages).
+    pub fn new(depth: u16, max_io: u32) -> io::Result<Self> {
+        let too_big = || io::Error::new(io::ErrorKind::InvalidInput, "tag arena too large");
+        let buf_len = round_up(max_io as usize, page_size()).ok_or_else(too_big)?;
+        let total = buf_len
+            .checked_mul(usize::from(depth))
+            .ok_or_else(too_big)?;
+        Ok(TagArena {
+            map: Mapping::anonymous(total)?,
+            buf_len,
+            depth,
+        })
+    }
+
+    /// Bytes per tag.
+    pub fn buf_len(&self) -> usize {
+        self.buf_len
+    }
+
+    /// Number of tags.
+    pub fn depth(&self) -> u16 {
+        self.depth
+    }
+
+    /// Start of `tag`'s buffer, or `None` for a tag beyond the depth.
+    pub fn buf_ptr(&self, tag: u16) -> Option<*mut u8> {
+        if tag >= self.depth {
+            return None;
+        }
+        self.map
+            .range(u64::from(tag) * self.buf_len as u64, self.buf_len)
+    }
+
+    /// Address of `tag`'s buffer as the kernel wants it in FETCH/COMMIT commands (0 if none).
+    pub fn buf_addr(&self, tag: u16) -> u64 {
+        self.buf_ptr(tag).map_or(0, |p| p as u64)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn buffers_are_page_aligned_and_disjoint() {
+        let arena = TagArena::new(4, 5000).expect("arena");
+        assert_eq!(arena.buf_len(), 8192);
+        let a = arena.buf_ptr(0).expect("tag 0") as usize;
+        let b = arena.buf_ptr(1).expect("tag 1") as usize;
+        assert_eq!(a % page_size(), 0);
+        assert_eq!(b - a, 8192);
+        assert!(arena.buf_ptr(4).is_none());
+        assert_eq!(arena.buf_addr(4), 0);
+    }
+}

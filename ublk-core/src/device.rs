@@ -1,0 +1,485 @@
+//! A device's whole life: add, configure, start the queue threads, start, serve until a
+//! signal or an external stop, then stop, drain and delete, leaving nothing behind.
+
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::sync::mpsc;
+use std::sync::Arc;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use crate::buf::TagArena;
+use crate::ctrl::{AddRequest, ControlDevice, DevInfo};
+use crate::error::{Error, Result};
+use crate::params::DeviceParams;
+use crate::queue::{self, QueueSetup};
+use crate::sys;
+use crate::target::{QueueShared, Target};
+
+/// What a started device looks like; given to the `on_started` callback of
+/// [`DeviceBuilder::run_with`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeviceInfo {
+    /// Device id.
+    pub dev_id: u32,
+    /// `/dev/ublkbN`.
+    pub block_path: String,
+    /// Size in bytes.
+    pub size: u64,
+    /// Queues (the kernel may have lowered the request to the CPU count).
+    pub queues: u16,
+    /// Tags per queue.
+    pub depth: u16,
+    /// Largest I/O in bytes.
+    pub max_io: u32,
+    /// `UBLK_F_*` flags the device runs with.
+    pub flags: u64,
+    /// This server's pid.
+    pub pid: u32,
+}
+
+/// Builds and runs a device.
+///
+/// ```no_run
+/// # use ublk_core::{DeviceBuilder, Target, QueueTarget, Io, QueueCtx, Geometry};
+/// struct Zeroes;
+/// impl Target for Zeroes {
+///     type Queue = Zeroes;
+///     fn open_queue(&self, _: u16, _: &Geometry) -> std::io::Result<Zeroes> { Ok(Zeroes) }
+/// }
+/// impl QueueTarget for Zeroes {
+///     fn submit(&mut self, mut io: Io, _: &mut QueueCtx<'_>) {
+///         io.data_mut().fill(0);
+///         io.complete_ok();
+///     }
+/// }
+/// DeviceBuilder::new().size(1 << 30).queues(2).run(Zeroes)?;
+/// # Ok::<(), ublk_core::Error>(())
+/// ```
+#[derive(Debug, Clone, Default)]
+pub struct DeviceBuilder {
+    params: DeviceParams,
+    id: Option<u32>,
+    flags: u64,
+    server_flags: u64,
+}
+
+impl DeviceBuilder {
+    /// Defaults: 1 queue, depth 128, 512-byte logical blocks, 512 KiB max I/O; set the size.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Size in bytes.
+    pub fn size(mut self, bytes: u64) -> Self {
+        self.params.size = bytes;
+        self
+    }
+
+    /// Logical block size (512..=4096, power of two).
+    pub fn logical_block_size(mut self, bytes: u32) -> Self {
+        self.params.logical_block_size = bytes;
+        self.params.physical_block_size = self.params.physical_block_size.max(bytes);
+        self
+    }
+
+    /// Number of queues.
+    pub fn queues(mut self, n: u16) -> Self {
+        self.params.queues = n;
+        self
+    }
+
+    /// Tags per queue.
+    pub fn depth(mut self, n: u16) -> Self {
+        self.params.depth = n;
+        self
+    }
+
+    /// Largest single I/O in bytes.
+    pub fn max_io_size(mut self, bytes: u32) -> Self {
+        self.params.max_io = bytes;
+        self
+    }
+
+    /// A specific device id instead of one the kernel chooses.
+    pub fn id(mut self, id: u32) -> Self {
+        self.id = Some(id);
+        self
+    }
+
+    /// Extra `UBLK_F_*` flags.
+    pub fn flags(mut self, flags: u64) -> Self {
+        self.flags |= flags;
+        self
+    }
+
+    /// Server-private flags the kernel stores with the device and reports back in
+    /// [`crate::DevInfo::server_flags`] (the `ublk` tool records the target kind there).
+    pub fn server_flags(mut self, flags: u64) -> Self {
+        self.server_flags = flags;
+        self
+    }
+
+    /// Advertise discard support.
+    pub fn discard(mut self, on: bool) -> Self {
+        self.params.discard = on;
+        self
+    }
+
+    /// Advertise write-zeroes support.
+    pub fn write_zeroes(mut self, on: bool) -> Self {
+        self.params.write_zeroes = on;
+        self
+    }
+
+    /// Advertise a volatile write cache (the kernel then sends flushes).
+    pub fn volatile_cache(mut self, on: bool) -> Self {
+        self.params.volatile_cache = on;
+        self
+    }
+
+    /// Advertise FUA support on writes.
+    pub fn fua(mut self, on: bool) -> Self {
+        self.params.fua = on;
+        self
+    }
+
+    /// Replace all parameters at once.
+    pub fn params(mut self, params: DeviceParams) -> Self {
+        self.params = params;
+        self
+    }
+
+    /// The parameters as they stand.
+    pub fn device_params(&self) -> &DeviceParams {
+        &self.params
+    }
+
+    /// Checks the parameters without touching the kernel.
+    pub fn validate(&self) -> Result<()> {
+        self.params.validate()
+    }
+
+    /// Serves `target` until SIGINT/SIGTERM or until the device is stopped from outside, then
+    /// removes the device. See [`DeviceBuilder::run_with`].
+    pub fn run<T: Target>(self, target: T) -> Result<()> {
+        self.run_with(target, |_| {})
+    }
+
+    /// Like [`DeviceBuilder::run`], calling `on_started` once `/dev/ublkbN` exists.
+    ///
+    /// SIGINT and SIGTERM are blocked in the calling thread (and so in the queue threads it
+    /// starts) while the device runs, and one arriving ends the run with `Ok(())`. Any error
+    /// after the device was added deletes it before returning.
+    pub fn run_with<T: Target>(
+        self,
+        target: T,
+        on_started: impl FnOnce(&DeviceInfo),
+    ) -> Result<()> {
+        self.validate()?;
+        let ctrl = ControlDevice::open()?;
+        let features = ctrl.features()?;
+        let mut flags = self.flags;
+        if features & sys::UBLK_F_CMD_IOCTL_ENCODE != 0 {
+            flags |= sys::UBLK_F_CMD_IOCTL_ENCODE;
+        }
+        let unsupported = flags & !features;
+        if unsupported != 0 {
+            return Err(Error::InvalidParam(format!(
+                "the kernel does not support {}",
+                crate::ctrl::feature_names(unsupported).join(", ")
+            )));
+        }
+        let info = ctrl.add(&AddRequest {
+            dev_id: self.id,
+            nr_queues: self.params.queues,
+            queue_depth: self.params.depth,
+            max_io_buf_bytes: self.params.max_io,
+            flags,
+            server_flags: self.server_flags,
+        })?;
+        let mut guard = DeviceGuard {
+            ctrl: &ctrl,
+            dev_id: info.dev_id,
+            started: false,
+        };
+        tracing::info!(dev_id = info.dev_id, "added device");
+        // Blocked before the queue threads start, so they inherit the mask and the signals
+        // reach only `SignalBlock::wait`.
+        let signals = SignalBlock::new()?;
+        let result = serve(
+            &signals,
+            &ctrl,
+            &info,
+            &self.params,
+            target,
+            &mut guard,
+            on_started,
+        );
+        guard.teardown();
+        result
+    }
+}
+
+/// Deletes the device on every exit path.
+struct DeviceGuard<'a> {
+    ctrl: &'a ControlDevice,
+    dev_id: u32,
+    started: bool,
+}
+
+impl DeviceGuard<'_> {
+    fn teardown(&mut self) {
+        if self.started {
+            if let Err(e) = self.ctrl.stop(self.dev_id) {
+                tracing::warn!(dev_id = self.dev_id, "stop: {e}");
+            }
+            self.started = false;
+        }
+    }
+}
+
+impl Drop for DeviceGuard<'_> {
+    fn drop(&mut self) {
+        self.teardown();
+        match self.ctrl.delete(self.dev_id) {
+            Ok(()) => tracing::info!(dev_id = self.dev_id, "deleted device"),
+            Err(e) => tracing::error!(dev_id = self.dev_id, "delete: {e}"),
+        }
+    }
+}
+
+/// Blocks SIGINT and SIGTERM for the calling thread (and threads it spawns) while alive.
+struct SignalBlock {
+    old: libc::sigset_t,
+}
+
+fn term_signals() -> libc::sigset_t {
+    // SAFETY: sigset_t is plain data; sigemptyset/sigaddset only write the set we own.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, libc::SIGINT);
+        libc::sigaddset(&mut set, libc::SIGTERM);
+        set
+    }
+}
+
+impl SignalBlock {
+    fn new() -> Result<Self> {
+        let set = term_signals();
+        // SAFETY: sigset_t is plain data, zeroed is a valid (empty) value.
+        let mut old: libc::sigset_t = unsafe { std::mem::zeroed() };
+        // SAFETY: both pointers refer to live sigset_t values.
+        let rc = unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &set, &mut old) };
+        if rc != 0 {
+            return Err(Error::io(
+                "blocking SIGINT/SIGTERM",
+                io::Error::from_raw_os_error(rc),
+            ));
+        }
+        Ok(SignalBlock { old })
+    }
+
+    /// Waits up to `timeout` for SIGINT/SIGTERM; returns the signal number if one came.
+    fn wait(&self, timeout: Duration) -> Option<i32> {
+        let set = term_signals();
+        let ts = libc::timespec {
+            tv_sec: timeout.as_secs() as libc::time_t,
+            tv_nsec: libc::c_long::from(timeout.subsec_nanos() as i32),
+        };
+        // SAFETY: set and ts are live; a null siginfo pointer is allowed.
+        let sig = unsafe { libc::sigtimedwait(&set, std::ptr::null_mut(), &ts) };
+        (sig > 0).then_some(sig)
+    }
+}
+
+impl Drop for SignalBlock {
+    fn drop(&mut self) {
+        // SAFETY: restores the mask saved in `new`; a null old-set pointer is allowed.
+        unsafe { libc::pthread_sigmask(libc::SIG_SETMASK, &self.old, std::ptr::null_mut()) };
+    }
+}
+
+enum QueueEvent {
+    Ready(u16, io::Result<()>),
+    Exited(u16),
+}
+
+/// Sends `Exited` when the queue thread ends, however it ends.
+struct ExitNotice(mpsc::Sender<QueueEvent>, u16);
+
+impl Drop for ExitNotice {
+    fn drop(&mut self) {
+        let _ = self.0.send(QueueEvent::Exited(self.1));
+    }
+}
+
+fn open_char_device(path: &str) -> Result<File> {
+    // devtmpfs creates the node during ADD_DEV; udev may still be adjusting it.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        match OpenOptions::new().read(true).write(true).open(path) {
+            Ok(f) => return Ok(f),
+            Err(e)
+                if Instant::now() < deadline
+                    && matches!(
+                        e.kind(),
+                        io::ErrorKind::NotFound | io::ErrorKind::PermissionDenied
+                    ) =>
+            {
+                thread::sleep(Duration::from_millis(20));
+            }
+            Err(source) => {
+                return Err(Error::Open {
+                    path: path.into(),
+                    source,
+                })
+            }
+        }
+    }
+}
+
+fn serve<T: Target>(
+    signals: &SignalBlock,
+    ctrl: &ControlDevice,
+    info: &DevInfo,
+    params: &DeviceParams,
+    target: T,
+    guard: &mut DeviceGuard<'_>,
+    on_started: impl FnOnce(&DeviceInfo),
+) -> Result<()> {
+    let dev_id = info.dev_id;
+    ctrl.set_params(dev_id, &params.to_sys())?;
+    let cdev = Arc::new(open_char_device(&info.char_path())?);
+    let geo = params.geometry();
+    let geo = crate::io::Geometry {
+        max_io: geo.max_io.min(info.max_io_buf_bytes),
+        ..geo
+    };
+    let target = Arc::new(target);
+    let (tx, rx) = mpsc::channel();
+    let mut shared_queues = Vec::new();
+    let mut threads = Vec::new();
+    let mut setup_error = None;
+    for q_id in 0..info.nr_queues {
+        let cpus = ctrl.queue_affinity(dev_id, q_id).unwrap_or_else(|e| {
+            tracing::warn!(q = q_id, "no queue affinity: {e}");
+            Vec::new()
+        });
+        let shared = match TagArena::new(info.queue_depth, geo.max_io).and_then(QueueShared::new) {
+            Ok(s) => s,
+            Err(source) => {
+                setup_error = Some(Error::Queue { q_id, source });
+                break;
+            }
+        };
+        shared_queues.push(Arc::clone(&shared));
+        let setup = QueueSetup {
+            q_id,
+            depth: info.queue_depth,
+            geo,
+            cdev: Arc::clone(&cdev),
+            cpus,
+        };
+        let (target, tx) = (Arc::clone(&target), tx.clone());
+        let spawned = thread::Builder::new()
+            .name(format!("ublk{dev_id}-q{q_id}"))
+            .spawn(move || {
+                let _exit = ExitNotice(tx.clone(), q_id);
+                queue::run(&*target, setup, shared, |r| {
+                    let _ = tx.send(QueueEvent::Ready(q_id, r));
+                });
+            });
+        match spawned {
+            Ok(handle) => threads.push(handle),
+            Err(source) => {
+                setup_error = Some(Error::Queue { q_id, source });
+                break;
+            }
+        }
+    }
+    drop(tx);
+
+    let result = setup_error.map_or_else(
+        || start_and_wait(signals, ctrl, info, params, &rx, guard, on_started),
+        Err,
+    );
+
+    // Stop first (kernel drains in-flight I/O through our still-running queues), then let
+    // the queue threads go, close the char device, and let the guard delete the device.
+    guard.teardown();
+    for shared in &shared_queues {
+        shared.request_stop();
+    }
+    for handle in threads {
+        if handle.join().is_err() {
+            tracing::error!(dev_id, "a queue thread panicked");
+        }
+    }
+    drop(cdev);
+    result
+}
+
+fn start_and_wait(
+    signals: &SignalBlock,
+    ctrl: &ControlDevice,
+    info: &DevInfo,
+    params: &DeviceParams,
+    rx: &mpsc::Receiver<QueueEvent>,
+    guard: &mut DeviceGuard<'_>,
+    on_started: impl FnOnce(&DeviceInfo),
+) -> Result<()> {
+    let mut ready = 0;
+    while ready < info.nr_queues {
+        match rx.recv() {
+            Ok(QueueEvent::Ready(_, Ok(()))) => ready += 1,
+            Ok(QueueEvent::Ready(q_id, Err(source))) => return Err(Error::Queue { q_id, source }),
+            Ok(QueueEvent::Exited(q_id)) => {
+                return Err(Error::Queue {
+                    q_id,
+                    source: io::Error::other("queue thread exited during setup"),
+                })
+            }
+            Err(mpsc::RecvError) => {
+                return Err(Error::io(
+                    "starting queues",
+                    io::Error::other("every queue thread exited"),
+                ))
+            }
+        }
+    }
+    let pid = std::process::id();
+    guard.started = true;
+    ctrl.start(info.dev_id, pid as i32)?;
+    let started = DeviceInfo {
+        dev_id: info.dev_id,
+        block_path: info.block_path(),
+        size: params.size,
+        queues: info.nr_queues,
+        depth: info.queue_depth,
+        max_io: info.max_io_buf_bytes,
+        flags: info.flags,
+        pid,
+    };
+    tracing::info!(dev_id = info.dev_id, path = %started.block_path, "device started");
+    on_started(&started);
+    loop {
+        if let Some(sig) = signals.wait(Duration::from_millis(100)) {
+            tracing::info!(dev_id = info.dev_id, sig, "signal received: stopping");
+            return Ok(());
+        }
+        match rx.try_recv() {
+            Ok(QueueEvent::Exited(q_id)) => {
+                tracing::info!(
+                    dev_id = info.dev_id,
+                    q = q_id,
+                    "queue ended: device stopped"
+                );
+                return Ok(());
+            }
+            Ok(QueueEvent::Ready(..)) | Err(mpsc::TryRecvError::Empty) => {}
+            Err(mpsc::TryRecvError::Disconnected) => return Ok(()),
+        }
+    }
+}

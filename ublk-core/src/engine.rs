@@ -1,0 +1,108 @@
+//! The dispatch half of a queue, independent of how descriptors arrive: decode a tag's
+//! descriptor, hand the request to the target, and collect completions into commits.
+//!
+//! The real queue ([`crate::queue`]) feeds it from the kernel; a simulated queue can feed it
+//! from memory. Both run the same code against the same target.
+
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::rc::Rc;
+use std::sync::Arc;
+
+use crate::io::{Geometry, IoDesc};
+use crate::target::{Io, LocalSink, QueueCtx, QueueShared, QueueTarget};
+
+/// One queue's dispatcher.
+pub(crate) struct Engine<Q: QueueTarget> {
+    target: Q,
+    sink: Rc<LocalSink>,
+    shared: Arc<QueueShared>,
+    geo: Geometry,
+    q_id: u16,
+    /// Tags the server holds (fetched, not yet committed).
+    busy: Vec<bool>,
+    scratch: Vec<(u16, i32)>,
+}
+
+impl<Q: QueueTarget> Engine<Q> {
+    pub(crate) fn new(target: Q, shared: Arc<QueueShared>, geo: Geometry, q_id: u16) -> Self {
+        let depth = shared.arena.depth();
+        Engine {
+            target,
+            sink: LocalSink::new(Arc::clone(&shared), depth),
+            shared,
+            geo,
+            q_id,
+            busy: vec![false; usize::from(depth)],
+            scratch: Vec::with_capacity(usize::from(depth)),
+        }
+    }
+
+    /// Serves the request the kernel delivered for `tag`.
+    pub(crate) fn dispatch(&mut self, tag: u16, desc: IoDesc) {
+        let Some(busy) = self.busy.get_mut(usize::from(tag)) else {
+            tracing::error!(
+                q = self.q_id,
+                tag,
+                "request for a tag beyond the queue depth"
+            );
+            return;
+        };
+        if *busy {
+            tracing::error!(q = self.q_id, tag, "request for a tag already in service");
+            return;
+        }
+        *busy = true;
+        let io = match desc.decode(&self.geo) {
+            Ok(io) => io,
+            Err(errno) => {
+                tracing::debug!(q = self.q_id, tag, ?desc, errno, "rejected request");
+                self.sink.push(tag, errno);
+                return;
+            }
+        };
+        let buf = self
+            .shared
+            .arena
+            .buf_ptr(tag)
+            .expect("tag < depth was checked above");
+        // SAFETY: buf is tag's arena buffer of max_io bytes, >= io.len (checked by decode);
+        // the tag was just marked busy, so this request is its buffer's only user until its
+        // completion is drained below.
+        let io = unsafe { Io::new(io, tag, buf, Rc::clone(&self.sink)) };
+        let mut ctx = QueueCtx {
+            q_id: self.q_id,
+            geo: &self.geo,
+        };
+        let target = &mut self.target;
+        // A panicking target drops the Io while unwinding, which fails it with -EIO.
+        if catch_unwind(AssertUnwindSafe(|| target.submit(io, &mut ctx))).is_err() {
+            tracing::error!(
+                q = self.q_id,
+                tag,
+                "target panicked: request failed with -EIO"
+            );
+        }
+    }
+
+    /// Passes every completed request to `commit(tag, result)` and marks its tag free.
+    pub(crate) fn drain(&mut self, mut commit: impl FnMut(u16, i32)) {
+        self.sink.take_into(&mut self.scratch);
+        while let Some(done) = self.shared.pop_remote() {
+            self.scratch.push(done);
+        }
+        for (tag, res) in self.scratch.drain(..) {
+            match self.busy.get_mut(usize::from(tag)) {
+                Some(busy) if *busy => {
+                    *busy = false;
+                    commit(tag, res);
+                }
+                _ => tracing::error!(q = self.q_id, tag, "completion for a tag not in service"),
+            }
+        }
+    }
+
+    /// Number of requests the server holds.
+    pub(crate) fn in_service(&self) -> usize {
+        self.busy.iter().filter(|b| **b).count()
+    }
+}

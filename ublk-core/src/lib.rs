@@ -1,0 +1,50 @@
+//! # ublk-core
+//!
+//! The foundation of ublk-rs: Linux block devices served from user space through the kernel's
+//! ublk driver. This crate holds the kernel interface ([`sys`]), the control plane
+//! ([`ControlDevice`]), the per-queue io_uring engine, the block-backend interface targets
+//! implement ([`Target`], [`QueueTarget`], [`Io`]) and the convenient owned-buffer API
+//! ([`BlockDevice`]).
+//!
+//! ```no_run
+//! use ublk_core::{BlockDevice, DeviceBuilder, ReadReply, Reply};
+//!
+//! /// A 1 GiB device that reads as zeroes and accepts (and forgets) writes.
+//! struct Sink;
+//!
+//! impl BlockDevice for Sink {
+//!     fn read(&self, _offset: u64, len: u32, reply: ReadReply) {
+//!         reply.data(&vec![0; len as usize]);
+//!     }
+//!     fn write(&self, _offset: u64, _data: &[u8], _fua: bool, reply: Reply) {
+//!         reply.ok();
+//!     }
+//! }
+//!
+//! DeviceBuilder::new().size(1 << 30).run(ublk_core::Owned::new(Sink))?;
+//! # Ok::<(), ublk_core::Error>(())
+//! ```
+#![deny(unsafe_op_in_unsafe_fn)]
+#![warn(missing_docs)]
+
+pub mod buf;
+pub mod ctrl;
+pub mod device;
+mod engine;
+pub mod error;
+pub mod io;
+pub mod mmap;
+pub mod owned;
+pub mod params;
+mod pod;
+mod queue;
+pub mod sys;
+pub mod target;
+
+pub use ctrl::{feature_names, ControlDevice, DevInfo};
+pub use device::{DeviceBuilder, DeviceInfo};
+pub use error::{Error, Result};
+pub use io::{BlockIo, Geometry, IoFlags, Op};
+pub use owned::{BlockDevice, Owned, ReadReply, Reply};
+pub use params::{parse_size, DeviceParams};
+pub use target::{Io, QueueCtx, QueueTarget, RemoteIo, Target};

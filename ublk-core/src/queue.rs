@@ -1,0 +1,247 @@
+//! One queue served by the kernel: its descriptor array, its io_uring, and the loop that
+//! fetches requests and commits results.
+
+use std::fs::File;
+use std::io;
+use std::os::fd::{AsFd, AsRawFd};
+use std::sync::atomic::{fence, Ordering};
+use std::sync::Arc;
+
+use io_uring::{cqueue, opcode, squeue, types, IoUring};
+
+use crate::engine::Engine;
+use crate::io::{Geometry, IoDesc};
+use crate::mmap::{page_size, round_up, Mapping};
+use crate::pod;
+use crate::sys;
+use crate::target::{QueueShared, Target};
+
+/// Size of one descriptor in the kernel's array.
+const DESC_SIZE: usize = std::mem::size_of::<sys::ublksrv_io_desc>();
+/// Per-queue stride of the descriptor area: sized for the largest depth.
+const MAX_DEPTH: usize = 4096;
+
+/// `user_data` of the eventfd poll; ublk commands use their tag (< 4096).
+const WAKE_TOKEN: u64 = 1 << 32;
+
+/// The kernel's read-only array of request descriptors for one queue.
+pub(crate) struct DescArray {
+    map: Mapping,
+    depth: u16,
+}
+
+impl DescArray {
+    /// Maps queue `q_id`'s descriptors of `/dev/ublkcN`.
+    pub(crate) fn map(cdev: &File, q_id: u16, depth: u16) -> io::Result<Self> {
+        let page = page_size();
+        let stride = round_up(MAX_DEPTH * DESC_SIZE, page).expect("constant fits");
+        let len = round_up(usize::from(depth) * DESC_SIZE, page).expect("depth <= 4096");
+        let offset = (usize::from(q_id) * stride) as u64;
+        Ok(DescArray {
+            map: Mapping::shared_read_only(cdev.as_fd(), len, offset)?,
+            depth,
+        })
+    }
+
+    /// Reads `tag`'s descriptor. Call only after that tag's fetch completed.
+    pub(crate) fn read(&self, tag: u16) -> IoDesc {
+        assert!(tag < self.depth, "tag {tag} beyond depth {}", self.depth);
+        // Pairs with the kernel's write of the descriptor before it completed the fetch CQE.
+        fence(Ordering::Acquire);
+        let ptr = self
+            .map
+            .range(u64::from(tag) * DESC_SIZE as u64, DESC_SIZE)
+            .expect("tag < depth, so the descriptor lies inside the mapping")
+            .cast::<sys::ublksrv_io_desc>();
+        // SAFETY: ptr is inside the mapping (checked by `range`) and 8-byte aligned (page-aligned
+        // base, 24-byte stride, 8-byte fields). The kernel may write it concurrently only for
+        // another request of this tag, which cannot exist before we commit; a volatile read
+        // never forms a reference to the shared memory.
+        IoDesc::from(unsafe { std::ptr::read_volatile(ptr) })
+    }
+}
+
+/// Everything a queue thread needs.
+pub(crate) struct QueueSetup {
+    pub q_id: u16,
+    pub depth: u16,
+    pub geo: Geometry,
+    pub cdev: Arc<File>,
+    pub cpus: Vec<usize>,
+}
+
+fn pin_to(cpus: &[usize]) -> io::Result<()> {
+    if cpus.is_empty() {
+        return Ok(());
+    }
+    // SAFETY: cpu_set_t is plain data; zeroed is the empty set.
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    for &cpu in cpus {
+        if cpu < libc::CPU_SETSIZE as usize {
+            // SAFETY: cpu is below CPU_SETSIZE, so the bit lies inside `set`.
+            unsafe { libc::CPU_SET(cpu, &mut set) };
+        }
+    }
+    // SAFETY: passes a valid cpu_set_t of the size given, for the calling thread (0).
+    let rc = unsafe { libc::sched_setaffinity(0, std::mem::size_of_val(&set), &set) };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+fn new_ring(entries: u32) -> io::Result<IoUring> {
+    IoUring::builder()
+        .setup_coop_taskrun()
+        .setup_single_issuer()
+        .build(entries)
+        .or_else(|_| IoUring::new(entries))
+}
+
+fn io_cmd_sqe(
+    cdev: &File,
+    cmd_op: u32,
+    q_id: u16,
+    tag: u16,
+    result: i32,
+    addr: u64,
+) -> squeue::Entry {
+    let cmd = sys::ublksrv_io_cmd {
+        q_id,
+        tag,
+        result,
+        addr,
+    };
+    opcode::UringCmd16::new(types::Fd(cdev.as_raw_fd()), cmd_op)
+        .cmd(pod::to_cmd_bytes(&cmd))
+        .build()
+        .user_data(u64::from(tag))
+}
+
+/// Serves one queue until the kernel aborts every tag or a stop is requested. `ready` is
+/// called once every tag has been fetched (or with the error that prevented it).
+pub(crate) fn run<T: Target>(
+    target: &T,
+    setup: QueueSetup,
+    shared: Arc<QueueShared>,
+    ready: impl FnOnce(io::Result<()>),
+) {
+    let mut ready = Some(ready);
+    let result = serve(target, &setup, shared, &mut ready);
+    if let Some(ready) = ready.take() {
+        ready(result.map(|_| ()));
+    } else if let Err(e) = result {
+        tracing::error!(q = setup.q_id, "queue stopped: {e}");
+    }
+}
+
+fn serve<T: Target>(
+    target: &T,
+    setup: &QueueSetup,
+    shared: Arc<QueueShared>,
+    ready: &mut Option<impl FnOnce(io::Result<()>)>,
+) -> io::Result<()> {
+    let QueueSetup {
+        q_id, depth, cdev, ..
+    } = setup;
+    let (q_id, depth) = (*q_id, *depth);
+    if let Err(e) = pin_to(&setup.cpus) {
+        tracing::warn!(q = q_id, "cannot pin queue thread to {:?}: {e}", setup.cpus);
+    }
+    shared.enter();
+    let descs = DescArray::map(cdev, q_id, depth)?;
+    let entries = (u32::from(depth) + 2).next_power_of_two();
+    let mut ring = new_ring(entries)?;
+    let queue_target = target.open_queue(q_id, &setup.geo)?;
+    let mut engine = Engine::new(queue_target, Arc::clone(&shared), setup.geo, q_id);
+
+    let wake = opcode::PollAdd::new(types::Fd(shared.wake_fd().as_raw_fd()), libc::POLLIN as u32)
+        .multi(true)
+        .build()
+        .user_data(WAKE_TOKEN);
+    push(&mut ring, &wake)?;
+    for tag in 0..depth {
+        let sqe = io_cmd_sqe(
+            cdev,
+            sys::UBLK_U_IO_FETCH_REQ,
+            q_id,
+            tag,
+            -1,
+            shared.arena.buf_addr(tag),
+        );
+        push(&mut ring, &sqe)?;
+    }
+    ring.submit()?;
+    if let Some(ready) = ready.take() {
+        ready(Ok(()));
+    }
+    tracing::debug!(q = q_id, depth, "queue fetched every tag");
+
+    let mut live = usize::from(depth);
+    let mut cqes: Vec<(u64, i32, u32)> = Vec::with_capacity(entries as usize * 2);
+    while live > 0 && !shared.stop_requested() {
+        match ring.submit_and_wait(1) {
+            Ok(_) => {}
+            Err(e) if matches!(e.raw_os_error(), Some(libc::EINTR) | Some(libc::EBUSY)) => {}
+            Err(e) => return Err(e),
+        }
+        cqes.extend(
+            ring.completion()
+                .map(|c| (c.user_data(), c.result(), c.flags())),
+        );
+        for (user_data, res, flags) in cqes.drain(..) {
+            if user_data == WAKE_TOKEN {
+                shared.clear_wake();
+                if !cqueue::more(flags) {
+                    push(&mut ring, &wake)?;
+                }
+                continue;
+            }
+            let tag = user_data as u16;
+            match res {
+                sys::UBLK_IO_RES_OK => engine.dispatch(tag, descs.read(tag)),
+                sys::UBLK_IO_RES_ABORT => live -= 1,
+                other => {
+                    tracing::error!(q = q_id, tag, res = other, "unexpected fetch result");
+                    live -= 1;
+                }
+            }
+        }
+        let mut push_err = None;
+        engine.drain(|tag, res| {
+            let sqe = io_cmd_sqe(
+                cdev,
+                sys::UBLK_U_IO_COMMIT_AND_FETCH_REQ,
+                q_id,
+                tag,
+                res,
+                shared.arena.buf_addr(tag),
+            );
+            if let Err(e) = push(&mut ring, &sqe) {
+                push_err = Some(e);
+            }
+        });
+        if let Some(e) = push_err {
+            return Err(e);
+        }
+    }
+    tracing::debug!(
+        q = q_id,
+        live,
+        in_service = engine.in_service(),
+        "queue loop ended"
+    );
+    Ok(())
+}
+
+fn push(ring: &mut IoUring, sqe: &squeue::Entry) -> io::Result<()> {
+    loop {
+        // SAFETY: ublk commands carry only a buffer address in our arena, which outlives the
+        // ring (the arena is held by `QueueShared`, dropped after the ring); the poll carries
+        // no buffer.
+        if unsafe { ring.submission().push(sqe) }.is_ok() {
+            return Ok(());
+        }
+        ring.submit()?;
+    }
+}

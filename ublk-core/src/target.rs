@@ -1,0 +1,381 @@
+//! The block-backend interface every target implements, and the request value it receives.
+//!
+//! A [`Target`] is shared by all queues; each queue thread opens its own [`QueueTarget`]. The
+//! engine hands the queue target each request as an [`Io`]: a value that owns the request's
+//! buffer until it is completed. Completing consumes it, so no borrow of the buffer can outlive
+//! the request; dropping it unanswered fails the I/O with `-EIO` instead of hanging the device.
+//!
+//! An `Io` may be completed at once, kept and completed later on the same queue thread (after
+//! the target's own asynchronous work), or turned into a [`RemoteIo`] and completed from any
+//! thread. Because a target is just a value with `submit`, one target can own others as
+//! children and build a stack (a mirror of stripes, compression over a mirror).
+
+use std::cell::{Cell, RefCell};
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::rc::Rc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use crossbeam_queue::SegQueue;
+
+use crate::buf::TagArena;
+use crate::io::{BlockIo, Geometry, IoFlags, Op};
+
+/// A block backend: the device-wide half of a target.
+pub trait Target: Send + Sync + 'static {
+    /// Per-queue state, created and used only on that queue's thread.
+    type Queue: QueueTarget;
+
+    /// Opens the per-queue half for queue `q_id`; called on the queue's own thread.
+    fn open_queue(&self, q_id: u16, geo: &Geometry) -> io::Result<Self::Queue>;
+}
+
+/// The per-queue half of a target.
+pub trait QueueTarget: 'static {
+    /// Starts one request. Complete it now or later with [`Io::complete`] (or one of its
+    /// shorthands); a panic here fails this request with `-EIO` and the queue keeps serving.
+    fn submit(&mut self, io: Io, ctx: &mut QueueCtx<'_>);
+}
+
+/// What a queue target can see of its queue while it handles a request.
+#[derive(Debug)]
+pub struct QueueCtx<'a> {
+    pub(crate) q_id: u16,
+    pub(crate) geo: &'a Geometry,
+}
+
+impl QueueCtx<'_> {
+    /// The queue's id.
+    pub fn q_id(&self) -> u16 {
+        self.q_id
+    }
+
+    /// The device's size and limits.
+    pub fn geometry(&self) -> &Geometry {
+        self.geo
+    }
+}
+
+/// State of one queue shared with other threads: completions arriving from them, the wakeup
+/// eventfd, the stop request, and the tag arena (kept alive while any request value exists).
+#[derive(Debug)]
+pub(crate) struct QueueShared {
+    remote: SegQueue<(u16, i32)>,
+    wake: OwnedFd,
+    stop: AtomicBool,
+    pub(crate) arena: TagArena,
+}
+
+thread_local! {
+    /// The queue this thread serves, so a completion made on it skips the eventfd.
+    static CURRENT_QUEUE: Cell<*const QueueShared> = const { Cell::new(std::ptr::null()) };
+}
+
+impl QueueShared {
+    pub(crate) fn new(arena: TagArena) -> io::Result<Arc<Self>> {
+        // SAFETY: eventfd takes no pointers; a non-negative result is a new fd we now own.
+        let fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(Arc::new(QueueShared {
+            remote: SegQueue::new(),
+            // SAFETY: fd is a freshly created descriptor owned by nobody else.
+            wake: unsafe { OwnedFd::from_raw_fd(fd) },
+            stop: AtomicBool::new(false),
+            arena,
+        }))
+    }
+
+    /// Marks the calling thread as this queue's thread.
+    pub(crate) fn enter(self: &Arc<Self>) {
+        CURRENT_QUEUE.with(|c| c.set(Arc::as_ptr(self)));
+    }
+
+    pub(crate) fn wake_fd(&self) -> &OwnedFd {
+        &self.wake
+    }
+
+    /// Wakes the queue thread if it may be sleeping in `io_uring_enter`.
+    pub(crate) fn wake(&self) {
+        let one: u64 = 1;
+        // SAFETY: writes 8 bytes from a live u64 to an eventfd we own. A full counter (EAGAIN)
+        // already means "wake up", so the result needs no handling.
+        unsafe { libc::write(self.wake.as_raw_fd(), (&one as *const u64).cast(), 8) };
+    }
+
+    /// Clears the eventfd counter after a wakeup.
+    pub(crate) fn clear_wake(&self) {
+        let mut val: u64 = 0;
+        // SAFETY: reads at most 8 bytes into a live u64; EAGAIN (nothing pending) is harmless.
+        unsafe { libc::read(self.wake.as_raw_fd(), (&mut val as *mut u64).cast(), 8) };
+    }
+
+    /// Asks the queue thread to leave its loop.
+    pub(crate) fn request_stop(&self) {
+        self.stop.store(true, Ordering::Release);
+        self.wake();
+    }
+
+    pub(crate) fn stop_requested(&self) -> bool {
+        self.stop.load(Ordering::Acquire)
+    }
+
+    fn push_remote(&self, tag: u16, res: i32) {
+        self.remote.push((tag, res));
+        let here = CURRENT_QUEUE.with(Cell::get);
+        if !std::ptr::eq(here, self) {
+            self.wake();
+        }
+    }
+
+    pub(crate) fn pop_remote(&self) -> Option<(u16, i32)> {
+        self.remote.pop()
+    }
+}
+
+/// Completions made on the queue thread itself, drained once per loop turn.
+#[derive(Debug)]
+pub(crate) struct LocalSink {
+    done: RefCell<Vec<(u16, i32)>>,
+    pub(crate) shared: Arc<QueueShared>,
+}
+
+impl LocalSink {
+    pub(crate) fn new(shared: Arc<QueueShared>, depth: u16) -> Rc<Self> {
+        Rc::new(LocalSink {
+            done: RefCell::new(Vec::with_capacity(usize::from(depth))),
+            shared,
+        })
+    }
+
+    pub(crate) fn push(&self, tag: u16, res: i32) {
+        self.done.borrow_mut().push((tag, res));
+    }
+
+    /// Moves every pending completion into `out`.
+    pub(crate) fn take_into(&self, out: &mut Vec<(u16, i32)>) {
+        out.append(&mut self.done.borrow_mut());
+    }
+}
+
+/// The part of a request that does not depend on where it is completed.
+#[derive(Debug, Clone, Copy)]
+struct Inner {
+    io: BlockIo,
+    tag: u16,
+    buf: *mut u8,
+}
+
+impl Inner {
+    fn ok_result(&self) -> i32 {
+        match self.io.op {
+            // len <= max_io <= 32 MiB, checked when the descriptor was decoded.
+            Op::Read | Op::Write => self.io.len as i32,
+            _ => 0,
+        }
+    }
+
+    fn data_len(&self) -> usize {
+        match self.io.op {
+            Op::Read | Op::Write => self.io.len as usize,
+            _ => 0,
+        }
+    }
+
+    /// # Safety
+    /// The caller must own the request (see [`Io`]), so nothing else accesses the buffer.
+    unsafe fn data<'a>(&self) -> &'a [u8] {
+        if self.data_len() == 0 {
+            return &[];
+        }
+        // SAFETY: buf points at this tag's arena buffer, at least max_io >= data_len bytes
+        // (checked at decode); the arena outlives the request (the sink holds it); the caller
+        // owns the request, so neither the kernel nor another thread touches the buffer.
+        unsafe { std::slice::from_raw_parts(self.buf, self.data_len()) }
+    }
+
+    /// # Safety
+    /// As for [`Inner::data`], and the returned borrow must be the only one.
+    unsafe fn data_mut<'a>(&mut self) -> &'a mut [u8] {
+        if self.data_len() == 0 {
+            return &mut [];
+        }
+        // SAFETY: as in `data`; uniqueness is the caller's &mut borrow of the owning request.
+        unsafe { std::slice::from_raw_parts_mut(self.buf, self.data_len()) }
+    }
+}
+
+/// One request, owned by the target until it is completed.
+///
+/// For a write, [`Io::data`] holds the bytes to store; for a read, fill [`Io::data_mut`] and
+/// complete. The buffer is borrowed from the `Io`, so it cannot outlive the completion.
+#[must_use = "a request must be completed; dropping it fails the I/O with -EIO"]
+#[derive(Debug)]
+pub struct Io {
+    inner: Inner,
+    sink: Rc<LocalSink>,
+    done: bool,
+}
+
+impl Io {
+    /// # Safety
+    /// `buf` must point at `tag`'s buffer in `sink`'s arena, at least `io.len` bytes long for
+    /// reads and writes, and the request must be the only user of that buffer until completed.
+    pub(crate) unsafe fn new(io: BlockIo, tag: u16, buf: *mut u8, sink: Rc<LocalSink>) -> Self {
+        Io {
+            inner: Inner { io, tag, buf },
+            sink,
+            done: false,
+        }
+    }
+
+    /// The request: op, byte offset, length and flags.
+    pub fn block_io(&self) -> BlockIo {
+        self.inner.io
+    }
+
+    /// The operation.
+    pub fn op(&self) -> Op {
+        self.inner.io.op
+    }
+
+    /// Byte offset on the device.
+    pub fn offset(&self) -> u64 {
+        self.inner.io.offset
+    }
+
+    /// Length in bytes.
+    pub fn len(&self) -> u32 {
+        self.inner.io.len
+    }
+
+    /// True for a zero-length request (a flush).
+    pub fn is_empty(&self) -> bool {
+        self.inner.io.len == 0
+    }
+
+    /// The request's flags.
+    pub fn flags(&self) -> IoFlags {
+        self.inner.io.flags
+    }
+
+    /// The tag the kernel gave this request on its queue.
+    pub fn tag(&self) -> u16 {
+        self.inner.tag
+    }
+
+    /// The request's data: the bytes to write, or the read buffer. Empty for other ops.
+    pub fn data(&self) -> &[u8] {
+        // SAFETY: self owns the request (not yet completed); the borrow is tied to &self.
+        unsafe { self.inner.data() }
+    }
+
+    /// The request's buffer, mutably: fill it for a read. Empty for ops without data.
+    pub fn data_mut(&mut self) -> &mut [u8] {
+        // SAFETY: self owns the request; the borrow is tied to the unique &mut self.
+        unsafe { self.inner.data_mut() }
+    }
+
+    /// Completes with `res`: bytes done (reads and writes) or 0, or a negative errno.
+    pub fn complete(mut self, res: i32) {
+        self.done = true;
+        self.sink.push(self.inner.tag, res);
+    }
+
+    /// Completes successfully: the full length for reads and writes, 0 otherwise.
+    pub fn complete_ok(self) {
+        let res = self.inner.ok_result();
+        self.complete(res);
+    }
+
+    /// Fails with the positive `errno` (`libc::EIO`, ...).
+    pub fn fail(self, errno: i32) {
+        self.complete(-errno.abs());
+    }
+
+    /// Turns this request into one that can be completed from any thread.
+    pub fn into_remote(mut self) -> RemoteIo {
+        self.done = true;
+        RemoteIo {
+            inner: self.inner,
+            shared: Arc::clone(&self.sink.shared),
+            done: false,
+        }
+    }
+}
+
+impl Drop for Io {
+    fn drop(&mut self) {
+        if !self.done {
+            tracing::warn!(
+                tag = self.inner.tag,
+                "request dropped without completion: -EIO"
+            );
+            self.sink.push(self.inner.tag, -libc::EIO);
+        }
+    }
+}
+
+/// A request that can be completed from any thread; the queue thread is woken to commit it.
+#[must_use = "a request must be completed; dropping it fails the I/O with -EIO"]
+#[derive(Debug)]
+pub struct RemoteIo {
+    inner: Inner,
+    shared: Arc<QueueShared>,
+    done: bool,
+}
+
+// SAFETY: the raw buffer pointer is the only non-Send field; the buffer belongs to this request
+// alone until it is completed (whichever thread holds the value), and the arena it points into
+// is kept alive by `shared`.
+unsafe impl Send for RemoteIo {}
+
+impl RemoteIo {
+    /// The request: op, byte offset, length and flags.
+    pub fn block_io(&self) -> BlockIo {
+        self.inner.io
+    }
+
+    /// The request's data: the bytes to write, or the read buffer.
+    pub fn data(&self) -> &[u8] {
+        // SAFETY: self owns the request; the borrow is tied to &self.
+        unsafe { self.inner.data() }
+    }
+
+    /// The request's buffer, mutably.
+    pub fn data_mut(&mut self) -> &mut [u8] {
+        // SAFETY: self owns the request; the borrow is tied to the unique &mut self.
+        unsafe { self.inner.data_mut() }
+    }
+
+    /// Completes with `res`: bytes done or 0, or a negative errno.
+    pub fn complete(mut self, res: i32) {
+        self.done = true;
+        self.shared.push_remote(self.inner.tag, res);
+    }
+
+    /// Completes successfully: the full length for reads and writes, 0 otherwise.
+    pub fn complete_ok(self) {
+        let res = self.inner.ok_result();
+        self.complete(res);
+    }
+
+    /// Fails with the positive `errno`.
+    pub fn fail(self, errno: i32) {
+        self.complete(-errno.abs());
+    }
+}
+
+impl Drop for RemoteIo {
+    fn drop(&mut self) {
+        if !self.done {
+            tracing::warn!(
+                tag = self.inner.tag,
+                "request dropped without completion: -EIO"
+            );
+            self.shared.push_remote(self.inner.tag, -libc::EIO);
+        }
+    }
+}

@@ -1,0 +1,417 @@
+//! `ublk`: start, list and remove user-space block devices.
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::process::CommandExt;
+use std::path::PathBuf;
+use std::process::{Command, ExitCode, Stdio};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use clap::{Args, Parser, Subcommand};
+use serde_json::{json, Value};
+use ublk_core::{feature_names, parse_size, ControlDevice, DeviceBuilder, DeviceInfo};
+use ublk_targets::null::Null;
+use ublk_targets::ram::Ram;
+use ublk_targets::TargetKind;
+
+#[derive(Parser)]
+#[command(
+    name = "ublk",
+    version,
+    about = "User-space block devices on the kernel's ublk driver"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Start a device served by a target; prints one JSON object once /dev/ublkbN exists.
+    Add(AddArgs),
+    /// Stop and delete devices.
+    Del {
+        /// Device id.
+        #[arg(required_unless_present = "all", conflicts_with = "all")]
+        id: Option<u32>,
+        /// Delete every ublk device.
+        #[arg(long)]
+        all: bool,
+    },
+    /// List devices.
+    List {
+        /// Print a JSON array.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Print the kernel's ublk features by name.
+    Features {
+        /// Print a JSON array.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Args, Clone)]
+struct AddArgs {
+    /// Target: null or ram.
+    target: String,
+    /// Size in bytes, with an optional K, M, G or T suffix.
+    #[arg(long, default_value = "1G", value_parser = parse_size_arg)]
+    size: u64,
+    /// Number of queues (one thread each).
+    #[arg(long, default_value_t = 1)]
+    queues: u16,
+    /// Requests in flight per queue.
+    #[arg(long, default_value_t = 128)]
+    depth: u16,
+    /// Device id (default: the kernel picks one).
+    #[arg(long)]
+    id: Option<u32>,
+    /// Largest single I/O, with an optional suffix.
+    #[arg(long, default_value = "512K", value_parser = parse_size_arg)]
+    max_io: u64,
+    /// Logical block size.
+    #[arg(long, default_value_t = 512)]
+    logical_block_size: u32,
+    /// ram: keep the data in this file (e.g. under /dev/shm) instead of an anonymous memfd.
+    #[arg(long)]
+    backing: Option<PathBuf>,
+    /// Serve in this process instead of a background one.
+    #[arg(long)]
+    foreground: bool,
+    /// Background server: write its log here (default: discarded).
+    #[arg(long)]
+    log: Option<PathBuf>,
+    /// Internal: run as the background server started by `ublk add`.
+    #[arg(long, hide = true)]
+    daemon_child: bool,
+}
+
+fn parse_size_arg(text: &str) -> Result<u64, String> {
+    parse_size(text).map_err(|e| e.to_string())
+}
+
+type CliResult<T = ()> = Result<T, String>;
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Cmd::Add(args) => add(args),
+        Cmd::Del { id, all } => del(id, all),
+        Cmd::List { json } => list(json),
+        Cmd::Features { json } => features(json),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(msg) => {
+            eprintln!("ublk: error: {msg}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("UBLK_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+}
+
+fn builder(args: &AddArgs, kind: TargetKind) -> CliResult<DeviceBuilder> {
+    let max_io = u32::try_from(args.max_io).map_err(|_| "--max-io is too large".to_string())?;
+    let mut b = DeviceBuilder::new()
+        .size(args.size)
+        .logical_block_size(args.logical_block_size)
+        .queues(args.queues)
+        .depth(args.depth)
+        .max_io_size(max_io)
+        .server_flags(kind.code());
+    if let Some(id) = args.id {
+        b = b.id(id);
+    }
+    if kind == TargetKind::Ram {
+        b = b.discard(true).write_zeroes(true);
+    }
+    b.validate().map_err(|e| e.to_string())?;
+    Ok(b)
+}
+
+fn add(args: AddArgs) -> CliResult {
+    let kind = TargetKind::from_name(&args.target).ok_or_else(|| {
+        let names: Vec<_> = TargetKind::ALL.iter().map(|k| k.name()).collect();
+        format!(
+            "unknown target {:?}: choose one of {}",
+            args.target,
+            names.join(", ")
+        )
+    })?;
+    if args.backing.is_some() && kind != TargetKind::Ram {
+        return Err("--backing applies to the ram target only".into());
+    }
+    let builder = builder(&args, kind)?;
+    if args.daemon_child {
+        return serve_as_child(&args, kind, builder);
+    }
+    if !args.foreground {
+        return spawn_background(&args);
+    }
+    init_logging();
+    serve(&args, kind, builder, |info| {
+        println!("{}", info_json(info, kind));
+        let _ = std::io::stdout().flush();
+    })
+}
+
+fn serve(
+    args: &AddArgs,
+    kind: TargetKind,
+    builder: DeviceBuilder,
+    on_started: impl FnOnce(&DeviceInfo),
+) -> CliResult {
+    let result = match kind {
+        TargetKind::Null => builder.run_with(Null, on_started),
+        TargetKind::Ram => {
+            let ram = match &args.backing {
+                Some(path) => Ram::with_backing(path, args.size),
+                None => Ram::new(args.size),
+            }
+            .map_err(|e| format!("ram target memory: {e}"))?;
+            builder.run_with(ram, on_started)
+        }
+        _ => return Err(format!("target {} cannot be served", kind.name())),
+    };
+    result.map_err(|e| e.to_string())
+}
+
+fn info_json(info: &DeviceInfo, kind: TargetKind) -> Value {
+    json!({
+        "dev_id": info.dev_id,
+        "path": info.block_path,
+        "target": kind.name(),
+        "size": info.size,
+        "queues": info.queues,
+        "depth": info.depth,
+        "max_io": info.max_io,
+        "pid": info.pid,
+        "flags": feature_names(info.flags),
+    })
+}
+
+/// The background server: reports one line on stdout (the device JSON, or an error), then
+/// lets go of stdout so the parent's reader sees EOF.
+fn serve_as_child(args: &AddArgs, kind: TargetKind, builder: DeviceBuilder) -> CliResult {
+    init_logging();
+    let mut reported = false;
+    let result = serve(args, kind, builder, |info| {
+        println!("{}", info_json(info, kind));
+        let _ = std::io::stdout().flush();
+        reported = true;
+        release_stdout();
+    });
+    if let Err(msg) = &result {
+        if !reported {
+            println!("{}", json!({ "error": msg }));
+            let _ = std::io::stdout().flush();
+        }
+    }
+    result
+}
+
+fn release_stdout() {
+    if let Ok(null) = std::fs::OpenOptions::new().write(true).open("/dev/null") {
+        use std::os::fd::AsRawFd;
+        // SAFETY: dup2 onto fd 1 replaces our stdout with /dev/null; both fds are valid and
+        // Rust's stdout handle keeps working on the new file.
+        unsafe { libc::dup2(null.as_raw_fd(), 1) };
+    }
+}
+
+fn spawn_background(args: &AddArgs) -> CliResult {
+    let exe = std::env::current_exe().map_err(|e| format!("cannot find own executable: {e}"))?;
+    let mut child_args: Vec<String> = std::env::args().skip(1).collect();
+    child_args.push("--daemon-child".into());
+    let stderr = match &args.log {
+        Some(path) => Stdio::from(
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(path)
+                .map_err(|e| format!("cannot open log {}: {e}", path.display()))?,
+        ),
+        None => Stdio::null(),
+    };
+    let mut child = Command::new(exe)
+        .args(&child_args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(stderr)
+        .process_group(0)
+        .spawn()
+        .map_err(|e| format!("cannot start the server: {e}"))?;
+    let stdout = child.stdout.take().expect("stdout was piped");
+    let mut line = String::new();
+    let read = BufReader::new(stdout).read_line(&mut line);
+    let reply: Option<Value> = serde_json::from_str(line.trim()).ok();
+    match (read, reply) {
+        (Ok(n), Some(v)) if n > 0 => {
+            if let Some(msg) = v.get("error").and_then(Value::as_str) {
+                let _ = child.wait();
+                return Err(msg.to_string());
+            }
+            println!("{v}");
+            Ok(())
+        }
+        _ => {
+            let status = child.wait().map_err(|e| e.to_string())?;
+            Err(format!(
+                "the server exited before the device started ({status})"
+            ))
+        }
+    }
+}
+
+fn open_ctrl() -> CliResult<ControlDevice> {
+    ControlDevice::open().map_err(|e| e.to_string())
+}
+
+fn char_node_exists(id: u32) -> bool {
+    std::path::Path::new(&format!("/dev/ublkc{id}")).exists()
+}
+
+fn process_alive(pid: i32) -> bool {
+    if pid <= 0 {
+        return false;
+    }
+    // A zombie (exited, not yet reaped) no longer serves anything.
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(stat) => !stat
+            .rsplit_once(')')
+            .is_some_and(|(_, rest)| rest.trim_start().starts_with('Z')),
+        Err(_) => false,
+    }
+}
+
+fn wait_gone(id: u32, timeout: Duration) -> bool {
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        if !char_node_exists(id) {
+            return true;
+        }
+        thread::sleep(Duration::from_millis(20));
+    }
+    !char_node_exists(id)
+}
+
+/// Asks the device's server to shut down; removes the device directly when no server is left.
+fn del_one(ctrl: &ControlDevice, id: u32) -> CliResult {
+    let info = ctrl
+        .dev_info(id)
+        .map_err(|e| format!("no device {id}: {e}"))?;
+    let pid = info.server_pid;
+    if process_alive(pid) && pid as u32 != std::process::id() {
+        // SAFETY: kill takes no pointers.
+        unsafe { libc::kill(pid, libc::SIGTERM) };
+        if wait_gone(id, Duration::from_secs(30)) {
+            return Ok(());
+        }
+        tracing_free_warn(&format!(
+            "server {pid} of device {id} did not stop in 30 s: killing it"
+        ));
+        // SAFETY: as above.
+        unsafe { libc::kill(pid, libc::SIGKILL) };
+        if wait_gone(id, Duration::from_secs(5)) {
+            return Ok(());
+        }
+    }
+    // No live server: stop and delete it ourselves.
+    let _ = ctrl.stop(id);
+    ctrl.delete(id).map_err(|e| e.to_string())?;
+    Ok(())
+}
+
+fn tracing_free_warn(msg: &str) {
+    eprintln!("ublk: warning: {msg}");
+}
+
+fn del(id: Option<u32>, all: bool) -> CliResult {
+    let ctrl = open_ctrl()?;
+    if all {
+        let mut errors = Vec::new();
+        for id in ControlDevice::list_ids() {
+            if let Err(e) = del_one(&ctrl, id) {
+                errors.push(format!("device {id}: {e}"));
+            }
+        }
+        return if errors.is_empty() {
+            Ok(())
+        } else {
+            Err(errors.join("; "))
+        };
+    }
+    del_one(&ctrl, id.expect("clap requires an id without --all"))
+}
+
+fn list(as_json: bool) -> CliResult {
+    let ctrl = open_ctrl()?;
+    let mut rows = Vec::new();
+    for id in ControlDevice::list_ids() {
+        let Ok(info) = ctrl.dev_info(id) else {
+            continue; // deleted while we looked
+        };
+        let size = ctrl
+            .params(id)
+            .map(|p| p.basic.dev_sectors * 512)
+            .unwrap_or(0);
+        let target = TargetKind::from_server_flags(info.server_flags).map_or("?", |k| k.name());
+        rows.push(json!({
+            "dev_id": id,
+            "path": info.block_path(),
+            "state": info.state_name(),
+            "target": target,
+            "size": size,
+            "queues": info.nr_queues,
+            "depth": info.queue_depth,
+            "max_io": info.max_io_buf_bytes,
+            "pid": info.server_pid,
+            "flags": feature_names(info.flags),
+        }));
+    }
+    if as_json {
+        println!("{}", Value::Array(rows));
+        return Ok(());
+    }
+    println!(
+        "{:<4} {:<14} {:<8} {:<6} {:>14} {:>6} {:>6} {:>8}",
+        "ID", "PATH", "STATE", "TARGET", "SIZE", "QUEUES", "DEPTH", "PID"
+    );
+    for r in rows {
+        println!(
+            "{:<4} {:<14} {:<8} {:<6} {:>14} {:>6} {:>6} {:>8}",
+            r["dev_id"],
+            r["path"].as_str().unwrap_or(""),
+            r["state"].as_str().unwrap_or(""),
+            r["target"].as_str().unwrap_or(""),
+            r["size"],
+            r["queues"],
+            r["depth"],
+            r["pid"]
+        );
+    }
+    Ok(())
+}
+
+fn features(as_json: bool) -> CliResult {
+    let flags = open_ctrl()?.features().map_err(|e| e.to_string())?;
+    let names = feature_names(flags);
+    if as_json {
+        println!("{}", json!(names));
+    } else {
+        for name in names {
+            println!("{name}");
+        }
+    }
+    Ok(())
+}

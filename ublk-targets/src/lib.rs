@@ -1,0 +1,83 @@
+//! # ublk-targets
+//!
+//! Ready-made block targets for ublk-rs and the `ublk` command-line tool that serves them:
+//! - [`null::Null`]: completes everything at once (the benchmark baseline);
+//! - [`ram::Ram`]: memory-backed, from a memfd or a tmpfs file.
+//!
+//! Each target is a block backend ([`ublk_zc::Target`]), so targets can own others as
+//! children.
+//!
+//! ```no_run
+//! use ublk_targets::ram::Ram;
+//! use ublk_zc::DeviceBuilder;
+//!
+//! let size = 256 << 20;
+//! DeviceBuilder::new()
+//!     .size(size)
+//!     .discard(true)
+//!     .write_zeroes(true)
+//!     .run(Ram::new(size)?)?;
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
+#![deny(unsafe_op_in_unsafe_fn)]
+#![warn(missing_docs)]
+
+pub mod null;
+pub mod ram;
+
+/// The targets the `ublk` tool can serve, with the code it stores in the device's server
+/// flags so that `ublk list` can name them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum TargetKind {
+    /// [`null::Null`].
+    Null,
+    /// [`ram::Ram`].
+    Ram,
+}
+
+impl TargetKind {
+    /// Every kind, in the order the help text lists them.
+    pub const ALL: [TargetKind; 2] = [TargetKind::Null, TargetKind::Ram];
+
+    /// The name used on the command line.
+    pub fn name(self) -> &'static str {
+        match self {
+            TargetKind::Null => "null",
+            TargetKind::Ram => "ram",
+        }
+    }
+
+    /// The code kept in the low byte of the device's server flags.
+    pub fn code(self) -> u64 {
+        match self {
+            TargetKind::Null => 1,
+            TargetKind::Ram => 2,
+        }
+    }
+
+    /// The kind a command-line name stands for.
+    pub fn from_name(name: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|k| k.name() == name)
+    }
+
+    /// The kind recorded in `server_flags`, if it is one of ours.
+    pub fn from_server_flags(flags: u64) -> Option<Self> {
+        Self::ALL.into_iter().find(|k| k.code() == flags & 0xff)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kinds_round_trip_through_names_and_codes() {
+        for kind in TargetKind::ALL {
+            assert_eq!(TargetKind::from_name(kind.name()), Some(kind));
+            assert_eq!(TargetKind::from_server_flags(kind.code()), Some(kind));
+        }
+        assert_eq!(TargetKind::from_name("bogus"), None);
+        assert_eq!(TargetKind::from_server_flags(0), None);
+    }
+}
