@@ -28,6 +28,7 @@
 #![warn(missing_docs)]
 
 pub mod buf;
+pub mod check;
 pub mod ctrl;
 pub mod device;
 mod engine;
@@ -38,6 +39,7 @@ pub mod owned;
 pub mod params;
 mod pod;
 mod queue;
+pub mod sim;
 pub mod sys;
 pub mod target;
 

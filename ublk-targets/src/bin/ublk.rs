@@ -387,17 +387,21 @@ fn list(as_json: bool) -> CliResult {
         "{:<4} {:<14} {:<8} {:<6} {:>14} {:>6} {:>6} {:>8}",
         "ID", "PATH", "STATE", "TARGET", "SIZE", "QUEUES", "DEPTH", "PID"
     );
-    for r in rows {
+    let text = |v: &Value| match v {
+        Value::String(s) => s.clone(),
+        other => other.to_string(),
+    };
+    for r in &rows {
         println!(
             "{:<4} {:<14} {:<8} {:<6} {:>14} {:>6} {:>6} {:>8}",
-            r["dev_id"],
-            r["path"].as_str().unwrap_or(""),
-            r["state"].as_str().unwrap_or(""),
-            r["target"].as_str().unwrap_or(""),
-            r["size"],
-            r["queues"],
-            r["depth"],
-            r["pid"]
+            text(&r["dev_id"]),
+            text(&r["path"]),
+            text(&r["state"]),
+            text(&r["target"]),
+            text(&r["size"]),
+            text(&r["queues"]),
+            text(&r["depth"]),
+            text(&r["pid"]),
         );
     }
     Ok(())

@@ -1,0 +1,87 @@
+//! The bodies of the fuzz targets under `fuzz/`, kept here so that `cargo test` can replay
+//! their corpora on stable Rust (see `tests/fuzz_corpus.rs`).
+
+use ublk_core::check::{check_request_stream, Semantics};
+use ublk_core::params::{max_queues, DeviceParams, MAX_DEPTH, MAX_IO_BYTES};
+use ublk_core::{parse_size, Geometry};
+
+use crate::null::Null;
+use crate::ram::Ram;
+
+/// The geometry the request-stream fuzzer uses: small, so the model stays cheap.
+pub const GEOMETRY: Geometry = Geometry {
+    size: 256 << 10,
+    logical_block_size: 512,
+    max_io: 128 << 10,
+};
+
+/// `request_stream`: the same request bytes against each target. The first byte picks the
+/// logical block size (512 or 4096) so both rule sets are covered.
+pub fn request_stream(data: &[u8]) {
+    let Some((&first, rest)) = data.split_first() else {
+        return;
+    };
+    let geo = Geometry {
+        logical_block_size: if first & 1 == 0 { 512 } else { 4096 },
+        ..GEOMETRY
+    };
+    check_request_stream(|| Null, geo, Semantics::DISCARDS_DATA, rest);
+    check_request_stream(
+        || Ram::new(geo.size).expect("memfd"),
+        geo,
+        Semantics::STORES_DATA,
+        rest,
+    );
+}
+
+/// `params`: arbitrary parameters and size strings must be accepted or rejected by the rules
+/// the kernel applies, never panic, and, when accepted, convert faithfully.
+pub fn params(data: &[u8]) {
+    let mut b = data.iter().copied();
+    let mut next = |n: usize| -> u64 {
+        (0..n).fold(0u64, |acc, i| {
+            acc | u64::from(b.next().unwrap_or(0)) << (8 * i)
+        })
+    };
+    let p = DeviceParams {
+        size: next(8),
+        logical_block_size: next(4) as u32,
+        physical_block_size: next(4) as u32,
+        queues: next(2) as u16,
+        depth: next(2) as u16,
+        max_io: next(4) as u32,
+        discard: next(1) & 1 == 1,
+        write_zeroes: next(1) & 1 == 1,
+        volatile_cache: next(1) & 1 == 1,
+        fua: next(1) & 1 == 1,
+        read_only: next(1) & 1 == 1,
+    };
+    let lbs = p.logical_block_size;
+    let rules_hold = lbs.is_power_of_two()
+        && (512..=4096).contains(&lbs)
+        && p.physical_block_size.is_power_of_two()
+        && p.physical_block_size >= lbs
+        && p.physical_block_size <= 65536
+        && p.size > 0
+        && p.size % u64::from(lbs) == 0
+        && (1..=max_queues()).contains(&p.queues)
+        && (1..=MAX_DEPTH).contains(&p.depth)
+        && (4096..=MAX_IO_BYTES).contains(&p.max_io)
+        && p.max_io % 4096 == 0;
+    assert_eq!(p.validate().is_ok(), rules_hold, "{p:?}");
+    if rules_hold {
+        let s = p.to_sys();
+        assert_eq!(s.basic.dev_sectors * 512, p.size);
+        assert_eq!(1u32 << s.basic.logical_bs_shift, lbs);
+        assert_eq!(s.basic.max_sectors * 512, p.max_io);
+    }
+
+    let text = String::from_utf8_lossy(&data[data.len().min(40)..]);
+    if let Ok(n) = parse_size(&text) {
+        let t = text.trim();
+        let digits: String = t.chars().take_while(char::is_ascii_digit).collect();
+        let base: u64 = digits.parse().expect("accepted sizes start with a number");
+        assert!(n >= base, "{text:?} parsed to {n} < {base}");
+        assert!(n == 0 || n % base.max(1) == 0);
+    }
+}

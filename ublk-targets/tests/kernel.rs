@@ -1,0 +1,1408 @@
+//! Kernel integration tests for the `ublk` command-line tool.
+//!
+//! These tests drive the real `ublk` binary against the kernel's ublk driver and then
+//! use the resulting `/dev/ublkbN` block devices the way an ordinary user would:
+//!
+//! * `fio_*`: an fio matrix (randwrite / randrw × block sizes × iodepth 1 / 128) on RAM
+//!   devices with data verification, and on null devices checking only the byte counts;
+//!   one test per (target, queue count).
+//! * `ext4_*`: mkfs, write files, fsck, remount, and compare checksums.
+//! * `discard_*`: discard and write-zeroes (whole device and a partial range) read back
+//!   as zeroes while the data around them stays intact.
+//! * `lifecycle_*`, `duplicate_id_*`, `ram_backing_*`, `features_*`: add / list / del,
+//!   id reuse, a RAM device's backing file, and `ublk features`.
+//! * `sig*_*`: the server stops cleanly and removes its device on SIGTERM and SIGINT,
+//!   including while fio is hammering it.
+//! * `bad_arguments_*`: invalid arguments fail with a useful error and leave nothing behind.
+//!
+//! They need root and the ublk driver, so every test is `#[ignore]`d: a plain host
+//! `cargo test` lists them as ignored. Run them inside the test VM with
+//!
+//! ```text
+//! cargo xtask test              # the whole suite
+//! cargo xtask test -- ext4      # only tests whose name contains "ext4"
+//! ```
+//!
+//! which runs this binary as `kernel-tests --ignored --test-threads=1` with `UBLK_BIN`
+//! pointing at the `ublk` binary and fio, e2fsprogs, util-linux and busybox on `PATH`.
+//! The VM emulates its CPU in software, so data sizes are kept small.
+//!
+//! Each test starts from and ends with a clean slate (`ublk del --all`), so one failing
+//! test does not poison the next one.
+
+use serde_json::Value;
+use std::collections::BTreeSet;
+use std::fs::{self, File, OpenOptions};
+use std::io::{Read, Seek, SeekFrom};
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::thread::sleep;
+use std::time::{Duration, Instant};
+
+/// The driver's control device; its absence means we are not inside the test VM.
+const CONTROL_DEVICE: &str = "/dev/ublk-control";
+
+/// Time limit for a single command. Generous, because the VM emulates the CPU in software.
+const COMMAND_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// Time limit for a single fio run of the matrix.
+const FIO_TIMEOUT: Duration = Duration::from_secs(300);
+
+const KIB: u64 = 1 << 10;
+const MIB: u64 = 1 << 20;
+const GIB: u64 = 1 << 30;
+
+// ---------------------------------------------------------------------------------------
+// fio
+// ---------------------------------------------------------------------------------------
+
+#[test]
+#[ignore = "needs the ublk kernel driver: run `cargo xtask test`"]
+fn fio_verify_ram_1_queue() {
+    fio_matrix("ram", 1);
+}
+
+#[test]
+#[ignore = "needs the ublk kernel driver: run `cargo xtask test`"]
+fn fio_verify_ram_2_queues() {
+    fio_matrix("ram", 2);
+}
+
+#[test]
+#[ignore = "needs the ublk kernel driver: run `cargo xtask test`"]
+fn fio_null_1_queue() {
+    fio_matrix("null", 1);
+}
+
+#[test]
+#[ignore = "needs the ublk kernel driver: run `cargo xtask test`"]
+fn fio_null_2_queues() {
+    fio_matrix("null", 2);
+}
+
+/// One fio configuration of the matrix.
+struct FioCase {
+    rw: &'static str,
+    /// Block-size options, e.g. `["--bs=4k"]`.
+    blocks: &'static [&'static str],
+    iodepth: u32,
+}
+
+/// The block sizes of the matrix: fixed 4k, 64k and 1M, and a mix of 512 bytes to 1 MiB.
+const BLOCK_SIZES: [&[&str]; 4] = [
+    &["--bs=4k"],
+    &["--bs=64k"],
+    &["--bs=1M"],
+    &["--bsrange=512-1M", "--blockalign=512"],
+];
+
+impl FioCase {
+    fn all() -> Vec<FioCase> {
+        let mut cases = Vec::new();
+        for rw in ["randwrite", "randrw"] {
+            for blocks in BLOCK_SIZES {
+                for iodepth in [1, 128] {
+                    cases.push(FioCase {
+                        rw,
+                        blocks,
+                        iodepth,
+                    });
+                }
+            }
+        }
+        cases
+    }
+
+    /// Bytes to transfer: small 4k synchronous runs are the slowest, so they get less.
+    fn size(&self) -> u64 {
+        if self.blocks == ["--bs=4k"] && self.iodepth == 1 {
+            8 * MIB
+        } else {
+            32 * MIB
+        }
+    }
+
+    fn label(&self) -> String {
+        format!(
+            "rw={} {} iodepth={} size={}M",
+            self.rw,
+            self.blocks.join(" "),
+            self.iodepth,
+            self.size() / MIB
+        )
+    }
+
+    fn args(&self, device: &str, verify: bool) -> Vec<String> {
+        let mut args = vec![
+            format!("--name=ublk-{}", self.rw),
+            format!("--filename={device}"),
+            "--ioengine=io_uring".to_string(),
+            "--direct=1".to_string(),
+            format!("--rw={}", self.rw),
+            format!("--iodepth={}", self.iodepth),
+            format!("--size={}", self.size()),
+            "--output-format=json".to_string(),
+        ];
+        if self.rw == "randrw" {
+            args.push("--rwmixread=50".to_string());
+        }
+        args.extend(self.blocks.iter().map(|s| s.to_string()));
+        if verify {
+            // fio remembers every block it writes and, after the workload, reads them all
+            // back and checks their checksums (for randrw too: only written blocks count).
+            args.extend(["--verify=crc32c", "--verify_fatal=1", "--do_verify=1"].map(String::from));
+        }
+        args
+    }
+}
+
+/// Runs the whole fio matrix against one device of `target` with `queues` queues.
+///
+/// RAM devices keep data, so fio verifies it. Null devices discard writes and return
+/// arbitrary data, so there fio only has to finish cleanly and move the expected bytes.
+fn fio_matrix(target: &str, queues: u32) {
+    let session = Session::start(&format!("fio-{target}-{queues}"));
+    let dev = add(&[target, "--size", "64M", "--queues", &queues.to_string()]);
+    assert_eq!(
+        field_u64(&dev, "queues"),
+        u64::from(queues),
+        "add output: {dev}"
+    );
+    let path = dev_path(&dev);
+    let verify = target == "ram";
+
+    let mut passed = Vec::new();
+    for case in FioCase::all() {
+        let context = format!(
+            "fio {} on {target} device {path} with {queues} queue(s) \
+             (combinations that passed before: {passed:?})",
+            case.label()
+        );
+        let started = Instant::now();
+        let args = case.args(path, verify);
+        let (report, output) = run_fio(&args, &session.scratch, &context);
+        let job = &report["jobs"][0];
+        let written = field_u64(&job["write"], "io_bytes");
+        let read = field_u64(&job["read"], "io_bytes");
+        if !fio_moved_expected_bytes(&case, verify, written, read) {
+            panic!(
+                "{context}: unexpected byte counts for --size={}: wrote {written}, read {read}\n{}",
+                case.size(),
+                describe(&command_line("fio", &args), &output)
+            );
+        }
+        println!(
+            "ok: {} ({:.1} s)",
+            case.label(),
+            started.elapsed().as_secs_f64()
+        );
+        passed.push(case.label());
+    }
+
+    del(&dev);
+}
+
+/// Whether fio wrote and read what `case` should have made it move.
+fn fio_moved_expected_bytes(case: &FioCase, verify: bool, written: u64, read: u64) -> bool {
+    let size = case.size();
+    match (verify, case.rw) {
+        // Every block is written once, then the verify phase reads them all back.
+        (true, "randwrite") => written == size && read == size,
+        // The mixed workload's own reads, plus the verify phase's reads of what was written.
+        (true, _) => written > 0 && read >= written,
+        (false, "randwrite") => written == size && read == 0,
+        (false, _) => written > 0 && read > 0 && written + read == size,
+    }
+}
+
+/// Runs fio with `args` in `dir` and returns its JSON report; panics with fio's output
+/// if it fails, times out, reports a job error or prints no JSON.
+fn run_fio(args: &[String], dir: &Path, context: &str) -> (Value, Output) {
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let cmdline = command_line("fio", &args);
+    let mut fio = Spawned::new("fio", &args, Some(dir));
+    let Some(output) = fio.wait_timeout(FIO_TIMEOUT) else {
+        let output = fio.kill();
+        panic!(
+            "{context}: still running after {FIO_TIMEOUT:?}, killed\n{}",
+            describe(&cmdline, &output)
+        );
+    };
+    let fail = |why: &str| -> ! { panic!("{context}: {why}\n{}", describe(&cmdline, &output)) };
+    if !output.status.success() {
+        fail("fio failed");
+    }
+    // fio may print notes before the report; the report is the outermost JSON object.
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let report: Value = match stdout
+        .find('{')
+        .map(|start| serde_json::from_str(&stdout[start..]))
+    {
+        Some(Ok(report)) => report,
+        Some(Err(e)) => fail(&format!("fio's JSON report does not parse: {e}")),
+        None => fail("fio printed no JSON report"),
+    };
+    match report["jobs"][0]["error"].as_i64() {
+        Some(0) => {}
+        Some(error) => fail(&format!("fio job reports error {error}")),
+        None => fail("fio's report has no jobs[0].error"),
+    }
+    (report, output)
+}
+
+// ---------------------------------------------------------------------------------------
+// ext4
+// ---------------------------------------------------------------------------------------
+
+#[test]
+#[ignore = "needs the ublk kernel driver: run `cargo xtask test`"]
+fn ext4_survives_fsck_and_remount() {
+    let session = Session::start("ext4");
+    let dev = add(&["ram", "--size", "256M"]);
+    let path = dev_path(&dev);
+    run("mkfs.ext4", &["-q", "-F", path]);
+
+    let mountpoint = session.scratch.join("mnt");
+    fs::create_dir(&mountpoint).expect("create the mount point");
+    let mnt = Mounted::new(path, &mountpoint);
+
+    write_file(
+        &mountpoint.join("random-1m.bin"),
+        &random_bytes(MIB as usize),
+    );
+    write_file(
+        &mountpoint.join("random-8m.bin"),
+        &random_bytes(8 * MIB as usize),
+    );
+    write_file(
+        &mountpoint.join("notes.txt"),
+        b"ublk-rs ext4 test\nthis line should survive fsck and a remount\n",
+    );
+    let small = mountpoint.join("small");
+    fs::create_dir(&small).expect("create the directory of small files");
+    for i in 0..300 {
+        // Sizes from 0 bytes to a few KiB, so some files share blocks and some don't.
+        let line = format!("small file {i}\n");
+        write_file(
+            &small.join(format!("file-{i:03}")),
+            line.repeat(i % 97).as_bytes(),
+        );
+    }
+    run("sync", &[]);
+
+    let files = files_under(&mountpoint);
+    assert_eq!(files.len(), 303, "files on the new filesystem: {files:?}");
+    let sums_before = sha256sums(&mountpoint, &files);
+
+    mnt.unmount();
+    drop_caches();
+    run("e2fsck", &["-fn", path]);
+
+    let mnt = Mounted::new(path, &mountpoint);
+    assert_eq!(
+        files_under(&mountpoint),
+        files,
+        "the remounted filesystem holds different files"
+    );
+    let sums_after = sha256sums(&mountpoint, &files);
+    assert!(
+        sums_before == sums_after,
+        "checksums changed across umount + fsck + mount:\nbefore:\n{sums_before}\nafter:\n{sums_after}"
+    );
+    mnt.unmount();
+
+    del(&dev);
+}
+
+/// Relative paths of all regular files under `root` (except `lost+found`), sorted.
+fn files_under(root: &Path) -> Vec<PathBuf> {
+    fn walk(root: &Path, dir: &Path, files: &mut Vec<PathBuf>) {
+        let entries = fs::read_dir(dir).unwrap_or_else(|e| panic!("read {}: {e}", dir.display()));
+        for entry in entries {
+            let path = entry.expect("read a directory entry").path();
+            if path.is_dir() {
+                if path.file_name().is_some_and(|n| n != "lost+found") {
+                    walk(root, &path, files);
+                }
+            } else {
+                let relative = path.strip_prefix(root).expect("walked path is under root");
+                files.push(relative.to_path_buf());
+            }
+        }
+    }
+    let mut files = Vec::new();
+    walk(root, root, &mut files);
+    files.sort();
+    files
+}
+
+/// `sha256sum` output for `files`, relative to `dir`.
+fn sha256sums(dir: &Path, files: &[PathBuf]) -> String {
+    let args: Vec<&str> = files
+        .iter()
+        .map(|f| f.to_str().expect("test file names are UTF-8"))
+        .collect();
+    let mut sha = Spawned::new("sha256sum", &args, Some(dir));
+    let output = sha
+        .wait_timeout(COMMAND_TIMEOUT)
+        .unwrap_or_else(|| panic!("sha256sum still running after {COMMAND_TIMEOUT:?}"));
+    assert!(
+        output.status.success(),
+        "{}",
+        describe("sha256sum <files>", &output)
+    );
+    let sums = String::from_utf8(output.stdout).expect("sha256sum prints UTF-8");
+    assert_eq!(
+        sums.lines().count(),
+        files.len(),
+        "sha256sum output:\n{sums}"
+    );
+    sums
+}
+
+/// A mounted ext4 filesystem, unmounted when dropped (e.g. when the test panics).
+struct Mounted {
+    dir: PathBuf,
+    mounted: bool,
+}
+
+impl Mounted {
+    fn new(device: &str, dir: &Path) -> Mounted {
+        let dir_str = dir.to_str().expect("scratch paths are UTF-8");
+        run("mount", &["-t", "ext4", device, dir_str]);
+        Mounted {
+            dir: dir.to_path_buf(),
+            mounted: true,
+        }
+    }
+
+    fn unmount(mut self) {
+        let dir = self.dir.to_str().expect("scratch paths are UTF-8");
+        run("umount", &[dir]);
+        self.mounted = false;
+    }
+}
+
+impl Drop for Mounted {
+    fn drop(&mut self) {
+        // Still mounted only if the test failed: don't panic while unwinding.
+        if self.mounted {
+            let _ = Command::new("umount").arg(&self.dir).status();
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// discard and write-zeroes
+// ---------------------------------------------------------------------------------------
+
+#[test]
+#[ignore = "needs the ublk kernel driver: run `cargo xtask test`"]
+fn discard_and_write_zeroes_read_back_as_zeroes() {
+    let _session = Session::start("discard");
+    let size = 64 * MIB as usize;
+    let dev = add(&["ram", "--size", "64M"]);
+    let path = dev_path(&dev);
+    let zeroes = vec![0u8; size];
+
+    // Every read below uses O_DIRECT, so the page cache cannot hide the device's answer.
+    let data = pattern(size, 1);
+    write_direct(path, 0, &data);
+    assert_same(
+        &read_direct(path, 0, size),
+        &data,
+        "data written to the device",
+    );
+
+    run("blkdiscard", &[path]);
+    assert_same(
+        &read_direct(path, 0, size),
+        &zeroes,
+        "after discarding the device",
+    );
+
+    write_direct(path, 0, &pattern(size, 2));
+    run("blkdiscard", &["-z", path]);
+    assert_same(
+        &read_direct(path, 0, size),
+        &zeroes,
+        "after zeroing the device",
+    );
+
+    // Partial ranges: only the range is cleared, the data around it stays.
+    let mut expected = pattern(size, 3);
+    write_direct(path, 0, &expected);
+    run("blkdiscard", &["-o", "4096", "-l", "65536", path]);
+    expected[4096..4096 + 65536].fill(0);
+    assert_same(
+        &read_direct(path, 0, size),
+        &expected,
+        "after discarding 64 KiB at offset 4 KiB",
+    );
+
+    // Zeroing is exact to the sector: try a range that is sector- but not page-aligned.
+    let (offset, len) = (MIB as usize + 3 * 512, 5 * 512);
+    run(
+        "blkdiscard",
+        &[
+            "-z",
+            "-o",
+            &offset.to_string(),
+            "-l",
+            &len.to_string(),
+            path,
+        ],
+    );
+    expected[offset..offset + len].fill(0);
+    assert_same(
+        &read_direct(path, 0, size),
+        &expected,
+        "after zeroing 2.5 KiB at offset 1 MiB + 1.5 KiB",
+    );
+
+    del(&dev);
+}
+
+/// `len` bytes of test data, different for each `seed` and in every 512-byte sector:
+/// a random 1 MiB block, repeated, with each sector stamped with the seed and its offset.
+/// No sector is all zeroes.
+fn pattern(len: usize, seed: u8) -> Vec<u8> {
+    let block = random_bytes(len.min(MIB as usize));
+    let mut data = Vec::with_capacity(len);
+    while data.len() < len {
+        let n = block.len().min(len - data.len());
+        data.extend_from_slice(&block[..n]);
+    }
+    for (i, sector) in data.chunks_mut(512).enumerate() {
+        let stamp = u64::from(seed) << 56 | (i as u64 * 512);
+        sector[..8].copy_from_slice(&stamp.to_le_bytes());
+    }
+    data
+}
+
+/// Asserts that the bytes read from a device equal `expected`; on a mismatch, reports
+/// where it starts and how many sectors differ rather than dumping megabytes.
+#[track_caller]
+fn assert_same(actual: &[u8], expected: &[u8], what: &str) {
+    assert_eq!(actual.len(), expected.len(), "{what}: length differs");
+    if actual == expected {
+        return;
+    }
+    let bad: Vec<usize> = actual
+        .chunks(512)
+        .zip(expected.chunks(512))
+        .enumerate()
+        .filter(|(_, (a, e))| a != e)
+        .map(|(i, _)| i)
+        .collect();
+    let first = bad[0] * 512;
+    let offset = first
+        + (first..)
+            .zip(&actual[first..])
+            .position(|(i, a)| *a != expected[i])
+            .expect("a differing sector has a differing byte");
+    let end = (offset + 16).min(actual.len());
+    panic!(
+        "{what}: {} of {} sectors differ, the first at byte offset {offset}\n\
+         expected {:02x?}\nactual   {:02x?}",
+        bad.len(),
+        actual.len() / 512,
+        &expected[offset..end],
+        &actual[offset..end],
+    );
+}
+
+// ---------------------------------------------------------------------------------------
+// lifecycle
+// ---------------------------------------------------------------------------------------
+
+#[test]
+#[ignore = "needs the ublk kernel driver: run `cargo xtask test`"]
+fn lifecycle_add_list_del_and_reuse_ids() {
+    let _session = Session::start("lifecycle");
+
+    // (add arguments, target, size, queues, depth)
+    let specs: [(&[&str], &str, u64, u64, u64); 4] = [
+        (&["null"], "null", GIB, 1, 128), // all defaults
+        (&["ram", "--size", "16M"], "ram", 16 * MIB, 1, 128),
+        (
+            &["null", "--size", "1536K", "--depth", "64"],
+            "null",
+            1536 * KIB,
+            1,
+            64,
+        ),
+        (
+            &["ram", "--size", "32M", "--queues", "2"],
+            "ram",
+            32 * MIB,
+            2,
+            128,
+        ),
+    ];
+    let mut devices = Vec::new();
+    for (args, target, size, queues, depth) in specs {
+        let dev = add(args);
+        assert_eq!(field_str(&dev, "target"), target, "add {args:?}: {dev}");
+        assert_eq!(field_u64(&dev, "size"), size, "add {args:?}: {dev}");
+        assert_eq!(field_u64(&dev, "queues"), queues, "add {args:?}: {dev}");
+        assert_eq!(field_u64(&dev, "depth"), depth, "add {args:?}: {dev}");
+        assert!(
+            dev["flags"].is_array(),
+            "add {args:?}: `flags` is not an array: {dev}"
+        );
+        devices.push(dev);
+    }
+    let ids: BTreeSet<u64> = devices.iter().map(dev_id).collect();
+    assert_eq!(ids.len(), 4, "dev ids are not distinct: {}", json(&devices));
+
+    let listed = list();
+    assert_eq!(listed.len(), 4, "ublk list --json: {}", json(&listed));
+    for dev in &devices {
+        let entry = listed_entry(&listed, dev_id(dev)).unwrap_or_else(|| {
+            panic!(
+                "device {dev} missing from ublk list --json: {}",
+                json(&listed)
+            )
+        });
+        for key in ["path", "target", "size", "queues", "depth", "pid"] {
+            assert_eq!(
+                entry[key], dev[key],
+                "`{key}` of {entry} vs add output {dev}"
+            );
+        }
+        assert_eq!(field_str(entry, "state"), "LIVE", "list entry {entry}");
+    }
+    let table = String::from_utf8_lossy(&ublk(&["list"]).stdout).into_owned();
+    for dev in &devices {
+        assert!(
+            table.contains(dev_path(dev)),
+            "`ublk list` does not show {}:\n{table}",
+            dev_path(dev)
+        );
+    }
+
+    for (i, dev) in devices.iter().enumerate() {
+        del(dev);
+        let remaining: Vec<u64> = list().iter().map(dev_id).collect();
+        let expected: Vec<u64> = devices[i + 1..].iter().map(dev_id).collect();
+        assert_eq!(
+            remaining.iter().collect::<BTreeSet<_>>(),
+            expected.iter().collect::<BTreeSet<_>>(),
+            "devices listed after deleting {}",
+            dev_id(dev)
+        );
+    }
+    assert_no_devices("after deleting every device by id");
+
+    // Ids are reusable once their device is gone.
+    let freed = dev_id(&devices[1]).to_string();
+    let again = add(&["ram", "--size", "16M", "--id", &freed]);
+    assert_eq!(
+        dev_id(&again).to_string(),
+        freed,
+        "add --id {freed}: {again}"
+    );
+
+    let other = add(&["null", "--size", "16M"]);
+    ublk(&["del", "--all"]);
+    assert_no_devices("after `ublk del --all`");
+    for dev in [&again, &other] {
+        assert!(
+            !Path::new(dev_path(dev)).exists(),
+            "{} still exists after `ublk del --all`",
+            dev_path(dev)
+        );
+    }
+}
+
+#[test]
+#[ignore = "needs the ublk kernel driver: run `cargo xtask test`"]
+fn duplicate_id_is_rejected_and_leaves_the_first_device_intact() {
+    let _session = Session::start("duplicate-id");
+    let first = add(&["ram", "--size", "16M", "--id", "7"]);
+    assert_eq!(dev_id(&first), 7, "add --id 7: {first}");
+
+    let out = ublk_unchecked(&["add", "null", "--size", "16M", "--id", "7"]);
+    let problems = rejection_problems(&out, &[&["7"], &["in use", "exists", "busy"]]);
+    assert!(
+        problems.is_empty(),
+        "second `add --id 7`: {}\n{}",
+        problems.join("; "),
+        describe("ublk add null --size 16M --id 7", &out)
+    );
+
+    // The first device is still listed, served by the same process, and does I/O.
+    let listed = list();
+    assert_eq!(listed.len(), 1, "ublk list --json: {}", json(&listed));
+    let entry = &listed[0];
+    assert_eq!(dev_id(entry), 7, "list entry {entry}");
+    assert_eq!(entry["pid"], first["pid"], "list entry {entry} vs {first}");
+    assert_eq!(field_str(entry, "state"), "LIVE", "list entry {entry}");
+    let data = pattern(64 * KIB as usize, 7);
+    write_direct(dev_path(&first), 0, &data);
+    assert_same(
+        &read_direct(dev_path(&first), 0, data.len()),
+        &data,
+        "I/O on the first device after the rejected duplicate",
+    );
+
+    del(&first);
+}
+
+#[test]
+#[ignore = "needs the ublk kernel driver: run `cargo xtask test`"]
+fn ram_backing_file_outlives_the_server() {
+    let _session = Session::start("backing");
+    let backing = Path::new("/dev/shm").join("ublk-kernel-tests-backing");
+    let backing_str = backing.to_str().expect("UTF-8 path");
+    let _ = fs::remove_file(&backing);
+    let size = 16 * MIB as usize;
+
+    let dev = add(&["ram", "--size", "16M", "--backing", backing_str]);
+    let data = pattern(size, 9);
+    write_direct(dev_path(&dev), 0, &data);
+    del(&dev);
+    let file = fs::read(&backing).unwrap_or_else(|e| panic!("read {backing_str}: {e}"));
+    assert_same(&file, &data, "the backing file after `ublk del`");
+
+    // A new server on the same file serves the same data.
+    let dev = add(&["ram", "--size", "16M", "--backing", backing_str]);
+    assert_same(
+        &read_direct(dev_path(&dev), 0, size),
+        &data,
+        "a new device on the old backing file",
+    );
+    del(&dev);
+    let _ = fs::remove_file(&backing);
+}
+
+#[test]
+#[ignore = "needs the ublk kernel driver: run `cargo xtask test`"]
+fn features_lists_kernel_flags() {
+    let _session = Session::start("features");
+    let reply = parse_json(&ublk(&["features", "--json"]), "ublk features --json");
+    let names: Vec<&str> = reply
+        .as_array()
+        .unwrap_or_else(|| panic!("`ublk features --json` is not an array: {reply}"))
+        .iter()
+        .map(|v| {
+            v.as_str()
+                .unwrap_or_else(|| panic!("feature {v} is not a string"))
+        })
+        .collect();
+    assert!(!names.is_empty(), "the kernel reports no ublk features");
+
+    let text = ublk(&["features"]);
+    let text = String::from_utf8_lossy(&text.stdout);
+    let lines: Vec<&str> = text
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .collect();
+    assert_eq!(
+        lines.iter().collect::<BTreeSet<_>>(),
+        names.iter().collect::<BTreeSet<_>>(),
+        "`ublk features` and `ublk features --json` disagree"
+    );
+}
+
+// ---------------------------------------------------------------------------------------
+// signals
+// ---------------------------------------------------------------------------------------
+
+#[test]
+#[ignore = "needs the ublk kernel driver: run `cargo xtask test`"]
+fn sigterm_during_fio_removes_the_device() {
+    let session = Session::start("sigterm");
+    let dev = add(&["ram", "--size", "64M"]);
+    let path = dev_path(&dev);
+    let pid = server_pid(&dev);
+
+    let fio_args = [
+        "--name=sigterm",
+        &format!("--filename={path}"),
+        "--ioengine=io_uring",
+        "--direct=1",
+        "--rw=randrw",
+        "--rwmixread=50",
+        "--bs=4k",
+        "--iodepth=32",
+        "--size=64M",
+        "--time_based",
+        "--runtime=30",
+    ];
+    let fio_cmdline = command_line("fio", &fio_args);
+    // The kernel's partition scan has already done some I/O: count from here.
+    let ios_before = completed_ios(path);
+    let mut fio = Spawned::new("fio", &fio_args, Some(&session.scratch));
+
+    // Wait until fio is clearly doing I/O (it starts slowly under emulation), then a bit more.
+    let io_started = wait_until(Duration::from_secs(60), || {
+        completed_ios(path) > ios_before + 256 || !fio.is_running()
+    });
+    assert!(
+        io_started && fio.is_running(),
+        "fio did not get going on {path}\n{}",
+        describe(&fio_cmdline, &fio.kill())
+    );
+    sleep(Duration::from_secs(2));
+
+    run("kill", &["-TERM", &pid.to_string()]);
+    assert!(
+        wait_until(Duration::from_secs(30), || process_gone(pid)),
+        "server {pid} still running 30 s after SIGTERM: {}",
+        process_status(pid)
+    );
+    assert_device_gone(&dev, "after SIGTERM to its server");
+
+    // fio sees I/O errors now; it just has to stop.
+    match fio.wait_timeout(Duration::from_secs(60)) {
+        Some(output) => println!("fio after SIGTERM:\n{}", describe(&fio_cmdline, &output)),
+        None => panic!(
+            "fio still running 60 s after its device went away\n{}",
+            describe(&fio_cmdline, &fio.kill())
+        ),
+    }
+}
+
+#[test]
+#[ignore = "needs the ublk kernel driver: run `cargo xtask test`"]
+fn sigint_stops_an_idle_server() {
+    let _session = Session::start("sigint");
+    let dev = add(&["null", "--size", "16M"]);
+    let pid = server_pid(&dev);
+
+    run("kill", &["-INT", &pid.to_string()]);
+    assert!(
+        wait_until(Duration::from_secs(30), || process_gone(pid)),
+        "server {pid} still running 30 s after SIGINT: {}",
+        process_status(pid)
+    );
+    assert_device_gone(&dev, "after SIGINT to its server");
+}
+
+/// Whether process `pid` has exited. The server is not our child, so it may linger as a
+/// zombie until its parent reaps it; that counts as exited.
+fn process_gone(pid: u64) -> bool {
+    match fs::read_to_string(format!("/proc/{pid}/stat")) {
+        // The state follows the parenthesised command name, which may contain spaces.
+        Ok(stat) => matches!(
+            stat.rsplit_once(')')
+                .and_then(|(_, rest)| rest.trim_start().chars().next()),
+            Some('Z' | 'X')
+        ),
+        Err(_) => true,
+    }
+}
+
+fn process_status(pid: u64) -> String {
+    fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_else(|e| format!("(no /proc/{pid}/status: {e})"))
+}
+
+/// Reads plus writes completed by the block device at `path`, from sysfs.
+fn completed_ios(path: &str) -> u64 {
+    let name = Path::new(path)
+        .file_name()
+        .expect("device path has a file name");
+    let stat_path = Path::new("/sys/class/block").join(name).join("stat");
+    let Ok(stat) = fs::read_to_string(&stat_path) else {
+        return 0;
+    };
+    let fields: Vec<u64> = stat
+        .split_whitespace()
+        .map(|f| f.parse().expect("sysfs stat fields are numbers"))
+        .collect();
+    // Field 0 counts completed reads, field 4 completed writes.
+    fields[0] + fields[4]
+}
+
+#[track_caller]
+fn assert_device_gone(dev: &Value, when: &str) {
+    let path = dev_path(dev);
+    assert!(
+        wait_until(Duration::from_secs(10), || !Path::new(path).exists()),
+        "{path} still exists {when}"
+    );
+    let listed = list();
+    assert!(
+        listed_entry(&listed, dev_id(dev)).is_none(),
+        "device {} still listed {when}: {}",
+        dev_id(dev),
+        json(&listed)
+    );
+}
+
+// ---------------------------------------------------------------------------------------
+// bad input
+// ---------------------------------------------------------------------------------------
+
+#[test]
+#[ignore = "needs the ublk kernel driver: run `cargo xtask test`"]
+fn bad_arguments_are_rejected_without_leaving_a_device() {
+    let _session = Session::start("bad-arguments");
+    let existing = add(&["ram", "--size", "16M"]);
+    let in_use = dev_id(&existing).to_string();
+    let cpus = std::thread::available_parallelism()
+        .expect("count the CPUs")
+        .get();
+    let too_many_queues = (cpus * 4 + 1).to_string();
+    let mentions_in_use: &[&[&str]] = &[&[&in_use], &["in use", "exists", "busy"]];
+    // `--backing` is for the ram target only.
+    let backing = Path::new("/dev/shm").join("ublk-kernel-tests-null-backing");
+    let backing_str = backing.to_str().expect("UTF-8 path");
+
+    // (arguments, words the error must mention: one of each group, case-insensitive)
+    let cases: Vec<(Vec<&str>, &[&[&str]])> = vec![
+        (vec!["add", "ram", "--size", "0"], &[&["size"]]),
+        (vec!["add", "ram", "--size", "1000"], &[&["size"]]),
+        (vec!["add", "null", "--size", "4097"], &[&["size"]]),
+        (vec!["add", "ram", "--size", "12Q"], &[&["size"]]),
+        (vec!["add", "null", "--queues", "0"], &[&["queues"]]),
+        (
+            vec!["add", "null", "--queues", &too_many_queues],
+            &[&["queues"]],
+        ),
+        (vec!["add", "null", "--depth", "0"], &[&["depth"]]),
+        (vec!["add", "null", "--depth", "4097"], &[&["depth"]]),
+        (
+            vec!["add", "null", "--size", "16M", "--id", &in_use],
+            mentions_in_use,
+        ),
+        (vec!["add", "bogus"], &[&["target", "bogus"]]),
+        (
+            vec!["add", "null", "--backing", backing_str],
+            &[&["backing"]],
+        ),
+        (vec!["del", "4000"], &[&["4000"]]),
+    ];
+
+    let listed_before = list();
+    let nodes_before = device_nodes();
+    let mut failures = Vec::new();
+    for (args, mentions) in cases {
+        let out = ublk_unchecked(&args);
+        let mut problems = rejection_problems(&out, mentions);
+
+        let listed = list();
+        if listed.len() != listed_before.len() {
+            problems.push(format!("devices listed afterwards: {}", json(&listed)));
+            // Remove the stray device so it doesn't spoil the remaining cases.
+            for entry in &listed {
+                if listed_entry(&listed_before, dev_id(entry)).is_none() {
+                    ublk_unchecked(&["del", &dev_id(entry).to_string()]);
+                }
+            }
+        }
+        let nodes = device_nodes();
+        if nodes != nodes_before {
+            problems.push(format!("device nodes afterwards: {nodes:?}"));
+        }
+
+        if !problems.is_empty() {
+            failures.push(format!(
+                "{}\n{}",
+                problems.join("\n"),
+                describe(&command_line("ublk", &args), &out)
+            ));
+        }
+    }
+    let _ = fs::remove_file(&backing);
+    assert!(
+        failures.is_empty(),
+        "{} bad command line(s) not handled properly:\n\n{}",
+        failures.len(),
+        failures.join("\n\n")
+    );
+
+    del(&existing);
+}
+
+/// What is wrong with how a command that should have failed did: it must exit non-zero
+/// and print an error (`ublk: error: ...`, or clap's `error: ...`) mentioning one word
+/// of each group in `mentions`.
+fn rejection_problems(out: &Output, mentions: &[&[&str]]) -> Vec<String> {
+    let mut problems = Vec::new();
+    if out.status.success() {
+        problems.push("succeeded but should have failed".to_string());
+    }
+    let stderr = String::from_utf8_lossy(&out.stderr).to_lowercase();
+    if !stderr
+        .lines()
+        .any(|l| l.starts_with("ublk: error:") || l.starts_with("error:"))
+    {
+        problems.push("no `ublk: error:` (or clap `error:`) line on stderr".to_string());
+    }
+    for group in mentions {
+        if !group
+            .iter()
+            .any(|word| stderr.contains(&word.to_lowercase()))
+        {
+            problems.push(format!("the error mentions none of {group:?}"));
+        }
+    }
+    problems
+}
+
+// ---------------------------------------------------------------------------------------
+// test session
+// ---------------------------------------------------------------------------------------
+
+/// Per-test setup and teardown: checks for the driver, starts without devices, gives the
+/// test a scratch directory, and deletes every device at the end even if the test failed.
+struct Session {
+    name: String,
+    scratch: PathBuf,
+    started: Instant,
+}
+
+impl Session {
+    #[track_caller]
+    fn start(name: &str) -> Session {
+        assert!(
+            Path::new(CONTROL_DEVICE).exists(),
+            "no {CONTROL_DEVICE}: run `cargo xtask test`"
+        );
+        ublk(&["del", "--all"]);
+        assert_no_devices("before the test, after `ublk del --all`");
+
+        let scratch = std::env::temp_dir().join("ublk-kernel-tests").join(name);
+        let _ = fs::remove_dir_all(&scratch);
+        fs::create_dir_all(&scratch)
+            .unwrap_or_else(|e| panic!("create {}: {e}", scratch.display()));
+        Session {
+            name: name.to_string(),
+            scratch,
+            started: Instant::now(),
+        }
+    }
+}
+
+impl Drop for Session {
+    fn drop(&mut self) {
+        // Don't panic here: this runs while unwinding from a failed test.
+        match Command::new(ublk_bin()).args(["del", "--all"]).output() {
+            Ok(out) if out.status.success() => {}
+            Ok(out) => eprintln!(
+                "cleanup: {}",
+                describe(&format!("{} del --all", ublk_bin()), &out)
+            ),
+            Err(e) => eprintln!("cleanup: cannot run {} del --all: {e}", ublk_bin()),
+        }
+        let _ = fs::remove_dir_all(&self.scratch);
+        // Shown with --nocapture or on failure: keeps an eye on the suite's time budget.
+        eprintln!(
+            "{}: {:.1} s",
+            self.name,
+            self.started.elapsed().as_secs_f64()
+        );
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// the ublk command
+// ---------------------------------------------------------------------------------------
+
+fn ublk_bin() -> String {
+    std::env::var("UBLK_BIN").unwrap_or_else(|_| env!("CARGO_BIN_EXE_ublk").to_string())
+}
+
+/// Runs `ublk args...`, which must succeed.
+#[track_caller]
+fn ublk(args: &[&str]) -> Output {
+    run(&ublk_bin(), args)
+}
+
+/// Runs `ublk args...`, whatever its exit status.
+#[track_caller]
+fn ublk_unchecked(args: &[&str]) -> Output {
+    run_unchecked(&ublk_bin(), args)
+}
+
+/// `ublk add args...`: returns its JSON description of the new device, which must exist.
+#[track_caller]
+fn add(args: &[&str]) -> Value {
+    let args = [&["add"], args].concat();
+    let out = ublk(&args);
+    let dev = parse_json(&out, &command_line("ublk", &args));
+    let path = dev_path(&dev);
+    assert_eq!(
+        path,
+        format!("/dev/ublkb{}", dev_id(&dev)),
+        "ublk {args:?}: {dev}"
+    );
+    assert!(
+        Path::new(path).exists(),
+        "ublk {args:?} returned but {path} does not exist"
+    );
+    server_pid(&dev);
+    dev
+}
+
+/// `ublk del ID`: the device must be gone (its node and its list entry) when it returns.
+#[track_caller]
+fn del(dev: &Value) {
+    ublk(&["del", &dev_id(dev).to_string()]);
+    let path = dev_path(dev);
+    assert!(
+        !Path::new(path).exists(),
+        "`ublk del {}` returned but {path} still exists",
+        dev_id(dev)
+    );
+    let listed = list();
+    assert!(
+        listed_entry(&listed, dev_id(dev)).is_none(),
+        "device {} still listed after `ublk del`: {}",
+        dev_id(dev),
+        json(&listed)
+    );
+}
+
+/// `ublk list --json`.
+#[track_caller]
+fn list() -> Vec<Value> {
+    match parse_json(&ublk(&["list", "--json"]), "ublk list --json") {
+        Value::Array(devices) => devices,
+        other => panic!("`ublk list --json` is not an array: {other}"),
+    }
+}
+
+/// Devices as JSON, for messages.
+fn json(devices: &[Value]) -> String {
+    Value::from(devices).to_string()
+}
+
+fn listed_entry(listed: &[Value], id: u64) -> Option<&Value> {
+    listed.iter().find(|entry| dev_id(entry) == id)
+}
+
+#[track_caller]
+fn assert_no_devices(when: &str) {
+    let listed = list();
+    assert!(
+        listed.is_empty(),
+        "devices listed {when}: {}",
+        json(&listed)
+    );
+    let nodes = device_nodes();
+    assert!(nodes.is_empty(), "device nodes left {when}: {nodes:?}");
+}
+
+/// Names of the ublk block and character devices in /dev.
+fn device_nodes() -> BTreeSet<String> {
+    fs::read_dir("/dev")
+        .expect("read /dev")
+        .map(|entry| entry.expect("read a /dev entry").file_name())
+        .filter_map(|name| name.into_string().ok())
+        .filter(|name| name.starts_with("ublkb") || name.starts_with("ublkc"))
+        .collect()
+}
+
+#[track_caller]
+fn parse_json(out: &Output, cmdline: &str) -> Value {
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "output of `{cmdline}` is not JSON: {e}\n{}",
+            describe(cmdline, out)
+        )
+    })
+}
+
+#[track_caller]
+fn field_u64(v: &Value, key: &str) -> u64 {
+    v[key]
+        .as_u64()
+        .unwrap_or_else(|| panic!("`{key}` missing or not an unsigned integer in {v}"))
+}
+
+#[track_caller]
+fn field_str<'a>(v: &'a Value, key: &str) -> &'a str {
+    v[key]
+        .as_str()
+        .unwrap_or_else(|| panic!("`{key}` missing or not a string in {v}"))
+}
+
+#[track_caller]
+fn dev_id(dev: &Value) -> u64 {
+    field_u64(dev, "dev_id")
+}
+
+#[track_caller]
+fn dev_path(dev: &Value) -> &str {
+    field_str(dev, "path")
+}
+
+#[track_caller]
+fn server_pid(dev: &Value) -> u64 {
+    field_u64(dev, "pid")
+}
+
+// ---------------------------------------------------------------------------------------
+// running commands
+// ---------------------------------------------------------------------------------------
+
+/// Runs `program args...` (with a time limit), which must succeed.
+#[track_caller]
+fn run(program: &str, args: &[&str]) -> Output {
+    let out = run_unchecked(program, args);
+    assert!(
+        out.status.success(),
+        "{}",
+        describe(&command_line(program, args), &out)
+    );
+    out
+}
+
+/// Runs `program args...` (with a time limit) and returns its output, whatever its status.
+#[track_caller]
+fn run_unchecked(program: &str, args: &[&str]) -> Output {
+    let mut child = Spawned::new(program, args, None);
+    match child.wait_timeout(COMMAND_TIMEOUT) {
+        Some(out) => out,
+        None => {
+            let out = child.kill();
+            panic!(
+                "still running after {COMMAND_TIMEOUT:?}, killed\n{}",
+                describe(&command_line(program, args), &out)
+            )
+        }
+    }
+}
+
+fn command_line<S: AsRef<str>>(program: &str, args: &[S]) -> String {
+    std::iter::once(program)
+        .chain(args.iter().map(AsRef::as_ref))
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// A command line with its exit status and output, for panic messages.
+fn describe(cmdline: &str, out: &Output) -> String {
+    format!(
+        "$ {cmdline}\n{}\n--- stdout ---\n{}\n--- stderr ---\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout).trim_end(),
+        String::from_utf8_lossy(&out.stderr).trim_end(),
+    )
+}
+
+/// A running child process whose stdout and stderr go to unlinked temporary files.
+///
+/// Files rather than pipes, because `ublk add` leaves a daemon behind that may keep the
+/// inherited descriptors open: waiting for EOF on a pipe would then never finish.
+/// The child is killed if still running when this is dropped.
+struct Spawned {
+    child: Child,
+    stdout: File,
+    stderr: File,
+}
+
+impl Spawned {
+    #[track_caller]
+    fn new(program: &str, args: &[&str], dir: Option<&Path>) -> Spawned {
+        let stdout = capture_file();
+        let stderr = capture_file();
+        let mut command = Command::new(program);
+        command
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(stdout.try_clone().expect("duplicate a capture file"))
+            .stderr(stderr.try_clone().expect("duplicate a capture file"));
+        if let Some(dir) = dir {
+            command.current_dir(dir);
+        }
+        let child = command
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot run `{}`: {e}", command_line(program, args)));
+        Spawned {
+            child,
+            stdout,
+            stderr,
+        }
+    }
+
+    fn is_running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+
+    /// Waits up to `limit` for the child to exit; `None` if it is still running.
+    fn wait_timeout(&mut self, limit: Duration) -> Option<Output> {
+        let deadline = Instant::now() + limit;
+        loop {
+            if let Some(status) = self.child.try_wait().expect("poll a child process") {
+                return Some(Output {
+                    status,
+                    stdout: read_capture(&mut self.stdout),
+                    stderr: read_capture(&mut self.stderr),
+                });
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Kills the child (if still running) and returns what it printed.
+    fn kill(&mut self) -> Output {
+        let _ = self.child.kill();
+        let status = self.child.wait().expect("wait for a killed child");
+        Output {
+            status,
+            stdout: read_capture(&mut self.stdout),
+            stderr: read_capture(&mut self.stderr),
+        }
+    }
+}
+
+impl Drop for Spawned {
+    fn drop(&mut self) {
+        if self.is_running() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// An anonymous temporary file (created, then unlinked) to capture a child's output.
+fn capture_file() -> File {
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let path = std::env::temp_dir().join(format!(
+        "ublk-kernel-tests-{}-{}.out",
+        std::process::id(),
+        COUNTER.fetch_add(1, Ordering::Relaxed)
+    ));
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create_new(true)
+        .open(&path)
+        .unwrap_or_else(|e| panic!("create {}: {e}", path.display()));
+    fs::remove_file(&path).unwrap_or_else(|e| panic!("remove {}: {e}", path.display()));
+    file
+}
+
+fn read_capture(file: &mut File) -> Vec<u8> {
+    let mut bytes = Vec::new();
+    file.seek(SeekFrom::Start(0))
+        .and_then(|_| file.read_to_end(&mut bytes))
+        .expect("read captured output");
+    bytes
+}
+
+/// Polls `condition` every 100 ms until it holds (true) or `limit` has passed (false).
+fn wait_until(limit: Duration, mut condition: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + limit;
+    loop {
+        if condition() {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        sleep(Duration::from_millis(100));
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// data and direct I/O
+// ---------------------------------------------------------------------------------------
+
+/// `O_DIRECT`, hardcoded because there is no libc crate here: 0o40000 on x86 (the test
+/// VM) and most other architectures, 0o200000 on ARM.
+#[cfg(any(target_arch = "aarch64", target_arch = "arm"))]
+const O_DIRECT: i32 = 0o200000;
+#[cfg(not(any(target_arch = "aarch64", target_arch = "arm")))]
+const O_DIRECT: i32 = 0o40000;
+
+/// O_DIRECT wants buffers, offsets and lengths aligned; 4 KiB satisfies any block size.
+const DIRECT_ALIGN: usize = 4096;
+/// Size of each direct read or write.
+const DIRECT_CHUNK: usize = MIB as usize;
+
+/// A zeroed buffer of `len` bytes starting on a `DIRECT_ALIGN` boundary. The `Vec` is
+/// never resized, so the aligned window stays put.
+struct AlignedBuf {
+    storage: Vec<u8>,
+    start: usize,
+    len: usize,
+}
+
+impl AlignedBuf {
+    fn new(len: usize) -> AlignedBuf {
+        let storage = vec![0u8; len + DIRECT_ALIGN];
+        let start = storage.as_ptr().align_offset(DIRECT_ALIGN);
+        AlignedBuf {
+            storage,
+            start,
+            len,
+        }
+    }
+
+    fn as_mut_slice(&mut self) -> &mut [u8] {
+        &mut self.storage[self.start..self.start + self.len]
+    }
+}
+
+fn open_direct(path: &str, write: bool) -> File {
+    OpenOptions::new()
+        .read(true)
+        .write(write)
+        .custom_flags(O_DIRECT)
+        .open(path)
+        .unwrap_or_else(|e| panic!("open {path} with O_DIRECT: {e}"))
+}
+
+/// Writes `data` at `offset` of the device, bypassing the page cache.
+fn write_direct(path: &str, offset: u64, data: &[u8]) {
+    assert!(
+        offset % 512 == 0 && data.len() % 512 == 0,
+        "unaligned direct write"
+    );
+    let file = open_direct(path, true);
+    let mut buf = AlignedBuf::new(DIRECT_CHUNK);
+    for (i, chunk) in data.chunks(DIRECT_CHUNK).enumerate() {
+        let at = offset + (i * DIRECT_CHUNK) as u64;
+        let buf = &mut buf.as_mut_slice()[..chunk.len()];
+        buf.copy_from_slice(chunk);
+        file.write_all_at(buf, at)
+            .unwrap_or_else(|e| panic!("write {} bytes at {at} of {path}: {e}", chunk.len()));
+    }
+}
+
+/// Reads `len` bytes at `offset` of the device, bypassing the page cache.
+fn read_direct(path: &str, offset: u64, len: usize) -> Vec<u8> {
+    assert!(offset % 512 == 0 && len % 512 == 0, "unaligned direct read");
+    let file = open_direct(path, false);
+    let mut buf = AlignedBuf::new(DIRECT_CHUNK);
+    let mut data = Vec::with_capacity(len);
+    while data.len() < len {
+        let at = offset + data.len() as u64;
+        let buf = &mut buf.as_mut_slice()[..DIRECT_CHUNK.min(len - data.len())];
+        file.read_exact_at(buf, at)
+            .unwrap_or_else(|e| panic!("read {} bytes at {at} of {path}: {e}", buf.len()));
+        data.extend_from_slice(buf);
+    }
+    data
+}
+
+fn random_bytes(len: usize) -> Vec<u8> {
+    let mut bytes = vec![0u8; len];
+    File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(&mut bytes))
+        .expect("read /dev/urandom");
+    bytes
+}
+
+fn write_file(path: &Path, contents: &[u8]) {
+    fs::write(path, contents).unwrap_or_else(|e| panic!("write {}: {e}", path.display()));
+}
+
+/// Drops clean page-cache pages, so the next reads come from the device.
+fn drop_caches() {
+    run("sync", &[]);
+    fs::write("/proc/sys/vm/drop_caches", "3").expect("write /proc/sys/vm/drop_caches");
+}

@@ -1,0 +1,81 @@
+//! Host tool dependencies (qemu, busybox, fio, e2fsprogs, ...).
+
+use crate::util::{is_root, run, which};
+use anyhow::{bail, Result};
+use std::path::Path;
+use std::process::Command;
+
+/// Debian packages providing the host tools xtask needs.
+const PACKAGES: &[&str] = &[
+    "qemu-system-x86",
+    "busybox-static",
+    "cpio",
+    "fio",
+    "e2fsprogs",
+    "xz-utils",
+    "util-linux",
+];
+
+/// Executables that must be present (checked by name on PATH + sbin dirs).
+const TOOLS: &[&str] = &[
+    "qemu-system-x86_64",
+    "cpio",
+    "fio",
+    "mke2fs",
+    "mkfs.ext4",
+    "e2fsck",
+    "xz",
+    "blkdiscard",
+    "ldd",
+];
+
+/// Names of required tools that are missing on the host.
+fn missing() -> Vec<&'static str> {
+    let mut m: Vec<&str> = TOOLS
+        .iter()
+        .copied()
+        .filter(|t| which(t).is_none())
+        .collect();
+    if !Path::new("/bin/busybox").is_file() {
+        m.push("/bin/busybox");
+    }
+    m
+}
+
+/// Makes sure the host tools exist, installing them with apt when running as
+/// root; otherwise prints the apt-get command to run and fails.
+pub fn ensure_host_deps() -> Result<()> {
+    let m = missing();
+    if m.is_empty() {
+        return Ok(());
+    }
+    let install = format!(
+        "DEBIAN_FRONTEND=noninteractive apt-get install -y {}",
+        PACKAGES.join(" ")
+    );
+    eprintln!("xtask: missing host tools: {}", m.join(", "));
+    if !is_root() {
+        bail!(
+            "missing host tools ({}); install them with:\n  sudo apt-get update && sudo {install}",
+            m.join(", ")
+        );
+    }
+    if which("apt-get").is_none() {
+        bail!(
+            "missing host tools ({}) and no apt-get to install them; install the \
+             equivalents of: {}",
+            m.join(", "),
+            PACKAGES.join(" ")
+        );
+    }
+    run(Command::new("apt-get").arg("update"))?;
+    run(Command::new("apt-get")
+        .env("DEBIAN_FRONTEND", "noninteractive")
+        .args(["install", "-y"])
+        .args(PACKAGES))?;
+    let still = missing();
+    if !still.is_empty() {
+        bail!("still missing after apt-get install: {}", still.join(", "));
+    }
+    Ok(())
+}
