@@ -125,10 +125,10 @@ impl<D: BlockDevice> QueueTarget for OwnedQueue<D> {
             Op::Write => {
                 let data = io.data();
                 let (ptr, len) = (data.as_ptr(), data.len());
-                // SAFETY: the bytes are this request's buffer, which stays valid and unchanged
-                // until the request is committed. A commit is issued only by this queue
-                // thread after `submit` returns, even when the reply is answered (on any
-                // thread) during the call, so the slice outlives its use in `write`.
+                // The bytes are this request's buffer, valid and unchanged until the request
+                // is committed. Commits are issued only by this queue thread after `submit`
+                // returns, even when the reply is answered (on any thread) during the call.
+                // SAFETY: so the slice outlives its use in `write` (above).
                 let data = unsafe { std::slice::from_raw_parts(ptr, len) };
                 self.0.write(req.offset, data, req.flags.fua(), Reply(io));
             }

@@ -53,10 +53,11 @@ impl DescArray {
             .range(u64::from(tag) * DESC_SIZE as u64, DESC_SIZE)
             .expect("tag < depth, so the descriptor lies inside the mapping")
             .cast::<sys::ublksrv_io_desc>();
-        // SAFETY: ptr is inside the mapping (checked by `range`) and 8-byte aligned (page-aligned
-        // base, 24-byte stride, 8-byte fields). The kernel may write it concurrently only for
-        // another request of this tag, which cannot exist before we commit; a volatile read
-        // never forms a reference to the shared memory.
+        // The base is page aligned and descriptors are 24 bytes of 8-byte fields, so `ptr` is
+        // aligned. The kernel writes this slot again only for the tag's next request, which
+        // cannot exist before we commit; a volatile read forms no reference to shared memory.
+        // SAFETY: ptr is inside the mapping (checked by `range`), aligned, and not being
+        // written (above).
         IoDesc::from(unsafe { std::ptr::read_volatile(ptr) })
     }
 }
