@@ -8,8 +8,10 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::rc::Rc;
 use std::sync::Arc;
 
-use crate::io::{Geometry, IoDesc};
-use crate::target::{Io, LocalSink, QueueCtx, QueueShared, QueueTarget};
+use crate::io::{Geometry, IoDesc, Op};
+use io_uring::IoUring;
+
+use crate::target::{Io, LocalSink, QueueCtx, QueueShared, QueueTarget, TARGET_OP};
 
 /// One queue's dispatcher.
 pub(crate) struct Engine<Q: QueueTarget> {
@@ -38,7 +40,7 @@ impl<Q: QueueTarget> Engine<Q> {
     }
 
     /// Serves the request the kernel delivered for `tag`.
-    pub(crate) fn dispatch(&mut self, tag: u16, desc: IoDesc) {
+    pub(crate) fn dispatch(&mut self, tag: u16, desc: IoDesc, ring: &mut IoUring) {
         let Some(busy) = self.busy.get_mut(usize::from(tag)) else {
             tracing::error!(
                 q = self.q_id,
@@ -60,6 +62,11 @@ impl<Q: QueueTarget> Engine<Q> {
                 return;
             }
         };
+        if io.len == 0 && io.op != Op::Flush {
+            // Nothing to read, write or free: no target needs to see it.
+            self.sink.push(tag, 0);
+            return;
+        }
         let buf = self
             .shared
             .arena
@@ -72,6 +79,7 @@ impl<Q: QueueTarget> Engine<Q> {
         let mut ctx = QueueCtx {
             q_id: self.q_id,
             geo: &self.geo,
+            ring,
         };
         let target = &mut self.target;
         // A panicking target drops the Io while unwinding, which fails it with -EIO.
@@ -81,6 +89,25 @@ impl<Q: QueueTarget> Engine<Q> {
                 tag,
                 "target panicked: request failed with -EIO"
             );
+        }
+    }
+
+    /// Routes the completion of an operation the target pushed (its `user_data` carries
+    /// [`TARGET_OP`]) back to the target.
+    pub(crate) fn target_event(&mut self, user_data: u64, res: i32, ring: &mut IoUring) {
+        let mut ctx = QueueCtx {
+            q_id: self.q_id,
+            geo: &self.geo,
+            ring,
+        };
+        let target = &mut self.target;
+        let user_data = user_data & !TARGET_OP;
+        if catch_unwind(AssertUnwindSafe(|| {
+            target.complete(user_data, res, &mut ctx)
+        }))
+        .is_err()
+        {
+            tracing::error!(q = self.q_id, user_data, "target panicked in a completion");
         }
     }
 

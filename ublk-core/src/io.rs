@@ -4,7 +4,9 @@
 //! negative errno for anything out of range, never a panic. The errno rules:
 //! - an op this crate does not serve (zoned ops, WRITE_SAME, unknown codes): `-EOPNOTSUPP`;
 //! - a range that overflows, ends past the device, or is larger than the tag buffer: `-EINVAL`;
-//! - a read or write that is not a whole number of logical blocks: `-EINVAL`.
+//! - a read or write that is not a whole number of logical blocks: `-EINVAL`;
+//! - a zero-length read, write, discard or write-zeroes: 0, answered by the engine without
+//!   reaching the target.
 
 use crate::sys;
 

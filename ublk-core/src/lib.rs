@@ -47,6 +47,8 @@ pub use ctrl::{feature_names, ControlDevice, DevInfo};
 pub use device::{DeviceBuilder, DeviceInfo};
 pub use error::{Error, Result};
 pub use io::{BlockIo, Geometry, IoFlags, Op};
+/// The io_uring crate, whose SQE types targets push with [`QueueCtx::push`].
+pub use io_uring;
 pub use owned::{BlockDevice, Owned, ReadReply, Reply};
 pub use params::{parse_size, DeviceParams};
 pub use target::{Io, QueueCtx, QueueTarget, RemoteIo, Target};

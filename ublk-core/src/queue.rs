@@ -14,7 +14,7 @@ use crate::io::{Geometry, IoDesc};
 use crate::mmap::{page_size, round_up, Mapping};
 use crate::pod;
 use crate::sys;
-use crate::target::{QueueShared, Target};
+use crate::target::{QueueShared, Target, TARGET_OP};
 
 /// Size of one descriptor in the kernel's array.
 const DESC_SIZE: usize = std::mem::size_of::<sys::ublksrv_io_desc>();
@@ -191,6 +191,10 @@ fn serve<T: Target>(
                 .map(|c| (c.user_data(), c.result(), c.flags())),
         );
         for (user_data, res, flags) in cqes.drain(..) {
+            if user_data & TARGET_OP != 0 {
+                engine.target_event(user_data, res, &mut ring);
+                continue;
+            }
             if user_data == WAKE_TOKEN {
                 shared.clear_wake();
                 if !cqueue::more(flags) {
@@ -200,7 +204,7 @@ fn serve<T: Target>(
             }
             let tag = user_data as u16;
             match res {
-                sys::UBLK_IO_RES_OK => engine.dispatch(tag, descs.read(tag)),
+                sys::UBLK_IO_RES_OK => engine.dispatch(tag, descs.read(tag), &mut ring),
                 sys::UBLK_IO_RES_ABORT => live -= 1,
                 other => {
                     tracing::error!(q = q_id, tag, res = other, "unexpected fetch result");

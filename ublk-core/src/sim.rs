@@ -30,6 +30,8 @@ use std::io;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use io_uring::IoUring;
+
 use crate::buf::TagArena;
 use crate::engine::Engine;
 use crate::io::{Geometry, IoDesc, SECTOR_SIZE};
@@ -68,6 +70,8 @@ pub enum SimError {
 /// A simulated queue serving one target's queue half.
 pub struct SimQueue<T: Target> {
     engine: Engine<T::Queue>,
+    /// A real io_uring for the operations the target pushes itself (e.g. file I/O).
+    ring: IoUring,
     shared: Arc<QueueShared>,
     descs: Vec<IoDesc>,
     busy: Vec<bool>,
@@ -80,8 +84,10 @@ impl<T: Target> SimQueue<T> {
         let shared = QueueShared::new(TagArena::new(depth.max(1), geo.max_io)?)?;
         shared.enter();
         let queue = target.open_queue(0, &geo)?;
+        let ring = IoUring::new((u32::from(depth.max(1)) * 2).next_power_of_two())?;
         Ok(SimQueue {
             engine: Engine::new(queue, Arc::clone(&shared), geo, 0),
+            ring,
             shared,
             descs: vec![IoDesc::default(); usize::from(depth.max(1))],
             busy: vec![false; usize::from(depth.max(1))],
@@ -116,12 +122,28 @@ impl<T: Target> SimQueue<T> {
         unsafe { std::ptr::copy_nonoverlapping(write_data.as_ptr(), buf, write_data.len()) };
         self.descs[usize::from(tag)] = desc;
         self.busy[usize::from(tag)] = true;
-        self.engine.dispatch(tag, desc);
+        self.engine.dispatch(tag, desc, &mut self.ring);
         Ok(())
+    }
+
+    /// Submits what the target pushed and routes finished operations back to it.
+    fn run_ring(&mut self) {
+        if let Err(e) = self.ring.submit() {
+            tracing::warn!("simulated queue ring: {e}");
+        }
+        let events: Vec<(u64, i32)> = self
+            .ring
+            .completion()
+            .map(|c| (c.user_data(), c.result()))
+            .collect();
+        for (user_data, res) in events {
+            self.engine.target_event(user_data, res, &mut self.ring);
+        }
     }
 
     /// Collects every commit made so far.
     pub fn commits(&mut self) -> Vec<Commit> {
+        self.run_ring();
         let mut done = Vec::new();
         self.engine.drain(|tag, res| done.push((tag, res)));
         done.into_iter()

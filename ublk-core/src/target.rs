@@ -36,13 +36,31 @@ pub trait QueueTarget: 'static {
     /// Starts one request. Complete it now or later with [`Io::complete`] (or one of its
     /// shorthands); a panic here fails this request with `-EIO` and the queue keeps serving.
     fn submit(&mut self, io: Io, ctx: &mut QueueCtx<'_>);
+
+    /// An operation this target pushed with [`QueueCtx::push`] completed: `user_data` is the
+    /// value it carried, `res` the CQE's result. Targets that never push ignore this.
+    fn complete(&mut self, user_data: u64, res: i32, ctx: &mut QueueCtx<'_>) {
+        let _ = (user_data, res, ctx);
+    }
 }
 
-/// What a queue target can see of its queue while it handles a request.
-#[derive(Debug)]
+/// The bit the engine sets in `user_data` of target-pushed SQEs to route their CQEs back.
+pub(crate) const TARGET_OP: u64 = 1 << 63;
+
+/// What a queue target can see of its queue while it handles a request: its id, the device
+/// geometry, and the queue's io_uring, on which the target may run its own I/O.
 pub struct QueueCtx<'a> {
     pub(crate) q_id: u16,
     pub(crate) geo: &'a Geometry,
+    pub(crate) ring: &'a mut io_uring::IoUring,
+}
+
+impl std::fmt::Debug for QueueCtx<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("QueueCtx")
+            .field("q_id", &self.q_id)
+            .finish_non_exhaustive()
+    }
 }
 
 impl QueueCtx<'_> {
@@ -54,6 +72,31 @@ impl QueueCtx<'_> {
     /// The device's size and limits.
     pub fn geometry(&self) -> &Geometry {
         self.geo
+    }
+
+    /// Queues `sqe` on this queue's io_uring; it is submitted with the loop turn's commits,
+    /// and its completion comes back to [`QueueTarget::complete`] with the SQE's
+    /// `user_data`, which must be below 2^63.
+    ///
+    /// # Safety
+    /// Every buffer and file the SQE refers to must stay valid until its completion arrives,
+    /// e.g. by keeping the [`Io`] whose buffer it reads into until then.
+    pub unsafe fn push(&mut self, sqe: &io_uring::squeue::Entry) -> io::Result<()> {
+        let user_data = sqe.get_user_data();
+        if user_data & TARGET_OP != 0 {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "user_data must be below 2^63",
+            ));
+        }
+        let sqe = sqe.clone().user_data(user_data | TARGET_OP);
+        loop {
+            // SAFETY: the caller guarantees the SQE's buffers outlive its completion.
+            if unsafe { self.ring.submission().push(&sqe) }.is_ok() {
+                return Ok(());
+            }
+            self.ring.submit()?;
+        }
     }
 }
 

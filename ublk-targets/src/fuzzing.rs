@@ -5,6 +5,7 @@ use ublk_core::check::{check_request_stream, Semantics};
 use ublk_core::params::{max_queues, DeviceParams, MAX_DEPTH, MAX_IO_BYTES};
 use ublk_core::{parse_size, Geometry};
 
+use crate::file::FileTarget;
 use crate::null::Null;
 use crate::ram::Ram;
 
@@ -32,6 +33,22 @@ pub fn request_stream(data: &[u8]) {
         Semantics::STORES_DATA,
         rest,
     );
+    check_request_stream(
+        || FileTarget::from_file(memfd(), geo.size).expect("file target on a memfd"),
+        geo,
+        Semantics::STORES_DATA,
+        rest,
+    );
+}
+
+/// An anonymous in-memory file for the file target.
+fn memfd() -> std::fs::File {
+    use std::os::fd::FromRawFd;
+    // SAFETY: the name is a NUL-terminated literal; a non-negative result is a new fd.
+    let fd = unsafe { libc::memfd_create(c"ublk-fuzz".as_ptr(), libc::MFD_CLOEXEC) };
+    assert!(fd >= 0, "memfd_create: {}", std::io::Error::last_os_error());
+    // SAFETY: fd was just created and is owned by nobody else.
+    unsafe { std::fs::File::from_raw_fd(fd) }
 }
 
 /// `params`: arbitrary parameters and size strings must be accepted or rejected by the rules

@@ -2,7 +2,8 @@
 //!
 //! Ready-made block targets for ublk-rs and the `ublk` command-line tool that serves them:
 //! - [`null::Null`]: completes everything at once (the benchmark baseline);
-//! - [`ram::Ram`]: memory-backed, from a memfd or a tmpfs file.
+//! - [`ram::Ram`]: memory-backed, from a memfd or a tmpfs file;
+//! - [`file::FileTarget`]: a loop device in user space, its I/O on the queue's io_uring.
 //!
 //! Each target is a block backend ([`ublk_zc::Target`]), so targets can own others as
 //! children.
@@ -22,6 +23,7 @@
 #![deny(unsafe_op_in_unsafe_fn)]
 #![warn(missing_docs)]
 
+pub mod file;
 pub mod fuzzing;
 pub mod null;
 pub mod ram;
@@ -35,17 +37,20 @@ pub enum TargetKind {
     Null,
     /// [`ram::Ram`].
     Ram,
+    /// [`file::FileTarget`].
+    File,
 }
 
 impl TargetKind {
     /// Every kind, in the order the help text lists them.
-    pub const ALL: [TargetKind; 2] = [TargetKind::Null, TargetKind::Ram];
+    pub const ALL: [TargetKind; 3] = [TargetKind::Null, TargetKind::Ram, TargetKind::File];
 
     /// The name used on the command line.
     pub fn name(self) -> &'static str {
         match self {
             TargetKind::Null => "null",
             TargetKind::Ram => "ram",
+            TargetKind::File => "file",
         }
     }
 
@@ -54,6 +59,7 @@ impl TargetKind {
         match self {
             TargetKind::Null => 1,
             TargetKind::Ram => 2,
+            TargetKind::File => 3,
         }
     }
 

@@ -78,6 +78,18 @@ fn fio_null_1_queue() {
 
 #[test]
 #[ignore = "needs the ublk kernel driver: run `cargo xtask test`"]
+fn fio_verify_file_buffered_1_queue() {
+    fio_matrix("file", 1);
+}
+
+#[test]
+#[ignore = "needs the ublk kernel driver: run `cargo xtask test`"]
+fn fio_verify_file_direct_2_queues() {
+    fio_matrix("file --direct", 2);
+}
+
+#[test]
+#[ignore = "needs the ublk kernel driver: run `cargo xtask test`"]
 fn fio_null_2_queues() {
     fio_matrix("null", 2);
 }
@@ -162,16 +174,27 @@ impl FioCase {
 ///
 /// RAM devices keep data, so fio verifies it. Null devices discard writes and return
 /// arbitrary data, so there fio only has to finish cleanly and move the expected bytes.
-fn fio_matrix(target: &str, queues: u32) {
-    let session = Session::start(&format!("fio-{target}-{queues}"));
-    let dev = add(&[target, "--size", "64M", "--queues", &queues.to_string()]);
+///
+/// `target` may carry options (`"file --direct"`); a file target gets a backing file in the
+/// test's scratch directory.
+fn fio_matrix(target_args: &str, queues: u32) {
+    let mut words: Vec<String> = target_args.split_whitespace().map(String::from).collect();
+    let target = words[0].clone();
+    let session = Session::start(&format!("fio-{}-{queues}", words.join("-")));
+    if target == "file" {
+        words.push("--path".into());
+        words.push(session.scratch.join("backing.img").display().to_string());
+    }
+    words.extend(["--size", "64M", "--queues"].map(String::from));
+    words.push(queues.to_string());
+    let dev = add(&words.iter().map(String::as_str).collect::<Vec<_>>());
     assert_eq!(
         field_u64(&dev, "queues"),
         u64::from(queues),
         "add output: {dev}"
     );
     let path = dev_path(&dev);
-    let verify = target == "ram";
+    let verify = target != "null";
 
     let mut passed = Vec::new();
     for case in FioCase::all() {
@@ -259,8 +282,24 @@ fn run_fio(args: &[String], dir: &Path, context: &str) -> (Value, Output) {
 #[test]
 #[ignore = "needs the ublk kernel driver: run `cargo xtask test`"]
 fn ext4_survives_fsck_and_remount() {
-    let session = Session::start("ext4");
-    let dev = add(&["ram", "--size", "256M"]);
+    ext4_round_trip("ram");
+}
+
+#[test]
+#[ignore = "needs the ublk kernel driver: run `cargo xtask test`"]
+fn ext4_on_a_file_target_survives_fsck_and_remount() {
+    ext4_round_trip("file");
+}
+
+/// mkfs, files, umount, fsck, remount, same checksums, on a fresh device of `target`.
+fn ext4_round_trip(target: &str) {
+    let session = Session::start(&format!("ext4-{target}"));
+    let backing = session.scratch.join("backing.img").display().to_string();
+    let dev = if target == "file" {
+        add(&["file", "--path", &backing, "--size", "256M"])
+    } else {
+        add(&[target, "--size", "256M"])
+    };
     let path = dev_path(&dev);
     run("mkfs.ext4", &["-q", "-F", path]);
 
@@ -517,6 +556,46 @@ fn assert_same(actual: &[u8], expected: &[u8], what: &str) {
 // ---------------------------------------------------------------------------------------
 // lifecycle
 // ---------------------------------------------------------------------------------------
+
+#[test]
+#[ignore = "needs the ublk kernel driver: run `cargo xtask test`"]
+fn file_target_discard_frees_space_in_the_backing_file() {
+    use std::os::unix::fs::MetadataExt;
+    let session = Session::start("file-discard");
+    let backing = session.scratch.join("backing.img");
+    let backing_str = backing.display().to_string();
+    let dev = add(&["file", "--path", &backing_str, "--size", "64M"]);
+    let path = dev_path(&dev);
+    let allocated = || fs::metadata(&backing).expect("backing file").blocks() * 512;
+    run(
+        "dd",
+        &[
+            "if=/dev/urandom",
+            &format!("of={path}"),
+            "bs=1M",
+            "count=32",
+            "oflag=direct",
+        ],
+    );
+    run("sync", &[]);
+    let before = allocated();
+    assert!(
+        before >= 32 * MIB,
+        "after writing 32 MiB only {before} bytes are allocated"
+    );
+    run("blkdiscard", &[path]);
+    let after = allocated();
+    assert!(
+        after < MIB,
+        "blkdiscard left {after} of {before} bytes allocated in {backing_str}"
+    );
+    let zeroes = read_direct(path, 0, 32 * MIB as usize);
+    assert!(
+        zeroes.iter().all(|b| *b == 0),
+        "discarded range does not read as zeroes"
+    );
+    del(&dev);
+}
 
 #[test]
 #[ignore = "needs the ublk kernel driver: run `cargo xtask test`"]

@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 use clap::{Args, Parser, Subcommand};
 use serde_json::{json, Value};
 use ublk_core::{feature_names, parse_size, ControlDevice, DeviceBuilder, DeviceInfo};
+use ublk_targets::file::FileTarget;
 use ublk_targets::null::Null;
 use ublk_targets::ram::Ram;
 use ublk_targets::TargetKind;
@@ -54,11 +55,11 @@ enum Cmd {
 
 #[derive(Args, Clone)]
 struct AddArgs {
-    /// Target: null or ram.
+    /// Target: null, ram or file.
     target: String,
-    /// Size in bytes, with an optional K, M, G or T suffix.
-    #[arg(long, default_value = "1G", value_parser = parse_size_arg)]
-    size: u64,
+    /// Size in bytes, with an optional K, M, G or T suffix [default: 1G; file: the file's size].
+    #[arg(long, value_parser = parse_size_arg)]
+    size: Option<u64>,
     /// Number of queues (one thread each).
     #[arg(long, default_value_t = 1)]
     queues: u16,
@@ -77,6 +78,12 @@ struct AddArgs {
     /// ram: keep the data in this file (e.g. under /dev/shm) instead of an anonymous memfd.
     #[arg(long)]
     backing: Option<PathBuf>,
+    /// file: the backing file (created with --size if missing, grown if smaller).
+    #[arg(long)]
+    path: Option<PathBuf>,
+    /// file: open the backing file with O_DIRECT (bypass the page cache).
+    #[arg(long)]
+    direct: bool,
     /// Serve in this process instead of a background one.
     #[arg(long)]
     foreground: bool,
@@ -120,10 +127,21 @@ fn init_logging() {
         .init();
 }
 
+/// The device size: `--size`, else the backing file's size for `file`, else 1 GiB.
+fn device_size(args: &AddArgs, kind: TargetKind) -> CliResult<u64> {
+    match (args.size, kind, &args.path) {
+        (Some(size), _, _) => Ok(size),
+        (None, TargetKind::File, Some(path)) => std::fs::metadata(path)
+            .map(|m| m.len())
+            .map_err(|e| format!("{}: {e} (give --size to create it)", path.display())),
+        _ => Ok(1 << 30),
+    }
+}
+
 fn builder(args: &AddArgs, kind: TargetKind) -> CliResult<DeviceBuilder> {
     let max_io = u32::try_from(args.max_io).map_err(|_| "--max-io is too large".to_string())?;
     let mut b = DeviceBuilder::new()
-        .size(args.size)
+        .size(device_size(args, kind)?)
         .logical_block_size(args.logical_block_size)
         .queues(args.queues)
         .depth(args.depth)
@@ -132,8 +150,16 @@ fn builder(args: &AddArgs, kind: TargetKind) -> CliResult<DeviceBuilder> {
     if let Some(id) = args.id {
         b = b.id(id);
     }
-    if kind == TargetKind::Ram {
-        b = b.discard(true).write_zeroes(true);
+    match kind {
+        TargetKind::Ram => b = b.discard(true).write_zeroes(true),
+        TargetKind::File => {
+            b = b
+                .discard(true)
+                .write_zeroes(true)
+                .volatile_cache(true)
+                .fua(true)
+        }
+        _ => {}
     }
     b.validate().map_err(|e| e.to_string())?;
     Ok(b)
@@ -150,6 +176,12 @@ fn add(args: AddArgs) -> CliResult {
     })?;
     if args.backing.is_some() && kind != TargetKind::Ram {
         return Err("--backing applies to the ram target only".into());
+    }
+    if (args.path.is_some() || args.direct) && kind != TargetKind::File {
+        return Err("--path and --direct apply to the file target only".into());
+    }
+    if kind == TargetKind::File && args.path.is_none() {
+        return Err("the file target needs --path FILE".into());
     }
     let builder = builder(&args, kind)?;
     if args.daemon_child {
@@ -171,15 +203,22 @@ fn serve(
     builder: DeviceBuilder,
     on_started: impl FnOnce(&DeviceInfo),
 ) -> CliResult {
+    let size = builder.device_params().size;
     let result = match kind {
         TargetKind::Null => builder.run_with(Null, on_started),
         TargetKind::Ram => {
             let ram = match &args.backing {
-                Some(path) => Ram::with_backing(path, args.size),
-                None => Ram::new(args.size),
+                Some(path) => Ram::with_backing(path, size),
+                None => Ram::new(size),
             }
             .map_err(|e| format!("ram target memory: {e}"))?;
             builder.run_with(ram, on_started)
+        }
+        TargetKind::File => {
+            let path = args.path.as_deref().expect("checked in add");
+            let file = FileTarget::open(path, Some(size), args.direct)
+                .map_err(|e| format!("{}: {e}", path.display()))?;
+            builder.run_with(file, on_started)
         }
         _ => return Err(format!("target {} cannot be served", kind.name())),
     };
