@@ -238,6 +238,7 @@ pub fn bench(ws: &Workspace, opts: &VmOpts, rounds: u32, runtime: u32) -> Result
             "IOPS / null_blk",
             "rounds",
         ],
+        2,
         &rows,
     );
     let mode = if host_has_ublk() {

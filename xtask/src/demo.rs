@@ -92,7 +92,7 @@ pub fn demo(ws: &Workspace, opts: &VmOpts, runtime: u32) -> Result<()> {
     println!("\nublk RAM device (256 MiB), fio io_uring direct 4k, iodepth 64, {runtime} s:\n");
     print!(
         "{}",
-        fio::markdown_table(&["job", "IOPS", "avg lat (µs)", "p99 lat (µs)"], &rows)
+        fio::markdown_table(&["job", "IOPS", "avg lat (µs)", "p99 lat (µs)"], 1, &rows)
     );
     Ok(())
 }

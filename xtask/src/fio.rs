@@ -13,7 +13,7 @@ pub const END: &str = "XTASK-FIO-END";
 pub const SH_RUN_FIO: &str = r#"
 run_fio() {
     _label=$1; shift
-    fio "$@" --eta=never --output-format=json --output="/tmp/fio-$_label.json" || {
+    fio "$@" --eta=never --lat_percentiles=1 --output-format=json --output="/tmp/fio-$_label.json" || {
         echo "fio $_label failed" >&2
         cat "/tmp/fio-$_label.json" >&2 2>/dev/null
         return 1
@@ -32,7 +32,8 @@ pub struct FioResult {
     pub iops: f64,
     /// Mean total latency in µs.
     pub lat_avg_us: f64,
-    /// 99th percentile completion latency in µs.
+    /// 99th percentile total latency in µs (completion latency for reports
+    /// made without `--lat_percentiles=1`).
     pub lat_p99_us: f64,
 }
 
@@ -81,8 +82,11 @@ pub fn parse(json: &str) -> Result<FioResult> {
         .as_f64()
         .context("fio JSON: missing lat_ns.mean")?
         / 1000.0;
-    let lat_p99_us = side["clat_ns"]["percentile"]["99.000000"]
+    // Total (submission + completion) latency percentiles exist when fio ran
+    // with --lat_percentiles=1; fall back to completion latency otherwise.
+    let lat_p99_us = side["lat_ns"]["percentile"]["99.000000"]
         .as_f64()
+        .or_else(|| side["clat_ns"]["percentile"]["99.000000"].as_f64())
         .unwrap_or(f64::NAN)
         / 1000.0;
     Ok(FioResult {
@@ -107,8 +111,9 @@ pub fn median(v: &[f64]) -> f64 {
     }
 }
 
-/// Renders a Markdown table with right-aligned numeric columns.
-pub fn markdown_table(header: &[&str], rows: &[Vec<String>]) -> String {
+/// Renders a Markdown table; the first `left` columns are left-aligned, the
+/// rest (numbers) right-aligned.
+pub fn markdown_table(header: &[&str], left: usize, rows: &[Vec<String>]) -> String {
     let widths: Vec<usize> = (0..header.len())
         .map(|i| {
             rows.iter()
@@ -124,7 +129,7 @@ pub fn markdown_table(header: &[&str], rows: &[Vec<String>]) -> String {
             .iter()
             .enumerate()
             .map(|(i, c)| {
-                if i == 0 {
+                if i < left {
                     format!("{c:<w$}", w = widths[i])
                 } else {
                     format!("{c:>w$}", w = widths[i])
@@ -138,7 +143,7 @@ pub fn markdown_table(header: &[&str], rows: &[Vec<String>]) -> String {
         .iter()
         .enumerate()
         .map(|(i, w)| {
-            if i == 0 {
+            if i < left {
                 "-".repeat(w + 2)
             } else {
                 format!("{}:", "-".repeat(w + 1))
@@ -189,7 +194,7 @@ mod tests {
 
     #[test]
     fn table() {
-        let t = markdown_table(&["a", "bb"], &[vec!["x".into(), "1".into()]]);
+        let t = markdown_table(&["a", "bb"], 1, &[vec!["x".into(), "1".into()]]);
         assert_eq!(t, "| a | bb |\n|---|---:|\n| x |  1 |\n");
     }
 

@@ -12,9 +12,10 @@
 //! Search order: `$XTASK_KERNEL_DIR`, the newest directory in
 //! `<workspace>/../shared/vm-kernel/`, the newest cached download in
 //! `target/vm-kernel/`, and finally a fresh download of the newest Debian sid
-//! `cloud-amd64` kernel using a private apt state directory.
+//! `cloud-amd64` kernel using a private apt state directory (forced with
+//! `XTASK_KERNEL_DOWNLOAD=1`).
 
-use crate::util::{output, run, version_cmp, which, Workspace};
+use crate::util::{env_flag, output, run, version_cmp, which, Workspace};
 use anyhow::{bail, Context, Result};
 use std::collections::BTreeSet;
 use std::fs;
@@ -105,17 +106,24 @@ pub fn locate(ws: &Workspace) -> Result<Kernel> {
             .context("using the kernel from $XTASK_KERNEL_DIR");
     }
     let shared = ws.root.join("..").join("shared").join("vm-kernel");
+    let shared = shared.canonicalize().unwrap_or(shared);
     let cache = ws.target.join("vm-kernel");
+    let force_download = env_flag("XTASK_KERNEL_DOWNLOAD");
     for base in [&shared, &cache] {
+        if force_download {
+            break;
+        }
         if let Some(dir) = kernel_dirs(base).into_iter().next() {
             return Kernel::from_dir(&dir);
         }
     }
-    eprintln!(
-        "xtask: no guest kernel in {} or {}; downloading one from Debian sid",
-        shared.display(),
-        cache.display()
-    );
+    if !force_download {
+        eprintln!(
+            "xtask: no guest kernel in {} or {}; downloading one from Debian sid",
+            shared.display(),
+            cache.display()
+        );
+    }
     let dir = download(&cache).context("downloading a guest kernel from Debian sid")?;
     Kernel::from_dir(&dir)
 }
@@ -201,7 +209,7 @@ fn download(cache: &Path) -> Result<PathBuf> {
         Command::new("apt-cache")
             .args(&opts)
             .args(["search", "--names-only"])
-            .arg("^linux-(image|binary|modules)-[0-9].*-cloud-amd64$"),
+            .arg("^linux-(image|binary|modules|base)-[0-9].*-cloud-amd64$"),
     )?;
     let names: BTreeSet<String> = listing
         .lines()
@@ -218,11 +226,18 @@ fn download(cache: &Path) -> Result<PathBuf> {
         .max_by(|a, b| version_cmp(a, b))
         .map(str::to_string)
         .context("no linux-image-*-cloud-amd64 package found in Debian sid")?;
-    let wanted: Vec<String> = ["linux-binary-", "linux-modules-", "linux-image-"]
-        .iter()
-        .map(|p| format!("{p}{version}"))
-        .filter(|n| names.contains(n))
-        .collect();
+    // Newer Debian kernels split linux-image-V into linux-binary-V (vmlinuz),
+    // linux-modules-V and linux-base-V (config, modules.builtin, ...).
+    let wanted: Vec<String> = [
+        "linux-binary-",
+        "linux-modules-",
+        "linux-base-",
+        "linux-image-",
+    ]
+    .iter()
+    .map(|p| format!("{p}{version}"))
+    .filter(|n| names.contains(n))
+    .collect();
     eprintln!("xtask: downloading {}", wanted.join(", "));
 
     let dl = cache.join(format!("download-{}", std::process::id()));
@@ -256,7 +271,16 @@ fn download(cache: &Path) -> Result<PathBuf> {
     fs::create_dir_all(staging.join("modules"))
         .with_context(|| format!("creating {}", staging.display()))?;
     fs::copy(&vmlinuz, staging.join("vmlinuz")).context("copying vmlinuz")?;
-    if let Some(cfg) = find(&|n| n == format!("config-{version}")) {
+    let config = files.iter().find(|p| {
+        let name = p.file_name().map(|n| n.to_string_lossy().into_owned());
+        let parent = p
+            .parent()
+            .and_then(|d| d.file_name())
+            .map(|n| n.to_string_lossy().into_owned());
+        name == Some(format!("config-{version}"))
+            || (name.as_deref() == Some("config") && parent.as_deref() == Some(version.as_str()))
+    });
+    if let Some(cfg) = config {
         fs::copy(cfg, staging.join("config")).context("copying the kernel config")?;
     }
     if let Some(b) = find(&|n| n == "modules.builtin") {

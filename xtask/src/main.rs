@@ -51,8 +51,10 @@ environment:
   XTASK_VM_TIMEOUT=SECS    kill the VM after SECS (default 2100)
   XTASK_BOOT_TIMEOUT=SECS  give up if the guest's /init has not started after SECS (300)
   XTASK_FORCE_VM=1         use the VM even when /dev/ublk-control exists
-  XTASK_ACCEL=tcg|kvm      qemu accelerator (default: kvm if usable, else tcg)
+  XTASK_NATIVE=1           run natively even without /dev/ublk-control
+  XTASK_ACCEL=ACCEL        qemu -accel value (default: kvm if usable, else tcg,thread=single)
   XTASK_KERNEL_DIR=DIR     guest kernel (DIR/vmlinuz, DIR/modules/*.ko.xz)
+  XTASK_KERNEL_DOWNLOAD=1  download the newest Debian sid cloud kernel into target/vm-kernel
   XTASK_KEEP=1             keep the generated initramfs and scripts
 ";
 

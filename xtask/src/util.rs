@@ -295,6 +295,12 @@ pub fn stream_child(
     })
 }
 
+/// Whether the environment variable `var` is set to something other than
+/// empty or `0`.
+pub fn env_flag(var: &str) -> bool {
+    std::env::var(var).is_ok_and(|v| !v.is_empty() && v != "0")
+}
+
 /// Parses a duration in seconds from the environment variable `var`.
 pub fn env_secs(var: &str, default: u64) -> Result<Duration> {
     match std::env::var(var) {
