@@ -72,3 +72,64 @@ mod tests {
         assert_eq!(arena.buf_addr(4), 0);
     }
 }
+
+/// How request data moves between the kernel and the server.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Hash)]
+#[non_exhaustive]
+pub enum BufferMode {
+    /// The kernel copies each request's data to and from the tag's buffer in the server.
+    #[default]
+    Copy,
+    /// As `Copy`, with every tag buffer registered on the queue's io_uring, so targets can
+    /// use `READ_FIXED`/`WRITE_FIXED` (buffer index = tag) without pinning pages per request.
+    Registered,
+    /// Kernel zero-copy (`UBLK_F_AUTO_BUF_REG`): the kernel registers the request's own pages
+    /// in the queue ring's buffer table at index = tag for the life of the request. The
+    /// server never sees the bytes; targets pass them on with fixed-buffer operations.
+    ZeroCopy,
+}
+
+impl BufferMode {
+    /// The name used on the command line.
+    pub fn name(self) -> &'static str {
+        match self {
+            BufferMode::Copy => "copy",
+            BufferMode::Registered => "registered",
+            BufferMode::ZeroCopy => "zero-copy",
+        }
+    }
+
+    /// The mode a command-line name stands for.
+    pub fn from_name(name: &str) -> Option<Self> {
+        [
+            BufferMode::Copy,
+            BufferMode::Registered,
+            BufferMode::ZeroCopy,
+        ]
+        .into_iter()
+        .find(|m| m.name() == name)
+    }
+}
+
+/// A request's buffer as an io_uring fixed buffer: use `index` as `buf_index` and `addr` as
+/// the address of `READ_FIXED`/`WRITE_FIXED`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FixedBuf {
+    /// Index in the queue ring's registered buffer table.
+    pub index: u16,
+    /// Start address to pass in the SQE (0 for kernel-registered request pages).
+    pub addr: u64,
+}
+
+impl TagArena {
+    /// One `iovec` per tag, for registering the arena with an io_uring.
+    pub fn iovecs(&self) -> Vec<libc::iovec> {
+        (0..self.depth)
+            .filter_map(|tag| self.buf_ptr(tag))
+            .map(|p| libc::iovec {
+                iov_base: p.cast(),
+                iov_len: self.buf_len,
+            })
+            .collect()
+    }
+}

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use crate::buf::TagArena;
+use crate::buf::{BufferMode, TagArena};
 use crate::ctrl::{AddRequest, ControlDevice, DevInfo};
 use crate::error::{Error, Result};
 use crate::params::DeviceParams;
@@ -62,6 +62,8 @@ pub struct DeviceBuilder {
     id: Option<u32>,
     flags: u64,
     server_flags: u64,
+    mode: BufferMode,
+    sqpoll: Option<u32>,
 }
 
 impl DeviceBuilder {
@@ -117,6 +119,21 @@ impl DeviceBuilder {
     /// [`crate::DevInfo::server_flags`] (the `ublk` tool records the target kind there).
     pub fn server_flags(mut self, flags: u64) -> Self {
         self.server_flags = flags;
+        self
+    }
+
+    /// How request data moves between kernel and server (default: [`BufferMode::Copy`]).
+    /// `ZeroCopy` needs a target whose [`Target::needs_data`] is false and a kernel with
+    /// `UBLK_F_AUTO_BUF_REG`.
+    pub fn buffer_mode(mut self, mode: BufferMode) -> Self {
+        self.mode = mode;
+        self
+    }
+
+    /// Give each queue's io_uring a kernel polling thread (SQPOLL) that sleeps after
+    /// `idle_ms` milliseconds without work; `None` (the default) submits with syscalls.
+    pub fn sqpoll(mut self, idle_ms: Option<u32>) -> Self {
+        self.sqpoll = idle_ms;
         self
     }
 
@@ -183,6 +200,16 @@ impl DeviceBuilder {
         if features & sys::UBLK_F_CMD_IOCTL_ENCODE != 0 {
             flags |= sys::UBLK_F_CMD_IOCTL_ENCODE;
         }
+        if self.mode == BufferMode::ZeroCopy {
+            if target.needs_data() {
+                return Err(Error::InvalidParam(
+                    "zero-copy mode needs a target that does not touch request data \
+                     (this one reads or writes the bytes itself)"
+                        .into(),
+                ));
+            }
+            flags |= sys::UBLK_F_AUTO_BUF_REG;
+        }
         let unsupported = flags & !features;
         if unsupported != 0 {
             return Err(Error::InvalidParam(format!(
@@ -207,11 +234,16 @@ impl DeviceBuilder {
         // Blocked before the queue threads start, so they inherit the mask and the signals
         // reach only `SignalBlock::wait`.
         let signals = SignalBlock::new()?;
+        let options = QueueOptions {
+            mode: self.mode,
+            sqpoll: self.sqpoll,
+        };
         let result = serve(
             &signals,
             &ctrl,
             &info,
             &self.params,
+            options,
             target,
             &mut guard,
             on_started,
@@ -340,11 +372,20 @@ fn open_char_device(path: &str) -> Result<File> {
     }
 }
 
+/// Per-queue settings from the builder.
+#[derive(Clone, Copy)]
+struct QueueOptions {
+    mode: BufferMode,
+    sqpoll: Option<u32>,
+}
+
+#[allow(clippy::too_many_arguments)] // one call site; a struct would only rename them
 fn serve<T: Target>(
     signals: &SignalBlock,
     ctrl: &ControlDevice,
     info: &DevInfo,
     params: &DeviceParams,
+    options: QueueOptions,
     target: T,
     guard: &mut DeviceGuard<'_>,
     on_started: impl FnOnce(&DeviceInfo),
@@ -381,6 +422,8 @@ fn serve<T: Target>(
             geo,
             cdev: Arc::clone(&cdev),
             cpus,
+            mode: options.mode,
+            sqpoll: options.sqpoll,
         };
         let (target, tx) = (Arc::clone(&target), tx.clone());
         let spawned = thread::Builder::new()

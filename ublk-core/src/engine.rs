@@ -8,6 +8,7 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::rc::Rc;
 use std::sync::Arc;
 
+use crate::buf::{BufferMode, FixedBuf};
 use crate::io::{Geometry, IoDesc, Op};
 use io_uring::IoUring;
 
@@ -16,6 +17,7 @@ use crate::target::{Io, LocalSink, QueueCtx, QueueShared, QueueTarget, TARGET_OP
 /// One queue's dispatcher.
 pub(crate) struct Engine<Q: QueueTarget> {
     target: Q,
+    mode: BufferMode,
     sink: Rc<LocalSink>,
     shared: Arc<QueueShared>,
     geo: Geometry,
@@ -26,10 +28,17 @@ pub(crate) struct Engine<Q: QueueTarget> {
 }
 
 impl<Q: QueueTarget> Engine<Q> {
-    pub(crate) fn new(target: Q, shared: Arc<QueueShared>, geo: Geometry, q_id: u16) -> Self {
+    pub(crate) fn new(
+        target: Q,
+        shared: Arc<QueueShared>,
+        geo: Geometry,
+        q_id: u16,
+        mode: BufferMode,
+    ) -> Self {
         let depth = shared.arena.depth();
         Engine {
             target,
+            mode,
             sink: LocalSink::new(Arc::clone(&shared), depth),
             shared,
             geo,
@@ -72,10 +81,27 @@ impl<Q: QueueTarget> Engine<Q> {
             .arena
             .buf_ptr(tag)
             .expect("tag < depth was checked above");
-        // SAFETY: buf is tag's arena buffer of max_io bytes, >= io.len (checked by decode);
-        // the tag was just marked busy, so this request is its buffer's only user until its
-        // completion is drained below.
-        let io = unsafe { Io::new(io, tag, buf, Rc::clone(&self.sink)) };
+        let (buf, fixed) = match self.mode {
+            BufferMode::Copy => (buf, None),
+            BufferMode::Registered => (
+                buf,
+                Some(FixedBuf {
+                    index: tag,
+                    addr: buf as u64,
+                }),
+            ),
+            _ => (
+                std::ptr::null_mut(),
+                Some(FixedBuf {
+                    index: tag,
+                    addr: 0,
+                }),
+            ),
+        };
+        // SAFETY: buf is null or tag's arena buffer of max_io bytes, >= io.len (checked by
+        // decode); the tag was just marked busy, so this request is the only user of its
+        // buffer and its fixed-buffer slot until its completion is drained below.
+        let io = unsafe { Io::new(io, tag, buf, fixed, Rc::clone(&self.sink)) };
         let mut ctx = QueueCtx {
             q_id: self.q_id,
             geo: &self.geo,

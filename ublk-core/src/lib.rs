@@ -43,6 +43,7 @@ pub mod sim;
 pub mod sys;
 pub mod target;
 
+pub use buf::{BufferMode, FixedBuf};
 pub use ctrl::{feature_names, ControlDevice, DevInfo};
 pub use device::{DeviceBuilder, DeviceInfo};
 pub use error::{Error, Result};

@@ -9,6 +9,7 @@ use std::sync::Arc;
 
 use io_uring::{cqueue, opcode, squeue, types, IoUring};
 
+use crate::buf::BufferMode;
 use crate::engine::Engine;
 use crate::io::{Geometry, IoDesc};
 use crate::mmap::{page_size, round_up, Mapping};
@@ -69,6 +70,9 @@ pub(crate) struct QueueSetup {
     pub geo: Geometry,
     pub cdev: Arc<File>,
     pub cpus: Vec<usize>,
+    pub mode: BufferMode,
+    /// SQPOLL with this idle time in milliseconds, or `None` for no polling thread.
+    pub sqpoll: Option<u32>,
 }
 
 fn pin_to(cpus: &[usize]) -> io::Result<()> {
@@ -91,21 +95,59 @@ fn pin_to(cpus: &[usize]) -> io::Result<()> {
     Ok(())
 }
 
-fn new_ring(entries: u32) -> io::Result<IoUring> {
-    IoUring::builder()
-        .setup_coop_taskrun()
-        .setup_single_issuer()
-        .build(entries)
-        .or_else(|_| IoUring::new(entries))
+fn new_ring(entries: u32, sqpoll: Option<u32>) -> io::Result<IoUring> {
+    let mut builder = IoUring::builder();
+    match sqpoll {
+        Some(idle_ms) => builder.setup_sqpoll(idle_ms),
+        None => builder.setup_coop_taskrun().setup_single_issuer(),
+    };
+    builder.build(entries).or_else(|e| {
+        if sqpoll.is_some() {
+            return Err(e); // asked for explicitly: report rather than run without it
+        }
+        IoUring::new(entries)
+    })
+}
+
+/// Registers what the buffer mode needs on the queue's ring.
+fn register_buffers(ring: &IoUring, mode: BufferMode, shared: &QueueShared) -> io::Result<()> {
+    match mode {
+        BufferMode::Copy => Ok(()),
+        BufferMode::Registered => {
+            let iovecs = shared.arena.iovecs();
+            // SAFETY: the iovecs describe the arena, which outlives the ring (held by
+            // `QueueShared`, dropped after the ring).
+            unsafe { ring.submitter().register_buffers(&iovecs) }
+        }
+        _ => ring
+            .submitter()
+            .register_buffers_sparse(u32::from(shared.arena.depth())),
+    }
+}
+
+/// Where a FETCH or COMMIT_AND_FETCH for `tag` says the data goes: `(cmd_addr, sqe_addr)`.
+/// Copy modes give the tag buffer in the command's `addr`. In zero-copy mode the command's
+/// `addr` must be 0 and the SQE's own `addr` carries `ublk_auto_buf_reg`: the buffer-table
+/// slot the kernel registers the request's pages at.
+fn fetch_addrs(mode: BufferMode, shared: &QueueShared, tag: u16) -> (u64, u64) {
+    match mode {
+        BufferMode::Copy | BufferMode::Registered => (shared.arena.buf_addr(tag), 0),
+        _ => {
+            let reg = sys::ublk_auto_buf_reg {
+                index: tag,
+                ..Default::default()
+            };
+            (0, reg.to_sqe_addr())
+        }
+    }
 }
 
 fn io_cmd_sqe(
     cdev: &File,
     cmd_op: u32,
-    q_id: u16,
-    tag: u16,
+    (q_id, tag): (u16, u16),
     result: i32,
-    addr: u64,
+    (addr, sqe_addr): (u64, u64),
 ) -> squeue::Entry {
     let cmd = sys::ublksrv_io_cmd {
         q_id,
@@ -113,10 +155,12 @@ fn io_cmd_sqe(
         result,
         addr,
     };
-    opcode::UringCmd16::new(types::Fd(cdev.as_raw_fd()), cmd_op)
-        .cmd(pod::to_cmd_bytes(&cmd))
-        .build()
-        .user_data(u64::from(tag))
+    let mut sqe =
+        opcode::UringCmd16::new(types::Fd(cdev.as_raw_fd()), cmd_op).cmd(pod::to_cmd_bytes(&cmd));
+    if sqe_addr != 0 {
+        sqe = sqe.addr(Some(sqe_addr));
+    }
+    sqe.build().user_data(u64::from(tag))
 }
 
 /// Serves one queue until the kernel aborts every tag or a stop is requested. `ready` is
@@ -152,9 +196,16 @@ fn serve<T: Target>(
     shared.enter();
     let descs = DescArray::map(cdev, q_id, depth)?;
     let entries = (u32::from(depth) + 2).next_power_of_two();
-    let mut ring = new_ring(entries)?;
+    let mut ring = new_ring(entries, setup.sqpoll)?;
+    register_buffers(&ring, setup.mode, &shared)?;
     let queue_target = target.open_queue(q_id, &setup.geo)?;
-    let mut engine = Engine::new(queue_target, Arc::clone(&shared), setup.geo, q_id);
+    let mut engine = Engine::new(
+        queue_target,
+        Arc::clone(&shared),
+        setup.geo,
+        q_id,
+        setup.mode,
+    );
 
     let wake = opcode::PollAdd::new(types::Fd(shared.wake_fd().as_raw_fd()), libc::POLLIN as u32)
         .multi(true)
@@ -165,14 +216,25 @@ fn serve<T: Target>(
         let sqe = io_cmd_sqe(
             cdev,
             sys::UBLK_U_IO_FETCH_REQ,
-            q_id,
-            tag,
+            (q_id, tag),
             -1,
-            shared.arena.buf_addr(tag),
+            fetch_addrs(setup.mode, &shared, tag),
         );
         push(&mut ring, &sqe)?;
     }
     ring.submit()?;
+    // A fetch the kernel accepts stays pending until a request arrives; one it rejects
+    // completes at once. START_DEV would wait forever for a rejected tag, so fail here.
+    let rejected = ring
+        .completion()
+        .find(|c| c.user_data() & (TARGET_OP | WAKE_TOKEN) == 0);
+    if let Some(cqe) = rejected {
+        return Err(io::Error::other(format!(
+            "the kernel rejected FETCH_REQ for tag {}: {}",
+            cqe.user_data(),
+            io::Error::from_raw_os_error(-cqe.result())
+        )));
+    }
     if let Some(ready) = ready.take() {
         ready(Ok(()));
     }
@@ -217,10 +279,9 @@ fn serve<T: Target>(
             let sqe = io_cmd_sqe(
                 cdev,
                 sys::UBLK_U_IO_COMMIT_AND_FETCH_REQ,
-                q_id,
-                tag,
+                (q_id, tag),
                 res,
-                shared.arena.buf_addr(tag),
+                fetch_addrs(setup.mode, &shared, tag),
             );
             if let Err(e) = push(&mut ring, &sqe) {
                 push_err = Some(e);

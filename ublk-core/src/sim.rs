@@ -32,7 +32,7 @@ use std::time::{Duration, Instant};
 
 use io_uring::IoUring;
 
-use crate::buf::TagArena;
+use crate::buf::{BufferMode, TagArena};
 use crate::engine::Engine;
 use crate::io::{Geometry, IoDesc, SECTOR_SIZE};
 use crate::sys;
@@ -79,14 +79,32 @@ pub struct SimQueue<T: Target> {
 }
 
 impl<T: Target> SimQueue<T> {
-    /// Opens queue 0 of `target` with `depth` tags.
+    /// Opens queue 0 of `target` with `depth` tags, in copy mode.
     pub fn new(target: &T, geo: Geometry, depth: u16) -> io::Result<Self> {
+        Self::with_mode(target, geo, depth, BufferMode::Copy)
+    }
+
+    /// Opens queue 0 of `target` in buffer mode `mode`. `ZeroCopy` needs the kernel's pages
+    /// and cannot be simulated (`Unsupported`).
+    pub fn with_mode(target: &T, geo: Geometry, depth: u16, mode: BufferMode) -> io::Result<Self> {
+        if !matches!(mode, BufferMode::Copy | BufferMode::Registered) {
+            return Err(io::Error::new(
+                io::ErrorKind::Unsupported,
+                "the simulated queue has no kernel pages to register",
+            ));
+        }
         let shared = QueueShared::new(TagArena::new(depth.max(1), geo.max_io)?)?;
         shared.enter();
         let queue = target.open_queue(0, &geo)?;
         let ring = IoUring::new((u32::from(depth.max(1)) * 2).next_power_of_two())?;
+        if mode == BufferMode::Registered {
+            let iovecs = shared.arena.iovecs();
+            // SAFETY: the iovecs describe the arena, which `shared` keeps alive longer than
+            // the ring (a field dropped after it).
+            unsafe { ring.submitter().register_buffers(&iovecs)? };
+        }
         Ok(SimQueue {
-            engine: Engine::new(queue, Arc::clone(&shared), geo, 0),
+            engine: Engine::new(queue, Arc::clone(&shared), geo, 0, mode),
             ring,
             shared,
             descs: vec![IoDesc::default(); usize::from(depth.max(1))],

@@ -19,7 +19,7 @@ use std::sync::Arc;
 
 use crossbeam_queue::SegQueue;
 
-use crate::buf::TagArena;
+use crate::buf::{FixedBuf, TagArena};
 use crate::io::{BlockIo, Geometry, IoFlags, Op};
 
 /// A block backend: the device-wide half of a target.
@@ -29,6 +29,13 @@ pub trait Target: Send + Sync + 'static {
 
     /// Opens the per-queue half for queue `q_id`; called on the queue's own thread.
     fn open_queue(&self, q_id: u16, geo: &Geometry) -> io::Result<Self::Queue>;
+
+    /// Whether the target reads or writes request bytes itself ([`Io::data`]). Targets that
+    /// only pass buffers on (with [`Io::fixed_buf`]) or ignore data return false and may run
+    /// in zero-copy mode.
+    fn needs_data(&self) -> bool {
+        true
+    }
 }
 
 /// The per-queue half of a target.
@@ -208,7 +215,9 @@ impl LocalSink {
 struct Inner {
     io: BlockIo,
     tag: u16,
+    /// The tag buffer, or null in zero-copy mode (the server holds no copy of the data).
     buf: *mut u8,
+    fixed: Option<FixedBuf>,
 }
 
 impl Inner {
@@ -221,6 +230,9 @@ impl Inner {
     }
 
     fn data_len(&self) -> usize {
+        if self.buf.is_null() {
+            return 0;
+        }
         match self.io.op {
             Op::Read | Op::Write => self.io.len as usize,
             _ => 0,
@@ -264,11 +276,23 @@ pub struct Io {
 
 impl Io {
     /// # Safety
-    /// `buf` must point at `tag`'s buffer in `sink`'s arena, at least `io.len` bytes long for
-    /// reads and writes, and the request must be the only user of that buffer until completed.
-    pub(crate) unsafe fn new(io: BlockIo, tag: u16, buf: *mut u8, sink: Rc<LocalSink>) -> Self {
+    /// `buf` must be null or point at `tag`'s buffer in `sink`'s arena, at least `io.len` bytes
+    /// long for reads and writes, and the request must be the only user of that buffer (and
+    /// of `fixed`) until completed.
+    pub(crate) unsafe fn new(
+        io: BlockIo,
+        tag: u16,
+        buf: *mut u8,
+        fixed: Option<FixedBuf>,
+        sink: Rc<LocalSink>,
+    ) -> Self {
         Io {
-            inner: Inner { io, tag, buf },
+            inner: Inner {
+                io,
+                tag,
+                buf,
+                fixed,
+            },
             sink,
             done: false,
         }
@@ -309,7 +333,14 @@ impl Io {
         self.inner.tag
     }
 
-    /// The request's data: the bytes to write, or the read buffer. Empty for other ops.
+    /// The request's buffer as an io_uring fixed buffer of the queue's ring, in the
+    /// `Registered` and `ZeroCopy` buffer modes (see [`crate::buf::BufferMode`]).
+    pub fn fixed_buf(&self) -> Option<FixedBuf> {
+        self.inner.fixed
+    }
+
+    /// The request's data: the bytes to write, or the read buffer. Empty for other ops, and
+    /// in zero-copy mode, where the server holds no copy of the data.
     pub fn data(&self) -> &[u8] {
         // SAFETY: self owns the request (not yet completed); the borrow is tied to &self.
         unsafe { self.inner.data() }

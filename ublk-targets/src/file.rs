@@ -1,6 +1,8 @@
 //! The file target: a loop device in user space. Each request becomes one io_uring operation
 //! on the queue's own ring, completed asynchronously when its CQE arrives:
-//! read/write → `READ`/`WRITE` straight into/out of the request's buffer (FUA →
+//! read/write → `READ`/`WRITE` straight into/out of the request's buffer, or
+//! `READ_FIXED`/`WRITE_FIXED` on its fixed buffer in the registered and zero-copy buffer
+//! modes, where in zero-copy the bytes go between the file and the kernel's own pages (FUA →
 //! `RWF_DSYNC`), flush → `fdatasync`, discard → `fallocate(PUNCH_HOLE)`, write-zeroes →
 //! `fallocate(ZERO_RANGE)` (or `PUNCH_HOLE` when unmapping is allowed).
 //!
@@ -92,6 +94,12 @@ impl Target for FileTarget {
             in_flight: Slab::new(),
         })
     }
+
+    /// Reads and writes go to the file with fixed-buffer operations when the request has a
+    /// fixed buffer, so the bytes never pass through this process in zero-copy mode.
+    fn needs_data(&self) -> bool {
+        false
+    }
 }
 
 /// One queue of a [`FileTarget`].
@@ -107,15 +115,26 @@ fn sqe_for(file: &File, io: &mut Io) -> squeue::Entry {
     let fd = types::Fd(file.as_raw_fd());
     let (offset, len) = (io.offset(), io.len());
     match io.op() {
-        Op::Read => opcode::Read::new(fd, io.data_mut().as_mut_ptr(), len)
-            .offset(offset)
-            .build(),
+        Op::Read => match io.fixed_buf() {
+            Some(fb) => opcode::ReadFixed::new(fd, fb.addr as *mut u8, len, fb.index)
+                .offset(offset)
+                .build(),
+            None => opcode::Read::new(fd, io.data_mut().as_mut_ptr(), len)
+                .offset(offset)
+                .build(),
+        },
         Op::Write => {
             let flags = if io.flags().fua() { libc::RWF_DSYNC } else { 0 };
-            opcode::Write::new(fd, io.data().as_ptr(), len)
-                .offset(offset)
-                .rw_flags(flags)
-                .build()
+            match io.fixed_buf() {
+                Some(fb) => opcode::WriteFixed::new(fd, fb.addr as *const u8, len, fb.index)
+                    .offset(offset)
+                    .rw_flags(flags)
+                    .build(),
+                None => opcode::Write::new(fd, io.data().as_ptr(), len)
+                    .offset(offset)
+                    .rw_flags(flags)
+                    .build(),
+            }
         }
         Op::Flush => opcode::Fsync::new(fd)
             .flags(types::FsyncFlags::DATASYNC)

@@ -15,6 +15,10 @@ impl Target for Null {
     fn open_queue(&self, _q_id: u16, _geo: &Geometry) -> io::Result<Null> {
         Ok(Null)
     }
+
+    fn needs_data(&self) -> bool {
+        false
+    }
 }
 
 impl QueueTarget for Null {

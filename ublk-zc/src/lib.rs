@@ -37,6 +37,7 @@
 
 pub use ublk_core::io::{BlockIo, Geometry, IoFlags, Op};
 pub use ublk_core::mmap::Mapping;
+pub use ublk_core::{BufferMode, FixedBuf};
 pub use ublk_core::{
     DeviceBuilder, DeviceInfo, Error, Io, QueueCtx, QueueTarget, RemoteIo, Target,
 };

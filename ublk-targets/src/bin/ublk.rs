@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use clap::{Args, Parser, Subcommand};
 use serde_json::{json, Value};
-use ublk_core::{feature_names, parse_size, ControlDevice, DeviceBuilder, DeviceInfo};
+use ublk_core::{feature_names, parse_size, BufferMode, ControlDevice, DeviceBuilder, DeviceInfo};
 use ublk_targets::file::FileTarget;
 use ublk_targets::null::Null;
 use ublk_targets::ram::Ram;
@@ -84,6 +84,19 @@ struct AddArgs {
     /// file: open the backing file with O_DIRECT (bypass the page cache).
     #[arg(long)]
     direct: bool,
+    /// How data moves between kernel and server: copy, registered (tag buffers registered
+    /// with io_uring) or zero-copy (kernel AUTO_BUF_REG; null and file targets).
+    #[arg(long, default_value = "copy", value_parser = parse_buffer_mode)]
+    buffer_mode: BufferMode,
+    /// Shorthand for --buffer-mode zero-copy.
+    #[arg(long, conflicts_with = "buffer_mode")]
+    zero_copy: bool,
+    /// Give each queue's io_uring a kernel polling thread (SQPOLL).
+    #[arg(long)]
+    sqpoll: bool,
+    /// With --sqpoll: milliseconds without work before the polling thread sleeps.
+    #[arg(long, default_value_t = 1000, requires = "sqpoll")]
+    sq_thread_idle: u32,
     /// Serve in this process instead of a background one.
     #[arg(long)]
     foreground: bool,
@@ -93,6 +106,11 @@ struct AddArgs {
     /// Internal: run as the background server started by `ublk add`.
     #[arg(long, hide = true)]
     daemon_child: bool,
+}
+
+fn parse_buffer_mode(text: &str) -> Result<BufferMode, String> {
+    BufferMode::from_name(text)
+        .ok_or_else(|| format!("unknown buffer mode {text:?}: use copy, registered or zero-copy"))
 }
 
 fn parse_size_arg(text: &str) -> Result<u64, String> {
@@ -146,7 +164,13 @@ fn builder(args: &AddArgs, kind: TargetKind) -> CliResult<DeviceBuilder> {
         .queues(args.queues)
         .depth(args.depth)
         .max_io_size(max_io)
-        .server_flags(kind.code());
+        .server_flags(kind.code())
+        .buffer_mode(if args.zero_copy {
+            BufferMode::ZeroCopy
+        } else {
+            args.buffer_mode
+        })
+        .sqpoll(args.sqpoll.then_some(args.sq_thread_idle));
     if let Some(id) = args.id {
         b = b.id(id);
     }
