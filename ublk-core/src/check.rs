@@ -20,6 +20,7 @@
 //! check_request_stream(|| Null, geo, Semantics::DISCARDS_DATA, &[1, 0, 0, 2, 3, 4]);
 //! ```
 
+use crate::buf::BufferMode;
 use crate::io::{Geometry, IoDesc, SECTOR_SIZE};
 use crate::sim::SimQueue;
 use crate::sys;
@@ -127,9 +128,21 @@ pub fn check_request_stream<T: Target>(
     sem: Semantics,
     input: &[u8],
 ) {
+    check_request_stream_in(BufferMode::Copy, make_target, geo, sem, input);
+}
+
+/// [`check_request_stream`] with the queue in buffer mode `mode` (`Copy` or `Registered`:
+/// zero-copy needs the kernel).
+pub fn check_request_stream_in<T: Target>(
+    mode: BufferMode,
+    make_target: impl FnOnce() -> T,
+    geo: Geometry,
+    sem: Semantics,
+    input: &[u8],
+) {
     let depth = 8u16;
     let target = make_target();
-    let mut q = SimQueue::new(&target, geo, depth).expect("simulated queue");
+    let mut q = SimQueue::with_mode(&target, geo, depth, mode).expect("simulated queue");
     let size = usize::try_from(geo.size).expect("model size fits memory");
     // None: unknown (a target that does not store data, or racing writes).
     let mut model: Vec<Option<u8>> = vec![if sem.stores_data { Some(0) } else { None }; size];

@@ -36,6 +36,10 @@ pub struct DeviceInfo {
     pub flags: u64,
     /// This server's pid.
     pub pid: u32,
+    /// How request data moves between kernel and server.
+    pub buffer_mode: BufferMode,
+    /// The SQPOLL idle time in milliseconds, when the queues poll.
+    pub sqpoll: Option<u32>,
 }
 
 /// Builds and runs a device.
@@ -445,7 +449,17 @@ fn serve<T: Target>(
     drop(tx);
 
     let result = setup_error.map_or_else(
-        || start_and_wait(signals, ctrl, info, params, &rx, guard, on_started),
+        || {
+            start_and_wait(
+                signals,
+                ctrl,
+                info,
+                (params, options),
+                &rx,
+                guard,
+                on_started,
+            )
+        },
         Err,
     );
 
@@ -468,7 +482,7 @@ fn start_and_wait(
     signals: &SignalBlock,
     ctrl: &ControlDevice,
     info: &DevInfo,
-    params: &DeviceParams,
+    (params, options): (&DeviceParams, QueueOptions),
     rx: &mpsc::Receiver<QueueEvent>,
     guard: &mut DeviceGuard<'_>,
     on_started: impl FnOnce(&DeviceInfo),
@@ -504,6 +518,8 @@ fn start_and_wait(
         max_io: info.max_io_buf_bytes,
         flags: info.flags,
         pid,
+        buffer_mode: options.mode,
+        sqpoll: options.sqpoll,
     };
     tracing::info!(dev_id = info.dev_id, path = %started.block_path, "device started");
     on_started(&started);

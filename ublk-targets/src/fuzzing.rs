@@ -1,8 +1,9 @@
 //! The bodies of the fuzz targets under `fuzz/`, kept here so that `cargo test` can replay
 //! their corpora on stable Rust (see `tests/fuzz_corpus.rs`).
 
-use ublk_core::check::{check_request_stream, Semantics};
+use ublk_core::check::{check_request_stream, check_request_stream_in, Semantics};
 use ublk_core::params::{max_queues, DeviceParams, MAX_DEPTH, MAX_IO_BYTES};
+use ublk_core::BufferMode;
 use ublk_core::{parse_size, Geometry};
 
 use crate::file::FileTarget;
@@ -33,8 +34,11 @@ pub fn request_stream(data: &[u8]) {
         Semantics::STORES_DATA,
         rest,
     );
-    check_request_stream(
-        || FileTarget::from_file(memfd(), geo.size).expect("file target on a memfd"),
+    let file = || FileTarget::from_file(memfd(), geo.size).expect("file target on a memfd");
+    check_request_stream(file, geo, Semantics::STORES_DATA, rest);
+    check_request_stream_in(
+        BufferMode::Registered,
+        file,
         geo,
         Semantics::STORES_DATA,
         rest,

@@ -90,6 +90,36 @@ fn fio_verify_file_direct_2_queues() {
 
 #[test]
 #[ignore = "needs the ublk kernel driver: run `cargo xtask test`"]
+fn fio_verify_file_registered_buffers() {
+    fio_matrix("file --buffer-mode registered", 1);
+}
+
+#[test]
+#[ignore = "needs the ublk kernel driver: run `cargo xtask test`"]
+fn fio_verify_file_kernel_zero_copy_2_queues() {
+    fio_matrix("file --zero-copy --direct", 2);
+}
+
+#[test]
+#[ignore = "needs the ublk kernel driver: run `cargo xtask test`"]
+fn fio_verify_file_with_sqpoll() {
+    fio_matrix("file --sqpoll --buffer-mode registered", 1);
+}
+
+#[test]
+#[ignore = "needs the ublk kernel driver: run `cargo xtask test`"]
+fn fio_null_kernel_zero_copy() {
+    fio_matrix("null --zero-copy", 1);
+}
+
+#[test]
+#[ignore = "needs the ublk kernel driver: run `cargo xtask test`"]
+fn fio_verify_ram_with_sqpoll() {
+    fio_matrix("ram --sqpoll", 2);
+}
+
+#[test]
+#[ignore = "needs the ublk kernel driver: run `cargo xtask test`"]
 fn fio_null_2_queues() {
     fio_matrix("null", 2);
 }
@@ -957,6 +987,14 @@ fn bad_arguments_are_rejected_without_leaving_a_device() {
             &[&["backing"]],
         ),
         (vec!["del", "4000"], &[&["4000"]]),
+        // The RAM target copies bytes itself: kernel zero-copy cannot serve it.
+        (vec!["add", "ram", "--zero-copy"], &[&["zero-copy"]]),
+        (
+            vec!["add", "null", "--buffer-mode", "bogus"],
+            &[&["buffer mode"]],
+        ),
+        (vec!["add", "file", "--size", "16M"], &[&["--path"]]),
+        (vec!["add", "ram", "--path", "/tmp/x"], &[&["--path"]]),
     ];
 
     let listed_before = list();

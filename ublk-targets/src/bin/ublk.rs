@@ -260,6 +260,8 @@ fn info_json(info: &DeviceInfo, kind: TargetKind) -> Value {
         "max_io": info.max_io,
         "pid": info.pid,
         "flags": feature_names(info.flags),
+        "buffer_mode": info.buffer_mode.name(),
+        "sqpoll": info.sqpoll.is_some(),
     })
 }
 
