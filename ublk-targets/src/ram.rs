@@ -11,6 +11,7 @@ use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, FromRawFd};
 use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use ublk_zc::{Geometry, Io, Mapping, Op, QueueCtx, QueueTarget, Target};
@@ -19,6 +20,58 @@ use ublk_zc::{Geometry, Io, Mapping, Op, QueueCtx, QueueTarget, Target};
 struct Memory {
     file: File,
     map: Mapping,
+    written: PageMap,
+}
+
+/// Which 4 KiB pages may hold data; the others read as zeroes without touching the mapping.
+///
+/// Reading a never-written page of a shared memfd mapping would allocate and zero a page;
+/// like brd, which answers absent pages with zeroes, the RAM target skips them. One bit per
+/// page, set after a write's bytes are in place (Release) and tested before a read (Acquire);
+/// cleared for pages a discard frees completely.
+#[derive(Debug)]
+struct PageMap(Vec<AtomicU64>);
+
+const PAGE: u64 = 4096;
+
+impl PageMap {
+    fn new(size: u64) -> Self {
+        let pages = size.div_ceil(PAGE);
+        PageMap((0..pages.div_ceil(64)).map(|_| AtomicU64::new(0)).collect())
+    }
+
+    fn is_set(&self, page: u64) -> bool {
+        let (word, bit) = ((page / 64) as usize, page % 64);
+        self.0
+            .get(word)
+            .is_some_and(|w| w.load(Ordering::Acquire) & (1 << bit) != 0)
+    }
+
+    /// Sets (or clears) the bits of pages `first..end`.
+    fn update(&self, first: u64, end: u64, set: bool) {
+        for page in first..end {
+            let (word, bit) = ((page / 64) as usize, page % 64);
+            if let Some(w) = self.0.get(word) {
+                if set {
+                    w.fetch_or(1 << bit, Ordering::Release);
+                } else {
+                    w.fetch_and(!(1 << bit), Ordering::Release);
+                }
+            }
+        }
+    }
+
+    /// Marks every page of `[offset, offset + len)` as written.
+    fn mark(&self, offset: u64, len: u64) {
+        if len > 0 {
+            self.update(offset / PAGE, (offset + len).div_ceil(PAGE), true);
+        }
+    }
+
+    /// Clears the pages lying wholly inside `[offset, offset + len)`.
+    fn clear_whole(&self, offset: u64, len: u64) {
+        self.update(offset.div_ceil(PAGE), (offset + len) / PAGE, false);
+    }
 }
 
 /// A device held in memory.
@@ -68,7 +121,36 @@ impl Ram {
         let len = usize::try_from(size)
             .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "size exceeds memory"))?;
         let map = Mapping::shared(file.as_fd(), len, 0)?;
-        Ok(Ram(Arc::new(Memory { file, map })))
+        let written = PageMap::new(size);
+        mark_data_ranges(&file, size, &written)?;
+        Ok(Ram(Arc::new(Memory { file, map, written })))
+    }
+
+    /// Fills `buf` from `offset`, reading only pages that were ever written.
+    fn read(&self, offset: u64, buf: &mut [u8]) -> bool {
+        let mut done = 0usize;
+        while done < buf.len() {
+            let at = offset + done as u64;
+            let chunk = ((PAGE - at % PAGE) as usize).min(buf.len() - done);
+            let dst = &mut buf[done..done + chunk];
+            if self.0.written.is_set(at / PAGE) {
+                if !self.0.map.read_at(at, dst) {
+                    return false;
+                }
+            } else {
+                dst.fill(0);
+            }
+            done += chunk;
+        }
+        true
+    }
+
+    fn write(&self, offset: u64, data: &[u8]) -> bool {
+        let ok = self.0.map.write_at(offset, data);
+        if ok {
+            self.0.written.mark(offset, data.len() as u64);
+        }
+        ok
     }
 
     /// Frees `[offset, offset + len)`: later reads return zeroes.
@@ -80,6 +162,7 @@ impl Ram {
         if self.0.map.range(offset, len as usize).is_none() {
             return false;
         }
+        self.0.written.clear_whole(offset, u64::from(len));
         // SAFETY: fallocate takes no pointers; the fd is ours and the range was checked.
         let rc = unsafe {
             libc::fallocate(
@@ -96,11 +179,15 @@ impl Ram {
     fn serve(&self, mut io: Io) {
         let offset = io.offset();
         let done = match io.op() {
-            Op::Read => self.0.map.read_at(offset, io.data_mut()),
-            Op::Write => self.0.map.write_at(offset, io.data()),
+            Op::Read => self.read(offset, io.data_mut()),
+            Op::Write => self.write(offset, io.data()),
             Op::Flush => true,
             Op::Discard => self.punch(offset, io.len()),
-            Op::WriteZeroes if io.flags().no_unmap() => self.0.map.zero(offset, io.len() as usize),
+            Op::WriteZeroes if io.flags().no_unmap() => {
+                let ok = self.0.map.zero(offset, io.len() as usize);
+                self.0.written.mark(offset, u64::from(io.len()));
+                ok
+            }
             Op::WriteZeroes => self.punch(offset, io.len()),
             _ => return io.fail(libc::EOPNOTSUPP),
         };
@@ -110,6 +197,39 @@ impl Ram {
             io.fail(libc::EIO);
         }
     }
+}
+
+/// Marks the pages holding data in an existing backing file (`SEEK_DATA`/`SEEK_HOLE`), so
+/// data kept from an earlier server is found.
+fn mark_data_ranges(file: &File, size: u64, written: &PageMap) -> io::Result<()> {
+    let fd = file.as_raw_fd();
+    let mut pos: libc::off_t = 0;
+    let end = libc::off_t::try_from(size).unwrap_or(libc::off_t::MAX);
+    while pos < end {
+        // SAFETY: lseek takes no pointers; the fd is open for the duration of the call.
+        let data = unsafe { libc::lseek(fd, pos, libc::SEEK_DATA) };
+        if data < 0 {
+            let e = io::Error::last_os_error();
+            return match e.raw_os_error() {
+                Some(libc::ENXIO) => Ok(()), // no data past pos
+                // A file system without SEEK_DATA: treat everything as data.
+                Some(libc::EINVAL) | Some(libc::EOPNOTSUPP) => {
+                    written.mark(0, size);
+                    Ok(())
+                }
+                _ => Err(e),
+            };
+        }
+        // SAFETY: as above.
+        let hole = unsafe { libc::lseek(fd, data, libc::SEEK_HOLE) };
+        let hole = if hole < 0 { end } else { hole.min(end) };
+        if data >= end {
+            break;
+        }
+        written.mark(data as u64, (hole - data) as u64);
+        pos = hole;
+    }
+    Ok(())
 }
 
 impl Target for Ram {
@@ -129,5 +249,51 @@ impl Target for Ram {
 impl QueueTarget for Ram {
     fn submit(&mut self, io: Io, _ctx: &mut QueueCtx<'_>) {
         self.serve(io);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ublk_core::sim::SimQueue;
+    use ublk_core::sys;
+
+    const GEO: Geometry = Geometry {
+        size: 1 << 20,
+        logical_block_size: 512,
+        max_io: 64 << 10,
+    };
+
+    #[test]
+    fn unwritten_pages_read_as_zeroes_and_written_ones_back() {
+        let mut q = SimQueue::new(&Ram::new(GEO.size).expect("memfd"), GEO, 4).expect("queue");
+        assert_eq!(q.read(0, 8192), Ok(vec![0; 8192]));
+        // A write straddling a page boundary marks both pages.
+        assert_eq!(q.write(4096 - 512, &[7; 2048]), Ok(2048));
+        let back = q.read(0, 8192).expect("read");
+        assert!(back[..4096 - 512].iter().all(|b| *b == 0));
+        assert!(back[4096 - 512..4096 + 1536].iter().all(|b| *b == 7));
+        assert!(back[4096 + 1536..].iter().all(|b| *b == 0));
+        // Discarding part of a page keeps the rest of it.
+        assert_eq!(q.op(sys::UBLK_IO_OP_DISCARD, 0, 4096, 512), Ok(0));
+        let back = q.read(4096, 1024).expect("read");
+        assert!(back[..512].iter().all(|b| *b == 0));
+        assert!(back[512..].iter().all(|b| *b == 7));
+    }
+
+    #[test]
+    fn a_backing_file_keeps_data_for_the_next_server() {
+        let path = std::env::temp_dir().join(format!("ublk-ram-test-{}", std::process::id()));
+        let _ = std::fs::remove_file(&path);
+        {
+            let ram = Ram::with_backing(&path, GEO.size).expect("backing file");
+            let mut q = SimQueue::new(&ram, GEO, 4).expect("queue");
+            assert_eq!(q.write(512 << 10, &[9; 4096]), Ok(4096));
+        }
+        let ram = Ram::with_backing(&path, GEO.size).expect("reopen");
+        let mut q = SimQueue::new(&ram, GEO, 4).expect("queue");
+        assert_eq!(q.read(512 << 10, 4096), Ok(vec![9; 4096]));
+        assert_eq!(q.read(0, 4096), Ok(vec![0; 4096]));
+        std::fs::remove_file(&path).expect("cleanup");
     }
 }
