@@ -7,12 +7,10 @@
 //!
 //! What an I/O costs here, besides the engine and the target:
 //! - a write: the simulated kernel copies the 4 KiB of data into the tag buffer (`deliver`);
-//! - a read: the simulated kernel copies the 4 KiB out of the tag buffer into a fresh `Vec`
-//!   (`commits`, the only public way to collect commits, so there is no cheaper option);
-//! - per batch: one `io_uring_enter` on the simulator's ring (`commits` submits whatever the
-//!   target pushed; null and RAM push nothing), and the `Vec` of commits.
-//!
-//! The real driver does the same copies (in the kernel), but not the allocation.
+//! - a read: nothing more: results are collected with `results_into`, which does not copy the
+//!   data out (the real driver does that copy in the kernel, after the commit);
+//! - per batch: draining the results into a reused `Vec` (null and RAM push no io_uring work,
+//!   so the simulator makes no syscall).
 //!
 //! ```text
 //! cargo bench -p ublk-benches --bench userspace -- --warm-up-time 1 --measurement-time 3
@@ -82,6 +80,7 @@ fn run_ios<T: Target>(
     next: &mut u64,
     mut n: u64,
 ) -> Duration {
+    let mut results = Vec::with_capacity(usize::from(BATCH));
     let start = Instant::now();
     while n > 0 {
         let batch = n.min(u64::from(BATCH)) as u16;
@@ -91,9 +90,11 @@ fn run_ios<T: Target>(
             q.deliver(tag, desc, data)
                 .expect("every tag is free: the previous batch was fully collected");
         }
-        let commits = black_box(q.commits());
+        results.clear();
+        q.results_into(&mut results);
+        black_box(&results);
         assert_eq!(
-            commits.len(),
+            results.len(),
             usize::from(batch),
             "null and RAM complete inline"
         );

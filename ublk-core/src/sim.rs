@@ -146,8 +146,12 @@ impl<T: Target> SimQueue<T> {
 
     /// Submits what the target pushed and routes finished operations back to it.
     fn run_ring(&mut self) {
-        if let Err(e) = self.ring.submit() {
-            tracing::warn!("simulated queue ring: {e}");
+        // Only enter the kernel when the target pushed something; completions are read from
+        // the shared ring memory without a syscall.
+        if !self.ring.submission().is_empty() {
+            if let Err(e) = self.ring.submit() {
+                tracing::warn!("simulated queue ring: {e}");
+            }
         }
         let events: Vec<(u64, i32)> = self
             .ring
@@ -157,6 +161,17 @@ impl<T: Target> SimQueue<T> {
         for (user_data, res) in events {
             self.engine.target_event(user_data, res, &mut self.ring);
         }
+    }
+
+    /// Appends `(tag, result)` for every commit made so far, without copying read data out
+    /// (what a benchmark of the server side wants); the tags become free.
+    pub fn results_into(&mut self, out: &mut Vec<(u16, i32)>) {
+        self.run_ring();
+        let busy = &mut self.busy;
+        self.engine.drain(|tag, res| {
+            busy[usize::from(tag)] = false;
+            out.push((tag, res));
+        });
     }
 
     /// Collects every commit made so far.
