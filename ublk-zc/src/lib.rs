@@ -24,7 +24,8 @@
 //!
 //! impl QueueTarget for Pattern {
 //!     fn submit(&mut self, mut io: Io, _ctx: &mut QueueCtx<'_>) {
-//!         io.data_mut().fill(0xAB); // empty for writes' peers: flush, discard
+//!         // Fills a read; for a write it overwrites the data, which this target drops anyway.
+//!         io.data_mut().fill(0xAB);
 //!         io.complete_ok();
 //!     }
 //! }
