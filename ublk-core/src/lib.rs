@@ -27,6 +27,7 @@
 #![deny(unsafe_op_in_unsafe_fn)]
 #![warn(missing_docs)]
 
+mod batch;
 pub mod buf;
 pub mod check;
 pub mod ctrl;

@@ -1,5 +1,6 @@
 //! One queue served by the kernel: its descriptor array, its io_uring, and the loop that
-//! fetches requests and commits results.
+//! fetches requests and commits results, per tag or (`UBLK_F_BATCH_IO`) in batches through
+//! [`crate::batch`].
 
 use std::fs::File;
 use std::io;
@@ -9,6 +10,7 @@ use std::sync::Arc;
 
 use io_uring::{cqueue, opcode, squeue, types, IoUring};
 
+use crate::batch::BatchIo;
 use crate::buf::BufferMode;
 use crate::engine::Engine;
 use crate::io::{Geometry, IoDesc};
@@ -28,6 +30,7 @@ const WAKE_TOKEN: u64 = 1 << 32;
 /// The kernel's read-only array of request descriptors for one queue.
 pub(crate) struct DescArray {
     map: Mapping,
+    q_id: u16,
     depth: u16,
 }
 
@@ -40,8 +43,14 @@ impl DescArray {
         let offset = (usize::from(q_id) * stride) as u64;
         Ok(DescArray {
             map: Mapping::shared_read_only(cdev.as_fd(), len, offset)?,
+            q_id,
             depth,
         })
+    }
+
+    /// The queue these descriptors belong to.
+    pub(crate) fn q_id(&self) -> u16 {
+        self.q_id
     }
 
     /// Reads `tag`'s descriptor. Call only after that tag's fetch completed.
@@ -73,6 +82,8 @@ pub(crate) struct QueueSetup {
     pub mode: BufferMode,
     /// SQPOLL with this idle time in milliseconds, or `None` for no polling thread.
     pub sqpoll: Option<u32>,
+    /// `UBLK_F_BATCH_IO`: tags arrive through one multishot fetch, results leave in batches.
+    pub batch: bool,
 }
 
 fn pin_to(cpus: &[usize]) -> io::Result<()> {
@@ -195,6 +206,14 @@ fn serve<T: Target>(
     }
     shared.enter();
     let descs = DescArray::map(cdev, q_id, depth)?;
+    // Created before the ring so that the ring, whose commands refer to its buffers, is
+    // dropped first.
+    let batch = if setup.batch {
+        let addrs = (0..depth).map(|tag| shared.arena.buf_addr(tag)).collect();
+        Some(BatchIo::new(cdev.as_raw_fd(), q_id, addrs)?)
+    } else {
+        None
+    };
     let entries = (u32::from(depth) + 2).next_power_of_two();
     let mut ring = new_ring(entries, setup.sqpoll)?;
     register_buffers(&ring, setup.mode, &shared)?;
@@ -211,6 +230,9 @@ fn serve<T: Target>(
         .multi(true)
         .build()
         .user_data(WAKE_TOKEN);
+    if let Some(batch) = batch {
+        return serve_batch(batch, ring, engine, &descs, &shared, wake, ready);
+    }
     push(&mut ring, &wake)?;
     for tag in 0..depth {
         let sqe = io_cmd_sqe(
@@ -296,6 +318,69 @@ fn serve<T: Target>(
         live,
         in_service = engine.in_service(),
         "queue loop ended"
+    );
+    Ok(())
+}
+
+/// The loop of a `UBLK_F_BATCH_IO` queue: as in [`serve`], with tags taken from the batch
+/// fetch's buffers and each turn's results sent in one COMMIT_IO_CMDS. Parameters drop in
+/// reverse order, so the ring goes before the buffers its commands refer to.
+fn serve_batch<Q: crate::target::QueueTarget>(
+    mut batch: BatchIo,
+    mut ring: IoUring,
+    mut engine: Engine<Q>,
+    descs: &DescArray,
+    shared: &QueueShared,
+    wake: squeue::Entry,
+    ready: &mut Option<impl FnOnce(io::Result<()>)>,
+) -> io::Result<()> {
+    batch.start(&mut ring)?;
+    push(&mut ring, &wake)?;
+    ring.submit()?;
+    if let Some(ready) = ready.take() {
+        ready(Ok(()));
+    }
+    tracing::debug!(q = descs.q_id(), "batch queue prepared every tag");
+
+    let mut cqes: Vec<(u64, i32, u32)> = Vec::with_capacity(ring.params().cq_entries() as usize);
+    let mut tags = Vec::with_capacity(usize::from(descs.depth));
+    // Leave once the kernel ended the fetch, or on request; either way only after every
+    // commit was answered, so no command still reads our arrays.
+    while !batch.commits_idle() || (batch.fetching() && !shared.stop_requested()) {
+        match ring.submit_and_wait(1) {
+            Ok(_) => {}
+            Err(e) if matches!(e.raw_os_error(), Some(libc::EINTR) | Some(libc::EBUSY)) => {}
+            Err(e) => return Err(e),
+        }
+        cqes.extend(
+            ring.completion()
+                .map(|c| (c.user_data(), c.result(), c.flags())),
+        );
+        for (user_data, res, flags) in cqes.drain(..) {
+            if user_data & TARGET_OP != 0 {
+                engine.target_event(user_data, res, &mut ring);
+            } else if user_data == WAKE_TOKEN {
+                shared.clear_wake();
+                if !cqueue::more(flags) {
+                    push(&mut ring, &wake)?;
+                }
+            } else if BatchIo::owns(user_data) {
+                batch.complete((user_data, res, flags), &mut ring, &mut tags)?;
+                for tag in tags.drain(..) {
+                    engine.dispatch(tag, descs.read(tag), &mut ring);
+                }
+            } else {
+                tracing::error!(q = descs.q_id(), user_data, res, "unexpected completion");
+            }
+        }
+        engine.drain(|tag, res| batch.queue_result(tag, res));
+        batch.submit_commits(&mut ring)?;
+    }
+    tracing::debug!(
+        q = descs.q_id(),
+        fetching = batch.fetching(),
+        in_service = engine.in_service(),
+        "batch queue loop ended"
     );
     Ok(())
 }

@@ -124,6 +124,18 @@ fn fio_null_2_queues() {
     fio_matrix("null", 2);
 }
 
+#[test]
+#[ignore = "needs the ublk kernel driver: run `cargo xtask test`"]
+fn fio_null_batch() {
+    fio_matrix("null --batch", 1);
+}
+
+#[test]
+#[ignore = "needs the ublk kernel driver: run `cargo xtask test`"]
+fn fio_verify_ram_batch_2_queues() {
+    fio_matrix("ram --batch", 2);
+}
+
 /// One fio configuration of the matrix.
 struct FioCase {
     rw: &'static str,
@@ -825,8 +837,22 @@ fn features_lists_kernel_flags() {
 #[test]
 #[ignore = "needs the ublk kernel driver: run `cargo xtask test`"]
 fn sigterm_during_fio_removes_the_device() {
-    let session = Session::start("sigterm");
-    let dev = add(&["ram", "--size", "64M"]);
+    sigterm_during_fio(&[]);
+}
+
+#[test]
+#[ignore = "needs the ublk kernel driver: run `cargo xtask test`"]
+fn sigterm_during_fio_removes_the_batch_device() {
+    sigterm_during_fio(&["--batch"]);
+}
+
+/// SIGTERM to a RAM device's server (started with `extra` options) while fio runs on it:
+/// the server exits, the device is gone, fio stops.
+fn sigterm_during_fio(extra: &[&str]) {
+    let session = Session::start(&format!("sigterm{}", extra.join("")));
+    let dev = add(&[&["ram", "--size", "64M"], extra].concat());
+    let batch = extra.contains(&"--batch");
+    assert_eq!(dev["batch"], Value::Bool(batch), "add output: {dev}");
     let path = dev_path(&dev);
     let pid = server_pid(&dev);
 

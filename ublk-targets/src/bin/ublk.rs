@@ -97,6 +97,10 @@ struct AddArgs {
     /// With --sqpoll: milliseconds without work before the polling thread sleeps.
     #[arg(long, default_value_t = 1000, requires = "sqpoll")]
     sq_thread_idle: u32,
+    /// Batched queues (kernel UBLK_F_BATCH_IO): requests arrive in batches from one
+    /// multishot fetch per queue and each loop turn commits all results with one command.
+    #[arg(long)]
+    batch: bool,
     /// Serve in this process instead of a background one.
     #[arg(long)]
     foreground: bool,
@@ -170,7 +174,8 @@ fn builder(args: &AddArgs, kind: TargetKind) -> CliResult<DeviceBuilder> {
         } else {
             args.buffer_mode
         })
-        .sqpoll(args.sqpoll.then_some(args.sq_thread_idle));
+        .sqpoll(args.sqpoll.then_some(args.sq_thread_idle))
+        .batch_io(args.batch);
     if let Some(id) = args.id {
         b = b.id(id);
     }
@@ -262,6 +267,7 @@ fn info_json(info: &DeviceInfo, kind: TargetKind) -> Value {
         "flags": feature_names(info.flags),
         "buffer_mode": info.buffer_mode.name(),
         "sqpoll": info.sqpoll.is_some(),
+        "batch": info.batch_io,
     })
 }
 
