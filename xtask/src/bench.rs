@@ -1,318 +1,831 @@
-//! `cargo xtask bench`: fio on ublk devices vs. kernel reference devices
-//! (null_blk, brd), in one VM boot, with alternating rounds and medians.
+//! `cargo xtask bench`: fio on the project's ublk devices, the libublk null
+//! server and the kernel's own block drivers, in one VM boot (or natively).
 //!
-//! Writes `target/bench/report.md` and `target/bench/raw.json`.
+//! Every device of the plan is set up once and stays up for the whole run
+//! (idle devices cost nothing; the script's exit trap deletes the ublk
+//! devices, stops libublk-null, detaches the loop device and unloads the
+//! modules). Each round runs every test on every device, alternating devices
+//! run by run (the device order is rotated every round so no device always
+//! follows the same neighbour); the report gives the median of the rounds.
+//! The default 2 s measured + 1 s ramp per run keeps the full plan (420 runs)
+//! under 30 minutes of TCG time. Writes `target/bench/`:
+//! `report.md` (Markdown tables and the issue's bar checks), `raw.json`
+//! (every fio run, with fio's job report) and `iops.png`.
+//!
+//! Queues: every ublk device (ours and libublk's) gets 2 queues of depth 128
+//! and null_blk 2 submit queues of depth 128, so the 1-job and 2-job runs use
+//! the same device and each of the 2 vCPUs has its own queue.
 
+mod report;
+mod script;
+
+use crate::chart;
+use crate::deps;
 use crate::fio::{self, FioResult};
-use crate::scripts::prelude;
-use crate::util::Workspace;
+use crate::util::{run, Workspace};
 use crate::vm::{host_has_ublk, run_payload, Payload, VmOpts};
 use anyhow::{bail, Context, Result};
-use serde_json::json;
-use std::collections::BTreeMap;
-use std::fmt::Write as _;
+use serde_json::{json, Value};
+use std::collections::HashMap;
 use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+/// Size of every device under test, in MiB (the setup strings say 1G).
+const DEVICE_MIB: u32 = 1024;
+
+/// Queue layout shared by the ublk devices (ours and libublk's).
+const UBLK_QUEUES: &str = "--size 1G --queues 2 --depth 128";
+
+/// The same for `libublk-null` (sizes in bytes).
+const LIBUBLK_QUEUES: &str = "--queues 2 --depth 128 --size 1073741824";
+
+/// The tmpfs file behind the kernel loop device and our file target.
+const BENCH_FILE: &str = "/dev/shm/ublk-bench.img";
+
+/// What a device is, for the ratio columns and the bar checks.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Role {
+    /// `ublk add null` in some buffer mode.
+    UblkNull,
+    /// The libublk null server.
+    LibublkNull,
+    /// A kernel driver (null_blk, brd, loop).
+    Kernel,
+    /// `ublk add ram`, compared with brd.
+    UblkRam,
+    /// `ublk add file`, compared with loop.
+    UblkFile,
+}
 
 /// How a device under test is created.
-enum Kind {
-    /// `ublk add <args>`.
+enum Setup {
+    /// `ublk add <args> --size 1G --queues 2 --depth 128`.
     Ublk(&'static str),
+    /// `libublk-null <args> --queues 2 --depth 128 --size 1073741824`, in the background.
+    Libublk(&'static str),
     /// A kernel module creating `dev` when loaded with `params`.
     Kmod {
         module: &'static str,
         params: &'static str,
         dev: &'static str,
     },
+    /// A kernel loop device (direct I/O when losetup can) over [`BENCH_FILE`].
+    Loop,
 }
 
 /// A device under test (the name must not contain dots or spaces).
-struct Device {
-    name: &'static str,
-    kind: Kind,
+pub struct Device {
+    pub name: &'static str,
+    pub role: Role,
+    setup: Setup,
+    /// Part of the `--quick` subset.
+    quick: bool,
 }
 
-const DEVICES: &[Device] = &[
+impl Device {
+    /// How the device is created, for the report.
+    pub fn describe(&self) -> String {
+        match &self.setup {
+            Setup::Ublk(args) => format!("`ublk add {args} {UBLK_QUEUES}`"),
+            Setup::Libublk(args) => {
+                let args: Vec<&str> = [*args, LIBUBLK_QUEUES]
+                    .into_iter()
+                    .filter(|a| !a.is_empty())
+                    .collect();
+                format!("`libublk-null {}`", args.join(" "))
+            }
+            Setup::Kmod { module, params, .. } => format!("`insmod {module}.ko {params}`"),
+            Setup::Loop => format!("`losetup --direct-io=on` over {BENCH_FILE} (tmpfs, 1 GiB)"),
+        }
+    }
+
+    fn needs_file(&self) -> bool {
+        matches!(self.setup, Setup::Loop) || self.role == Role::UblkFile
+    }
+}
+
+/// The reference every row is compared with.
+pub const NULL_BLK: &str = "null_blk";
+/// The reference of the null-type rows.
+pub const LIBUBLK: &str = "libublk-null-copy";
+
+pub const DEVICES: &[Device] = &[
     Device {
-        name: "ublk-null",
-        kind: Kind::Ublk("null --size 1G --queues 1 --depth 128"),
+        name: "ublk-null-copy",
+        role: Role::UblkNull,
+        setup: Setup::Ublk("null --buffer-mode copy"),
+        quick: true,
+    },
+    Device {
+        name: "ublk-null-copy-sqpoll",
+        role: Role::UblkNull,
+        setup: Setup::Ublk("null --buffer-mode copy --sqpoll"),
+        quick: false,
+    },
+    Device {
+        name: "ublk-null-reg",
+        role: Role::UblkNull,
+        setup: Setup::Ublk("null --buffer-mode registered"),
+        quick: false,
+    },
+    Device {
+        name: "ublk-null-reg-sqpoll",
+        role: Role::UblkNull,
+        setup: Setup::Ublk("null --buffer-mode registered --sqpoll"),
+        quick: false,
+    },
+    Device {
+        name: "ublk-null-zc",
+        role: Role::UblkNull,
+        setup: Setup::Ublk("null --buffer-mode zero-copy"),
+        quick: true,
+    },
+    Device {
+        name: "ublk-null-zc-sqpoll",
+        role: Role::UblkNull,
+        setup: Setup::Ublk("null --buffer-mode zero-copy --sqpoll"),
+        quick: false,
+    },
+    Device {
+        name: LIBUBLK,
+        role: Role::LibublkNull,
+        setup: Setup::Libublk(""),
+        quick: true,
+    },
+    Device {
+        name: "libublk-null-zc",
+        role: Role::LibublkNull,
+        setup: Setup::Libublk("--zero-copy"),
+        quick: false,
+    },
+    Device {
+        name: NULL_BLK,
+        role: Role::Kernel,
+        setup: Setup::Kmod {
+            module: "null_blk",
+            params: "queue_mode=2 irqmode=0 nr_devices=1 gb=1 submit_queues=2 hw_queue_depth=128",
+            dev: "/dev/nullb0",
+        },
+        quick: true,
     },
     Device {
         name: "ublk-ram",
-        kind: Kind::Ublk("ram --size 1G"),
-    },
-    Device {
-        name: "null_blk",
-        kind: Kind::Kmod {
-            module: "null_blk",
-            params: "queue_mode=2 irqmode=0 nr_devices=1 gb=1",
-            dev: "/dev/nullb0",
-        },
+        role: Role::UblkRam,
+        setup: Setup::Ublk("ram"),
+        quick: true,
     },
     Device {
         name: "brd",
-        kind: Kind::Kmod {
+        role: Role::Kernel,
+        setup: Setup::Kmod {
             module: "brd",
             params: "rd_nr=1 rd_size=1048576",
             dev: "/dev/ram0",
         },
+        quick: true,
+    },
+    Device {
+        name: "ublk-file-copy",
+        role: Role::UblkFile,
+        setup: Setup::Ublk("file --path /dev/shm/ublk-bench.img --direct"),
+        quick: false,
+    },
+    Device {
+        name: "ublk-file-zc",
+        role: Role::UblkFile,
+        setup: Setup::Ublk("file --path /dev/shm/ublk-bench.img --direct --zero-copy"),
+        quick: false,
+    },
+    Device {
+        name: "loop",
+        role: Role::Kernel,
+        setup: Setup::Loop,
+        quick: false,
     },
 ];
 
-/// The reference device for the ratio column.
-const REFERENCE: &str = "null_blk";
-
-/// fio tests: (name, iodepth).
-const TESTS: &[(&str, u32)] = &[("randread-qd64", 64), ("randread-qd1", 1)];
-
-fn script(rounds: u32, runtime: u32) -> String {
-    let mut s = prelude();
-    s.push_str(
-        r#"
-UBLK_IDS=""
-TEARDOWN=""
-cleanup() {
-    for id in $UBLK_IDS; do ublk del "$id" || echo "bench: ublk del $id failed" >&2; done
-    eval "$TEARDOWN"
-}
-trap cleanup EXIT
-echo "XTASK-BENCH-KERNEL $(uname -r)"
-echo "XTASK-BENCH-CPUS $(nproc)"
-"#,
-    );
-    for (i, d) in DEVICES.iter().enumerate() {
-        let (shown, setup, capture, teardown) = match &d.kind {
-            Kind::Ublk(args) => (
-                format!("ublk add {args}"),
-                format!("ublk_add u {args}"),
-                r#"DEV=$u_dev; UBLK_IDS="$UBLK_IDS $u_id""#.to_string(),
-                ":".to_string(),
-            ),
-            Kind::Kmod {
-                module,
-                params,
-                dev,
-            } => (
-                format!("insmod {module}.ko {params}"),
-                format!("load_mod {module} {params} && DEV={dev} && wait_blk \"$DEV\""),
-                ":".to_string(),
-                format!("rmmod {module}"),
-            ),
-        };
-        let _ = write!(
-            s,
-            r#"
-DEV=""
-echo "== bench: setting up {name}: {shown}"
-if {setup}; then
-    {capture}
-    DEV_{i}=$DEV
-    TEARDOWN="{teardown}; $TEARDOWN"
-    echo "== bench: {name} is $DEV"
-else
-    echo "XTASK-BENCH-SKIP {name}"
-    DEV_{i}=""
-fi
-"#,
-            name = d.name,
-        );
-    }
-    for round in 1..=rounds {
-        for (i, d) in DEVICES.iter().enumerate() {
-            for (test, qd) in TESTS {
-                let _ = write!(
-                    s,
-                    r#"
-if [ -n "$DEV_{i}" ]; then
-    echo "== bench: round {round}/{rounds}: {name} {test}"
-    run_fio {name}.{test}.{round} --name={test} --filename="$DEV_{i}" --ioengine=io_uring \
-        --direct=1 --rw=randread --bs=4k --iodepth={qd} --numjobs=1 --time_based \
-        --runtime={runtime} --randrepeat=0 --norandommap || echo "XTASK-BENCH-FAIL {name}.{test}.{round}"
-fi
-"#,
-                    name = d.name,
-                );
-            }
+impl Role {
+    /// The kernel device a row of this role is compared with, if any.
+    pub fn kernel_peer(self) -> Option<&'static str> {
+        match self {
+            Role::UblkRam => Some("brd"),
+            Role::UblkFile => Some("loop"),
+            _ => None,
         }
     }
-    s.push_str("\necho \"== bench: done\"\n");
-    s
+
+    /// Whether the row is a null server (compared with libublk).
+    pub fn is_null_server(self) -> bool {
+        matches!(self, Role::UblkNull | Role::LibublkNull)
+    }
+}
+
+/// A fio workload (the name must not contain dots or spaces).
+pub struct Test {
+    pub name: &'static str,
+    /// Human-readable, for the report.
+    pub title: &'static str,
+    rw: &'static str,
+    bs: &'static str,
+    iodepth: u32,
+    quick: bool,
+}
+
+pub const TESTS: &[Test] = &[
+    Test {
+        name: "randread-4k-qd1",
+        title: "4k random read, iodepth 1",
+        rw: "randread",
+        bs: "4k",
+        iodepth: 1,
+        quick: true,
+    },
+    Test {
+        name: "randread-4k-qd64",
+        title: "4k random read, iodepth 64",
+        rw: "randread",
+        bs: "4k",
+        iodepth: 64,
+        quick: true,
+    },
+    Test {
+        name: "randwrite-4k-qd1",
+        title: "4k random write, iodepth 1",
+        rw: "randwrite",
+        bs: "4k",
+        iodepth: 1,
+        quick: false,
+    },
+    Test {
+        name: "randwrite-4k-qd64",
+        title: "4k random write, iodepth 64",
+        rw: "randwrite",
+        bs: "4k",
+        iodepth: 64,
+        quick: false,
+    },
+    Test {
+        name: "seqread-128k-qd16",
+        title: "128k sequential read, iodepth 16",
+        rw: "read",
+        bs: "128k",
+        iodepth: 16,
+        quick: false,
+    },
+];
+
+/// `cargo xtask bench` options.
+pub struct Options {
+    pub rounds: u32,
+    /// Measured seconds per fio run.
+    pub runtime: u32,
+    /// Unmeasured warm-up seconds before each run (also lets the SQPOLL
+    /// thread of the previous device go idle: `ublk add --sqpoll` idles
+    /// after 1 s).
+    pub ramp: u32,
+    /// Only the `quick` devices and tests, 1 job.
+    pub quick: bool,
+    /// Keep only devices whose name contains one of these.
+    pub filter: Vec<String>,
+}
+
+/// What one benchmark invocation runs.
+pub struct Plan {
+    pub devices: Vec<&'static Device>,
+    pub tests: Vec<&'static Test>,
+    pub jobs: Vec<u32>,
+    pub rounds: u32,
+    pub runtime: u32,
+    pub ramp: u32,
+    /// Why devices were left out (e.g. libublk-null could not be built).
+    pub notes: Vec<String>,
+}
+
+/// Guest seconds per fio run beyond runtime + ramp (measured under TCG:
+/// fio start-up and job setup).
+const RUN_OVERHEAD_SECS: f64 = 0.7;
+
+/// Boot, device setup (1 GiB tmpfs file) and teardown.
+const SETUP_SECS: u64 = 90;
+
+impl Plan {
+    pub fn new(opts: &Options, libublk_available: bool) -> Result<Plan> {
+        let mut notes = Vec::new();
+        let mut devices: Vec<&Device> = DEVICES
+            .iter()
+            .filter(|d| !opts.quick || d.quick)
+            .filter(|d| opts.filter.is_empty() || opts.filter.iter().any(|f| d.name.contains(f)))
+            .collect();
+        if devices.is_empty() {
+            let names: Vec<&str> = DEVICES.iter().map(|d| d.name).collect();
+            bail!(
+                "--filter {} matches no device; devices: {}",
+                opts.filter.join(","),
+                names.join(", ")
+            );
+        }
+        if !libublk_available && devices.iter().any(|d| d.role == Role::LibublkNull) {
+            devices.retain(|d| d.role != Role::LibublkNull);
+            notes.push(
+                "libublk-null could not be built (see the xtask output; it needs libclang), \
+                 so the libublk rows and ratios are missing."
+                    .to_string(),
+            );
+        }
+        let tests = TESTS.iter().filter(|t| !opts.quick || t.quick).collect();
+        let jobs = if opts.quick { vec![1] } else { vec![1, 2] };
+        Ok(Plan {
+            devices,
+            tests,
+            jobs,
+            rounds: opts.rounds,
+            runtime: opts.runtime,
+            ramp: opts.ramp,
+            notes,
+        })
+    }
+
+    /// Number of fio runs.
+    pub fn runs(&self) -> usize {
+        self.devices.len() * self.tests.len() * self.jobs.len() * self.rounds as usize
+    }
+
+    /// Expected guest time.
+    pub fn estimate(&self) -> Duration {
+        let per_run = f64::from(self.runtime + self.ramp) + RUN_OVERHEAD_SECS;
+        Duration::from_secs_f64(self.runs() as f64 * per_run) + Duration::from_secs(SETUP_SECS)
+    }
+
+    fn uses_file(&self) -> bool {
+        self.devices.iter().any(|d| d.needs_file())
+    }
+
+    pub fn uses_libublk(&self) -> bool {
+        self.devices.iter().any(|d| d.role == Role::LibublkNull)
+    }
 }
 
 /// One fio measurement.
-struct Sample {
-    device: String,
-    test: String,
-    round: u32,
-    result: FioResult,
+pub struct Sample {
+    pub device: String,
+    pub test: String,
+    pub jobs: u32,
+    pub round: u32,
+    pub result: FioResult,
+    /// fio's report of the (group-reported) job.
+    pub fio_job: Value,
 }
 
-/// Runs the benchmark and writes the report.
-pub fn bench(ws: &Workspace, opts: &VmOpts, rounds: u32, runtime: u32) -> Result<()> {
-    let payload = Payload {
-        script: script(rounds, runtime),
-        extra_bins: Vec::new(),
+/// The median of the rounds of one (device, test, jobs).
+#[derive(Clone, Debug)]
+pub struct Median {
+    pub iops: f64,
+    pub lat_avg_us: f64,
+    pub lat_p99_us: f64,
+    pub rounds: usize,
+}
+
+/// Medians by (device, test, jobs).
+pub struct Results {
+    pub medians: HashMap<(String, String, u32), Median>,
+}
+
+impl Results {
+    pub fn from_samples(samples: &[Sample]) -> Results {
+        let mut groups: HashMap<(String, String, u32), Vec<&FioResult>> = HashMap::new();
+        for s in samples {
+            groups
+                .entry((s.device.clone(), s.test.clone(), s.jobs))
+                .or_default()
+                .push(&s.result);
+        }
+        let medians = groups
+            .into_iter()
+            .map(|(k, rs)| {
+                let med = |f: fn(&FioResult) -> f64| {
+                    fio::median(&rs.iter().map(|r| f(r)).collect::<Vec<_>>())
+                };
+                let m = Median {
+                    iops: med(|r| r.iops),
+                    lat_avg_us: med(|r| r.lat_avg_us),
+                    lat_p99_us: med(|r| r.lat_p99_us),
+                    rounds: rs.len(),
+                };
+                (k, m)
+            })
+            .collect();
+        Results { medians }
+    }
+
+    pub fn get(&self, device: &str, test: &str, jobs: u32) -> Option<&Median> {
+        self.medians
+            .get(&(device.to_string(), test.to_string(), jobs))
+    }
+
+    /// IOPS of `device` divided by IOPS of `reference` (same test and jobs).
+    pub fn ratio(&self, device: &str, reference: &str, test: &str, jobs: u32) -> Option<f64> {
+        let a = self.get(device, test, jobs)?.iops;
+        let b = self.get(reference, test, jobs)?.iops;
+        (b > 0.0).then(|| a / b)
+    }
+}
+
+/// Builds the libublk null server (standalone crate `benches/libublk-null`,
+/// needs libclang for bindgen); installs libclang when root and the first
+/// build fails. Returns the binary, or `None` (with a warning) when it
+/// cannot be built.
+pub fn build_libublk(ws: &Workspace, no_build: bool) -> Option<PathBuf> {
+    let dir = ws.root.join("benches/libublk-null");
+    // An explicit target dir, so that CARGO_TARGET_DIR cannot move the binary.
+    let target_dir = dir.join("target");
+    let bin = target_dir.join("release/libublk-null");
+    if no_build {
+        if bin.is_file() {
+            return Some(bin);
+        }
+        eprintln!(
+            "xtask: warning: --no-build and no {}: the libublk rows are left out",
+            bin.display()
+        );
+        return None;
+    }
+    let build = || {
+        run(ws
+            .cargo()
+            .args(["build", "--release", "--manifest-path"])
+            .arg(dir.join("Cargo.toml"))
+            .arg("--target-dir")
+            .arg(&target_dir))
     };
-    let outcome = run_payload(ws, &payload, opts)?;
+    let mut result = build();
+    if result.is_err() && deps::ensure_optional_package("libclang-dev", "libclang (for bindgen)") {
+        result = build();
+    }
+    match result {
+        Ok(()) if bin.is_file() => Some(bin),
+        Ok(()) => {
+            eprintln!(
+                "xtask: warning: cargo built libublk-null but {} is missing; the libublk rows are left out",
+                bin.display()
+            );
+            None
+        }
+        Err(e) => {
+            eprintln!(
+                "xtask: warning: cannot build libublk-null ({e:#}); the libublk rows are left out \
+                 (it needs libclang: apt-get install libclang-dev)"
+            );
+            None
+        }
+    }
+}
+
+/// Guest facts the script prints.
+struct Markers {
+    kernel: String,
+    cpus: String,
+    skipped: Vec<String>,
+    failed: Vec<String>,
+    notes: Vec<String>,
+}
+
+impl Markers {
+    fn parse(out: &str) -> Markers {
+        let values = |marker: &str| -> Vec<String> {
+            out.lines()
+                .filter_map(|l| {
+                    let at = l.find(marker)?;
+                    Some(l[at + marker.len()..].trim().to_string())
+                })
+                .collect()
+        };
+        Markers {
+            kernel: values("XTASK-BENCH-KERNEL").pop().unwrap_or_default(),
+            cpus: values("XTASK-BENCH-CPUS").pop().unwrap_or_default(),
+            skipped: values("XTASK-BENCH-SKIP"),
+            failed: values("XTASK-BENCH-FAIL"),
+            notes: values("XTASK-BENCH-NOTE"),
+        }
+    }
+}
+
+/// Runs the benchmark and writes the report, the raw JSON and the chart.
+pub fn bench(ws: &Workspace, vm: &VmOpts, plan: &Plan, libublk: Option<PathBuf>) -> Result<()> {
+    let est = plan.estimate();
+    eprintln!(
+        "xtask: bench plan: {} devices × {} tests × {} job counts × {} rounds = {} fio runs \
+         of {}+{} s, about {} min",
+        plan.devices.len(),
+        plan.tests.len(),
+        plan.jobs.len(),
+        plan.rounds,
+        plan.runs(),
+        plan.ramp,
+        plan.runtime,
+        est.as_secs().div_ceil(60)
+    );
+    let mut extra_bins = Vec::new();
+    if plan.uses_libublk() {
+        let bin = libublk.context("the plan has libublk rows but no libublk-null binary")?;
+        extra_bins.push(("libublk-null".to_string(), bin));
+    }
+    let payload = Payload {
+        script: script::script(plan),
+        extra_bins,
+    };
+    let t0 = Instant::now();
+    let outcome = run_payload(ws, &payload, vm)?;
+    let wall = t0.elapsed();
     let out = &outcome.output;
 
     let mut samples = Vec::new();
-    for (label, json) in fio::sections(out) {
-        let parts: Vec<&str> = label.split('.').collect();
-        let [device, test, round] = parts[..] else {
-            bail!("unexpected fio label {label:?}");
-        };
-        let result = fio::parse(&json).with_context(|| format!("fio results of {label}"))?;
+    for (lbl, text) in fio::sections(out) {
+        let (device, test, jobs, round) =
+            script::parse_label(&lbl).with_context(|| format!("unexpected fio label {lbl:?}"))?;
+        let result = fio::parse(&text).with_context(|| format!("fio results of {lbl}"))?;
+        let fio_job = text
+            .find('{')
+            .and_then(|at| serde_json::from_str::<Value>(&text[at..]).ok())
+            .map(|v| v["jobs"][0].clone())
+            .unwrap_or(Value::Null);
         samples.push(Sample {
-            device: device.to_string(),
-            test: test.to_string(),
-            round: round
-                .parse()
-                .with_context(|| format!("bad round in label {label:?}"))?,
+            device,
+            test,
+            jobs,
+            round,
             result,
+            fio_job,
         });
     }
-    let marker_values = |marker: &str| -> Vec<String> {
-        out.lines()
-            .filter_map(|l| l.trim().strip_prefix(marker).map(|v| v.trim().to_string()))
-            .collect()
+    let markers = Markers::parse(out);
+    let results = Results::from_samples(&samples);
+    let env = report::Environment {
+        mode: if host_has_ublk() {
+            "native".to_string()
+        } else {
+            format!("qemu VM (TCG, mem {}, {} vCPUs)", vm.mem, vm.smp)
+        },
+        kernel: markers.kernel.clone(),
+        cpus: markers.cpus.clone(),
+        fio: fio_version(),
+        wall,
     };
-    let skipped = marker_values("XTASK-BENCH-SKIP");
-    let failed = marker_values("XTASK-BENCH-FAIL");
-    let kernel = marker_values("XTASK-BENCH-KERNEL")
-        .pop()
-        .unwrap_or_default();
-    let cpus = marker_values("XTASK-BENCH-CPUS").pop().unwrap_or_default();
-
-    // Medians per (device, test), in declaration order.
-    let mut medians: BTreeMap<(usize, usize), (FioResult, usize)> = BTreeMap::new();
-    for (di, d) in DEVICES.iter().enumerate() {
-        for (ti, (t, _)) in TESTS.iter().enumerate() {
-            let sel: Vec<&FioResult> = samples
-                .iter()
-                .filter(|s| s.device == d.name && s.test == *t)
-                .map(|s| &s.result)
-                .collect();
-            if sel.is_empty() {
-                continue;
-            }
-            let med = |f: fn(&FioResult) -> f64| {
-                fio::median(&sel.iter().map(|r| f(r)).collect::<Vec<_>>())
-            };
-            medians.insert(
-                (di, ti),
-                (
-                    FioResult {
-                        iops: med(|r| r.iops),
-                        lat_avg_us: med(|r| r.lat_avg_us),
-                        lat_p99_us: med(|r| r.lat_p99_us),
-                    },
-                    sel.len(),
-                ),
-            );
-        }
-    }
-    let ref_idx = DEVICES.iter().position(|d| d.name == REFERENCE);
-    let mut rows = Vec::new();
-    for ((di, ti), (m, n)) in &medians {
-        let ratio = ref_idx
-            .and_then(|r| medians.get(&(r, *ti)))
-            .map(|(r, _)| m.iops / r.iops)
-            .unwrap_or(f64::NAN);
-        rows.push(vec![
-            DEVICES[*di].name.to_string(),
-            TESTS[*ti].0.to_string(),
-            fio::num(m.iops, 0),
-            fio::num(m.lat_avg_us, 1),
-            fio::num(m.lat_p99_us, 1),
-            fio::num(ratio, 2),
-            n.to_string(),
-        ]);
-    }
-    let table = fio::markdown_table(
-        &[
-            "device",
-            "test",
-            "IOPS (median)",
-            "avg lat (µs)",
-            "p99 lat (µs)",
-            "IOPS / null_blk",
-            "rounds",
-        ],
-        2,
-        &rows,
+    let mut notes = plan.notes.clone();
+    notes.extend(markers.notes.iter().cloned());
+    notes.extend(
+        markers
+            .skipped
+            .iter()
+            .map(|s| format!("**{s}: setup failed, not measured.**")),
     );
-    let mode = if host_has_ublk() {
-        "native".to_string()
-    } else {
-        format!("qemu VM (mem {}, {} vCPUs)", opts.mem, opts.smp)
-    };
-    let mut report = String::new();
-    let _ = writeln!(report, "# ublk-rs benchmark\n");
-    let _ = writeln!(
-        report,
-        "fio {}: io_uring, O_DIRECT, 4 KiB random reads, numjobs=1, {runtime} s per run, \
-         {rounds} alternating rounds, medians reported.\n",
-        fio_version()
+    notes.extend(
+        markers
+            .failed
+            .iter()
+            .map(|f| format!("**fio run {f} failed.**")),
     );
-    let _ = writeln!(
-        report,
-        "Environment: {mode}, guest kernel {kernel}, {cpus} CPUs. Absolute numbers under \
-         software emulation (TCG) are far below real hardware; compare the ratios.\n"
-    );
-    report.push_str(&table);
-    for s in &skipped {
-        let _ = writeln!(report, "\n**{s}: setup failed, not measured.**");
-    }
-    for f in &failed {
-        let _ = writeln!(report, "\n**fio run {f} failed.**");
-    }
 
     let dir = ws.target.join("bench");
     fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    let png = dir.join("iops.png");
+    let _ = fs::remove_file(&png);
+    match draw_chart(plan, &results, &env, &png) {
+        Ok(()) => {}
+        Err(e) => {
+            eprintln!("xtask: warning: no chart: {e:#}");
+            notes.push(format!("No chart was drawn: {e:#}."));
+        }
+    }
+    let bars = report::bars(&results);
+    let md = report::markdown(plan, &results, &bars, &env, &notes, png.is_file());
     let report_path = dir.join("report.md");
-    fs::write(&report_path, &report)
-        .with_context(|| format!("writing {}", report_path.display()))?;
+    fs::write(&report_path, &md).with_context(|| format!("writing {}", report_path.display()))?;
+
     let raw = json!({
-        "mode": mode,
-        "kernel": kernel,
-        "cpus": cpus,
-        "rounds": rounds,
-        "runtime_s": runtime,
-        "skipped": skipped,
-        "failed": failed,
+        "environment": {
+            "mode": env.mode,
+            "kernel": env.kernel,
+            "cpus": env.cpus,
+            "fio": env.fio,
+            "wall_s": wall.as_secs_f64(),
+        },
+        "plan": {
+            "devices": plan.devices.iter().map(|d| json!({
+                "name": d.name,
+                "setup": d.describe(),
+            })).collect::<Vec<_>>(),
+            "tests": plan.tests.iter().map(|t| json!({
+                "name": t.name,
+                "rw": t.rw,
+                "bs": t.bs,
+                "iodepth": t.iodepth,
+            })).collect::<Vec<_>>(),
+            "jobs": plan.jobs,
+            "rounds": plan.rounds,
+            "runtime_s": plan.runtime,
+            "ramp_s": plan.ramp,
+        },
+        "notes": notes,
+        "bars": bars.iter().map(report::Bar::to_json).collect::<Vec<_>>(),
+        "medians": report::medians_json(plan, &results),
         "samples": samples.iter().map(|s| json!({
             "device": s.device,
             "test": s.test,
+            "jobs": s.jobs,
             "round": s.round,
             "iops": s.result.iops,
             "lat_avg_us": s.result.lat_avg_us,
             "lat_p99_us": s.result.lat_p99_us,
+            "fio": s.fio_job,
         })).collect::<Vec<_>>(),
     });
     let raw_path = dir.join("raw.json");
     let raw_text = serde_json::to_string_pretty(&raw).context("serializing raw results")?;
     fs::write(&raw_path, raw_text).with_context(|| format!("writing {}", raw_path.display()))?;
 
-    println!("\n{report}");
+    println!("\n{md}");
     println!(
-        "xtask: wrote {} and {}",
+        "xtask: wrote {}, {}{} ({} fio runs in {:.0} s)",
         report_path.display(),
-        raw_path.display()
+        raw_path.display(),
+        if png.is_file() {
+            format!(" and {}", png.display())
+        } else {
+            String::new()
+        },
+        samples.len(),
+        wall.as_secs_f64()
     );
     if outcome.code != 0 {
         bail!("the benchmark script failed (exit status {})", outcome.code);
     }
-    if !skipped.is_empty() || !failed.is_empty() || samples.is_empty() {
+    if !markers.skipped.is_empty() || !markers.failed.is_empty() || samples.is_empty() {
         bail!("some benchmark runs did not complete (see the report)");
     }
     Ok(())
 }
 
+/// The chart: one panel per test, bars per device for 1 and 2 jobs.
+fn draw_chart(plan: &Plan, results: &Results, env: &report::Environment, png: &Path) -> Result<()> {
+    let font = Path::new(chart::FONT);
+    let panels = plan
+        .tests
+        .iter()
+        .map(|t| chart::Panel {
+            title: t.title.to_string(),
+            rows: plan.devices.iter().map(|d| d.name.to_string()).collect(),
+            values: plan
+                .devices
+                .iter()
+                .map(|d| {
+                    plan.jobs
+                        .iter()
+                        .map(|&j| results.get(d.name, t.name, j).map(|m| m.iops))
+                        .collect()
+                })
+                .collect(),
+        })
+        .collect();
+    let c = chart::Chart {
+        title: "ublk-rs: fio IOPS per device (median of rounds)".to_string(),
+        subtitle: format!(
+            "io_uring, O_DIRECT, median of {} round{} of {} s; {}, kernel {}; absolute \
+             numbers under emulation are meaningless, compare bars within a panel",
+            plan.rounds,
+            if plan.rounds == 1 { "" } else { "s" },
+            plan.runtime,
+            env.mode,
+            env.kernel
+        ),
+        series: plan
+            .jobs
+            .iter()
+            .map(|j| format!("{j} job{}", if *j == 1 { "" } else { "s" }))
+            .collect(),
+        panels,
+        columns: 2,
+        value_label: "IOPS".to_string(),
+    };
+    chart::draw(&c, font, png)
+}
+
 fn fio_version() -> String {
-    std::process::Command::new("fio")
+    Command::new("fio")
         .arg("--version")
         .output()
         .ok()
         .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
         .unwrap_or_else(|| "fio".to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn opts(quick: bool, filter: &[&str]) -> Options {
+        Options {
+            rounds: 3,
+            runtime: 2,
+            ramp: 1,
+            quick,
+            filter: filter.iter().map(|s| s.to_string()).collect(),
+        }
+    }
+
+    #[test]
+    fn names_are_label_safe_and_unique() {
+        let mut names: Vec<&str> = DEVICES.iter().map(|d| d.name).collect();
+        names.extend(TESTS.iter().map(|t| t.name));
+        for n in &names {
+            assert!(!n.contains('.') && !n.contains(' '), "{n}");
+        }
+        let count = names.len();
+        names.sort();
+        names.dedup();
+        assert_eq!(names.len(), count);
+    }
+
+    #[test]
+    fn setups_agree_with_the_constants() {
+        for d in DEVICES {
+            if let Setup::Ublk(args) = d.setup {
+                assert_eq!(
+                    d.role == Role::UblkFile,
+                    args.contains(BENCH_FILE),
+                    "{}",
+                    d.name
+                );
+            }
+        }
+        assert!(UBLK_QUEUES.contains(&format!("--size {}G", DEVICE_MIB / 1024)));
+        assert!(LIBUBLK_QUEUES.contains(&format!("--size {}", u64::from(DEVICE_MIB) << 20)));
+    }
+
+    #[test]
+    fn references_exist() {
+        for name in [NULL_BLK, LIBUBLK] {
+            assert!(DEVICES.iter().any(|d| d.name == name), "{name}");
+        }
+        for d in DEVICES {
+            if let Some(peer) = d.role.kernel_peer() {
+                assert!(DEVICES.iter().any(|k| k.name == peer), "{peer}");
+            }
+        }
+        for name in report::BAR_DEVICES {
+            assert!(DEVICES.iter().any(|d| d.name == *name), "{name}");
+        }
+        for name in report::BAR_TESTS {
+            assert!(TESTS.iter().any(|t| t.name == *name), "{name}");
+        }
+    }
+
+    #[test]
+    fn plans() {
+        let full = Plan::new(&opts(false, &[]), true).expect("full plan");
+        assert_eq!(full.runs(), DEVICES.len() * TESTS.len() * 2 * 3);
+        // The default run must fit in ~30 minutes of guest time.
+        assert!(
+            full.estimate() < Duration::from_secs(30 * 60),
+            "{:?}",
+            full.estimate()
+        );
+        let quick = Plan::new(&opts(true, &[]), true).expect("quick plan");
+        assert_eq!(quick.jobs, vec![1]);
+        assert!(quick.runs() < 60);
+        let no_lib = Plan::new(&opts(false, &["null"]), false).expect("filtered plan");
+        assert!(no_lib.devices.iter().all(|d| d.name.contains("null")));
+        assert!(no_lib.devices.iter().all(|d| d.role != Role::LibublkNull));
+        assert_eq!(no_lib.notes.len(), 1);
+        assert!(Plan::new(&opts(false, &["nothing-matches"]), true).is_err());
+    }
+
+    #[test]
+    fn medians_and_ratios() {
+        let sample = |device: &str, iops: f64| Sample {
+            device: device.into(),
+            test: "t".into(),
+            jobs: 1,
+            round: 1,
+            result: FioResult {
+                iops,
+                lat_avg_us: 1.0,
+                lat_p99_us: 2.0,
+            },
+            fio_job: Value::Null,
+        };
+        let samples = vec![
+            sample("a", 10.0),
+            sample("a", 30.0),
+            sample("a", 20.0),
+            sample("b", 40.0),
+        ];
+        let r = Results::from_samples(&samples);
+        let a = r.get("a", "t", 1).expect("a measured");
+        assert_eq!((a.iops, a.rounds), (20.0, 3));
+        assert_eq!(r.ratio("a", "b", "t", 1), Some(0.5));
+        assert_eq!(r.ratio("a", "c", "t", 1), None);
+        assert_eq!(r.ratio("a", "b", "t", 2), None);
+    }
 }

@@ -79,3 +79,29 @@ pub fn ensure_host_deps() -> Result<()> {
     }
     Ok(())
 }
+
+/// Installs the Debian package `package`, which `what` needs, when running as
+/// root with apt-get (running `apt-get update` first if a plain install
+/// fails). Returns whether it got installed; otherwise prints how to install
+/// it and returns false, so that the caller can go on without it.
+pub fn ensure_optional_package(package: &str, what: &str) -> bool {
+    if !is_root() || which("apt-get").is_none() {
+        eprintln!(
+            "xtask: note: {what} needs the package {package}: sudo apt-get install {package}"
+        );
+        return false;
+    }
+    let install = || {
+        run(Command::new("apt-get")
+            .env("DEBIAN_FRONTEND", "noninteractive")
+            .args(["install", "-y", package]))
+    };
+    if install().is_ok() {
+        return true;
+    }
+    let ok = run(Command::new("apt-get").arg("update")).is_ok() && install().is_ok();
+    if !ok {
+        eprintln!("xtask: warning: could not install {package} ({what})");
+    }
+    ok
+}

@@ -13,12 +13,15 @@
 //! * `cargo xtask vm [--mem 4G] [--smp N] [--no-build] -- CMD ARGS...` — run a
 //!   command in the VM with the workspace's release binaries on PATH.
 //! * `cargo xtask demo [--mem 4G] [--no-build]` — RAM device + ext4 + fio demo.
-//! * `cargo xtask bench [--rounds 3] [--runtime 5] [--mem 4G] [--no-build]` —
-//!   ublk vs. null_blk/brd fio comparison; writes `target/bench/report.md`.
+//! * `cargo xtask bench [--rounds 3] [--runtime 2] [--quick] [--filter A,B]
+//!   [--mem 6G] [--no-build]` — fio on ublk null (every buffer mode, SQPOLL
+//!   on/off), the libublk null server, null_blk, brd, loop and the RAM and
+//!   file targets, in one boot; writes `target/bench/{report.md,raw.json,iops.png}`.
 //!
 //! Environment variables are listed in the usage text (`cargo xtask help`).
 
 mod bench;
+mod chart;
 mod demo;
 mod deps;
 mod fio;
@@ -28,7 +31,7 @@ mod util;
 mod vm;
 
 use anyhow::{bail, Context, Result};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Instant;
 use util::{env_secs, output, run, sh_quote, stream_child, Workspace};
@@ -44,11 +47,16 @@ commands:
          run CMD in the VM with the release binaries on PATH
   demo   [--mem SIZE] [--smp N] [--no-build] [--runtime SECS]
          RAM-backed ublk device: ext4 round trip + fio
-  bench  [--mem SIZE] [--smp N] [--no-build] [--rounds N] [--runtime SECS]
-         fio on ublk null/ram vs. null_blk and brd; writes target/bench/
+  bench  [--mem SIZE (6G)] [--smp N] [--no-build] [--rounds N (3)]
+         [--runtime SECS (2, after 1 s ramp)] [--quick] [--filter NAME,...]
+         fio on ublk null (copy/registered/zero-copy, SQPOLL on/off), libublk
+         null, null_blk, brd, loop, ublk ram and file, in one boot (about
+         28 min under TCG; --quick: 6 devices, 4k randread, 1 job, about
+         3 min; --filter: devices whose name contains one of the NAMEs);
+         writes target/bench/report.md, raw.json and iops.png
 
 environment:
-  XTASK_VM_TIMEOUT=SECS    kill the VM after SECS (default 2100)
+  XTASK_VM_TIMEOUT=SECS    kill the VM after SECS (default 2100; bench: from its plan)
   XTASK_BOOT_TIMEOUT=SECS  give up if the guest's /init has not started after SECS (300)
   XTASK_FORCE_VM=1         use the VM even when /dev/ublk-control exists
   XTASK_NATIVE=1           run natively even without /dev/ublk-control
@@ -58,26 +66,38 @@ environment:
   XTASK_KEEP=1             keep the generated initramfs and scripts
 ";
 
+/// Default guest memory.
+const DEFAULT_MEM: &str = "4G";
+
+/// Default guest memory of `bench`: brd, the RAM target and the loop/file
+/// target's tmpfs file can each hold 1 GiB at the same time.
+const BENCH_MEM: &str = "6G";
+
 /// Default VM timeout (35 minutes).
 const DEFAULT_TIMEOUT_SECS: u64 = 35 * 60;
 
 /// Options shared by the commands, plus the positional rest.
 struct Args {
-    mem: String,
+    /// `--mem`, when given.
+    mem: Option<String>,
     smp: u32,
     no_build: bool,
     rounds: u32,
     runtime: Option<u32>,
+    quick: bool,
+    filter: Vec<String>,
     rest: Vec<String>,
 }
 
 fn parse_args(args: &[String], allowed: &[&str]) -> Result<Args> {
     let mut a = Args {
-        mem: "4G".to_string(),
+        mem: None,
         smp: 2,
         no_build: false,
         rounds: 3,
         runtime: None,
+        quick: false,
+        filter: Vec::new(),
         rest: Vec::new(),
     };
     let mut it = args.iter();
@@ -109,11 +129,18 @@ fn parse_args(args: &[String], allowed: &[&str]) -> Result<Args> {
             }
         };
         match name {
-            "--mem" => a.mem = value()?,
+            "--mem" => a.mem = Some(value()?),
             "--smp" => a.smp = value()?.parse().context("--smp needs a number")?,
             "--rounds" => a.rounds = value()?.parse().context("--rounds needs a number")?,
             "--runtime" => a.runtime = Some(value()?.parse().context("--runtime needs seconds")?),
             "--no-build" => a.no_build = true,
+            "--quick" => a.quick = true,
+            "--filter" => a.filter.extend(
+                value()?
+                    .split(',')
+                    .filter(|s| !s.is_empty())
+                    .map(str::to_string),
+            ),
             _ => bail!("unhandled option {name}"),
         }
     }
@@ -123,7 +150,7 @@ fn parse_args(args: &[String], allowed: &[&str]) -> Result<Args> {
 impl Args {
     fn vm_opts(&self) -> Result<VmOpts> {
         Ok(VmOpts {
-            mem: self.mem.clone(),
+            mem: self.mem.clone().unwrap_or_else(|| DEFAULT_MEM.to_string()),
             smp: self.smp,
             timeout: env_secs("XTASK_VM_TIMEOUT", DEFAULT_TIMEOUT_SECS)?,
         })
@@ -165,14 +192,17 @@ fn try_main() -> Result<i32> {
         "bench" => {
             let a = parse_args(
                 rest,
-                &["--mem", "--smp", "--no-build", "--runtime", "--rounds"],
+                &[
+                    "--mem",
+                    "--smp",
+                    "--no-build",
+                    "--runtime",
+                    "--rounds",
+                    "--quick",
+                    "--filter",
+                ],
             )?;
-            if a.rounds == 0 {
-                bail!("--rounds must be at least 1");
-            }
-            let ws = prepare(&a)?;
-            bench::bench(&ws, &a.vm_opts()?, a.rounds, a.runtime.unwrap_or(5))?;
-            Ok(0)
+            bench_cmd(&a)
         }
         "help" | "-h" | "--help" => {
             print!("{USAGE}");
@@ -198,6 +228,40 @@ fn prepare(a: &Args) -> Result<Workspace> {
         ]))?;
     }
     Ok(ws)
+}
+
+/// `cargo xtask bench`
+fn bench_cmd(a: &Args) -> Result<i32> {
+    if a.rounds == 0 {
+        bail!("--rounds must be at least 1");
+    }
+    let opts = bench::Options {
+        rounds: a.rounds,
+        // 2 s measured + 1 s ramp keeps the full plan (420 runs) under
+        // 30 minutes of TCG time; 3 s takes about 34.
+        runtime: a.runtime.unwrap_or(2),
+        ramp: 1,
+        quick: a.quick,
+        filter: a.filter.clone(),
+    };
+    // Check the options before building anything.
+    let wants_libublk = bench::Plan::new(&opts, true)?.uses_libublk();
+    let ws = prepare(a)?;
+    if !Path::new(chart::FONT).is_file() {
+        deps::ensure_optional_package("fonts-dejavu-core", "the chart's font");
+    }
+    let libublk = if wants_libublk {
+        bench::build_libublk(&ws, a.no_build)
+    } else {
+        None
+    };
+    let plan = bench::Plan::new(&opts, libublk.is_some())?;
+    let mut vm = a.vm_opts()?;
+    vm.mem = a.mem.clone().unwrap_or_else(|| BENCH_MEM.to_string());
+    let margin = plan.estimate().as_secs() / 2 + 600;
+    vm.timeout = env_secs("XTASK_VM_TIMEOUT", plan.estimate().as_secs() + margin)?;
+    bench::bench(&ws, &vm, &plan, libublk)?;
+    Ok(0)
 }
 
 /// `cargo xtask vm -- CMD ARGS...`
@@ -326,10 +390,10 @@ not json
     fn args() {
         let v = |s: &[&str]| s.iter().map(|s| s.to_string()).collect::<Vec<_>>();
         let a = parse_args(&v(&["--mem", "2G", "--", "ls", "-l"]), &["--mem"]).expect("parses");
-        assert_eq!(a.mem, "2G");
+        assert_eq!(a.mem.as_deref(), Some("2G"));
         assert_eq!(a.rest, v(&["ls", "-l"]));
         let a = parse_args(&v(&["--mem=8G", "uname", "-a"]), &["--mem"]).expect("parses");
-        assert_eq!(a.mem, "8G");
+        assert_eq!(a.mem.as_deref(), Some("8G"));
         assert_eq!(a.rest, v(&["uname", "-a"]));
         assert!(parse_args(&v(&["--rounds", "3"]), &["--mem"]).is_err());
     }

@@ -1,0 +1,440 @@
+//! The benchmark's Markdown report and the issue's bar checks, computed from
+//! the medians.
+
+use super::{Plan, Results, Role, DEVICES, LIBUBLK, NULL_BLK};
+use crate::fio::{markdown_table, num};
+use serde_json::{json, Value};
+use std::fmt::Write as _;
+use std::time::Duration;
+
+/// Where and with what the benchmark ran.
+pub struct Environment {
+    pub mode: String,
+    pub kernel: String,
+    pub cpus: String,
+    pub fio: String,
+    /// Time the payload took (boot included in the VM).
+    pub wall: Duration,
+}
+
+/// Tests the bar checks read.
+pub const BAR_TESTS: &[&str] = &["randread-4k-qd64", "randread-4k-qd1", "seqread-128k-qd16"];
+/// Devices the bar checks name.
+pub const BAR_DEVICES: &[&str] = &["ublk-null-zc", "ublk-null-copy", "ublk-ram", "brd"];
+
+/// One bar from the issue: `lhs` IOPS / `rhs` IOPS must be at least `need`.
+pub struct Bar {
+    pub what: &'static str,
+    /// (device, median IOPS), `None` when not measured.
+    pub lhs: Option<(String, f64)>,
+    pub rhs: Option<(String, f64)>,
+    pub need: f64,
+}
+
+impl Bar {
+    pub fn ratio(&self) -> Option<f64> {
+        let (_, a) = self.lhs.as_ref()?;
+        let (_, b) = self.rhs.as_ref()?;
+        (*b > 0.0).then(|| a / b)
+    }
+
+    /// `Some(true)` for PASS, `Some(false)` for MISS, `None` when not measured.
+    pub fn pass(&self) -> Option<bool> {
+        self.ratio().map(|r| r >= self.need)
+    }
+
+    /// One Markdown list item.
+    pub fn line(&self) -> String {
+        let side = |s: &Option<(String, f64)>| match s {
+            Some((d, v)) => format!("{d} {} IOPS", num(*v, 0)),
+            None => "not measured".to_string(),
+        };
+        let verdict = match self.pass() {
+            Some(true) => "**PASS**",
+            Some(false) => "**MISS**",
+            None => "**n/a**",
+        };
+        let ratio = self
+            .ratio()
+            .map(|r| format!(" = {r:.2}×"))
+            .unwrap_or_default();
+        format!(
+            "- {verdict} {}: {} / {}{ratio} (bar: ≥ {:.2}×)",
+            self.what,
+            side(&self.lhs),
+            side(&self.rhs),
+            self.need
+        )
+    }
+
+    pub fn to_json(&self) -> Value {
+        json!({
+            "what": self.what,
+            "lhs": self.lhs.as_ref().map(|(d, v)| json!({"device": d, "iops": v})),
+            "rhs": self.rhs.as_ref().map(|(d, v)| json!({"device": d, "iops": v})),
+            "ratio": self.ratio(),
+            "need": self.need,
+            "pass": self.pass(),
+        })
+    }
+}
+
+/// The device of `role` with the highest median IOPS in `test`/`jobs`.
+fn best(results: &Results, role: Role, test: &str, jobs: u32) -> Option<(String, f64)> {
+    DEVICES
+        .iter()
+        .filter(|d| d.role == role)
+        .filter_map(|d| Some((d.name.to_string(), results.get(d.name, test, jobs)?.iops)))
+        .max_by(|a, b| a.1.total_cmp(&b.1))
+}
+
+fn one(results: &Results, device: &str, test: &str, jobs: u32) -> Option<(String, f64)> {
+    Some((device.to_string(), results.get(device, test, jobs)?.iops))
+}
+
+/// The issue's bars (all on 1-job medians).
+pub fn bars(r: &Results) -> Vec<Bar> {
+    let [qd64, qd1, seq] = [BAR_TESTS[0], BAR_TESTS[1], BAR_TESTS[2]];
+    vec![
+        Bar {
+            what: "ublk null (best mode) vs libublk (best mode), 4k randread qd64, 1 job",
+            lhs: best(r, Role::UblkNull, qd64, 1),
+            rhs: best(r, Role::LibublkNull, qd64, 1),
+            need: 1.10,
+        },
+        Bar {
+            what: "ublk null (best mode) vs null_blk, 4k randread qd64, 1 job",
+            lhs: best(r, Role::UblkNull, qd64, 1),
+            rhs: one(r, NULL_BLK, qd64, 1),
+            need: 0.90,
+        },
+        Bar {
+            what: "ublk null (best mode) vs libublk (best mode), 4k randread qd1, 1 job",
+            lhs: best(r, Role::UblkNull, qd1, 1),
+            rhs: best(r, Role::LibublkNull, qd1, 1),
+            need: 2.0,
+        },
+        Bar {
+            what: "ublk null zero-copy vs copy (no SQPOLL), 128k seq read, 1 job",
+            lhs: one(r, BAR_DEVICES[0], seq, 1),
+            rhs: one(r, BAR_DEVICES[1], seq, 1),
+            need: 2.5,
+        },
+        Bar {
+            what: "ublk RAM vs brd, 4k randread qd64, 1 job",
+            lhs: one(r, BAR_DEVICES[2], qd64, 1),
+            rhs: one(r, BAR_DEVICES[3], qd64, 1),
+            need: 0.8,
+        },
+    ]
+}
+
+/// Every median with its ratios, for `raw.json`.
+pub fn medians_json(plan: &Plan, r: &Results) -> Vec<Value> {
+    let mut out = Vec::new();
+    for t in &plan.tests {
+        for &jobs in &plan.jobs {
+            for d in &plan.devices {
+                let Some(m) = r.get(d.name, t.name, jobs) else {
+                    continue;
+                };
+                let (x_null_blk, x_libublk, x_peer) = ratios(r, d.name, d.role, t.name, jobs);
+                out.push(json!({
+                    "device": d.name,
+                    "test": t.name,
+                    "jobs": jobs,
+                    "iops": m.iops,
+                    "lat_avg_us": m.lat_avg_us,
+                    "lat_p99_us": m.lat_p99_us,
+                    "rounds": m.rounds,
+                    "x_null_blk": x_null_blk,
+                    "x_libublk": x_libublk,
+                    "x_kernel_peer": x_peer,
+                }));
+            }
+        }
+    }
+    out
+}
+
+/// IOPS ratios of a row: to null_blk, to libublk (null servers only), to
+/// its kernel peer (RAM → brd, file → loop).
+fn ratios(
+    r: &Results,
+    device: &str,
+    role: Role,
+    test: &str,
+    jobs: u32,
+) -> (Option<f64>, Option<f64>, Option<f64>) {
+    let x_null_blk = r.ratio(device, NULL_BLK, test, jobs);
+    let x_libublk = role
+        .is_null_server()
+        .then(|| r.ratio(device, LIBUBLK, test, jobs))
+        .flatten();
+    let x_peer = role
+        .kernel_peer()
+        .and_then(|p| r.ratio(device, p, test, jobs));
+    (x_null_blk, x_libublk, x_peer)
+}
+
+fn ratio_cell(v: Option<f64>) -> String {
+    v.map(|v| format!("{v:.2}"))
+        .unwrap_or_else(|| "-".to_string())
+}
+
+fn jobs_text(jobs: u32) -> String {
+    format!("{jobs} job{}", if jobs == 1 { "" } else { "s" })
+}
+
+/// The whole `report.md`.
+pub fn markdown(
+    plan: &Plan,
+    r: &Results,
+    bars: &[Bar],
+    env: &Environment,
+    notes: &[String],
+    chart: bool,
+) -> String {
+    let mut md = String::new();
+    let _ = writeln!(md, "# ublk-rs benchmark\n");
+    let _ = writeln!(
+        md,
+        "{fio}, `--ioengine=io_uring --direct=1`, {ramp} s ramp + {rt} s measured per run; \
+         {rounds} rounds, each running every test on every device with the devices \
+         alternating run by run (order rotated each round); the tables give the median of \
+         the rounds. 2-job runs use `--numjobs=2 --group_reporting` on the same device \
+         (every ublk device has 2 queues of depth 128, null_blk 2 submit queues of depth \
+         128). Latencies are fio's total latency (`lat_ns`, submission to completion), \
+         mean and 99th percentile.\n",
+        fio = env.fio,
+        ramp = plan.ramp,
+        rt = plan.runtime,
+        rounds = plan.rounds,
+    );
+    let _ = writeln!(
+        md,
+        "Environment: {}, guest kernel {}, {} CPUs; {} fio runs in {:.0} s. Absolute numbers \
+         under software emulation (TCG) are far below real hardware and CPU-bound: compare \
+         ratios (noise about ±15%).\n",
+        env.mode,
+        env.kernel,
+        env.cpus,
+        plan.runs(),
+        env.wall.as_secs_f64()
+    );
+    if chart {
+        let _ = writeln!(md, "![IOPS per device and test](iops.png)\n");
+    }
+
+    let _ = writeln!(md, "## Bars from the issue (1-job medians)\n");
+    for b in bars {
+        let _ = writeln!(md, "{}", b.line());
+    }
+
+    let _ = writeln!(md, "\n## Best ublk null mode vs best libublk mode\n");
+    let mut rows = Vec::new();
+    for t in &plan.tests {
+        for &jobs in &plan.jobs {
+            let ours = best(r, Role::UblkNull, t.name, jobs);
+            let theirs = best(r, Role::LibublkNull, t.name, jobs);
+            let kernel = r.get(NULL_BLK, t.name, jobs).map(|m| m.iops);
+            let ratio = |a: Option<f64>, b: Option<f64>| match (a, b) {
+                (Some(a), Some(b)) if b > 0.0 => format!("{:.2}", a / b),
+                _ => "-".to_string(),
+            };
+            let cell = |s: &Option<(String, f64)>| match s {
+                Some((d, v)) => (d.clone(), num(*v, 0)),
+                None => ("-".to_string(), "-".to_string()),
+            };
+            let (od, oi) = cell(&ours);
+            let (td, ti) = cell(&theirs);
+            let ours_iops = ours.as_ref().map(|o| o.1);
+            rows.push(vec![
+                t.name.to_string(),
+                jobs.to_string(),
+                od,
+                td,
+                oi,
+                ti,
+                ratio(ours_iops, theirs.as_ref().map(|o| o.1)),
+                kernel.map(|v| num(v, 0)).unwrap_or_else(|| "-".into()),
+                ratio(ours_iops, kernel),
+            ]);
+        }
+    }
+    md.push_str(&markdown_table(
+        &[
+            "test",
+            "jobs",
+            "best ublk null",
+            "best libublk",
+            "ublk IOPS",
+            "libublk IOPS",
+            "× libublk",
+            "null_blk IOPS",
+            "× null_blk",
+        ],
+        4,
+        &rows,
+    ));
+
+    let _ = writeln!(md, "\n## Results (medians)\n");
+    let _ = writeln!(
+        md,
+        "× null_blk: IOPS / null_blk's; × libublk: IOPS / {LIBUBLK}'s (null servers only); \
+         × kernel peer: ublk-ram / brd, ublk-file-* / loop.\n"
+    );
+    for t in &plan.tests {
+        for &jobs in &plan.jobs {
+            let mut rows = Vec::new();
+            for d in &plan.devices {
+                let Some(m) = r.get(d.name, t.name, jobs) else {
+                    continue;
+                };
+                let (a, b, c) = ratios(r, d.name, d.role, t.name, jobs);
+                rows.push(vec![
+                    d.name.to_string(),
+                    num(m.iops, 0),
+                    num(m.lat_avg_us, 1),
+                    num(m.lat_p99_us, 1),
+                    ratio_cell(a),
+                    ratio_cell(b),
+                    ratio_cell(c),
+                    m.rounds.to_string(),
+                ]);
+            }
+            if rows.is_empty() {
+                continue;
+            }
+            let _ = writeln!(md, "### {}, {}\n", t.title, jobs_text(jobs));
+            md.push_str(&markdown_table(
+                &[
+                    "device",
+                    "IOPS",
+                    "avg lat (µs)",
+                    "p99 lat (µs)",
+                    "× null_blk",
+                    "× libublk",
+                    "× kernel peer",
+                    "rounds",
+                ],
+                1,
+                &rows,
+            ));
+            md.push('\n');
+        }
+    }
+
+    let _ = writeln!(md, "## Devices\n");
+    let rows: Vec<Vec<String>> = plan
+        .devices
+        .iter()
+        .map(|d| vec![d.name.to_string(), d.describe()])
+        .collect();
+    md.push_str(&markdown_table(&["device", "set up with"], 2, &rows));
+    if !notes.is_empty() {
+        let _ = writeln!(md, "\n## Notes\n");
+        for n in notes {
+            let _ = writeln!(md, "- {n}");
+        }
+    }
+    md
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::bench::{Median, Options};
+    use std::collections::HashMap;
+
+    fn results(rows: &[(&str, &str, f64)]) -> Results {
+        let medians: HashMap<_, _> = rows
+            .iter()
+            .map(|(d, t, iops)| {
+                let m = Median {
+                    iops: *iops,
+                    lat_avg_us: 10.0,
+                    lat_p99_us: 20.0,
+                    rounds: 3,
+                };
+                ((d.to_string(), t.to_string(), 1), m)
+            })
+            .collect();
+        Results { medians }
+    }
+
+    #[test]
+    fn bar_checks() {
+        let r = results(&[
+            ("ublk-null-copy", "randread-4k-qd64", 100.0),
+            ("ublk-null-zc-sqpoll", "randread-4k-qd64", 130.0),
+            ("libublk-null-copy", "randread-4k-qd64", 110.0),
+            ("libublk-null-zc", "randread-4k-qd64", 120.0),
+            ("null_blk", "randread-4k-qd64", 150.0),
+            ("ublk-ram", "randread-4k-qd64", 70.0),
+            ("brd", "randread-4k-qd64", 100.0),
+        ]);
+        let b = bars(&r);
+        // Best ublk null (130, zc-sqpoll) over best libublk (120, zc).
+        assert_eq!(b[0].lhs, Some(("ublk-null-zc-sqpoll".to_string(), 130.0)));
+        assert_eq!(b[0].rhs, Some(("libublk-null-zc".to_string(), 120.0)));
+        assert_eq!(b[0].pass(), Some(false));
+        assert_eq!(b[1].pass(), Some(false)); // 130 / 150 < 0.9
+        assert_eq!(b[2].pass(), None); // qd1 not measured
+        assert_eq!(b[3].pass(), None);
+        assert_eq!(b[4].pass(), Some(false)); // 0.7 < 0.8
+        assert!(b[0].line().starts_with("- **MISS**"));
+        assert!(b[2].line().starts_with("- **n/a**"));
+        let r = results(&[
+            ("ublk-null-zc", "seqread-128k-qd16", 300.0),
+            ("ublk-null-copy", "seqread-128k-qd16", 100.0),
+        ]);
+        assert_eq!(bars(&r)[3].pass(), Some(true));
+        assert!(bars(&r)[3].line().contains("= 3.00×"));
+    }
+
+    #[test]
+    fn report_has_tables_and_bars() {
+        let opts = Options {
+            rounds: 3,
+            runtime: 3,
+            ramp: 1,
+            quick: true,
+            filter: Vec::new(),
+        };
+        let plan = Plan::new(&opts, true).expect("plan");
+        let r = results(&[
+            ("ublk-null-copy", "randread-4k-qd64", 100.0),
+            ("libublk-null-copy", "randread-4k-qd64", 50.0),
+            ("null_blk", "randread-4k-qd64", 200.0),
+            ("ublk-ram", "randread-4k-qd64", 90.0),
+            ("brd", "randread-4k-qd64", 100.0),
+        ]);
+        let env = Environment {
+            mode: "test".into(),
+            kernel: "k".into(),
+            cpus: "2".into(),
+            fio: "fio-3".into(),
+            wall: Duration::from_secs(1),
+        };
+        let md = markdown(&plan, &r, &bars(&r), &env, &["a note".into()], true);
+        assert!(md.contains("### 4k random read, iodepth 64, 1 job"));
+        assert!(md.contains("| ublk-null-copy |"));
+        let row = |device: &str| -> Vec<String> {
+            let line = md
+                .lines()
+                .find(|l| l.starts_with(&format!("| {device} ")))
+                .unwrap_or_else(|| panic!("no row for {device} in\n{md}"));
+            line.split('|').map(|c| c.trim().to_string()).collect()
+        };
+        // ublk-null-copy: 0.50 of null_blk, 2.00 of libublk, no kernel peer.
+        assert_eq!(row("ublk-null-copy")[5..8], ["0.50", "2.00", "-"]);
+        assert_eq!(row("ublk-ram")[5..8], ["0.45", "-", "0.90"]);
+        // ublk-ram: 0.90 of brd, a PASS against the 0.8 bar.
+        assert!(md.contains("**PASS** ublk RAM vs brd"));
+        assert!(md.contains("- a note"));
+        assert!(md.contains("iops.png"));
+        let json = medians_json(&plan, &r);
+        assert_eq!(json.len(), 5);
+    }
+}

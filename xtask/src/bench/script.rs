@@ -1,0 +1,231 @@
+//! The benchmark's guest script: device setup, the alternating fio runs and
+//! teardown, as one POSIX `sh` payload (busybox in the VM).
+
+use super::{Plan, Setup, BENCH_FILE, DEVICE_MIB, LIBUBLK_QUEUES, UBLK_QUEUES};
+use crate::scripts::prelude;
+use std::fmt::Write as _;
+
+/// The fio run label: `device.test.jJOBS.rROUND`.
+pub fn label(device: &str, test: &str, jobs: u32, round: u32) -> String {
+    format!("{device}.{test}.j{jobs}.r{round}")
+}
+
+/// Parses a [`label`].
+pub fn parse_label(label: &str) -> Option<(String, String, u32, u32)> {
+    let parts: Vec<&str> = label.split('.').collect();
+    let [device, test, jobs, round] = parts[..] else {
+        return None;
+    };
+    Some((
+        device.to_string(),
+        test.to_string(),
+        jobs.strip_prefix('j')?.parse().ok()?,
+        round.strip_prefix('r')?.parse().ok()?,
+    ))
+}
+
+/// Shell helpers of the benchmark script (on top of [`prelude`]).
+const SH_HELPERS: &str = r#"
+UBLK_IDS=""
+TEARDOWN=""
+cleanup() {
+    echo "== bench: removing the devices"
+    for id in $UBLK_IDS; do ublk del "$id" || echo "bench: ublk del $id failed" >&2; done
+    eval "$TEARDOWN"
+}
+trap cleanup EXIT
+
+# libublk_add PREFIX ARGS...: starts libublk-null in the background and sets
+# ${PREFIX}_pid and ${PREFIX}_dev once it printed its JSON line.
+libublk_add() {
+    _prefix=$1; shift
+    _out=/tmp/libublk-$_prefix.out
+    libublk-null "$@" >"$_out" 2>"/tmp/libublk-$_prefix.err" &
+    _pid=$!
+    _i=0
+    while ! grep -q '"dev_id"' "$_out" 2>/dev/null; do
+        if ! kill -0 "$_pid" 2>/dev/null || [ "$_i" -ge 150 ]; then
+            echo "libublk-null $* did not start" >&2
+            cat "/tmp/libublk-$_prefix.err" >&2
+            kill "$_pid" 2>/dev/null
+            return 1
+        fi
+        sleep 0.1
+        _i=$((_i + 1))
+    done
+    cat "$_out"
+    _dev=$(sed -n 's/.*"path"[[:space:]]*:[[:space:]]*"\([^"]*\)".*/\1/p' "$_out" | head -n 1)
+    eval "${_prefix}_pid=\$_pid; ${_prefix}_dev=\$_dev"
+    wait_blk "$_dev"
+}
+
+# loop_add FILE: sets LOOP_DEV; direct I/O with util-linux losetup (called by
+# path: busybox sh prefers its own losetup applet, which has no --direct-io).
+loop_add() {
+    LOOP_DEV=""
+    for _l in /bin/losetup /sbin/losetup /usr/sbin/losetup; do
+        [ -x "$_l" ] || continue
+        LOOP_DEV=$("$_l" -f --show --direct-io=on "$1" 2>/dev/null) && break
+        LOOP_DEV=""
+    done
+    if [ -z "$LOOP_DEV" ]; then
+        LOOP_DEV=$(losetup -f) && losetup "$LOOP_DEV" "$1" || return 1
+    fi
+    wait_blk "$LOOP_DEV" || return 1
+    echo "XTASK-BENCH-NOTE loop: $LOOP_DEV over $1, direct I/O (sysfs loop/dio): $(cat "/sys/block/${LOOP_DEV#/dev/}/loop/dio" 2>/dev/null || echo unknown)"
+}
+"#;
+
+/// The benchmark script.
+pub fn script(plan: &Plan) -> String {
+    let mut s = prelude();
+    s.push_str(SH_HELPERS);
+    s.push_str(
+        r#"
+echo "XTASK-BENCH-KERNEL $(uname -r)"
+echo "XTASK-BENCH-CPUS $(nproc)"
+"#,
+    );
+    if plan.uses_file() {
+        let _ = write!(
+            s,
+            r#"
+echo "== bench: filling {BENCH_FILE} ({DEVICE_MIB} MiB, tmpfs)"
+dd if=/dev/zero of={BENCH_FILE} bs=1M count={DEVICE_MIB} 2>/dev/null || echo "bench: dd {BENCH_FILE} failed" >&2
+TEARDOWN="rm -f {BENCH_FILE}; $TEARDOWN"
+"#
+        );
+    }
+    for (i, d) in plan.devices.iter().enumerate() {
+        let (setup, teardown) = match &d.setup {
+            Setup::Ublk(args) => (
+                format!(
+                    r#"ublk_add u{i} {args} {UBLK_QUEUES} && DEV=$u{i}_dev && UBLK_IDS="$UBLK_IDS $u{i}_id""#
+                ),
+                ":".to_string(),
+            ),
+            Setup::Libublk(args) => (
+                format!("libublk_add l{i} {args} {LIBUBLK_QUEUES} && DEV=$l{i}_dev"),
+                format!(
+                    r#"kill -TERM $l{i}_pid; wait $l{i}_pid || echo "bench: libublk-null exited with $?" >&2"#
+                ),
+            ),
+            Setup::Kmod {
+                module,
+                params,
+                dev,
+            } => (
+                format!(r#"load_mod {module} {params} && DEV={dev} && wait_blk "$DEV""#),
+                format!("rmmod {module}"),
+            ),
+            Setup::Loop => (
+                format!("load_mod loop && loop_add {BENCH_FILE} && DEV=$LOOP_DEV"),
+                format!("losetup -d $DEV_{i}; rmmod loop 2>/dev/null"),
+            ),
+        };
+        let _ = write!(
+            s,
+            r#"
+DEV=""
+echo "== bench: setting up {name}"
+if {setup}; then
+    DEV_{i}=$DEV
+    TEARDOWN="{teardown}; $TEARDOWN"
+    echo "== bench: {name} is $DEV"
+else
+    echo "XTASK-BENCH-SKIP {name}"
+    DEV_{i}=""
+fi
+"#,
+            name = d.name,
+            teardown = teardown.replace('"', r#"\""#).replace('$', r"\$"),
+        );
+    }
+    let total = plan.runs();
+    let mut k = 0;
+    let n = plan.devices.len();
+    for round in 1..=plan.rounds {
+        for t in &plan.tests {
+            for &jobs in &plan.jobs {
+                for step in 0..n {
+                    // Rotate the device order every round.
+                    let i = (step + round as usize - 1) % n;
+                    let d = plan.devices[i];
+                    k += 1;
+                    let lbl = label(d.name, t.name, jobs, round);
+                    let mut args = format!(
+                        "--name={test} --filename=\"$DEV_{i}\" --ioengine=io_uring --direct=1 \
+                         --rw={rw} --bs={bs} --iodepth={qd} --numjobs={jobs} --group_reporting \
+                         --time_based --runtime={rt} --ramp_time={ramp}",
+                        test = t.name,
+                        rw = t.rw,
+                        bs = t.bs,
+                        qd = t.iodepth,
+                        rt = plan.runtime,
+                        ramp = plan.ramp,
+                    );
+                    if t.rw.starts_with("rand") {
+                        args.push_str(" --randrepeat=0 --norandommap");
+                    } else if jobs > 1 {
+                        // Each sequential reader streams its own part of the device.
+                        let part = DEVICE_MIB / jobs;
+                        let _ = write!(args, " --size={part}M --offset_increment={part}M");
+                    }
+                    let _ = write!(
+                        s,
+                        r#"
+if [ -n "$DEV_{i}" ]; then
+    echo "== bench [{k}/{total}] round {round}/{rounds}: {name} {test} jobs={jobs}"
+    run_fio {lbl} {args} || echo "XTASK-BENCH-FAIL {lbl}"
+fi
+"#,
+                        rounds = plan.rounds,
+                        name = d.name,
+                        test = t.name,
+                    );
+                }
+            }
+        }
+    }
+    s.push_str("\necho \"== bench: done\"\n");
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::bench::Options;
+
+    fn make_plan(quick: bool) -> Plan {
+        let opts = Options {
+            rounds: 3,
+            runtime: 2,
+            ramp: 1,
+            quick,
+            filter: Vec::new(),
+        };
+        Plan::new(&opts, true).expect("plan")
+    }
+
+    #[test]
+    fn labels_round_trip() {
+        assert_eq!(
+            parse_label(&label("ublk-null-zc", "randread-4k-qd1", 2, 3)),
+            Some(("ublk-null-zc".into(), "randread-4k-qd1".into(), 2, 3))
+        );
+        assert_eq!(parse_label("a.b.c"), None);
+        assert_eq!(parse_label("a.b.x2.r1"), None);
+    }
+
+    #[test]
+    fn script_runs_every_combination_once() {
+        let plan = make_plan(false);
+        let s = script(&plan);
+        assert_eq!(s.matches("run_fio ").count(), plan.runs());
+        assert!(s.contains(&format!("[{0}/{0}]", plan.runs())));
+        assert!(s.contains("libublk_add"));
+        assert!(s.contains("--size=512M --offset_increment=512M"));
+        let quick = make_plan(true);
+        assert!(!script(&quick).contains(BENCH_FILE));
+    }
+}
