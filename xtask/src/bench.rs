@@ -149,6 +149,12 @@ pub const DEVICES: &[Device] = &[
         quick: false,
     },
     Device {
+        name: "ublk-null-batch",
+        role: Role::UblkNull,
+        setup: Setup::Ublk("null --buffer-mode copy --batch"),
+        quick: false,
+    },
+    Device {
         name: LIBUBLK,
         role: Role::LibublkNull,
         setup: Setup::Libublk(""),
