@@ -80,10 +80,10 @@ fn batch_cmd(q_id: u16, flags: u16, nr_elem: u16, elem_bytes: u8) -> [u8; 16] {
 fn set_multishot_group(sqe: &mut squeue::Entry, group: u16) {
     const { assert!(size_of::<squeue::Entry>() == 64) };
     let base = (sqe as *mut squeue::Entry).cast::<u8>();
-    // SAFETY: `Entry` is a repr(C) wrapper of the 64-byte `struct io_uring_sqe` (size checked
-    // above), made only of integers and unions of integers, so any bytes are valid; the
-    // offsets are those of `uring_cmd_flags` and `buf_group` in the UAPI layout, inside the
-    // 64 bytes; the writes are unaligned-safe and go through the unique `&mut`.
+    // `Entry` is a repr(C) wrapper of the 64-byte `struct io_uring_sqe` (size checked above),
+    // made only of integers and unions of integers, so any bytes are valid; the offsets are
+    // those of `uring_cmd_flags` and `buf_group` in the UAPI layout, inside the 64 bytes.
+    // SAFETY: in-bounds unaligned writes of valid bytes through the unique `&mut` (above).
     unsafe {
         base.add(SQE_URING_CMD_FLAGS)
             .cast::<u32>()
@@ -290,10 +290,11 @@ impl BatchIo {
                 .cast::<u16>();
             let depth = self.buf_addrs.len();
             for i in 0..bytes / size_of::<u16>() {
-                // SAFETY: i < TAGS_PER_FETCH, so the u16 lies inside buffer `bid` (in the
-                // mapping, page aligned, so aligned for u16). The kernel wrote it before
-                // posting this CQE and cannot write it again until the buffer is provided
-                // again below; a volatile read forms no reference to that memory.
+                // i < TAGS_PER_FETCH, so the u16 lies inside buffer `bid` (in the mapping, page
+                // aligned, so aligned for u16). The kernel wrote it before posting this CQE and
+                // cannot write it again until the buffer is provided again below.
+                // SAFETY: in bounds, aligned, not written concurrently (above); a volatile read
+                // forms no reference to that memory.
                 let tag = unsafe { base.add(i).read_volatile() };
                 if usize::from(tag) < depth {
                     tags.push(tag);
@@ -406,10 +407,11 @@ impl BatchIo {
 
     fn push(&mut self, ring: &mut IoUring, sqe: &squeue::Entry) -> io::Result<()> {
         loop {
-            // SAFETY: every SQE built here refers only to memory `self` owns (the fetch
-            // buffers, the PREP array, a COMMIT array) and marks it in flight before pushing;
-            // that memory is neither moved nor freed until the completion clears the mark, and
-            // `Drop` leaks whatever is still marked.
+            // Every SQE built here refers only to memory `self` owns (the fetch buffers, the
+            // PREP array, a COMMIT array) and marks it in flight before pushing; that memory is
+            // neither moved nor freed until the completion clears the mark, and `Drop` leaks
+            // whatever is still marked.
+            // SAFETY: so the SQE's memory outlives the operation (above).
             if unsafe { ring.submission().push(sqe) }.is_ok() {
                 return Ok(());
             }

@@ -265,15 +265,7 @@ fn serve<T: Target>(
     let mut live = usize::from(depth);
     let mut cqes: Vec<(u64, i32, u32)> = Vec::with_capacity(entries as usize * 2);
     while live > 0 && !shared.stop_requested() {
-        match ring.submit_and_wait(1) {
-            Ok(_) => {}
-            Err(e) if matches!(e.raw_os_error(), Some(libc::EINTR) | Some(libc::EBUSY)) => {}
-            Err(e) => return Err(e),
-        }
-        cqes.extend(
-            ring.completion()
-                .map(|c| (c.user_data(), c.result(), c.flags())),
-        );
+        submit_and_reap(&mut ring, &mut cqes)?;
         for (user_data, res, flags) in cqes.drain(..) {
             if user_data & TARGET_OP != 0 {
                 engine.target_event(user_data, res, &mut ring);
@@ -347,15 +339,7 @@ fn serve_batch<Q: crate::target::QueueTarget>(
     // Leave once the kernel ended the fetch, or on request; either way only after every
     // commit was answered, so no command still reads our arrays.
     while !batch.commits_idle() || (batch.fetching() && !shared.stop_requested()) {
-        match ring.submit_and_wait(1) {
-            Ok(_) => {}
-            Err(e) if matches!(e.raw_os_error(), Some(libc::EINTR) | Some(libc::EBUSY)) => {}
-            Err(e) => return Err(e),
-        }
-        cqes.extend(
-            ring.completion()
-                .map(|c| (c.user_data(), c.result(), c.flags())),
-        );
+        submit_and_reap(&mut ring, &mut cqes)?;
         for (user_data, res, flags) in cqes.drain(..) {
             if user_data & TARGET_OP != 0 {
                 engine.target_event(user_data, res, &mut ring);
@@ -381,6 +365,21 @@ fn serve_batch<Q: crate::target::QueueTarget>(
         fetching = batch.fetching(),
         in_service = engine.in_service(),
         "batch queue loop ended"
+    );
+    Ok(())
+}
+
+/// Submits the loop turn's SQEs, waits for at least one completion, and appends every
+/// completion as `(user_data, res, flags)`.
+fn submit_and_reap(ring: &mut IoUring, cqes: &mut Vec<(u64, i32, u32)>) -> io::Result<()> {
+    match ring.submit_and_wait(1) {
+        Ok(_) => {}
+        Err(e) if matches!(e.raw_os_error(), Some(libc::EINTR) | Some(libc::EBUSY)) => {}
+        Err(e) => return Err(e),
+    }
+    cqes.extend(
+        ring.completion()
+            .map(|c| (c.user_data(), c.result(), c.flags())),
     );
     Ok(())
 }
