@@ -87,6 +87,17 @@ pub enum BufferMode {
     /// in the queue ring's buffer table at index = tag for the life of the request. The
     /// server never sees the bytes; targets pass them on with fixed-buffer operations.
     ZeroCopy,
+    /// Kernel zero-copy the manual way (`UBLK_F_SUPPORT_ZERO_COPY`): the engine registers each
+    /// request's pages at index = tag with `UBLK_U_IO_REGISTER_IO_BUF` before the target sees
+    /// it and unregisters them before the commit. Same target contract as `ZeroCopy`; for
+    /// kernels without `UBLK_F_AUTO_BUF_REG`, and as its reference point in benchmarks.
+    ManualZeroCopy,
+    /// User copy (`UBLK_F_USER_COPY`): the kernel copies nothing. The server moves bytes
+    /// between the request's pages and its own memory with `pread`/`pwrite` on the ublk char
+    /// device, so a target that keeps data in memory (RAM) copies once, straight into place.
+    /// Targets that use [`crate::Io::data`] still work: the engine stages their bytes in the
+    /// tag buffer.
+    UserCopy,
 }
 
 impl BufferMode {
@@ -96,18 +107,43 @@ impl BufferMode {
             BufferMode::Copy => "copy",
             BufferMode::Registered => "registered",
             BufferMode::ZeroCopy => "zero-copy",
+            BufferMode::ManualZeroCopy => "manual-zero-copy",
+            BufferMode::UserCopy => "user-copy",
         }
+    }
+
+    /// Every mode, in the order the command line lists them.
+    pub const ALL: [BufferMode; 5] = [
+        BufferMode::Copy,
+        BufferMode::Registered,
+        BufferMode::ZeroCopy,
+        BufferMode::ManualZeroCopy,
+        BufferMode::UserCopy,
+    ];
+
+    /// The `UBLK_F_*` flag the device needs for this mode (0 for the copy modes).
+    pub fn kernel_flag(self) -> u64 {
+        match self {
+            BufferMode::Copy | BufferMode::Registered => 0,
+            BufferMode::ZeroCopy => crate::sys::UBLK_F_AUTO_BUF_REG,
+            BufferMode::ManualZeroCopy => crate::sys::UBLK_F_SUPPORT_ZERO_COPY,
+            BufferMode::UserCopy => crate::sys::UBLK_F_USER_COPY,
+        }
+    }
+
+    /// Whether the kernel copies request data into the server's tag buffers.
+    pub fn kernel_copies(self) -> bool {
+        matches!(self, BufferMode::Copy | BufferMode::Registered)
+    }
+
+    /// Whether request pages are lent to the queue's ring as fixed buffers (no copy at all).
+    pub fn is_zero_copy(self) -> bool {
+        matches!(self, BufferMode::ZeroCopy | BufferMode::ManualZeroCopy)
     }
 
     /// The mode a command-line name stands for.
     pub fn from_name(name: &str) -> Option<Self> {
-        [
-            BufferMode::Copy,
-            BufferMode::Registered,
-            BufferMode::ZeroCopy,
-        ]
-        .into_iter()
-        .find(|m| m.name() == name)
+        Self::ALL.into_iter().find(|m| m.name() == name)
     }
 }
 

@@ -131,8 +131,8 @@ pub fn check_request_stream<T: Target>(
     check_request_stream_in(BufferMode::Copy, make_target, geo, sem, input);
 }
 
-/// [`check_request_stream`] with the queue in buffer mode `mode` (`Copy` or `Registered`:
-/// zero-copy needs the kernel).
+/// [`check_request_stream`] with the queue in buffer mode `mode` (`Copy`, `Registered` or
+/// `UserCopy`: the zero-copy modes need the kernel).
 pub fn check_request_stream_in<T: Target>(
     mode: BufferMode,
     make_target: impl FnOnce() -> T,

@@ -216,23 +216,21 @@ impl DeviceBuilder {
         if features & sys::UBLK_F_CMD_IOCTL_ENCODE != 0 {
             flags |= sys::UBLK_F_CMD_IOCTL_ENCODE;
         }
-        if self.mode == BufferMode::ZeroCopy {
-            if target.needs_data() {
-                return Err(Error::InvalidParam(
-                    "zero-copy mode needs a target that does not touch request data \
-                     (this one reads or writes the bytes itself)"
-                        .into(),
-                ));
-            }
-            flags |= sys::UBLK_F_AUTO_BUF_REG;
+        if self.mode.is_zero_copy() && target.needs_data() {
+            return Err(Error::InvalidParam(format!(
+                "{} mode needs a target that does not touch request data \
+                 (this one reads or writes the bytes itself)",
+                self.mode.name()
+            )));
         }
+        flags |= self.mode.kernel_flag();
         if self.batch_io {
-            if self.mode == BufferMode::ZeroCopy {
-                return Err(Error::InvalidParam(
+            if !self.mode.kernel_copies() {
+                return Err(Error::InvalidParam(format!(
                     "batch I/O works with the copy and registered buffer modes only \
-                     (not zero-copy)"
-                        .into(),
-                ));
+                     (not {})",
+                    self.mode.name()
+                )));
             }
             flags |= sys::UBLK_F_BATCH_IO;
         }
@@ -264,6 +262,7 @@ impl DeviceBuilder {
             mode: self.mode,
             sqpoll: self.sqpoll,
             batch: self.batch_io,
+            stage: !target.copies_data(),
         };
         let result = serve(
             &signals,
@@ -405,6 +404,8 @@ struct QueueOptions {
     mode: BufferMode,
     sqpoll: Option<u32>,
     batch: bool,
+    /// User copy for a target that reads `Io::data`: the engine stages the bytes.
+    stage: bool,
 }
 
 #[allow(clippy::too_many_arguments)] // one call site; a struct would only rename them
@@ -436,7 +437,11 @@ fn serve<T: Target>(
             tracing::warn!(q = q_id, "no queue affinity: {e}");
             Vec::new()
         });
-        let shared = match TagArena::new(info.queue_depth, geo.max_io).and_then(QueueShared::new) {
+        // The modes that address request data through the char device keep it in the queue.
+        let queue_cdev = (!options.mode.kernel_copies() && options.mode != BufferMode::ZeroCopy)
+            .then(|| Arc::clone(&cdev));
+        let arena = TagArena::new(info.queue_depth, geo.max_io);
+        let shared = match arena.and_then(|a| QueueShared::new(a, queue_cdev)) {
             Ok(s) => s,
             Err(source) => {
                 setup_error = Some(Error::Queue { q_id, source });
@@ -453,6 +458,7 @@ fn serve<T: Target>(
             mode: options.mode,
             sqpoll: options.sqpoll,
             batch: options.batch,
+            stage: options.stage,
         };
         let (target, tx) = (Arc::clone(&target), tx.clone());
         let spawned = thread::Builder::new()

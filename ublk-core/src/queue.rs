@@ -12,12 +12,12 @@ use io_uring::{cqueue, opcode, squeue, types, IoUring};
 
 use crate::batch::BatchIo;
 use crate::buf::BufferMode;
-use crate::engine::Engine;
+use crate::engine::{Engine, BUF_CMD};
 use crate::io::{Geometry, IoDesc};
 use crate::mmap::{page_size, round_up, Mapping};
 use crate::pod;
 use crate::sys;
-use crate::target::{QueueShared, Target, TARGET_OP};
+use crate::target::{push_sqe, QueueShared, Target, TARGET_OP};
 
 /// Size of one descriptor in the kernel's array.
 const DESC_SIZE: usize = std::mem::size_of::<sys::ublksrv_io_desc>();
@@ -84,6 +84,8 @@ pub(crate) struct QueueSetup {
     pub sqpoll: Option<u32>,
     /// `UBLK_F_BATCH_IO`: tags arrive through one multishot fetch, results leave in batches.
     pub batch: bool,
+    /// User copy for a target that reads [`crate::Io::data`]: stage bytes in the tag buffer.
+    pub stage: bool,
 }
 
 fn pin_to(cpus: &[usize]) -> io::Result<()> {
@@ -123,33 +125,35 @@ fn new_ring(entries: u32, sqpoll: Option<u32>) -> io::Result<IoUring> {
 /// Registers what the buffer mode needs on the queue's ring.
 fn register_buffers(ring: &IoUring, mode: BufferMode, shared: &QueueShared) -> io::Result<()> {
     match mode {
-        BufferMode::Copy => Ok(()),
+        BufferMode::Copy | BufferMode::UserCopy => Ok(()),
         BufferMode::Registered => {
             let iovecs = shared.arena.iovecs();
             // SAFETY: the iovecs describe the arena, which outlives the ring (held by
             // `QueueShared`, dropped after the ring).
             unsafe { ring.submitter().register_buffers(&iovecs) }
         }
-        _ => ring
+        BufferMode::ZeroCopy | BufferMode::ManualZeroCopy => ring
             .submitter()
             .register_buffers_sparse(u32::from(shared.arena.depth())),
     }
 }
 
 /// Where a FETCH or COMMIT_AND_FETCH for `tag` says the data goes: `(cmd_addr, sqe_addr)`.
-/// Copy modes give the tag buffer in the command's `addr`. In zero-copy mode the command's
-/// `addr` must be 0 and the SQE's own `addr` carries `ublk_auto_buf_reg`: the buffer-table
-/// slot the kernel registers the request's pages at.
+/// Copy modes give the tag buffer in the command's `addr`. In (auto) zero-copy mode the
+/// command's `addr` must be 0 and the SQE's own `addr` carries `ublk_auto_buf_reg`: the
+/// buffer-table slot the kernel registers the request's pages at. User copy and manual
+/// zero-copy give no address at all (the kernel rejects one).
 fn fetch_addrs(mode: BufferMode, shared: &QueueShared, tag: u16) -> (u64, u64) {
     match mode {
         BufferMode::Copy | BufferMode::Registered => (shared.arena.buf_addr(tag), 0),
-        _ => {
+        BufferMode::ZeroCopy => {
             let reg = sys::ublk_auto_buf_reg {
                 index: tag,
                 ..Default::default()
             };
             (0, reg.to_sqe_addr())
         }
+        BufferMode::ManualZeroCopy | BufferMode::UserCopy => (0, 0),
     }
 }
 
@@ -224,6 +228,7 @@ fn serve<T: Target>(
         setup.geo,
         q_id,
         setup.mode,
+        setup.stage,
     );
 
     let wake = opcode::PollAdd::new(types::Fd(shared.wake_fd().as_raw_fd()), libc::POLLIN as u32)
@@ -249,7 +254,7 @@ fn serve<T: Target>(
     // completes at once. START_DEV would wait forever for a rejected tag, so fail here.
     let rejected = ring
         .completion()
-        .find(|c| c.user_data() & (TARGET_OP | WAKE_TOKEN) == 0);
+        .find(|c| c.user_data() & (TARGET_OP | BUF_CMD | WAKE_TOKEN) == 0);
     if let Some(cqe) = rejected {
         return Err(io::Error::other(format!(
             "the kernel rejected FETCH_REQ for tag {}: {}",
@@ -271,6 +276,10 @@ fn serve<T: Target>(
                 engine.target_event(user_data, res, &mut ring);
                 continue;
             }
+            if user_data & BUF_CMD != 0 {
+                engine.buf_cmd_done(user_data, res);
+                continue;
+            }
             if user_data == WAKE_TOKEN {
                 shared.clear_wake();
                 if !cqueue::more(flags) {
@@ -289,7 +298,7 @@ fn serve<T: Target>(
             }
         }
         let mut push_err = None;
-        engine.drain(|tag, res| {
+        engine.drain(&mut ring, |ring, tag, res| {
             let sqe = io_cmd_sqe(
                 cdev,
                 sys::UBLK_U_IO_COMMIT_AND_FETCH_REQ,
@@ -297,7 +306,7 @@ fn serve<T: Target>(
                 res,
                 fetch_addrs(setup.mode, &shared, tag),
             );
-            if let Err(e) = push(&mut ring, &sqe) {
+            if let Err(e) = push(ring, &sqe) {
                 push_err = Some(e);
             }
         });
@@ -357,7 +366,7 @@ fn serve_batch<Q: crate::target::QueueTarget>(
                 tracing::error!(q = descs.q_id(), user_data, res, "unexpected completion");
             }
         }
-        engine.drain(|tag, res| batch.queue_result(tag, res));
+        engine.drain(&mut ring, |_, tag, res| batch.queue_result(tag, res));
         batch.submit_commits(&mut ring)?;
     }
     tracing::debug!(
@@ -385,13 +394,7 @@ fn submit_and_reap(ring: &mut IoUring, cqes: &mut Vec<(u64, i32, u32)>) -> io::R
 }
 
 fn push(ring: &mut IoUring, sqe: &squeue::Entry) -> io::Result<()> {
-    loop {
-        // SAFETY: ublk commands carry only a buffer address in our arena, which outlives the
-        // ring (the arena is held by `QueueShared`, dropped after the ring); the poll carries
-        // no buffer.
-        if unsafe { ring.submission().push(sqe) }.is_ok() {
-            return Ok(());
-        }
-        ring.submit()?;
-    }
+    // SAFETY: ublk commands carry only a buffer address in our arena, which outlives the ring
+    // (the arena is held by `QueueShared`, dropped after the ring); the poll carries no buffer.
+    unsafe { push_sqe(ring, sqe) }
 }

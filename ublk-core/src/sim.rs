@@ -3,7 +3,9 @@
 //!
 //! For unit tests, fuzzing and the userspace-path benchmark. It plays the kernel's part: it
 //! copies a write's data into the tag buffer, writes the tag's descriptor, hands the tag to
-//! the dispatcher, and on commit copies a read's data out of the tag buffer. The tests that
+//! the dispatcher, and on commit copies a read's data out of the tag buffer. In user-copy
+//! mode a sparse memfd stands in for the ublk char device: each tag's data sits at the
+//! offset the driver would serve it at. The tests that
 //! show a target works against the real driver run in the VM (`cargo xtask test`).
 //!
 //! ```
@@ -36,7 +38,7 @@ use crate::buf::{BufferMode, TagArena};
 use crate::engine::Engine;
 use crate::io::{Geometry, IoDesc, SECTOR_SIZE};
 use crate::sys;
-use crate::target::{QueueShared, Target};
+use crate::target::{user_copy, user_copy_offset, QueueShared, Target};
 
 /// One commit the simulated kernel received.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -84,16 +86,21 @@ impl<T: Target> SimQueue<T> {
         Self::with_mode(target, geo, depth, BufferMode::Copy)
     }
 
-    /// Opens queue 0 of `target` in buffer mode `mode`. `ZeroCopy` needs the kernel's pages
-    /// and cannot be simulated (`Unsupported`).
+    /// Opens queue 0 of `target` in buffer mode `mode`. The zero-copy modes need the
+    /// kernel's pages and cannot be simulated (`Unsupported`).
     pub fn with_mode(target: &T, geo: Geometry, depth: u16, mode: BufferMode) -> io::Result<Self> {
-        if !matches!(mode, BufferMode::Copy | BufferMode::Registered) {
+        if mode.is_zero_copy() {
             return Err(io::Error::new(
                 io::ErrorKind::Unsupported,
                 "the simulated queue has no kernel pages to register",
             ));
         }
-        let shared = QueueShared::new(TagArena::new(depth.max(1), geo.max_io)?)?;
+        let cdev = if mode == BufferMode::UserCopy {
+            Some(Arc::new(sparse_memfd()?))
+        } else {
+            None
+        };
+        let shared = QueueShared::new(TagArena::new(depth.max(1), geo.max_io)?, cdev)?;
         shared.enter();
         let queue = target.open_queue(0, &geo)?;
         let ring = IoUring::new((u32::from(depth.max(1)) * 2).next_power_of_two())?;
@@ -104,7 +111,14 @@ impl<T: Target> SimQueue<T> {
             unsafe { ring.submitter().register_buffers(&iovecs)? };
         }
         Ok(SimQueue {
-            engine: Engine::new(queue, Arc::clone(&shared), geo, 0, mode),
+            engine: Engine::new(
+                queue,
+                Arc::clone(&shared),
+                geo,
+                0,
+                mode,
+                !target.copies_data(),
+            ),
             ring,
             shared,
             descs: vec![IoDesc::default(); usize::from(depth.max(1))],
@@ -134,10 +148,25 @@ impl<T: Target> SimQueue<T> {
         if write_data.len() > arena.buf_len() {
             return Err(SimError::DataTooLarge(write_data.len()));
         }
-        let buf = arena.buf_ptr(tag).expect("tag < depth checked above");
-        // SAFETY: the tag is not in service, so no request owns its buffer; the buffer holds
-        // buf_len >= write_data.len() bytes (checked); write_data cannot overlap our arena.
-        unsafe { std::ptr::copy_nonoverlapping(write_data.as_ptr(), buf, write_data.len()) };
+        if let Some(cdev) = self.shared.cdev.as_deref() {
+            // SAFETY: write_data is a live slice, only read by the pwrite.
+            let stored = unsafe {
+                user_copy(
+                    cdev,
+                    user_copy_offset(0, tag),
+                    write_data.as_ptr().cast_mut(),
+                    write_data.len(),
+                    true,
+                )
+            };
+            stored.map_err(|_| SimError::DataTooLarge(write_data.len()))?;
+        } else {
+            let buf = arena.buf_ptr(tag).expect("tag < depth checked above");
+            // SAFETY: the tag is not in service, so no request owns its buffer; the buffer
+            // holds buf_len >= write_data.len() bytes (checked); write_data cannot overlap
+            // our arena.
+            unsafe { std::ptr::copy_nonoverlapping(write_data.as_ptr(), buf, write_data.len()) };
+        }
         self.descs[usize::from(tag)] = desc;
         self.busy[usize::from(tag)] = true;
         self.engine.dispatch(tag, desc, &mut self.ring);
@@ -168,7 +197,7 @@ impl<T: Target> SimQueue<T> {
     pub fn results_into(&mut self, out: &mut Vec<(u16, i32)>) {
         self.run_ring();
         let busy = &mut self.busy;
-        self.engine.drain(|tag, res| {
+        self.engine.drain(&mut self.ring, |_, tag, res| {
             busy[usize::from(tag)] = false;
             out.push((tag, res));
         });
@@ -178,7 +207,8 @@ impl<T: Target> SimQueue<T> {
     pub fn commits(&mut self) -> Vec<Commit> {
         self.run_ring();
         let mut done = Vec::new();
-        self.engine.drain(|tag, res| done.push((tag, res)));
+        self.engine
+            .drain(&mut self.ring, |_, tag, res| done.push((tag, res)));
         done.into_iter()
             .map(|(tag, result)| {
                 self.busy[usize::from(tag)] = false;
@@ -189,10 +219,19 @@ impl<T: Target> SimQueue<T> {
                     let n = (result as u64).min(asked) as usize;
                     let n = n.min(self.shared.arena.buf_len());
                     data = vec![0; n];
-                    let buf = self.shared.arena.buf_ptr(tag).expect("tag < depth");
-                    // SAFETY: the tag was just committed, so no request owns its buffer;
-                    // n <= buf_len bytes are readable; `data` is a fresh Vec.
-                    unsafe { std::ptr::copy_nonoverlapping(buf, data.as_mut_ptr(), n) };
+                    if let Some(cdev) = self.shared.cdev.as_deref() {
+                        let at = user_copy_offset(0, tag);
+                        // SAFETY: `data` is a fresh Vec of n bytes, written by the pread.
+                        let read = unsafe { user_copy(cdev, at, data.as_mut_ptr(), n, false) };
+                        if let Err(e) = read {
+                            tracing::warn!(tag, "simulated user copy: {e}");
+                        }
+                    } else {
+                        let buf = self.shared.arena.buf_ptr(tag).expect("tag < depth");
+                        // SAFETY: the tag was just committed, so no request owns its buffer;
+                        // n <= buf_len bytes are readable; `data` is a fresh Vec.
+                        unsafe { std::ptr::copy_nonoverlapping(buf, data.as_mut_ptr(), n) };
+                    }
                 }
                 Commit { tag, result, data }
             })
@@ -275,6 +314,19 @@ impl<T: Target> SimQueue<T> {
     pub fn op(&mut self, op: u8, flags: u32, offset: u64, len: u32) -> Result<i32, i32> {
         self.run_one(op, flags, offset, len, &[]).map(|c| c.result)
     }
+}
+
+/// The stand-in for the ublk char device in user-copy mode: an empty memfd that grows
+/// sparsely to the user-copy offsets.
+fn sparse_memfd() -> io::Result<std::fs::File> {
+    use std::os::fd::FromRawFd;
+    // SAFETY: the name is a NUL-terminated literal; a non-negative result is a new fd.
+    let fd = unsafe { libc::memfd_create(c"ublk-sim-cdev".as_ptr(), libc::MFD_CLOEXEC) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: fd was just created and is owned by nobody else.
+    Ok(unsafe { std::fs::File::from_raw_fd(fd) })
 }
 
 #[cfg(test)]

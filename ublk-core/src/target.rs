@@ -11,6 +11,7 @@
 //! children and build a stack (a mirror of stripes, compression over a mirror).
 
 use std::cell::{Cell, RefCell};
+use std::fs::File;
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::rc::Rc;
@@ -21,6 +22,8 @@ use crossbeam_queue::SegQueue;
 
 use crate::buf::{FixedBuf, TagArena};
 use crate::io::{BlockIo, Geometry, IoFlags, Op};
+use crate::mmap::Mapping;
+use crate::sys;
 
 /// A block backend: the device-wide half of a target.
 pub trait Target: Send + Sync + 'static {
@@ -35,6 +38,16 @@ pub trait Target: Send + Sync + 'static {
     /// in zero-copy mode.
     fn needs_data(&self) -> bool {
         true
+    }
+
+    /// Whether the target moves request bytes only with the copy methods of [`Io`]
+    /// ([`Io::copy_data_to`], [`Io::copy_data_from`], their mapping variants and
+    /// [`Io::zero_data`]) or not at all, never through [`Io::data`] or the buffer's address.
+    /// In [`crate::BufferMode::UserCopy`] such a target gets one copy per request, straight
+    /// between the request's pages and its own memory; any other target has its bytes staged
+    /// in the tag buffer by the engine.
+    fn copies_data(&self) -> bool {
+        false
     }
 }
 
@@ -53,6 +66,90 @@ pub trait QueueTarget: 'static {
 
 /// The bit the engine sets in `user_data` of target-pushed SQEs to route their CQEs back.
 pub(crate) const TARGET_OP: u64 = 1 << 63;
+
+/// Queues `sqe` on `ring`, submitting first if the submission queue is full.
+///
+/// # Safety
+/// Every buffer and file the SQE refers to must stay valid until its completion arrives.
+pub(crate) unsafe fn push_sqe(
+    ring: &mut io_uring::IoUring,
+    sqe: &io_uring::squeue::Entry,
+) -> io::Result<()> {
+    loop {
+        // SAFETY: the caller guarantees the SQE's buffers outlive its completion.
+        if unsafe { ring.submission().push(sqe) }.is_ok() {
+            return Ok(());
+        }
+        ring.submit()?;
+    }
+}
+
+/// Where request `tag` of queue `q_id` starts on the ublk char device in user-copy mode.
+pub(crate) fn user_copy_offset(q_id: u16, tag: u16) -> u64 {
+    sys::UBLKSRV_IO_BUF_OFFSET
+        + (u64::from(q_id) << sys::UBLK_QID_OFF)
+        + (u64::from(tag) << sys::UBLK_TAG_OFF)
+}
+
+/// Which way a user copy moves bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Dir {
+    /// From the request's pages to server memory (`pread`; a write's data).
+    FromRequest,
+    /// From server memory to the request's pages (`pwrite`; a read's data).
+    ToRequest,
+}
+
+/// `pread`s or `pwrite`s exactly `len` bytes at `ptr` from or to `file` at `pos`.
+///
+/// # Safety
+/// `ptr` must be valid for `len` bytes of reads (`ToRequest`) or writes (`FromRequest`) for
+/// the duration of the call.
+pub(crate) unsafe fn user_copy(
+    file: &File,
+    mut pos: u64,
+    ptr: *mut u8,
+    len: usize,
+    to_request: bool,
+) -> io::Result<()> {
+    let mut done = 0usize;
+    while done < len {
+        let off = libc::off_t::try_from(pos)
+            .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "offset overflow"))?;
+        // SAFETY: done < len, so the rest lies inside the region the caller vouches for.
+        let at = unsafe { ptr.add(done) };
+        // SAFETY: as above; the kernel reads or writes at most `len - done` bytes there.
+        let rc = unsafe {
+            if to_request {
+                libc::pwrite(file.as_raw_fd(), at.cast(), len - done, off)
+            } else {
+                libc::pread(file.as_raw_fd(), at.cast(), len - done, off)
+            }
+        };
+        match rc {
+            n if n > 0 => {
+                done += n as usize;
+                pos += n as u64;
+            }
+            0 => {
+                return Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    "the request's data ended early",
+                ))
+            }
+            _ => {
+                let e = io::Error::last_os_error();
+                if e.kind() != io::ErrorKind::Interrupted {
+                    return Err(e);
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// A page of zeroes for zero-filling requests in user-copy mode.
+static ZEROES: [u8; 4096] = [0; 4096];
 
 /// What a queue target can see of its queue while it handles a request: its id, the device
 /// geometry, and the queue's io_uring, on which the target may run its own I/O.
@@ -97,13 +194,8 @@ impl QueueCtx<'_> {
             ));
         }
         let sqe = sqe.clone().user_data(user_data | TARGET_OP);
-        loop {
-            // SAFETY: the caller guarantees the SQE's buffers outlive its completion.
-            if unsafe { self.ring.submission().push(&sqe) }.is_ok() {
-                return Ok(());
-            }
-            self.ring.submit()?;
-        }
+        // SAFETY: the caller guarantees the SQE's buffers outlive its completion.
+        unsafe { push_sqe(self.ring, &sqe) }
     }
 }
 
@@ -115,6 +207,9 @@ pub(crate) struct QueueShared {
     wake: OwnedFd,
     stop: AtomicBool,
     pub(crate) arena: TagArena,
+    /// The ublk char device, in the modes that address request data through it (user copy,
+    /// manual buffer registration); kept open while any request value exists.
+    pub(crate) cdev: Option<Arc<File>>,
 }
 
 thread_local! {
@@ -123,7 +218,7 @@ thread_local! {
 }
 
 impl QueueShared {
-    pub(crate) fn new(arena: TagArena) -> io::Result<Arc<Self>> {
+    pub(crate) fn new(arena: TagArena, cdev: Option<Arc<File>>) -> io::Result<Arc<Self>> {
         // SAFETY: eventfd takes no pointers; a non-negative result is a new fd we now own.
         let fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
         if fd < 0 {
@@ -135,6 +230,7 @@ impl QueueShared {
             wake: unsafe { OwnedFd::from_raw_fd(fd) },
             stop: AtomicBool::new(false),
             arena,
+            cdev,
         }))
     }
 
@@ -215,9 +311,12 @@ impl LocalSink {
 struct Inner {
     io: BlockIo,
     tag: u16,
-    /// The tag buffer, or null in zero-copy mode (the server holds no copy of the data).
+    /// The tag buffer, or null when the server holds no copy of the data (zero-copy, and
+    /// user copy for a target that copies the bytes itself).
     buf: *mut u8,
     fixed: Option<FixedBuf>,
+    /// In user-copy mode: where the request's data starts on the ublk char device.
+    user_copy: Option<u64>,
 }
 
 impl Inner {
@@ -260,6 +359,180 @@ impl Inner {
         // SAFETY: as in `data`; uniqueness is the caller's &mut borrow of the owning request.
         unsafe { std::slice::from_raw_parts_mut(self.buf, self.data_len()) }
     }
+
+    /// Checks that bytes `[at, at + len)` of the request's data may move in direction `dir`:
+    /// out of a write, or into a read.
+    fn check_span(&self, at: usize, len: usize, dir: Dir) -> io::Result<()> {
+        let op = match dir {
+            Dir::FromRequest => Op::Write,
+            Dir::ToRequest => Op::Read,
+        };
+        if self.io.op != op {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!(
+                    "{dir:?} copies need a {op:?} request, this is {:?}",
+                    self.io.op
+                ),
+            ));
+        }
+        match at.checked_add(len) {
+            Some(end) if end <= self.io.len as usize => Ok(()),
+            _ => Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!(
+                    "bytes {at}..{at}+{len} lie outside the request's {} bytes",
+                    self.io.len
+                ),
+            )),
+        }
+    }
+
+    /// Moves `len` bytes between request offset `at` and `ptr` (`Some`), or writes `len`
+    /// zeroes into the request (`None`, `ToRequest` only).
+    ///
+    /// # Safety
+    /// The caller owns the request; `ptr`, if any, is valid for `len` bytes in the direction
+    /// used and does not overlap the tag buffer.
+    unsafe fn copy(
+        &self,
+        shared: &QueueShared,
+        dir: Dir,
+        at: usize,
+        ptr: Option<*mut u8>,
+        len: usize,
+    ) -> io::Result<()> {
+        self.check_span(at, len, dir)?;
+        if !self.buf.is_null() {
+            // SAFETY: at + len <= io.len <= the tag buffer's size (checked above and at
+            // decode); the caller owns the request and vouches for `ptr`.
+            unsafe {
+                let here = self.buf.add(at);
+                match (dir, ptr) {
+                    (Dir::FromRequest, Some(p)) => std::ptr::copy_nonoverlapping(here, p, len),
+                    (Dir::ToRequest, Some(p)) => std::ptr::copy_nonoverlapping(p, here, len),
+                    (_, None) => std::ptr::write_bytes(here, 0, len),
+                }
+            }
+            return Ok(());
+        }
+        let (Some(base), Some(cdev)) = (self.user_copy, shared.cdev.as_deref()) else {
+            return Err(io::Error::new(
+                io::ErrorKind::Unsupported,
+                "zero-copy mode: the server holds no copy of the request's data",
+            ));
+        };
+        let pos = base + at as u64;
+        let to_request = dir == Dir::ToRequest;
+        match ptr {
+            // SAFETY: the caller vouches for ptr and len.
+            Some(p) => unsafe { user_copy(cdev, pos, p, len, to_request) },
+            None => {
+                let mut done = 0;
+                while done < len {
+                    let n = (len - done).min(ZEROES.len());
+                    // SAFETY: ZEROES is n >= bytes of readable memory; a ToRequest copy only
+                    // reads from it (the cast to *mut is never written through).
+                    unsafe {
+                        user_copy(cdev, pos + done as u64, ZEROES.as_ptr().cast_mut(), n, true)?
+                    };
+                    done += n;
+                }
+                Ok(())
+            }
+        }
+    }
+}
+
+/// The data-moving methods shared by [`Io`] and [`RemoteIo`]: copies that work in every buffer
+/// mode where the server can reach the bytes (not the zero-copy modes).
+macro_rules! data_copies {
+    ($shared:ident) => {
+        /// Copies bytes `at..at + dst.len()` of a write request's data into `dst`. In
+        /// user-copy mode this is the kernel's only copy of the data.
+        pub fn copy_data_to(&self, at: usize, dst: &mut [u8]) -> io::Result<()> {
+            // SAFETY: dst is a unique borrow of len bytes, apart from the tag buffer (which is
+            // never lent out mutably while `self` is borrowed); self owns the request.
+            unsafe {
+                self.inner.copy(
+                    self.$shared(),
+                    Dir::FromRequest,
+                    at,
+                    Some(dst.as_mut_ptr()),
+                    dst.len(),
+                )
+            }
+        }
+
+        /// Copies `src` into a read request's data at `at`.
+        pub fn copy_data_from(&mut self, at: usize, src: &[u8]) -> io::Result<()> {
+            // SAFETY: src is a live borrow of len bytes that is only read; self owns the
+            // request uniquely (&mut self).
+            unsafe {
+                self.inner.copy(
+                    self.$shared(),
+                    Dir::ToRequest,
+                    at,
+                    Some(src.as_ptr().cast_mut()),
+                    src.len(),
+                )
+            }
+        }
+
+        /// Fills `len` bytes of a read request's data with zeroes from `at`.
+        pub fn zero_data(&mut self, at: usize, len: usize) -> io::Result<()> {
+            // SAFETY: no pointer is passed; self owns the request uniquely.
+            unsafe {
+                self.inner
+                    .copy(self.$shared(), Dir::ToRequest, at, None, len)
+            }
+        }
+
+        /// Copies `len` bytes of a write request's data from `at` into `map` at `map_off`,
+        /// without forming a reference to the mapping (which other queues may be using).
+        pub fn copy_data_to_mapping(
+            &self,
+            at: usize,
+            map: &Mapping,
+            map_off: u64,
+            len: usize,
+        ) -> io::Result<()> {
+            let dst = map_range(map, map_off, len)?;
+            // SAFETY: dst is `len` bytes inside the live mapping (bounds-checked), which is
+            // not the tag buffer; self owns the request.
+            unsafe {
+                self.inner
+                    .copy(self.$shared(), Dir::FromRequest, at, Some(dst), len)
+            }
+        }
+
+        /// Copies `len` bytes of `map` at `map_off` into a read request's data at `at`.
+        pub fn copy_data_from_mapping(
+            &mut self,
+            at: usize,
+            map: &Mapping,
+            map_off: u64,
+            len: usize,
+        ) -> io::Result<()> {
+            let src = map_range(map, map_off, len)?;
+            // SAFETY: src is `len` bytes inside the live mapping (bounds-checked), only read;
+            // self owns the request uniquely.
+            unsafe {
+                self.inner
+                    .copy(self.$shared(), Dir::ToRequest, at, Some(src), len)
+            }
+        }
+    };
+}
+
+/// `len` bytes of `map` from `off`, or an error naming the range.
+fn map_range(map: &Mapping, off: u64, len: usize) -> io::Result<*mut u8> {
+    map.range(off, len).ok_or_else(|| {
+        io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("bytes {off}..{off}+{len} lie outside the mapping"),
+        )
+    })
 }
 
 /// One request, owned by the target until it is completed.
@@ -278,12 +551,13 @@ impl Io {
     /// # Safety
     /// `buf` must be null or point at `tag`'s buffer in `sink`'s arena, at least `io.len` bytes
     /// long for reads and writes, and the request must be the only user of that buffer (and
-    /// of `fixed`) until completed.
+    /// of `fixed`, and of its user-copy range) until completed.
     pub(crate) unsafe fn new(
         io: BlockIo,
         tag: u16,
         buf: *mut u8,
         fixed: Option<FixedBuf>,
+        user_copy: Option<u64>,
         sink: Rc<LocalSink>,
     ) -> Self {
         Io {
@@ -292,6 +566,7 @@ impl Io {
                 tag,
                 buf,
                 fixed,
+                user_copy,
             },
             sink,
             done: false,
@@ -339,12 +614,19 @@ impl Io {
         self.inner.fixed
     }
 
-    /// The request's data: the bytes to write, or the read buffer. Empty for other ops, and
-    /// in zero-copy mode, where the server holds no copy of the data.
+    /// The request's data: the bytes to write, or the read buffer. Empty for other ops, in
+    /// the zero-copy modes, where the server holds no copy of the data, and in user-copy mode
+    /// for a target whose [`Target::copies_data`] is true (use the copy methods instead).
     pub fn data(&self) -> &[u8] {
         // SAFETY: self owns the request (not yet completed); the borrow is tied to &self.
         unsafe { self.inner.data() }
     }
+
+    fn shared(&self) -> &QueueShared {
+        &self.sink.shared
+    }
+
+    data_copies!(shared);
 
     /// The request's buffer, mutably: fill it for a read. Empty for ops without data.
     pub fn data_mut(&mut self) -> &mut [u8] {
@@ -412,11 +694,17 @@ impl RemoteIo {
         self.inner.io
     }
 
-    /// The request's data: the bytes to write, or the read buffer.
+    /// The request's data: the bytes to write, or the read buffer (see [`Io::data`]).
     pub fn data(&self) -> &[u8] {
         // SAFETY: self owns the request; the borrow is tied to &self.
         unsafe { self.inner.data() }
     }
+
+    fn shared(&self) -> &QueueShared {
+        &self.shared
+    }
+
+    data_copies!(shared);
 
     /// The request's buffer, mutably.
     pub fn data_mut(&mut self) -> &mut [u8] {

@@ -28,21 +28,16 @@ pub fn request_stream(data: &[u8]) {
         ..GEOMETRY
     };
     check_request_stream(|| Null, geo, Semantics::DISCARDS_DATA, rest);
-    check_request_stream(
-        || Ram::new(geo.size).expect("memfd"),
-        geo,
-        Semantics::STORES_DATA,
-        rest,
-    );
+    let ram = || Ram::new(geo.size).expect("memfd");
+    check_request_stream(ram, geo, Semantics::STORES_DATA, rest);
+    // The RAM target copies in place through the simulated char device; the file target
+    // reads `Io::data`, so the engine stages its bytes.
+    check_request_stream_in(BufferMode::UserCopy, ram, geo, Semantics::STORES_DATA, rest);
     let file = || FileTarget::from_file(memfd(), geo.size).expect("file target on a memfd");
     check_request_stream(file, geo, Semantics::STORES_DATA, rest);
-    check_request_stream_in(
-        BufferMode::Registered,
-        file,
-        geo,
-        Semantics::STORES_DATA,
-        rest,
-    );
+    for mode in [BufferMode::Registered, BufferMode::UserCopy] {
+        check_request_stream_in(mode, file, geo, Semantics::STORES_DATA, rest);
+    }
 }
 
 /// An anonymous in-memory file for the file target.

@@ -19,6 +19,11 @@ impl Target for Null {
     fn needs_data(&self) -> bool {
         false
     }
+
+    /// Never touches the bytes, so user-copy mode needs no staging.
+    fn copies_data(&self) -> bool {
+        true
+    }
 }
 
 impl QueueTarget for Null {

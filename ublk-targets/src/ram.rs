@@ -126,31 +126,36 @@ impl Ram {
         Ok(Ram(Arc::new(Memory { file, map, written })))
     }
 
-    /// Fills `buf` from `offset`, reading only pages that were ever written.
-    fn read(&self, offset: u64, buf: &mut [u8]) -> bool {
+    /// Answers a read: pages ever written are copied from memory, the others are zero-filled
+    /// without touching the mapping. Runs of pages in the same state move in one copy (one
+    /// `pwrite` in user-copy mode).
+    fn read(&self, io: &mut Io) -> io::Result<()> {
+        let (offset, len) = (io.offset(), io.len() as usize);
+        let written = |at: usize| self.0.written.is_set((offset + at as u64) / PAGE);
         let mut done = 0usize;
-        while done < buf.len() {
-            let at = offset + done as u64;
-            let chunk = ((PAGE - at % PAGE) as usize).min(buf.len() - done);
-            let dst = &mut buf[done..done + chunk];
-            if self.0.written.is_set(at / PAGE) {
-                if !self.0.map.read_at(at, dst) {
-                    return false;
-                }
-            } else {
-                dst.fill(0);
+        while done < len {
+            let state = written(done);
+            // The first run ends at a page boundary; later ones step a page at a time.
+            let mut end = done + ((PAGE - (offset + done as u64) % PAGE) as usize).min(len - done);
+            while end < len && written(end) == state {
+                end += (PAGE as usize).min(len - end);
             }
-            done += chunk;
+            if state {
+                io.copy_data_from_mapping(done, &self.0.map, offset + done as u64, end - done)?;
+            } else {
+                io.zero_data(done, end - done)?;
+            }
+            done = end;
         }
-        true
+        Ok(())
     }
 
-    fn write(&self, offset: u64, data: &[u8]) -> bool {
-        let ok = self.0.map.write_at(offset, data);
-        if ok {
-            self.0.written.mark(offset, data.len() as u64);
-        }
-        ok
+    /// Stores a write's data and marks its pages written.
+    fn write(&self, io: &Io) -> io::Result<()> {
+        let len = io.len() as usize;
+        io.copy_data_to_mapping(0, &self.0.map, io.offset(), len)?;
+        self.0.written.mark(io.offset(), len as u64);
+        Ok(())
     }
 
     /// Frees `[offset, offset + len)`: later reads return zeroes.
@@ -179,8 +184,8 @@ impl Ram {
     fn serve(&self, mut io: Io) {
         let offset = io.offset();
         let done = match io.op() {
-            Op::Read => self.read(offset, io.data_mut()),
-            Op::Write => self.write(offset, io.data()),
+            Op::Read => self.read(&mut io).is_ok(),
+            Op::Write => self.write(&io).is_ok(),
             Op::Flush => true,
             Op::Discard => self.punch(offset, io.len()),
             Op::WriteZeroes if io.flags().no_unmap() => {
@@ -244,6 +249,10 @@ impl Target for Ram {
         }
         Ok(self.clone())
     }
+
+    fn copies_data(&self) -> bool {
+        true
+    }
 }
 
 impl QueueTarget for Ram {
@@ -279,6 +288,19 @@ mod tests {
         let back = q.read(4096, 1024).expect("read");
         assert!(back[..512].iter().all(|b| *b == 0));
         assert!(back[512..].iter().all(|b| *b == 7));
+    }
+
+    #[test]
+    fn user_copy_moves_runs_of_written_and_unwritten_pages() {
+        use ublk_core::BufferMode;
+        let ram = Ram::new(GEO.size).expect("memfd");
+        let mut q = SimQueue::with_mode(&ram, GEO, 4, BufferMode::UserCopy).expect("queue");
+        let data: Vec<u8> = (0..12288u32).map(|i| (i % 253) as u8 + 1).collect();
+        assert_eq!(q.write(8192 + 512, &data), Ok(12288));
+        let back = q.read(4096, 32768).expect("read");
+        assert!(back[..4096 + 512].iter().all(|b| *b == 0));
+        assert_eq!(&back[4096 + 512..4096 + 512 + 12288], &data[..]);
+        assert!(back[4096 + 512 + 12288..].iter().all(|b| *b == 0));
     }
 
     #[test]

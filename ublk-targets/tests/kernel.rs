@@ -136,6 +136,66 @@ fn fio_verify_ram_batch_2_queues() {
     fio_matrix("ram --batch", 2);
 }
 
+#[test]
+#[ignore = "needs the ublk kernel driver: run `cargo xtask test`"]
+fn fio_verify_ram_user_copy_2_queues() {
+    fio_matrix("ram --buffer-mode user-copy", 2);
+}
+
+#[test]
+#[ignore = "needs the ublk kernel driver: run `cargo xtask test`"]
+fn fio_verify_file_user_copy_staged() {
+    fio_matrix("file --buffer-mode user-copy --direct", 1);
+}
+
+#[test]
+#[ignore = "needs the ublk kernel driver: run `cargo xtask test`"]
+fn fio_null_user_copy() {
+    fio_matrix("null --buffer-mode user-copy", 1);
+}
+
+#[test]
+#[ignore = "needs the ublk kernel driver: run `cargo xtask test`"]
+fn fio_verify_file_manual_zero_copy_2_queues() {
+    fio_matrix("file --buffer-mode manual-zero-copy --direct", 2);
+}
+
+#[test]
+#[ignore = "needs the ublk kernel driver: run `cargo xtask test`"]
+fn fio_null_manual_zero_copy() {
+    fio_matrix("null --buffer-mode manual-zero-copy", 1);
+}
+
+/// The kernel flag each buffer mode needs, as `ublk list` names it.
+const MODE_FLAGS: [(&str, &str); 3] = [
+    ("zero-copy", "AUTO_BUF_REG"),
+    ("manual-zero-copy", "SUPPORT_ZERO_COPY"),
+    ("user-copy", "USER_COPY"),
+];
+
+/// Checks that the device `add` reported runs in the buffer mode its options asked for,
+/// with the kernel flag that mode needs.
+fn assert_mode_in_effect(args: &[String], dev: &Value) {
+    let asked = args
+        .iter()
+        .position(|a| a == "--buffer-mode")
+        .map(|i| args[i + 1].as_str())
+        .or_else(|| {
+            args.iter()
+                .any(|a| a == "--zero-copy")
+                .then_some("zero-copy")
+        })
+        .unwrap_or("copy");
+    assert_eq!(field_str(dev, "buffer_mode"), asked, "add output: {dev}");
+    if let Some((_, flag)) = MODE_FLAGS.iter().find(|(m, _)| *m == asked) {
+        let flags = dev["flags"].as_array().expect("flags array");
+        assert!(
+            flags.iter().any(|f| f.as_str() == Some(flag)),
+            "a {asked} device without the kernel flag {flag}: {dev}"
+        );
+    }
+}
+
 /// One fio configuration of the matrix.
 struct FioCase {
     rw: &'static str,
@@ -235,6 +295,7 @@ fn fio_matrix(target_args: &str, queues: u32) {
         u64::from(queues),
         "add output: {dev}"
     );
+    assert_mode_in_effect(&words, &dev);
     let path = dev_path(&dev);
     let verify = target != "null";
 
@@ -333,15 +394,23 @@ fn ext4_on_a_file_target_survives_fsck_and_remount() {
     ext4_round_trip("file");
 }
 
-/// mkfs, files, umount, fsck, remount, same checksums, on a fresh device of `target`.
+#[test]
+#[ignore = "needs the ublk kernel driver: run `cargo xtask test`"]
+fn ext4_on_ram_with_user_copy_survives_fsck_and_remount() {
+    ext4_round_trip("ram --buffer-mode user-copy");
+}
+
+/// mkfs, files, umount, fsck, remount, same checksums, on a fresh device of `target` (the
+/// target's name, then any options).
 fn ext4_round_trip(target: &str) {
-    let session = Session::start(&format!("ext4-{target}"));
+    let session = Session::start(&format!("ext4-{}", target.replace([' ', '-'], "")));
     let backing = session.scratch.join("backing.img").display().to_string();
-    let dev = if target == "file" {
-        add(&["file", "--path", &backing, "--size", "256M"])
-    } else {
-        add(&[target, "--size", "256M"])
-    };
+    let mut args: Vec<&str> = target.split_whitespace().collect();
+    args.extend(["--size", "256M"]);
+    if args[0] == "file" {
+        args.extend(["--path", &backing]);
+    }
+    let dev = add(&args);
     let path = dev_path(&dev);
     run("mkfs.ext4", &["-q", "-F", path]);
 
@@ -1015,6 +1084,14 @@ fn bad_arguments_are_rejected_without_leaving_a_device() {
         (vec!["del", "4000"], &[&["4000"]]),
         // The RAM target copies bytes itself: kernel zero-copy cannot serve it.
         (vec!["add", "ram", "--zero-copy"], &[&["zero-copy"]]),
+        (
+            vec!["add", "ram", "--buffer-mode", "manual-zero-copy"],
+            &[&["manual-zero-copy"]],
+        ),
+        (
+            vec!["add", "null", "--buffer-mode", "user-copy", "--batch"],
+            &[&["batch"], &["user-copy"]],
+        ),
         (
             vec!["add", "null", "--buffer-mode", "bogus"],
             &[&["buffer mode"]],

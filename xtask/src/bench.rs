@@ -7,8 +7,8 @@
 //! modules). Each round runs every test on every device, alternating devices
 //! run by run (the device order is rotated every round so no device always
 //! follows the same neighbour); the report gives the median of the rounds.
-//! The default 2 s measured + 1 s ramp per run keeps the full plan (420 runs)
-//! under 30 minutes of TCG time. Writes `target/bench/`:
+//! The default 2 s measured + 1 s ramp per run keeps the full plan (540 runs)
+//! near 36 minutes of TCG time. Writes `target/bench/`:
 //! `report.md` (Markdown tables and the bar checks), `raw.json`
 //! (every fio run, with fio's job report) and `iops.png`.
 //!
@@ -149,6 +149,18 @@ pub const DEVICES: &[Device] = &[
         quick: false,
     },
     Device {
+        name: "ublk-null-mzc",
+        role: Role::UblkNull,
+        setup: Setup::Ublk("null --buffer-mode manual-zero-copy"),
+        quick: false,
+    },
+    Device {
+        name: "ublk-null-uc",
+        role: Role::UblkNull,
+        setup: Setup::Ublk("null --buffer-mode user-copy"),
+        quick: false,
+    },
+    Device {
         name: "ublk-null-batch",
         role: Role::UblkNull,
         setup: Setup::Ublk("null --buffer-mode copy --batch"),
@@ -183,6 +195,12 @@ pub const DEVICES: &[Device] = &[
         quick: true,
     },
     Device {
+        name: "ublk-ram-uc",
+        role: Role::UblkRam,
+        setup: Setup::Ublk("ram --buffer-mode user-copy"),
+        quick: true,
+    },
+    Device {
         name: "brd",
         role: Role::Kernel,
         setup: Setup::Kmod {
@@ -202,6 +220,14 @@ pub const DEVICES: &[Device] = &[
         name: "ublk-file-zc",
         role: Role::UblkFile,
         setup: Setup::Ublk("file --path /dev/shm/ublk-bench.img --direct --zero-copy"),
+        quick: false,
+    },
+    Device {
+        name: "ublk-file-mzc",
+        role: Role::UblkFile,
+        setup: Setup::Ublk(
+            "file --path /dev/shm/ublk-bench.img --direct --buffer-mode manual-zero-copy",
+        ),
         quick: false,
     },
     Device {

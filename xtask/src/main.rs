@@ -49,10 +49,10 @@ commands:
          RAM-backed ublk device: ext4 round trip + fio
   bench  [--mem SIZE (6G)] [--smp N] [--no-build] [--rounds N (3)]
          [--runtime SECS (2, after 1 s ramp)] [--quick] [--filter NAME,...]
-         fio on ublk null (copy/registered/zero-copy, SQPOLL on/off), libublk
+         fio on ublk null (every buffer mode, SQPOLL on/off, batch), libublk
          null, null_blk, brd, loop, ublk ram and file, in one boot (about
-         28 min under TCG; --quick: 6 devices, 4k randread, 1 job, about
-         3 min; --filter: devices whose name contains one of the NAMEs);
+         36 min under TCG; --quick: 7 devices, 4k randread, 1 job, about
+         4 min; --filter: devices whose name contains one of the NAMEs);
          writes target/bench/report.md, raw.json and iops.png
 
 environment:
@@ -237,8 +237,8 @@ fn bench_cmd(a: &Args) -> Result<i32> {
     }
     let opts = bench::Options {
         rounds: a.rounds,
-        // 2 s measured + 1 s ramp keeps the full plan (420 runs) under
-        // 30 minutes of TCG time; 3 s takes about 34.
+        // 2 s measured + 1 s ramp keeps the full plan (540 runs) near
+        // 36 minutes of TCG time.
         runtime: a.runtime.unwrap_or(2),
         ramp: 1,
         quick: a.quick,

@@ -85,7 +85,9 @@ struct AddArgs {
     #[arg(long)]
     direct: bool,
     /// How data moves between kernel and server: copy, registered (tag buffers registered
-    /// with io_uring) or zero-copy (kernel AUTO_BUF_REG; null and file targets).
+    /// with io_uring), zero-copy (kernel AUTO_BUF_REG; null and file targets),
+    /// manual-zero-copy (REGISTER_IO_BUF per request; null and file) or user-copy (the
+    /// server copies with pread/pwrite on the char device; RAM copies once).
     #[arg(long, default_value = "copy", value_parser = parse_buffer_mode)]
     buffer_mode: BufferMode,
     /// Shorthand for --buffer-mode zero-copy.
@@ -113,8 +115,10 @@ struct AddArgs {
 }
 
 fn parse_buffer_mode(text: &str) -> Result<BufferMode, String> {
-    BufferMode::from_name(text)
-        .ok_or_else(|| format!("unknown buffer mode {text:?}: use copy, registered or zero-copy"))
+    BufferMode::from_name(text).ok_or_else(|| {
+        let names: Vec<_> = BufferMode::ALL.iter().map(|m| m.name()).collect();
+        format!("unknown buffer mode {text:?}: use {}", names.join(", "))
+    })
 }
 
 fn parse_size_arg(text: &str) -> Result<u64, String> {

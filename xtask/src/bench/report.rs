@@ -121,8 +121,8 @@ pub fn bars(r: &Results) -> Vec<Bar> {
             need: 2.5,
         },
         Bar {
-            what: "ublk RAM vs brd, 4k randread qd64, 1 job",
-            lhs: one(r, BAR_DEVICES[2], qd64, 1),
+            what: "ublk RAM (best mode) vs brd, 4k randread qd64, 1 job",
+            lhs: best(r, Role::UblkRam, qd64, 1),
             rhs: one(r, BAR_DEVICES[3], qd64, 1),
             need: 0.8,
         },
