@@ -42,6 +42,8 @@ pub struct DeviceInfo {
     pub sqpoll: Option<u32>,
     /// Whether the queues use `UBLK_F_BATCH_IO` (batched fetch and commit).
     pub batch_io: bool,
+    /// Server threads per queue (more than 1 uses `UBLK_F_PER_IO_DAEMON`).
+    pub threads_per_queue: u16,
 }
 
 /// Builds and runs a device.
@@ -71,6 +73,7 @@ pub struct DeviceBuilder {
     mode: BufferMode,
     sqpoll: Option<u32>,
     batch_io: bool,
+    threads_per_queue: Option<u16>,
 }
 
 impl DeviceBuilder {
@@ -153,6 +156,19 @@ impl DeviceBuilder {
         self
     }
 
+    /// Serve each queue with `n` threads (default 1), each with its own io_uring and its own
+    /// [`Target::open_queue`], thread `i` taking the tags `t` with `t % n == i`. More than one
+    /// uses `UBLK_F_PER_IO_DAEMON` (kernel 6.17+), which lets each tag be served by its own
+    /// thread: a queue's load spreads over several CPUs. Not combined with batch I/O.
+    pub fn threads_per_queue(mut self, n: u16) -> Self {
+        self.threads_per_queue = Some(n);
+        self
+    }
+
+    fn threads(&self) -> u16 {
+        self.threads_per_queue.unwrap_or(1)
+    }
+
     /// Advertise discard support.
     pub fn discard(mut self, on: bool) -> Self {
         self.params.discard = on;
@@ -190,7 +206,20 @@ impl DeviceBuilder {
 
     /// Checks the parameters without touching the kernel.
     pub fn validate(&self) -> Result<()> {
-        self.params.validate()
+        self.params.validate()?;
+        let n = self.threads();
+        if n == 0 || n > self.params.depth {
+            return Err(Error::InvalidParam(format!(
+                "threads per queue must be between 1 and the queue depth ({}), not {n}",
+                self.params.depth
+            )));
+        }
+        if n > 1 && self.batch_io {
+            return Err(Error::InvalidParam(
+                "batch I/O serves each queue from one thread: use 1 thread per queue".into(),
+            ));
+        }
+        Ok(())
     }
 
     /// Serves `target` until SIGINT/SIGTERM or until the device is stopped from outside, then
@@ -224,6 +253,9 @@ impl DeviceBuilder {
             )));
         }
         flags |= self.mode.kernel_flag();
+        if self.threads() > 1 {
+            flags |= sys::UBLK_F_PER_IO_DAEMON;
+        }
         if self.batch_io {
             if !self.mode.kernel_copies() {
                 return Err(Error::InvalidParam(format!(
@@ -263,6 +295,7 @@ impl DeviceBuilder {
             sqpoll: self.sqpoll,
             batch: self.batch_io,
             stage: !target.copies_data(),
+            threads: self.threads(),
         };
         let result = serve(
             &signals,
@@ -406,6 +439,8 @@ struct QueueOptions {
     batch: bool,
     /// User copy for a target that reads `Io::data`: the engine stages the bytes.
     stage: bool,
+    /// Server threads per queue.
+    threads: u16,
 }
 
 #[allow(clippy::too_many_arguments)] // one call site; a struct would only rename them
@@ -432,48 +467,55 @@ fn serve<T: Target>(
     let mut shared_queues = Vec::new();
     let mut threads = Vec::new();
     let mut setup_error = None;
-    for q_id in 0..info.nr_queues {
+    'queues: for q_id in 0..info.nr_queues {
         let cpus = ctrl.queue_affinity(dev_id, q_id).unwrap_or_else(|e| {
             tracing::warn!(q = q_id, "no queue affinity: {e}");
             Vec::new()
         });
-        // The modes that address request data through the char device keep it in the queue.
-        let queue_cdev = (!options.mode.kernel_copies() && options.mode != BufferMode::ZeroCopy)
-            .then(|| Arc::clone(&cdev));
-        let arena = TagArena::new(info.queue_depth, geo.max_io);
-        let shared = match arena.and_then(|a| QueueShared::new(a, queue_cdev)) {
-            Ok(s) => s,
-            Err(source) => {
-                setup_error = Some(Error::Queue { q_id, source });
-                break;
-            }
-        };
-        shared_queues.push(Arc::clone(&shared));
-        let setup = QueueSetup {
-            q_id,
-            depth: info.queue_depth,
-            geo,
-            cdev: Arc::clone(&cdev),
-            cpus,
-            mode: options.mode,
-            sqpoll: options.sqpoll,
-            batch: options.batch,
-            stage: options.stage,
-        };
-        let (target, tx) = (Arc::clone(&target), tx.clone());
-        let spawned = thread::Builder::new()
-            .name(format!("ublk{dev_id}-q{q_id}"))
-            .spawn(move || {
+        for first_tag in 0..options.threads {
+            // The modes that address request data through the char device keep it at hand.
+            let queue_cdev = (!options.mode.kernel_copies()
+                && options.mode != BufferMode::ZeroCopy)
+                .then(|| Arc::clone(&cdev));
+            let arena = TagArena::new(info.queue_depth, geo.max_io);
+            let shared = match arena.and_then(|a| QueueShared::new(a, queue_cdev)) {
+                Ok(s) => s,
+                Err(source) => {
+                    setup_error = Some(Error::Queue { q_id, source });
+                    break 'queues;
+                }
+            };
+            shared_queues.push(Arc::clone(&shared));
+            let setup = QueueSetup {
+                q_id,
+                depth: info.queue_depth,
+                tags: (first_tag, options.threads),
+                geo,
+                cdev: Arc::clone(&cdev),
+                cpus: cpus.clone(),
+                mode: options.mode,
+                sqpoll: options.sqpoll,
+                batch: options.batch,
+                stage: options.stage,
+            };
+            let (target, tx) = (Arc::clone(&target), tx.clone());
+            let name = if options.threads > 1 {
+                format!("ublk{dev_id}-q{q_id}.{first_tag}")
+            } else {
+                format!("ublk{dev_id}-q{q_id}")
+            };
+            let spawned = thread::Builder::new().name(name).spawn(move || {
                 let _exit = ExitNotice(tx.clone(), q_id);
                 queue::run(&*target, setup, shared, |r| {
                     let _ = tx.send(QueueEvent::Ready(q_id, r));
                 });
             });
-        match spawned {
-            Ok(handle) => threads.push(handle),
-            Err(source) => {
-                setup_error = Some(Error::Queue { q_id, source });
-                break;
+            match spawned {
+                Ok(handle) => threads.push(handle),
+                Err(source) => {
+                    setup_error = Some(Error::Queue { q_id, source });
+                    break 'queues;
+                }
             }
         }
     }
@@ -519,7 +561,7 @@ fn start_and_wait(
     on_started: impl FnOnce(&DeviceInfo),
 ) -> Result<()> {
     let mut ready = 0;
-    while ready < info.nr_queues {
+    while ready < u32::from(info.nr_queues) * u32::from(options.threads) {
         match rx.recv() {
             Ok(QueueEvent::Ready(_, Ok(()))) => ready += 1,
             Ok(QueueEvent::Ready(q_id, Err(source))) => return Err(Error::Queue { q_id, source }),
@@ -552,6 +594,7 @@ fn start_and_wait(
         buffer_mode: options.mode,
         sqpoll: options.sqpoll,
         batch_io: options.batch,
+        threads_per_queue: options.threads,
     };
     tracing::info!(dev_id = info.dev_id, path = %started.block_path, "device started");
     on_started(&started);

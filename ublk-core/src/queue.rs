@@ -76,6 +76,9 @@ impl DescArray {
 pub(crate) struct QueueSetup {
     pub q_id: u16,
     pub depth: u16,
+    /// The tags this thread serves: `(first, step)`, i.e. `first, first + step, ...` below
+    /// `depth` (`(0, 1)`: all of them; more threads per queue use `UBLK_F_PER_IO_DAEMON`).
+    pub tags: (u16, u16),
     pub geo: Geometry,
     pub cdev: Arc<File>,
     pub cpus: Vec<usize>,
@@ -239,7 +242,10 @@ fn serve<T: Target>(
         return serve_batch(batch, ring, engine, &descs, &shared, wake, ready);
     }
     push(&mut ring, &wake)?;
-    for tag in 0..depth {
+    let (first, step) = setup.tags;
+    let my_tags = (first..depth).step_by(usize::from(step.max(1)));
+    let mut live = my_tags.len();
+    for tag in my_tags {
         let sqe = io_cmd_sqe(
             cdev,
             sys::UBLK_U_IO_FETCH_REQ,
@@ -267,7 +273,6 @@ fn serve<T: Target>(
     }
     tracing::debug!(q = q_id, depth, "queue fetched every tag");
 
-    let mut live = usize::from(depth);
     let mut cqes: Vec<(u64, i32, u32)> = Vec::with_capacity(entries as usize * 2);
     while live > 0 && !shared.stop_requested() {
         submit_and_reap(&mut ring, &mut cqes)?;

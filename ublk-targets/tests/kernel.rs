@@ -166,6 +166,18 @@ fn fio_null_manual_zero_copy() {
     fio_matrix("null --buffer-mode manual-zero-copy", 1);
 }
 
+#[test]
+#[ignore = "needs the ublk kernel driver: run `cargo xtask test`"]
+fn fio_verify_ram_two_threads_per_queue() {
+    fio_matrix("ram --threads-per-queue 2", 1);
+}
+
+#[test]
+#[ignore = "needs the ublk kernel driver: run `cargo xtask test`"]
+fn fio_verify_file_zero_copy_three_threads_per_queue() {
+    fio_matrix("file --zero-copy --direct --threads-per-queue 3", 2);
+}
+
 /// The kernel flag each buffer mode needs, as `ublk list` names it.
 const MODE_FLAGS: [(&str, &str); 3] = [
     ("zero-copy", "AUTO_BUF_REG"),
@@ -296,6 +308,27 @@ fn fio_matrix(target_args: &str, queues: u32) {
         "add output: {dev}"
     );
     assert_mode_in_effect(&words, &dev);
+    if let Some(i) = words.iter().position(|w| w == "--threads-per-queue") {
+        let n: u64 = words[i + 1].parse().expect("a thread count");
+        assert_eq!(field_u64(&dev, "threads_per_queue"), n, "add output: {dev}");
+        let flags = dev["flags"].as_array().expect("flags array");
+        assert_eq!(
+            flags.iter().any(|f| f.as_str() == Some("PER_IO_DAEMON")),
+            n > 1,
+            "PER_IO_DAEMON should be set exactly when threads per queue > 1: {dev}"
+        );
+        let prefix = format!("ublk{}-q", dev_id(&dev));
+        let serving = fs::read_dir(format!("/proc/{}/task", server_pid(&dev)))
+            .expect("the server's threads")
+            .filter_map(|t| fs::read_to_string(t.ok()?.path().join("comm")).ok())
+            .filter(|comm| comm.starts_with(&prefix))
+            .count() as u64;
+        assert_eq!(
+            serving,
+            n * u64::from(queues),
+            "queue threads of the server ({prefix}*)"
+        );
+    }
     let path = dev_path(&dev);
     let verify = target != "null";
 
@@ -1091,6 +1124,14 @@ fn bad_arguments_are_rejected_without_leaving_a_device() {
         (
             vec!["add", "null", "--buffer-mode", "user-copy", "--batch"],
             &[&["batch"], &["user-copy"]],
+        ),
+        (
+            vec!["add", "null", "--depth", "4", "--threads-per-queue", "5"],
+            &[&["threads"]],
+        ),
+        (
+            vec!["add", "null", "--threads-per-queue", "2", "--batch"],
+            &[&["batch"]],
         ),
         (
             vec!["add", "null", "--buffer-mode", "bogus"],

@@ -103,6 +103,10 @@ struct AddArgs {
     /// multishot fetch per queue and each loop turn commits all results with one command.
     #[arg(long)]
     batch: bool,
+    /// Server threads per queue, each serving every N-th tag with its own io_uring (kernel
+    /// UBLK_F_PER_IO_DAEMON when above 1).
+    #[arg(long, default_value_t = 1)]
+    threads_per_queue: u16,
     /// Serve in this process instead of a background one.
     #[arg(long)]
     foreground: bool,
@@ -179,7 +183,8 @@ fn builder(args: &AddArgs, kind: TargetKind) -> CliResult<DeviceBuilder> {
             args.buffer_mode
         })
         .sqpoll(args.sqpoll.then_some(args.sq_thread_idle))
-        .batch_io(args.batch);
+        .batch_io(args.batch)
+        .threads_per_queue(args.threads_per_queue);
     if let Some(id) = args.id {
         b = b.id(id);
     }
@@ -272,6 +277,7 @@ fn info_json(info: &DeviceInfo, kind: TargetKind) -> Value {
         "buffer_mode": info.buffer_mode.name(),
         "sqpoll": info.sqpoll.is_some(),
         "batch": info.batch_io,
+        "threads_per_queue": info.threads_per_queue,
     })
 }
 

@@ -431,7 +431,7 @@ mod tests {
         assert_eq!(row("ublk-null-copy")[5..8], ["0.50", "2.00", "-"]);
         assert_eq!(row("ublk-ram")[5..8], ["0.45", "-", "0.90"]);
         // ublk-ram: 0.90 of brd, a PASS against the 0.8 bar.
-        assert!(md.contains("**PASS** ublk RAM vs brd"));
+        assert!(md.contains("**PASS** ublk RAM (best mode) vs brd"));
         assert!(md.contains("- a note"));
         assert!(md.contains("iops.png"));
         let json = medians_json(&plan, &r);
