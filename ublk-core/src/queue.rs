@@ -85,6 +85,8 @@ pub(crate) struct QueueSetup {
     pub mode: BufferMode,
     /// SQPOLL with this idle time in milliseconds, or `None` for no polling thread.
     pub sqpoll: Option<u32>,
+    /// `IORING_SETUP_DEFER_TASKRUN` (without SQPOLL).
+    pub defer_taskrun: bool,
     /// `UBLK_F_BATCH_IO`: tags arrive through one multishot fetch, results leave in batches.
     pub batch: bool,
     /// User copy for a target that reads [`crate::Io::data`]: stage bytes in the tag buffer.
@@ -111,10 +113,11 @@ fn pin_to(cpus: &[usize]) -> io::Result<()> {
     Ok(())
 }
 
-fn new_ring(entries: u32, sqpoll: Option<u32>) -> io::Result<IoUring> {
+fn new_ring(entries: u32, sqpoll: Option<u32>, defer_taskrun: bool) -> io::Result<IoUring> {
     let mut builder = IoUring::builder();
     match sqpoll {
         Some(idle_ms) => builder.setup_sqpoll(idle_ms),
+        None if defer_taskrun => builder.setup_single_issuer().setup_defer_taskrun(),
         None => builder.setup_coop_taskrun().setup_single_issuer(),
     };
     builder.build(entries).or_else(|e| {
@@ -222,7 +225,7 @@ fn serve<T: Target>(
         None
     };
     let entries = (u32::from(depth) + 2).next_power_of_two();
-    let mut ring = new_ring(entries, setup.sqpoll)?;
+    let mut ring = new_ring(entries, setup.sqpoll, setup.defer_taskrun)?;
     register_buffers(&ring, setup.mode, &shared)?;
     let queue_target = target.open_queue(q_id, &setup.geo)?;
     let mut engine = Engine::new(

@@ -168,6 +168,12 @@ fn fio_null_manual_zero_copy() {
 
 #[test]
 #[ignore = "needs the ublk kernel driver: run `cargo xtask test`"]
+fn fio_verify_ram_defer_taskrun() {
+    fio_matrix("ram --defer-taskrun", 2);
+}
+
+#[test]
+#[ignore = "needs the ublk kernel driver: run `cargo xtask test`"]
 fn fio_verify_ram_two_threads_per_queue() {
     fio_matrix("ram --threads-per-queue 2", 1);
 }
@@ -308,6 +314,11 @@ fn fio_matrix(target_args: &str, queues: u32) {
         "add output: {dev}"
     );
     assert_mode_in_effect(&words, &dev);
+    assert_eq!(
+        dev["defer_taskrun"].as_bool(),
+        Some(words.iter().any(|w| w == "--defer-taskrun")),
+        "add output: {dev}"
+    );
     if let Some(i) = words.iter().position(|w| w == "--threads-per-queue") {
         let n: u64 = words[i + 1].parse().expect("a thread count");
         assert_eq!(field_u64(&dev, "threads_per_queue"), n, "add output: {dev}");

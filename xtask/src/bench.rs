@@ -7,8 +7,8 @@
 //! modules). Each round runs every test on every device, alternating devices
 //! run by run (the device order is rotated every round so no device always
 //! follows the same neighbour); the report gives the median of the rounds.
-//! The default 2 s measured + 1 s ramp per run keeps the full plan (540 runs)
-//! near 36 minutes of TCG time. Writes `target/bench/`:
+//! The default 2 s measured + 1 s ramp per run keeps the full plan (600 runs)
+//! near 40 minutes of TCG time. Writes `target/bench/`:
 //! `report.md` (Markdown tables and the bar checks), `raw.json`
 //! (every fio run, with fio's job report) and `iops.png`.
 //!
@@ -149,6 +149,12 @@ pub const DEVICES: &[Device] = &[
         quick: false,
     },
     Device {
+        name: "ublk-null-zc-defer",
+        role: Role::UblkNull,
+        setup: Setup::Ublk("null --buffer-mode zero-copy --defer-taskrun"),
+        quick: false,
+    },
+    Device {
         name: "ublk-null-mzc",
         role: Role::UblkNull,
         setup: Setup::Ublk("null --buffer-mode manual-zero-copy"),
@@ -193,6 +199,12 @@ pub const DEVICES: &[Device] = &[
         role: Role::UblkRam,
         setup: Setup::Ublk("ram"),
         quick: true,
+    },
+    Device {
+        name: "ublk-ram-defer",
+        role: Role::UblkRam,
+        setup: Setup::Ublk("ram --defer-taskrun"),
+        quick: false,
     },
     Device {
         name: "ublk-ram-uc",
@@ -817,9 +829,9 @@ mod tests {
     fn plans() {
         let full = Plan::new(&opts(false, &[]), true).expect("full plan");
         assert_eq!(full.runs(), DEVICES.len() * TESTS.len() * 2 * 3);
-        // The default run must fit in ~40 minutes of guest time.
+        // The default run must fit in ~45 minutes of guest time.
         assert!(
-            full.estimate() < Duration::from_secs(40 * 60),
+            full.estimate() < Duration::from_secs(45 * 60),
             "{:?}",
             full.estimate()
         );

@@ -99,6 +99,10 @@ struct AddArgs {
     /// With --sqpoll: milliseconds without work before the polling thread sleeps.
     #[arg(long, default_value_t = 1000, requires = "sqpoll")]
     sq_thread_idle: u32,
+    /// Run each queue ring's completion work only when the queue thread waits
+    /// (IORING_SETUP_DEFER_TASKRUN) instead of interrupting it.
+    #[arg(long, conflicts_with = "sqpoll")]
+    defer_taskrun: bool,
     /// Batched queues (kernel UBLK_F_BATCH_IO): requests arrive in batches from one
     /// multishot fetch per queue and each loop turn commits all results with one command.
     #[arg(long)]
@@ -183,6 +187,7 @@ fn builder(args: &AddArgs, kind: TargetKind) -> CliResult<DeviceBuilder> {
             args.buffer_mode
         })
         .sqpoll(args.sqpoll.then_some(args.sq_thread_idle))
+        .defer_taskrun(args.defer_taskrun)
         .batch_io(args.batch)
         .threads_per_queue(args.threads_per_queue);
     if let Some(id) = args.id {
@@ -276,6 +281,7 @@ fn info_json(info: &DeviceInfo, kind: TargetKind) -> Value {
         "flags": feature_names(info.flags),
         "buffer_mode": info.buffer_mode.name(),
         "sqpoll": info.sqpoll.is_some(),
+        "defer_taskrun": info.defer_taskrun,
         "batch": info.batch_io,
         "threads_per_queue": info.threads_per_queue,
     })
