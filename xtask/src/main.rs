@@ -26,6 +26,7 @@ mod demo;
 mod deps;
 mod fio;
 mod kernel;
+mod profile;
 mod scripts;
 mod util;
 mod vm;
@@ -47,6 +48,10 @@ commands:
          run CMD in the VM with the release binaries on PATH
   demo   [--mem SIZE] [--smp N] [--no-build] [--runtime SECS]
          RAM-backed ublk device: ext4 round trip + fio
+  profile [--mem SIZE] [--smp N] [--no-build] [--runtime SECS (5)] [-- TARGET ARGS]
+         perf record -a -g while fio 4k randread qd64 runs on a ublk device
+         (default: null --buffer-mode zero-copy) and on null_blk; prints CPU
+         time by command and by symbol for both
   bench  [--mem SIZE (6G)] [--smp N] [--no-build] [--rounds N (3)]
          [--runtime SECS (2, after 1 s ramp)] [--quick] [--filter NAME,...]
          fio on ublk null (every buffer mode, SQPOLL on/off, batch), libublk
@@ -182,6 +187,17 @@ fn try_main() -> Result<i32> {
         "vm" => {
             let a = parse_args(rest, &["--mem", "--smp", "--no-build"])?;
             vm_cmd(&a)
+        }
+        "profile" => {
+            let a = parse_args(rest, &["--mem", "--smp", "--no-build", "--runtime"])?;
+            let ws = prepare(&a)?;
+            let target = if a.rest.is_empty() {
+                "null --buffer-mode zero-copy".to_string()
+            } else {
+                a.rest.join(" ")
+            };
+            profile::profile(&ws, &a.vm_opts()?, &target, a.runtime.unwrap_or(5))?;
+            Ok(0)
         }
         "demo" => {
             let a = parse_args(rest, &["--mem", "--smp", "--no-build", "--runtime"])?;

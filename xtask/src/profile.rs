@@ -1,0 +1,102 @@
+//! `cargo xtask profile`: where the time of one I/O goes, for the benchmark's
+//! missed bars. In one boot, fio (io_uring, direct, 4k randread, iodepth 64,
+//! 1 job) runs on a ublk device and then on null_blk, each while
+//! `perf record -a -g -e cpu-clock` samples every CPU; the guest then prints
+//! `perf report` by command and by symbol for both, and the fio results.
+//!
+//! Under emulation there is no PMU, so this is timer sampling (cpu-clock):
+//! shares of CPU time, not cycles. Kernel symbols come from the guest's
+//! `/proc/kallsyms`; the `ublk` binary keeps its debug symbols in release.
+
+use crate::deps;
+use crate::fio;
+use crate::scripts::prelude;
+use crate::util::{which, Workspace};
+use crate::vm::{run_payload, Payload, VmOpts};
+use anyhow::{bail, Context, Result};
+use std::path::PathBuf;
+
+/// The in-guest script: `target` is the `ublk add` target and options.
+fn script(target: &str, runtime: u32) -> String {
+    format!(
+        r#"{prelude}
+die() {{ echo "profile: FAILED: $*" >&2; exit 1; }}
+DEV_ID=""
+trap '[ -n "$DEV_ID" ] && ublk del "$DEV_ID"' EXIT
+load_mod null_blk queue_mode=2 irqmode=0 nr_devices=1 gb=1 submit_queues=2 hw_queue_depth=128 \
+    || die "null_blk"
+ublk_add dev {target} --size 1G --queues 2 --depth 128 || die "ublk add {target}"
+DEV_ID=$dev_id
+echo 0 > /proc/sys/kernel/kptr_restrict
+for pair in "ublk:$dev_dev" "null_blk:/dev/nullb0"; do
+    name=${{pair%%:*}}; path=${{pair#*:}}
+    perf record -a -g -e cpu-clock -F 2000 -o "/tmp/$name.data" -q 2>/dev/null &
+    PERF=$!
+    sleep 1
+    run_fio "$name" --name="$name" --filename="$path" --ioengine=io_uring --direct=1 \
+        --rw=randread --bs=4k --iodepth=64 --numjobs=1 --time_based --runtime={runtime} \
+        || die "fio on $name"
+    kill -INT "$PERF"; wait "$PERF"
+    echo "XTASK-PROFILE-BEGIN $name"
+    echo "== $name: CPU time by command"
+    perf report -i "/tmp/$name.data" --stdio --no-children -g none --sort comm --percent-limit 1 \
+        2>/dev/null | grep -v '^#' | grep -v '^$'
+    echo "== $name: CPU time by command and kernel/user"
+    perf report -i "/tmp/$name.data" --stdio --no-children -g none --sort comm,dso \
+        --percent-limit 0.5 2>/dev/null | grep -v '^#' | grep -v '^$'
+    echo "== $name: CPU time by symbol (self, above 0.4%, idle left out)"
+    perf report -i "/tmp/$name.data" --stdio --no-children -g none --sort comm,sym \
+        --percent-limit 0.4 2>/dev/null | grep -v '^#' | grep -v '^$' | grep -v swapper \
+        | head -60
+    echo "XTASK-PROFILE-END $name"
+done
+"#,
+        prelude = prelude()
+    )
+}
+
+/// The host's `perf` binary (Debian's `linux-perf`), installing it as root if missing.
+fn perf_binary() -> Result<PathBuf> {
+    if let Some(p) = which("perf") {
+        return Ok(p);
+    }
+    if !deps::ensure_optional_package("linux-perf", "cargo xtask profile") {
+        bail!("cargo xtask profile needs perf (Debian package linux-perf)");
+    }
+    which("perf").context("linux-perf installed, but no `perf` on PATH")
+}
+
+/// Runs the profile and prints both reports.
+pub fn profile(ws: &Workspace, opts: &VmOpts, target: &str, runtime: u32) -> Result<()> {
+    let payload = Payload {
+        script: script(target, runtime),
+        extra_bins: vec![("perf".to_string(), perf_binary()?)],
+    };
+    let outcome = run_payload(ws, &payload, opts)?;
+    if outcome.code != 0 {
+        bail!("the profile run failed (exit status {})", outcome.code);
+    }
+    let mut iops = Vec::new();
+    for (label, json) in fio::sections(&outcome.output) {
+        let r = fio::parse(&json).with_context(|| format!("fio results of {label}"))?;
+        iops.push((label, r.iops));
+    }
+    let mut inside = false;
+    for line in outcome.output.lines() {
+        if line.starts_with("XTASK-PROFILE-BEGIN") {
+            inside = true;
+        } else if line.starts_with("XTASK-PROFILE-END") {
+            inside = false;
+            println!();
+        } else if inside {
+            println!("{line}");
+        }
+    }
+    for (label, v) in &iops {
+        println!("fio 4k randread qd64, 1 job, {runtime} s: {label}: {v:.0} IOPS");
+    }
+    if let [(_, ublk), (_, null_blk)] = iops[..] {
+        println!("ratio ublk / null_blk: {:.2}", ublk / null_blk);
+    }
+    Ok(())
+}
