@@ -59,6 +59,28 @@ impl TagArena {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::sys;
+
+    #[test]
+    fn modes_fall_back_to_what_the_kernel_has() {
+        let all = sys::UBLK_F_AUTO_BUF_REG | sys::UBLK_F_SUPPORT_ZERO_COPY | sys::UBLK_F_USER_COPY;
+        for mode in BufferMode::ALL {
+            assert_eq!(mode.effective(all), mode);
+        }
+        let manual_only = sys::UBLK_F_SUPPORT_ZERO_COPY;
+        assert_eq!(
+            BufferMode::ZeroCopy.effective(manual_only),
+            BufferMode::ManualZeroCopy
+        );
+        assert_eq!(
+            BufferMode::ManualZeroCopy.effective(sys::UBLK_F_AUTO_BUF_REG),
+            BufferMode::ZeroCopy
+        );
+        assert_eq!(BufferMode::ZeroCopy.effective(0), BufferMode::Registered);
+        assert_eq!(BufferMode::UserCopy.effective(0), BufferMode::Copy);
+        assert_eq!(BufferMode::Registered.effective(0), BufferMode::Registered);
+        assert_eq!(BufferMode::Copy.effective(0), BufferMode::Copy);
+    }
 
     #[test]
     fn buffers_are_page_aligned_and_disjoint() {
@@ -129,6 +151,27 @@ impl BufferMode {
             BufferMode::ManualZeroCopy => crate::sys::UBLK_F_SUPPORT_ZERO_COPY,
             BufferMode::UserCopy => crate::sys::UBLK_F_USER_COPY,
         }
+    }
+
+    /// The mode to serve in on a kernel reporting `features` (GET_FEATURES): `self` when the
+    /// kernel has its flag, else the nearest mode it has. Auto and manual zero-copy fall back
+    /// to each other, then to `Registered`; user copy falls back to `Copy`. Every mode gives
+    /// the same data to the same target, so a fallback costs speed, never correctness.
+    pub fn effective(self, features: u64) -> BufferMode {
+        let has = |m: BufferMode| features & m.kernel_flag() == m.kernel_flag();
+        let choices: &[BufferMode] = match self {
+            BufferMode::ZeroCopy => &[BufferMode::ZeroCopy, BufferMode::ManualZeroCopy],
+            BufferMode::ManualZeroCopy => &[BufferMode::ManualZeroCopy, BufferMode::ZeroCopy],
+            other => &[other],
+        };
+        let fallback = if self == BufferMode::UserCopy {
+            BufferMode::Copy
+        } else if self.is_zero_copy() {
+            BufferMode::Registered
+        } else {
+            self
+        };
+        choices.iter().copied().find(|&m| has(m)).unwrap_or(fallback)
     }
 
     /// Whether the kernel copies request data into the server's tag buffers.

@@ -246,7 +246,7 @@ impl DeviceBuilder {
     /// starts) while the device runs, and one arriving ends the run with `Ok(())`. Any error
     /// after the device was added deletes it before returning.
     pub fn run_with<T: Target>(
-        self,
+        mut self,
         target: T,
         on_started: impl FnOnce(&DeviceInfo),
     ) -> Result<()> {
@@ -254,6 +254,7 @@ impl DeviceBuilder {
         let ctrl = ControlDevice::open()?;
         let features = ctrl.features()?;
         let mut flags = self.flags;
+        let wanted = self.mode;
         if features & sys::UBLK_F_CMD_IOCTL_ENCODE != 0 {
             flags |= sys::UBLK_F_CMD_IOCTL_ENCODE;
         }
@@ -264,18 +265,36 @@ impl DeviceBuilder {
                 self.mode.name()
             )));
         }
+        if self.batch_io && !self.mode.kernel_copies() {
+            return Err(Error::InvalidParam(format!(
+                "batch I/O works with the copy and registered buffer modes only (not {})",
+                self.mode.name()
+            )));
+        }
+        // Speed features the kernel lacks fall back to what it has, with a warning: the
+        // device still serves the same data.
+        self.mode = wanted.effective(features);
+        if self.mode != wanted {
+            tracing::warn!(
+                "the kernel lacks {}: serving in {} mode instead of {}",
+                crate::ctrl::feature_names(wanted.kernel_flag()).join(", "),
+                self.mode.name(),
+                wanted.name()
+            );
+        }
+        if self.threads() > 1 && features & sys::UBLK_F_PER_IO_DAEMON == 0 {
+            tracing::warn!("the kernel lacks PER_IO_DAEMON: serving each queue with one thread");
+            self.threads_per_queue = Some(1);
+        }
+        if self.batch_io && features & sys::UBLK_F_BATCH_IO == 0 {
+            tracing::warn!("the kernel lacks BATCH_IO: fetching and committing per request");
+            self.batch_io = false;
+        }
         flags |= self.mode.kernel_flag();
         if self.threads() > 1 {
             flags |= sys::UBLK_F_PER_IO_DAEMON;
         }
         if self.batch_io {
-            if !self.mode.kernel_copies() {
-                return Err(Error::InvalidParam(format!(
-                    "batch I/O works with the copy and registered buffer modes only \
-                     (not {})",
-                    self.mode.name()
-                )));
-            }
             flags |= sys::UBLK_F_BATCH_IO;
         }
         let unsupported = flags & !features;
