@@ -171,7 +171,11 @@ impl BufferMode {
         } else {
             self
         };
-        choices.iter().copied().find(|&m| has(m)).unwrap_or(fallback)
+        choices
+            .iter()
+            .copied()
+            .find(|&m| has(m))
+            .unwrap_or(fallback)
     }
 
     /// Whether the kernel copies request data into the server's tag buffers.

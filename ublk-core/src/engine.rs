@@ -16,8 +16,8 @@ use crate::io::{Geometry, IoDesc, Op};
 use crate::pod;
 use crate::sys;
 use crate::target::{
-    push_sqe, user_copy, user_copy_offset, Io, LocalSink, QueueCtx, QueueShared, QueueTarget,
-    TARGET_OP,
+    push_sqe, user_copy, user_copy_offset, FileSlots, Io, LocalSink, QueueCtx, QueueShared,
+    QueueTarget, TARGET_OP,
 };
 
 /// The bit in `user_data` of the engine's own buffer commands (REGISTER/UNREGISTER_IO_BUF).
@@ -47,6 +47,7 @@ pub(crate) struct Engine<Q: QueueTarget> {
     q_id: u16,
     slots: Vec<Slot>,
     scratch: Vec<(u16, i32)>,
+    files: FileSlots,
 }
 
 impl<Q: QueueTarget> Engine<Q> {
@@ -71,6 +72,7 @@ impl<Q: QueueTarget> Engine<Q> {
             q_id,
             slots: vec![Slot::default(); usize::from(depth)],
             scratch: Vec::with_capacity(usize::from(depth)),
+            files: FileSlots::default(),
         }
     }
 
@@ -200,6 +202,7 @@ impl<Q: QueueTarget> Engine<Q> {
             q_id: self.q_id,
             geo: &self.geo,
             ring,
+            files: &mut self.files,
         };
         let target = &mut self.target;
         // A panicking target drops the Io while unwinding, which fails it with -EIO.
@@ -219,6 +222,7 @@ impl<Q: QueueTarget> Engine<Q> {
             q_id: self.q_id,
             geo: &self.geo,
             ring,
+            files: &mut self.files,
         };
         let target = &mut self.target;
         let user_data = user_data & !TARGET_OP;

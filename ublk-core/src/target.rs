@@ -157,7 +157,19 @@ pub struct QueueCtx<'a> {
     pub(crate) q_id: u16,
     pub(crate) geo: &'a Geometry,
     pub(crate) ring: &'a mut io_uring::IoUring,
+    pub(crate) files: &'a mut FileSlots,
 }
+
+/// The queue ring's table of registered files, created on first use.
+#[derive(Debug, Default)]
+pub(crate) struct FileSlots {
+    /// Slots in the table: `None` until first use, 0 if the kernel refused a table.
+    capacity: Option<u32>,
+    next: u32,
+}
+
+/// Files a queue's ring can hold registered.
+const FILE_SLOTS: u32 = 64;
 
 impl std::fmt::Debug for QueueCtx<'_> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -176,6 +188,35 @@ impl QueueCtx<'_> {
     /// The device's size and limits.
     pub fn geometry(&self) -> &Geometry {
         self.geo
+    }
+
+    /// Registers `file` in this queue ring's file table and returns its index: SQEs that
+    /// name the file by that index (with `squeue::Flags::FIXED_FILE`, or `types::Fixed`)
+    /// skip the per-operation file lookup and reference count. The ring keeps its own
+    /// reference to the file until the queue ends. Fails when the table is full (64 files)
+    /// or the kernel has none; use the plain descriptor then.
+    pub fn register_file(&mut self, file: std::os::fd::BorrowedFd<'_>) -> io::Result<u32> {
+        let capacity = *self.files.capacity.get_or_insert_with(|| {
+            match self.ring.submitter().register_files_sparse(FILE_SLOTS) {
+                Ok(()) => FILE_SLOTS,
+                Err(e) => {
+                    tracing::debug!(q = self.q_id, "no file table on the queue ring: {e}");
+                    0
+                }
+            }
+        });
+        let index = self.files.next;
+        if index >= capacity {
+            return Err(io::Error::new(
+                io::ErrorKind::OutOfMemory,
+                "the queue ring's file table is full or missing",
+            ));
+        }
+        self.ring
+            .submitter()
+            .register_files_update(index, &[file.as_raw_fd()])?;
+        self.files.next += 1;
+        Ok(index)
     }
 
     /// Queues `sqe` on this queue's io_uring; it is submitted with the loop turn's commits,

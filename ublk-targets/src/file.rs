@@ -6,12 +6,13 @@
 //! `RWF_DSYNC`), flush → `fdatasync`, discard → `fallocate(PUNCH_HOLE)`, write-zeroes →
 //! `fallocate(ZERO_RANGE)` (or `PUNCH_HOLE` when unmapping is allowed).
 //!
-//! In-flight requests wait in a per-queue slab keyed by the SQE's `user_data`; nothing on the
-//! path takes a lock.
+//! Each queue registers the backing file in its ring's file table on first use, so operations
+//! name it by index (no per-operation file lookup). In-flight requests wait in a per-queue
+//! slab keyed by the SQE's `user_data`; nothing on the path takes a lock.
 
 use std::fs::{File, OpenOptions};
 use std::io;
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsFd, AsRawFd};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 use std::sync::Arc;
@@ -91,6 +92,7 @@ impl Target for FileTarget {
         }
         Ok(FileQueue {
             file: Arc::clone(&self.file),
+            fd: None,
             in_flight: Slab::new(),
         })
     }
@@ -106,13 +108,41 @@ impl Target for FileTarget {
 #[derive(Debug)]
 pub struct FileQueue {
     file: Arc<File>,
+    /// How SQEs name the file, settled on the first request.
+    fd: Option<FileRef>,
     /// Requests waiting for their operation, and whether it is a retry.
     in_flight: Slab<(Io, bool)>,
 }
 
+/// How this queue's SQEs name the backing file.
+#[derive(Debug, Clone, Copy)]
+enum FileRef {
+    /// Index in the queue ring's file table.
+    Fixed(u32),
+    /// The plain descriptor (no file table on this ring).
+    Fd(i32),
+}
+
+impl FileRef {
+    /// The descriptor field of an SQE; [`FileRef::flags`] says how to read it.
+    fn fd(self) -> types::Fd {
+        match self {
+            FileRef::Fixed(index) => types::Fd(index as i32),
+            FileRef::Fd(fd) => types::Fd(fd),
+        }
+    }
+
+    fn flags(self) -> squeue::Flags {
+        match self {
+            FileRef::Fixed(_) => squeue::Flags::FIXED_FILE,
+            FileRef::Fd(_) => squeue::Flags::empty(),
+        }
+    }
+}
+
 /// The one io_uring operation that serves `io` on `file`.
-fn sqe_for(file: &File, io: &mut Io) -> squeue::Entry {
-    let fd = types::Fd(file.as_raw_fd());
+fn sqe_for(file: FileRef, io: &mut Io) -> squeue::Entry {
+    let fd = file.fd();
     let (offset, len) = (io.offset(), io.len());
     match io.op() {
         Op::Read => match io.fixed_buf() {
@@ -165,8 +195,11 @@ impl QueueTarget for FileQueue {
         ) {
             return io.fail(libc::EOPNOTSUPP);
         }
+        let file = self.file_ref(ctx);
         let key = self.in_flight.vacant_key();
-        let sqe = sqe_for(&self.file, &mut io).user_data(key as u64);
+        let sqe = sqe_for(file, &mut io)
+            .flags(file.flags())
+            .user_data(key as u64);
         // SAFETY: the SQE reads or writes `io`'s buffer, which stays valid while `io` waits in
         // the slab until this operation's completion removes it; the file is held by `self`.
         match unsafe { ctx.push(&sqe) } {
@@ -202,12 +235,28 @@ impl QueueTarget for FileQueue {
 }
 
 impl FileQueue {
+    /// The file as this queue's SQEs name it: registered in the ring's file table the first
+    /// time, or the plain descriptor if the ring has no room.
+    fn file_ref(&mut self, ctx: &mut QueueCtx<'_>) -> FileRef {
+        *self
+            .fd
+            .get_or_insert_with(|| match ctx.register_file(self.file.as_fd()) {
+                Ok(index) => FileRef::Fixed(index),
+                Err(e) => {
+                    tracing::debug!("file target uses a plain descriptor: {e}");
+                    FileRef::Fd(self.file.as_raw_fd())
+                }
+            })
+    }
+
     fn punch(&mut self, io: Io, ctx: &mut QueueCtx<'_>) {
+        let file = self.file_ref(ctx);
         let key = self.in_flight.vacant_key();
-        let sqe = opcode::Fallocate::new(types::Fd(self.file.as_raw_fd()), u64::from(io.len()))
+        let sqe = opcode::Fallocate::new(file.fd(), u64::from(io.len()))
             .offset(io.offset())
             .mode(libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE)
             .build()
+            .flags(file.flags())
             .user_data(key as u64);
         // SAFETY: fallocate touches no memory; the file is held by `self`.
         match unsafe { ctx.push(&sqe) } {
