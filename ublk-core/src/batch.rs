@@ -53,17 +53,65 @@ fn token(kind: u64, id: u16) -> u64 {
     BATCH_OP | kind << KIND_SHIFT | u64::from(id)
 }
 
-/// One element of a PREP or COMMIT array with `UBLK_BATCH_F_HAS_BUF_ADDR`: the header, then
-/// the tag's buffer address.
-#[repr(C)]
-#[derive(Debug, Clone, Copy, Default)]
-struct Elem {
-    header: sys::ublk_elem_header,
-    buf_addr: u64,
+const _: () = assert!(size_of::<sys::ublk_elem_header>() == 8);
+
+/// How the elements of PREP and COMMIT arrays look for the queue's buffer mode. Arrays are
+/// kept as 8-byte words: each element is its `ublk_elem_header`, followed in the copy modes
+/// by the tag's buffer address (`UBLK_BATCH_F_HAS_BUF_ADDR`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct ElemLayout {
+    /// Elements carry the tag's buffer address (the kernel copies to and from it).
+    pub buf_addr: bool,
+    /// The header's `buf_index` gives the buffer-table slot for `UBLK_F_AUTO_BUF_REG` (the
+    /// tag, as in the per-request protocol).
+    pub auto_buf_reg: bool,
 }
 
-const ELEM_BYTES: usize = size_of::<Elem>();
-const _: () = assert!(ELEM_BYTES == 16 && size_of::<sys::ublk_elem_header>() == 8);
+impl ElemLayout {
+    fn words(self) -> usize {
+        if self.buf_addr {
+            2
+        } else {
+            1
+        }
+    }
+
+    fn bytes(self) -> usize {
+        self.words() * size_of::<u64>()
+    }
+
+    fn flags(self) -> u16 {
+        if self.buf_addr {
+            sys::UBLK_BATCH_F_HAS_BUF_ADDR
+        } else {
+            0
+        }
+    }
+
+    /// Appends `tag`'s element with `result` to `out`.
+    fn push(self, out: &mut Vec<u64>, tag: u16, result: i32, buf_addr: u64) {
+        let buf_index = if self.auto_buf_reg { tag } else { 0 };
+        out.push(header_word(tag, buf_index, result));
+        if self.buf_addr {
+            out.push(buf_addr);
+        }
+    }
+}
+
+/// A `ublk_elem_header` as the 8-byte word it occupies in an element array.
+fn header_word(tag: u16, buf_index: u16, result: i32) -> u64 {
+    let mut b = [0u8; 8];
+    b[0..2].copy_from_slice(&tag.to_ne_bytes());
+    b[2..4].copy_from_slice(&buf_index.to_ne_bytes());
+    b[4..8].copy_from_slice(&result.to_ne_bytes());
+    u64::from_ne_bytes(b)
+}
+
+/// The tag of a header word.
+fn header_tag(word: u64) -> u16 {
+    let b = word.to_ne_bytes();
+    u16::from_ne_bytes([b[0], b[1]])
+}
 
 /// The 16 command bytes of `struct ublk_batch_io`, field by field at its UAPI offsets.
 fn batch_cmd(q_id: u16, flags: u16, nr_elem: u16, elem_bytes: u8) -> [u8; 16] {
@@ -95,8 +143,9 @@ fn set_multishot_group(sqe: &mut squeue::Entry, group: u16) {
 /// One COMMIT_IO_CMDS array and how far the kernel got through it.
 #[derive(Debug, Default)]
 struct Commit {
-    elems: Vec<Elem>,
-    /// Elements the kernel has handled (or refused) so far.
+    /// The elements, as words (see [`ElemLayout`]).
+    elems: Vec<u64>,
+    /// Words of elements the kernel has handled (or refused) so far.
     done: usize,
     in_flight: bool,
 }
@@ -108,7 +157,9 @@ struct Commit {
 pub(crate) struct BatchIo {
     fd: RawFd,
     q_id: u16,
-    /// The buffer address of each tag (its arena buffer), sent in every element.
+    layout: ElemLayout,
+    /// The buffer address of each tag (its arena buffer), sent in every element of the copy
+    /// modes.
     buf_addrs: Vec<u64>,
     /// `FETCH_BUFS` buffers of `FETCH_BUF_BYTES`, provided to the ring as group
     /// `FETCH_GROUP`. Memory the kernel writes tags into: read only with volatile loads.
@@ -116,29 +167,35 @@ pub(crate) struct BatchIo {
     fetch_bufs: ManuallyDrop<Mapping>,
     /// A fetch command is armed (or its SQE is queued).
     fetching: bool,
-    prep: Vec<Elem>,
+    prep: Vec<u64>,
     prep_in_flight: bool,
-    /// Results drained this loop turn, not yet sent.
-    pending: Vec<Elem>,
+    /// Results drained this loop turn, not yet sent (element words).
+    pending: Vec<u64>,
     commits: Vec<Commit>,
 }
 
 impl BatchIo {
     /// A transport for queue `q_id` of the device whose char device is `fd`; tag `t`'s buffer
-    /// is at `buf_addrs[t]`.
-    pub(crate) fn new(fd: RawFd, q_id: u16, buf_addrs: Vec<u64>) -> io::Result<Self> {
+    /// is at `buf_addrs[t]` (sent only if `layout.buf_addr`).
+    pub(crate) fn new(
+        fd: RawFd,
+        q_id: u16,
+        buf_addrs: Vec<u64>,
+        layout: ElemLayout,
+    ) -> io::Result<Self> {
         let len = round_up(FETCH_BUF_BYTES * usize::from(FETCH_BUFS), page_size())
             .expect("a few KiB round up without overflow");
         let depth = buf_addrs.len();
         Ok(BatchIo {
             fd,
             q_id,
+            layout,
             buf_addrs,
             fetch_bufs: ManuallyDrop::new(Mapping::anonymous(len)?),
             fetching: false,
             prep: Vec::new(),
             prep_in_flight: false,
-            pending: Vec::with_capacity(depth),
+            pending: Vec::with_capacity(depth * layout.words()),
             commits: Vec::new(),
         })
     }
@@ -173,22 +230,18 @@ impl BatchIo {
         .user_data(token(KIND_PROVIDE, u16::MAX));
         self.push(ring, &provide)?;
 
-        self.prep = (0..self.buf_addrs.len())
-            .map(|tag| Elem {
-                header: sys::ublk_elem_header {
-                    tag: tag as u16,
-                    ..Default::default()
-                },
-                buf_addr: self.buf_addrs[tag],
-            })
-            .collect();
-        let nr_elem = u16::try_from(self.prep.len()).expect("depth <= 4096");
+        let mut prep = Vec::with_capacity(self.buf_addrs.len() * self.layout.words());
+        for (tag, &addr) in self.buf_addrs.iter().enumerate() {
+            self.layout.push(&mut prep, tag as u16, 0, addr);
+        }
+        self.prep = prep;
+        let nr_elem = u16::try_from(self.buf_addrs.len()).expect("depth <= 4096");
         let prep = opcode::UringCmd16::new(types::Fd(self.fd), sys::UBLK_U_IO_PREP_IO_CMDS)
             .cmd(batch_cmd(
                 self.q_id,
-                sys::UBLK_BATCH_F_HAS_BUF_ADDR,
+                self.layout.flags(),
                 nr_elem,
-                ELEM_BYTES as u8,
+                self.layout.bytes() as u8,
             ))
             .addr(Some(self.prep.as_ptr() as u64))
             .build()
@@ -324,14 +377,7 @@ impl BatchIo {
     /// Adds `tag`'s result to the next COMMIT_IO_CMDS.
     pub(crate) fn queue_result(&mut self, tag: u16, result: i32) {
         let buf_addr = self.buf_addrs.get(usize::from(tag)).copied().unwrap_or(0);
-        self.pending.push(Elem {
-            header: sys::ublk_elem_header {
-                tag,
-                buf_index: 0,
-                result,
-            },
-            buf_addr,
-        });
+        self.layout.push(&mut self.pending, tag, result, buf_addr);
     }
 
     /// Sends every queued result in one COMMIT_IO_CMDS.
@@ -357,14 +403,15 @@ impl BatchIo {
     fn send_commit(&mut self, slot: usize, ring: &mut IoUring) -> io::Result<()> {
         let commit = &mut self.commits[slot];
         let rest = &commit.elems[commit.done..];
-        let nr_elem = u16::try_from(rest.len()).expect("each tag at most once: <= depth");
+        let nr_elem = u16::try_from(rest.len() / self.layout.words())
+            .expect("each tag at most once: <= depth");
         let id = u16::try_from(slot).expect("fewer commits in flight than tags");
         let sqe = opcode::UringCmd16::new(types::Fd(self.fd), sys::UBLK_U_IO_COMMIT_IO_CMDS)
             .cmd(batch_cmd(
                 self.q_id,
-                sys::UBLK_BATCH_F_HAS_BUF_ADDR,
+                self.layout.flags(),
                 nr_elem,
-                ELEM_BYTES as u8,
+                self.layout.bytes() as u8,
             ))
             .addr(Some(rest.as_ptr() as u64))
             .build()
@@ -374,29 +421,29 @@ impl BatchIo {
     }
 
     fn committed(&mut self, slot: usize, res: i32, ring: &mut IoUring) -> io::Result<()> {
-        let q_id = self.q_id;
+        let (q_id, words, elem_bytes) = (self.q_id, self.layout.words(), self.layout.bytes());
         let Some(commit) = self.commits.get_mut(slot).filter(|c| c.in_flight) else {
             tracing::error!(q = q_id, slot, res, "completion of a commit not in flight");
             return Ok(());
         };
         commit.in_flight = false;
-        let rest = commit.elems.len() - commit.done;
+        let rest = (commit.elems.len() - commit.done) / words;
         if res < 0 {
             // Nothing was handled: the first element is the one the kernel refused.
-            let tag = commit.elems[commit.done].header.tag;
+            let tag = header_tag(commit.elems[commit.done]);
             if res == sys::UBLK_IO_RES_ABORT {
                 tracing::debug!(q = q_id, tag, "commit refused: queue going away");
             } else {
                 tracing::error!(q = q_id, tag, res, "the kernel refused a commit");
             }
-            commit.done += 1;
+            commit.done += words;
         } else {
-            let handled = res as usize / ELEM_BYTES;
-            if res as usize % ELEM_BYTES != 0 || handled > rest || handled == 0 {
+            let handled = res as usize / elem_bytes;
+            if res as usize % elem_bytes != 0 || handled > rest || handled == 0 {
                 tracing::error!(q = q_id, res, rest, "malformed COMMIT_IO_CMDS result");
                 commit.done = commit.elems.len();
             } else {
-                commit.done += handled;
+                commit.done += handled * words;
             }
         }
         if commit.done < commit.elems.len() {
@@ -480,6 +527,41 @@ mod tests {
             )
         };
         assert_eq!((flags, group, fd), (IORING_URING_CMD_MULTISHOT, 0x1234, 5));
+    }
+
+    #[test]
+    fn element_words_follow_the_uapi_layout() {
+        let header = sys::ublk_elem_header {
+            tag: 0x1234,
+            buf_index: 0x5678,
+            result: -5,
+        };
+        // SAFETY: ublk_elem_header is 8 bytes of integers without padding (size checked
+        // above), so all of its bytes are initialized.
+        let bytes: [u8; 8] = unsafe { std::mem::transmute(header) };
+        assert_eq!(header_word(0x1234, 0x5678, -5), u64::from_ne_bytes(bytes));
+        assert_eq!(header_tag(header_word(77, 1, 2)), 77);
+
+        let mut words = Vec::new();
+        let copy = ElemLayout {
+            buf_addr: true,
+            auto_buf_reg: false,
+        };
+        copy.push(&mut words, 3, 4096, 0xdead_0000);
+        assert_eq!(words, [header_word(3, 0, 4096), 0xdead_0000]);
+        assert_eq!(
+            (copy.bytes(), copy.flags()),
+            (16, sys::UBLK_BATCH_F_HAS_BUF_ADDR)
+        );
+
+        words.clear();
+        let zero_copy = ElemLayout {
+            buf_addr: false,
+            auto_buf_reg: true,
+        };
+        zero_copy.push(&mut words, 9, 0, 0xdead_0000);
+        assert_eq!(words, [header_word(9, 9, 0)]);
+        assert_eq!((zero_copy.bytes(), zero_copy.flags()), (8, 0));
     }
 
     #[test]

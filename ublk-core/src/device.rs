@@ -153,8 +153,7 @@ impl DeviceBuilder {
 
     /// Serve with `UBLK_F_BATCH_IO` (kernel 7.2+): each queue receives requests in batches
     /// from one multishot fetch and commits each loop turn's results with one command,
-    /// instead of one command per request. Works with the `Copy` and `Registered` buffer
-    /// modes.
+    /// instead of one command per request. Works with every buffer mode.
     pub fn batch_io(mut self, on: bool) -> Self {
         self.batch_io = on;
         self
@@ -262,12 +261,6 @@ impl DeviceBuilder {
             return Err(Error::InvalidParam(format!(
                 "{} mode needs a target that does not touch request data \
                  (this one reads or writes the bytes itself)",
-                self.mode.name()
-            )));
-        }
-        if self.batch_io && !self.mode.kernel_copies() {
-            return Err(Error::InvalidParam(format!(
-                "batch I/O works with the copy and registered buffer modes only (not {})",
                 self.mode.name()
             )));
         }

@@ -10,7 +10,7 @@ use std::sync::Arc;
 
 use io_uring::{cqueue, opcode, squeue, types, IoUring};
 
-use crate::batch::BatchIo;
+use crate::batch::{BatchIo, ElemLayout};
 use crate::buf::BufferMode;
 use crate::engine::{Engine, BUF_CMD};
 use crate::io::{Geometry, IoDesc};
@@ -219,8 +219,12 @@ fn serve<T: Target>(
     // Created before the ring so that the ring, whose commands refer to its buffers, is
     // dropped first.
     let batch = if setup.batch {
+        let layout = ElemLayout {
+            buf_addr: setup.mode.kernel_copies(),
+            auto_buf_reg: setup.mode == BufferMode::ZeroCopy,
+        };
         let addrs = (0..depth).map(|tag| shared.arena.buf_addr(tag)).collect();
-        Some(BatchIo::new(cdev.as_raw_fd(), q_id, addrs)?)
+        Some(BatchIo::new(cdev.as_raw_fd(), q_id, addrs, layout)?)
     } else {
         None
     };
@@ -360,6 +364,8 @@ fn serve_batch<Q: crate::target::QueueTarget>(
         for (user_data, res, flags) in cqes.drain(..) {
             if user_data & TARGET_OP != 0 {
                 engine.target_event(user_data, res, &mut ring);
+            } else if user_data & BUF_CMD != 0 {
+                engine.buf_cmd_done(user_data, res);
             } else if user_data == WAKE_TOKEN {
                 shared.clear_wake();
                 if !cqueue::more(flags) {

@@ -138,6 +138,30 @@ fn fio_verify_ram_batch_2_queues() {
 
 #[test]
 #[ignore = "needs the ublk kernel driver: run `cargo xtask test`"]
+fn fio_null_batch_zero_copy() {
+    fio_matrix("null --batch --zero-copy", 1);
+}
+
+#[test]
+#[ignore = "needs the ublk kernel driver: run `cargo xtask test`"]
+fn fio_verify_file_batch_zero_copy_2_queues() {
+    fio_matrix("file --batch --zero-copy --direct", 2);
+}
+
+#[test]
+#[ignore = "needs the ublk kernel driver: run `cargo xtask test`"]
+fn fio_verify_file_batch_manual_zero_copy() {
+    fio_matrix("file --batch --buffer-mode manual-zero-copy --direct", 1);
+}
+
+#[test]
+#[ignore = "needs the ublk kernel driver: run `cargo xtask test`"]
+fn fio_verify_ram_batch_user_copy() {
+    fio_matrix("ram --batch --buffer-mode user-copy", 1);
+}
+
+#[test]
+#[ignore = "needs the ublk kernel driver: run `cargo xtask test`"]
 fn fio_verify_ram_user_copy_2_queues() {
     fio_matrix("ram --buffer-mode user-copy", 2);
 }
@@ -1131,10 +1155,6 @@ fn bad_arguments_are_rejected_without_leaving_a_device() {
         (
             vec!["add", "ram", "--buffer-mode", "manual-zero-copy"],
             &[&["manual-zero-copy"]],
-        ),
-        (
-            vec!["add", "null", "--buffer-mode", "user-copy", "--batch"],
-            &[&["batch"], &["user-copy"]],
         ),
         (
             vec!["add", "null", "--depth", "4", "--threads-per-queue", "5"],
