@@ -10,7 +10,10 @@
 //! - a read: nothing more: results are collected with `results_into`, which does not copy the
 //!   data out (the real driver does that copy in the kernel, after the commit);
 //! - per batch: draining the results into a reused `Vec` (null and RAM push no io_uring work,
-//!   so the simulator makes no syscall).
+//!   so the simulator makes no syscall);
+//! - `ram-user-copy`: the RAM target in user-copy mode, where each request's one copy is a
+//!   `pread`/`pwrite` on a memfd standing in for `/dev/ublkcN` (and the simulated kernel's
+//!   delivery of a write's data is a `pwrite` too).
 //!
 //! ```text
 //! cargo bench -p ublk-benches --bench userspace -- --warm-up-time 1 --measurement-time 3
@@ -22,6 +25,7 @@ use std::time::{Duration, Instant};
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use ublk_core::io::IoDesc;
 use ublk_core::sim::SimQueue;
+use ublk_core::BufferMode;
 use ublk_core::{sys, Geometry, Target};
 use ublk_targets::null::Null;
 use ublk_targets::ram::Ram;
@@ -103,12 +107,12 @@ fn run_ios<T: Target>(
     start.elapsed()
 }
 
-fn bench_target<T: Target>(c: &mut Criterion, name: &str, target: &T) {
+fn bench_target<T: Target>(c: &mut Criterion, name: &str, target: &T, mode: BufferMode) {
     let mut group = c.benchmark_group(name);
     group.throughput(Throughput::Elements(1));
     let data = vec![0x5a; IO_SIZE as usize];
     for dir in [Dir::Write, Dir::Read] {
-        let mut q = SimQueue::new(target, GEO, BATCH).expect("simulated queue");
+        let mut q = SimQueue::with_mode(target, GEO, BATCH, mode).expect("simulated queue");
         // One pass over the span before timing: faults in the RAM target's pages (a read of a
         // never-written page would otherwise take the hole path), and checks the results.
         let mut next = 0;
@@ -130,9 +134,12 @@ fn bench_target<T: Target>(c: &mut Criterion, name: &str, target: &T) {
 }
 
 fn userspace(c: &mut Criterion) {
-    bench_target(c, "null", &Null);
+    bench_target(c, "null", &Null, BufferMode::Copy);
     let ram = Ram::new(SPAN).expect("RAM target memory");
-    bench_target(c, "ram", &ram);
+    bench_target(c, "ram", &ram, BufferMode::Copy);
+    // One pread/pwrite per request on a memfd standing in for /dev/ublkcN: the RAM target's
+    // single copy, plus the syscall the kernel's own copy saves in the other modes.
+    bench_target(c, "ram-user-copy", &ram, BufferMode::UserCopy);
 }
 
 criterion_group!(benches, userspace);

@@ -30,7 +30,8 @@ pub trait Target: Send + Sync + 'static {
     /// Per-queue state, created and used only on that queue's thread.
     type Queue: QueueTarget;
 
-    /// Opens the per-queue half for queue `q_id`; called on the queue's own thread.
+    /// Opens the per-queue half for queue `q_id`; called on the queue's own thread (once per
+    /// thread when a queue is served by several, see `DeviceBuilder::threads_per_queue`).
     fn open_queue(&self, q_id: u16, geo: &Geometry) -> io::Result<Self::Queue>;
 
     /// Whether the target reads or writes request bytes itself ([`Io::data`]). Targets that

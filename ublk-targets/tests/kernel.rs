@@ -138,6 +138,18 @@ fn fio_verify_ram_batch_2_queues() {
 
 #[test]
 #[ignore = "needs the ublk kernel driver: run `cargo xtask test`"]
+fn fio_verify_ram_user_copy_with_sqpoll() {
+    fio_matrix("ram --buffer-mode user-copy --sqpoll", 1);
+}
+
+#[test]
+#[ignore = "needs the ublk kernel driver: run `cargo xtask test`"]
+fn fio_verify_file_manual_zero_copy_with_sqpoll() {
+    fio_matrix("file --buffer-mode manual-zero-copy --direct --sqpoll", 1);
+}
+
+#[test]
+#[ignore = "needs the ublk kernel driver: run `cargo xtask test`"]
 fn fio_null_batch_zero_copy() {
     fio_matrix("null --batch --zero-copy", 1);
 }
