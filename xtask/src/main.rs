@@ -14,7 +14,7 @@
 //!   command in the VM with the workspace's release binaries on PATH.
 //! * `cargo xtask demo [--mem 4G] [--no-build]` — RAM device + ext4 + fio demo.
 //! * `cargo xtask bench [--rounds 3] [--runtime 2] [--quick] [--filter A,B]
-//!   [--mem 6G] [--no-build]` — fio on ublk null (every buffer mode, SQPOLL
+//!   [--mem 10G] [--no-build]` — fio on ublk null (every buffer mode, SQPOLL
 //!   on/off), the libublk null server, null_blk, brd, loop and the RAM and
 //!   file targets, in one boot; writes `target/bench/{report.md,raw.json,iops.png}`.
 //!
@@ -52,7 +52,7 @@ commands:
          perf record -a -g while fio 4k randread qd64 runs on a ublk device
          (default: null --buffer-mode zero-copy) and on null_blk; prints CPU
          time by command and by symbol for both
-  bench  [--mem SIZE (6G)] [--smp N] [--no-build] [--rounds N (3)]
+  bench  [--mem SIZE (10G)] [--smp N] [--no-build] [--rounds N (3)]
          [--runtime SECS (2, after 1 s ramp)] [--quick] [--filter NAME,...]
          fio on ublk null (every buffer mode, SQPOLL on/off, batch), libublk
          null, null_blk, brd, loop, ublk ram and file, in one boot (about
@@ -74,9 +74,10 @@ environment:
 /// Default guest memory.
 const DEFAULT_MEM: &str = "4G";
 
-/// Default guest memory of `bench`: brd, the RAM target and the loop/file
-/// target's tmpfs file can each hold 1 GiB at the same time.
-const BENCH_MEM: &str = "6G";
+/// Default guest memory of `bench`: brd, the three RAM target rows and the
+/// loop/file target's tmpfs file each hold up to 1 GiB at the same time, and
+/// fio's output goes to the guest's RAM-backed root (6G ran out of memory).
+const BENCH_MEM: &str = "10G";
 
 /// Default VM timeout (35 minutes).
 const DEFAULT_TIMEOUT_SECS: u64 = 35 * 60;
