@@ -7,8 +7,8 @@
 //! modules). Each round runs every test on every device, alternating devices
 //! run by run (the device order is rotated every round so no device always
 //! follows the same neighbour); the report gives the median of the rounds.
-//! The default 2 s measured + 1 s ramp per run keeps the full plan (660 runs)
-//! near 42 minutes of TCG time. Writes `target/bench/`:
+//! The default 2 s measured + 1 s ramp per run keeps the full plan (720 runs)
+//! near 46 minutes of TCG time. Writes `target/bench/`:
 //! `report.md` (Markdown tables and the bar checks), `raw.json`
 //! (every fio run, with fio's job report) and `iops.png`.
 //!
@@ -164,6 +164,18 @@ pub const DEVICES: &[Device] = &[
         name: "ublk-null-uc",
         role: Role::UblkNull,
         setup: Setup::Ublk("null --buffer-mode user-copy"),
+        quick: false,
+    },
+    Device {
+        name: "ublk-null-uc-sqpoll",
+        role: Role::UblkNull,
+        setup: Setup::Ublk("null --buffer-mode user-copy --sqpoll"),
+        quick: false,
+    },
+    Device {
+        name: "ublk-null-batch-sqpoll",
+        role: Role::UblkNull,
+        setup: Setup::Ublk("null --buffer-mode copy --batch --sqpoll"),
         quick: false,
     },
     Device {
@@ -835,9 +847,9 @@ mod tests {
     fn plans() {
         let full = Plan::new(&opts(false, &[]), true).expect("full plan");
         assert_eq!(full.runs(), DEVICES.len() * TESTS.len() * 2 * 3);
-        // The default run must fit in ~45 minutes of guest time.
+        // The default run must fit in ~50 minutes of guest time.
         assert!(
-            full.estimate() < Duration::from_secs(45 * 60),
+            full.estimate() < Duration::from_secs(50 * 60),
             "{:?}",
             full.estimate()
         );
