@@ -7,8 +7,8 @@
 //! modules). Each round runs every test on every device, alternating devices
 //! run by run (the device order is rotated every round so no device always
 //! follows the same neighbour); the report gives the median of the rounds.
-//! The default 2 s measured + 1 s ramp per run keeps the full plan (720 runs)
-//! near 46 minutes of TCG time. Writes `target/bench/`:
+//! The default 2 s measured + 1 s ramp per run keeps the full plan (750 runs)
+//! near 48 minutes of TCG time. Writes `target/bench/`:
 //! `report.md` (Markdown tables and the bar checks), `raw.json`
 //! (every fio run, with fio's job report) and `iops.png`.
 //!
@@ -182,6 +182,12 @@ pub const DEVICES: &[Device] = &[
         name: "ublk-null-batch",
         role: Role::UblkNull,
         setup: Setup::Ublk("null --buffer-mode copy --batch"),
+        quick: false,
+    },
+    Device {
+        name: "ublk-null-batch-uc",
+        role: Role::UblkNull,
+        setup: Setup::Ublk("null --buffer-mode user-copy --batch"),
         quick: false,
     },
     Device {

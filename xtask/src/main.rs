@@ -56,7 +56,7 @@ commands:
          [--runtime SECS (2, after 1 s ramp)] [--quick] [--filter NAME,...]
          fio on ublk null (every buffer mode, SQPOLL on/off, batch), libublk
          null, null_blk, brd, loop, ublk ram and file, in one boot (about
-         46 min under TCG; --quick: 7 devices, 4k randread, 1 job, about
+         48 min under TCG; --quick: 7 devices, 4k randread, 1 job, about
          4 min; --filter: devices whose name contains one of the NAMEs);
          writes target/bench/report.md, raw.json and iops.png
 
@@ -254,8 +254,8 @@ fn bench_cmd(a: &Args) -> Result<i32> {
     }
     let opts = bench::Options {
         rounds: a.rounds,
-        // 2 s measured + 1 s ramp keeps the full plan (720 runs) near
-        // 46 minutes of TCG time.
+        // 2 s measured + 1 s ramp keeps the full plan (750 runs) near
+        // 48 minutes of TCG time.
         runtime: a.runtime.unwrap_or(2),
         ramp: 1,
         quick: a.quick,
