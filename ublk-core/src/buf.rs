@@ -183,6 +183,12 @@ impl BufferMode {
         matches!(self, BufferMode::Copy | BufferMode::Registered)
     }
 
+    /// Whether the server addresses request data through the ublk char device: user copy
+    /// (`pread`/`pwrite`) and manual zero-copy (REGISTER/UNREGISTER_IO_BUF commands).
+    pub fn uses_char_device(self) -> bool {
+        matches!(self, BufferMode::UserCopy | BufferMode::ManualZeroCopy)
+    }
+
     /// Whether request pages are lent to the queue's ring as fixed buffers (no copy at all).
     pub fn is_zero_copy(self) -> bool {
         matches!(self, BufferMode::ZeroCopy | BufferMode::ManualZeroCopy)

@@ -137,8 +137,8 @@ impl DeviceBuilder {
     }
 
     /// How request data moves between kernel and server (default: [`BufferMode::Copy`]).
-    /// `ZeroCopy` needs a target whose [`Target::needs_data`] is false and a kernel with
-    /// `UBLK_F_AUTO_BUF_REG`.
+    /// The zero-copy modes need a target whose [`Target::needs_data`] is false. A mode the
+    /// kernel lacks falls back to the nearest it has ([`BufferMode::effective`]).
     pub fn buffer_mode(mut self, mode: BufferMode) -> Self {
         self.mode = mode;
         self
@@ -499,10 +499,7 @@ fn serve<T: Target>(
             Vec::new()
         });
         for first_tag in 0..options.threads {
-            // The modes that address request data through the char device keep it at hand.
-            let queue_cdev = (!options.mode.kernel_copies()
-                && options.mode != BufferMode::ZeroCopy)
-                .then(|| Arc::clone(&cdev));
+            let queue_cdev = options.mode.uses_char_device().then(|| Arc::clone(&cdev));
             let arena = TagArena::new(info.queue_depth, geo.max_io);
             let shared = match arena.and_then(|a| QueueShared::new(a, queue_cdev)) {
                 Ok(s) => s,

@@ -193,10 +193,10 @@ impl<Q: QueueTarget> Engine<Q> {
                 }
             }
         };
-        // SAFETY: buf is null or tag's arena buffer of max_io bytes, >= io.len (checked by
-        // decode); the tag was just marked busy, so this request is the only user of its
-        // buffer, its fixed-buffer slot and its user-copy range until its completion is
-        // drained below.
+        // The tag was just marked busy: this request alone uses its buffer, fixed-buffer slot
+        // and user-copy range until its completion is drained below.
+        // SAFETY: buf is null or tag's arena buffer of max_io >= io.len bytes (see decode);
+        // the request is its only user (above).
         let io = unsafe { Io::new(io, tag, buf, fixed, user_copy_at, Rc::clone(&self.sink)) };
         let mut ctx = QueueCtx {
             q_id: self.q_id,

@@ -149,8 +149,9 @@ pub(crate) unsafe fn user_copy(
     Ok(())
 }
 
-/// A page of zeroes for zero-filling requests in user-copy mode.
-static ZEROES: [u8; 4096] = [0; 4096];
+/// Zeroes for zero-filling requests in user-copy mode: 64 KiB per `pwrite`, so a large
+/// unwritten range takes few syscalls.
+static ZEROES: [u8; 64 << 10] = [0; 64 << 10];
 
 /// What a queue target can see of its queue while it handles a request: its id, the device
 /// geometry, and the queue's io_uring, on which the target may run its own I/O.
