@@ -134,7 +134,7 @@ fn bench_target<T: Target>(c: &mut Criterion, name: &str, target: &T, mode: Buff
 }
 
 fn userspace(c: &mut Criterion) {
-    bench_target(c, "null", &Null, BufferMode::Copy);
+    bench_target(c, "null", &Null::default(), BufferMode::Copy);
     let ram = Ram::new(SPAN).expect("RAM target memory");
     bench_target(c, "ram", &ram, BufferMode::Copy);
     // One pread/pwrite per request on a memfd standing in for /dev/ublkcN: the RAM target's

@@ -42,7 +42,7 @@ const FETCH_BUFS: u16 = 16;
 const FETCH_GROUP: u16 = 1;
 
 /// `user_data` bit of the commands this module pushes; the kind and an id sit below it.
-pub(crate) const BATCH_OP: u64 = 1 << 34;
+const BATCH_OP: u64 = crate::user_data::BATCH;
 const KIND_SHIFT: u32 = 16;
 const KIND_PREP: u64 = 1;
 const KIND_FETCH: u64 = 2;
@@ -198,11 +198,6 @@ impl BatchIo {
             pending: Vec::with_capacity(depth * layout.words()),
             commits: Vec::new(),
         })
-    }
-
-    /// Whether `user_data` belongs to a command of this module.
-    pub(crate) fn owns(user_data: u64) -> bool {
-        user_data & BATCH_OP != 0
     }
 
     /// Whether the kernel still delivers requests: false once the fetch ended with ABORT.
@@ -566,9 +561,10 @@ mod tests {
 
     #[test]
     fn tokens_do_not_collide_with_other_user_data() {
-        assert!(BatchIo::owns(token(KIND_COMMIT, 7)));
-        assert!(!BatchIo::owns(4095)); // a tag
-        assert!(!BatchIo::owns(1 << 32)); // the wake poll
+        use crate::user_data::Owner;
+        assert_eq!(Owner::of(token(KIND_COMMIT, 7)), Owner::Batch);
+        assert_eq!(Owner::of(token(KIND_PROVIDE, u16::MAX)), Owner::Batch);
+        assert_eq!(Owner::of(4095), Owner::Tag(4095));
         assert_eq!(token(KIND_FETCH, 9) & 0xffff, 9);
     }
 }

@@ -222,3 +222,100 @@ impl TagArena {
             .collect()
     }
 }
+
+/// Memory a node owns for I/O of its own: page aligned (so `O_DIRECT` children accept it),
+/// zero-filled when allocated, and `Send`, so it can travel to a worker thread and back.
+///
+/// A node lends it to a child as the buffer of a request it makes itself
+/// ([`crate::QueueCtx::bounce_io`]): a mirror's read-repair or resync (a READ's kernel pages can
+/// only be read into, never written out), a compressing target's blocks. The engine keeps it
+/// alive until every operation using it has completed, then hands it back.
+pub struct Bounce {
+    ptr: std::ptr::NonNull<u8>,
+    len: usize,
+}
+
+/// Alignment of [`Bounce`] memory.
+const BOUNCE_ALIGN: usize = 4096;
+
+// SAFETY: a Bounce owns its allocation exclusively (like a Box<[u8]>); moving it between
+// threads moves that ownership.
+unsafe impl Send for Bounce {}
+// SAFETY: `&Bounce` only permits reads (`as_slice`), like `&[u8]`.
+unsafe impl Sync for Bounce {}
+
+impl Bounce {
+    /// `len` zeroed bytes (at least one page is allocated for `len` 0).
+    pub fn new(len: usize) -> io::Result<Self> {
+        let layout = Self::layout(len)?;
+        // SAFETY: the layout has a non-zero size (at least one alignment unit).
+        let raw = unsafe { std::alloc::alloc_zeroed(layout) };
+        let ptr = std::ptr::NonNull::new(raw)
+            .ok_or_else(|| io::Error::new(io::ErrorKind::OutOfMemory, "bounce buffer"))?;
+        Ok(Bounce { ptr, len })
+    }
+
+    fn layout(len: usize) -> io::Result<std::alloc::Layout> {
+        let size = round_up(len.max(1), BOUNCE_ALIGN)
+            .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "bounce too large"))?;
+        std::alloc::Layout::from_size_align(size, BOUNCE_ALIGN)
+            .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "bounce too large"))
+    }
+
+    /// Length in bytes.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// True when empty.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// The bytes.
+    pub fn as_slice(&self) -> &[u8] {
+        // SAFETY: ptr is a live allocation of at least len bytes owned by self, initialised
+        // (zeroed at allocation); the borrow is tied to &self.
+        unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), self.len) }
+    }
+
+    /// The bytes, mutably.
+    pub fn as_mut_slice(&mut self) -> &mut [u8] {
+        // SAFETY: as in as_slice; &mut self makes the borrow unique.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr(), self.len) }
+    }
+
+    /// The start of the memory, for the engine's views and operations.
+    pub(crate) fn as_ptr(&self) -> *mut u8 {
+        self.ptr.as_ptr()
+    }
+}
+
+impl Drop for Bounce {
+    fn drop(&mut self) {
+        let layout = Self::layout(self.len).expect("the same layout was accepted at allocation");
+        // SAFETY: ptr was allocated with exactly this layout in `new` and is freed once.
+        unsafe { std::alloc::dealloc(self.ptr.as_ptr(), layout) };
+    }
+}
+
+impl std::fmt::Debug for Bounce {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Bounce").field("len", &self.len).finish()
+    }
+}
+
+#[cfg(test)]
+mod bounce_tests {
+    use super::*;
+
+    #[test]
+    fn bounce_memory_is_aligned_zeroed_and_writable() {
+        let mut b = Bounce::new(5000).expect("alloc");
+        assert_eq!(b.as_ptr() as usize % BOUNCE_ALIGN, 0);
+        assert!(b.as_slice().iter().all(|x| *x == 0));
+        b.as_mut_slice()[4999] = 9;
+        assert_eq!(b.as_slice()[4999], 9);
+        assert_eq!(Bounce::new(0).expect("empty").len(), 0);
+    }
+}

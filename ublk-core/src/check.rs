@@ -7,11 +7,11 @@
 //!
 //! ```
 //! # use ublk_core::check::{check_request_stream, Semantics};
-//! # use ublk_core::{Geometry, Io, QueueCtx, QueueTarget, Target};
+//! # use ublk_core::{Geometry, Io, OpenCtx, QueueCtx, QueueTarget, Target};
 //! # #[derive(Clone)] struct Null;
 //! # impl Target for Null {
 //! #     type Queue = Null;
-//! #     fn open_queue(&self, _: u16, _: &Geometry) -> std::io::Result<Null> { Ok(Null) }
+//! #     fn open_queue(&self, _: &mut OpenCtx<'_>) -> std::io::Result<Null> { Ok(Null) }
 //! # }
 //! # impl QueueTarget for Null {
 //! #     fn submit(&mut self, io: Io, _: &mut QueueCtx<'_>) { io.complete_ok() }

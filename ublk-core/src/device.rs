@@ -13,8 +13,10 @@ use crate::ctrl::{AddRequest, ControlDevice, DevInfo};
 use crate::error::{Error, Result};
 use crate::params::DeviceParams;
 use crate::queue::{self, QueueSetup};
+use crate::request::QueueShared;
+use crate::stats::StatsRegistry;
 use crate::sys;
-use crate::target::{QueueShared, Target};
+use crate::target::Target;
 
 /// What a started device looks like; given to the `on_started` callback of
 /// [`DeviceBuilder::run_with`].
@@ -52,15 +54,17 @@ pub struct DeviceInfo {
 /// Builds and runs a device.
 ///
 /// ```no_run
-/// # use ublk_core::{DeviceBuilder, Target, QueueTarget, Io, QueueCtx, Geometry};
+/// # use ublk_core::{DeviceBuilder, Target, QueueTarget, Io, QueueCtx, OpenCtx};
 /// struct Zeroes;
 /// impl Target for Zeroes {
 ///     type Queue = Zeroes;
-///     fn open_queue(&self, _: u16, _: &Geometry) -> std::io::Result<Zeroes> { Ok(Zeroes) }
+///     fn open_queue(&self, _: &mut OpenCtx<'_>) -> std::io::Result<Zeroes> { Ok(Zeroes) }
 /// }
 /// impl QueueTarget for Zeroes {
 ///     fn submit(&mut self, mut io: Io, _: &mut QueueCtx<'_>) {
-///         io.data_mut().fill(0);
+///         if let Ok(buf) = io.data_mut() {
+///             buf.fill(0);
+///         }
 ///         io.complete_ok();
 ///     }
 /// }
@@ -78,6 +82,7 @@ pub struct DeviceBuilder {
     batch_io: bool,
     threads_per_queue: Option<u16>,
     defer_taskrun: bool,
+    stats: Option<StatsRegistry>,
 }
 
 impl DeviceBuilder {
@@ -173,6 +178,12 @@ impl DeviceBuilder {
     /// one batch, instead of interrupting it. Ignored with SQPOLL.
     pub fn defer_taskrun(mut self, on: bool) -> Self {
         self.defer_taskrun = on;
+        self
+    }
+
+    /// Publish every queue's per-node counters in `registry`, to read while the device runs.
+    pub fn stats(mut self, registry: StatsRegistry) -> Self {
+        self.stats = Some(registry);
         self
     }
 
@@ -322,12 +333,13 @@ impl DeviceBuilder {
             stage: !target.copies_data(),
             threads: self.threads(),
         };
+        let stats = self.stats.clone();
         let result = serve(
             &signals,
             &ctrl,
             &info,
             &self.params,
-            options,
+            (options, stats),
             target,
             &mut guard,
             on_started,
@@ -419,15 +431,28 @@ impl Drop for SignalBlock {
 
 enum QueueEvent {
     Ready(u16, io::Result<()>),
-    Exited(u16),
+    /// The queue thread ended: `Ok` when its loop ended as asked (the kernel aborted every
+    /// tag, or a stop was requested), else why it died.
+    Exited(u16, io::Result<()>),
 }
 
-/// Sends `Exited` when the queue thread ends, however it ends.
-struct ExitNotice(mpsc::Sender<QueueEvent>, u16);
+/// Sends `Exited` when the queue thread ends, however it ends (a panic included).
+struct ExitNotice {
+    tx: mpsc::Sender<QueueEvent>,
+    q_id: u16,
+    result: Option<io::Result<()>>,
+}
 
 impl Drop for ExitNotice {
     fn drop(&mut self) {
-        let _ = self.0.send(QueueEvent::Exited(self.1));
+        let result = self.result.take().unwrap_or_else(|| {
+            Err(io::Error::other(if thread::panicking() {
+                "the queue thread panicked"
+            } else {
+                "the queue thread ended without a result"
+            }))
+        });
+        let _ = self.tx.send(QueueEvent::Exited(self.q_id, result));
     }
 }
 
@@ -475,7 +500,7 @@ fn serve<T: Target>(
     ctrl: &ControlDevice,
     info: &DevInfo,
     params: &DeviceParams,
-    options: QueueOptions,
+    (options, stats): (QueueOptions, Option<StatsRegistry>),
     target: T,
     guard: &mut DeviceGuard<'_>,
     on_started: impl FnOnce(&DeviceInfo),
@@ -521,6 +546,7 @@ fn serve<T: Target>(
                 defer_taskrun: options.defer_taskrun,
                 batch: options.batch,
                 stage: options.stage,
+                stats: stats.clone(),
             };
             let (target, tx) = (Arc::clone(&target), tx.clone());
             let name = if options.threads > 1 {
@@ -529,10 +555,14 @@ fn serve<T: Target>(
                 format!("ublk{dev_id}-q{q_id}")
             };
             let spawned = thread::Builder::new().name(name).spawn(move || {
-                let _exit = ExitNotice(tx.clone(), q_id);
-                queue::run(&*target, setup, shared, |r| {
+                let mut exit = ExitNotice {
+                    tx: tx.clone(),
+                    q_id,
+                    result: None,
+                };
+                exit.result = Some(queue::run(&*target, setup, shared, |r| {
                     let _ = tx.send(QueueEvent::Ready(q_id, r));
-                });
+                }));
             });
             match spawned {
                 Ok(handle) => threads.push(handle),
@@ -589,10 +619,12 @@ fn start_and_wait(
         match rx.recv() {
             Ok(QueueEvent::Ready(_, Ok(()))) => ready += 1,
             Ok(QueueEvent::Ready(q_id, Err(source))) => return Err(Error::Queue { q_id, source }),
-            Ok(QueueEvent::Exited(q_id)) => {
+            Ok(QueueEvent::Exited(q_id, result)) => {
                 return Err(Error::Queue {
                     q_id,
-                    source: io::Error::other("queue thread exited during setup"),
+                    source: result
+                        .err()
+                        .unwrap_or_else(|| io::Error::other("queue thread exited during setup")),
                 })
             }
             Err(mpsc::RecvError) => {
@@ -629,13 +661,21 @@ fn start_and_wait(
             return Ok(());
         }
         match rx.try_recv() {
-            Ok(QueueEvent::Exited(q_id)) => {
+            Ok(QueueEvent::Exited(q_id, Ok(()))) => {
                 tracing::info!(
                     dev_id = info.dev_id,
                     q = q_id,
                     "queue ended: device stopped"
                 );
                 return Ok(());
+            }
+            Ok(QueueEvent::Exited(q_id, Err(source))) => {
+                tracing::error!(
+                    dev_id = info.dev_id,
+                    q = q_id,
+                    "queue thread died: {source}"
+                );
+                return Err(Error::Queue { q_id, source });
             }
             Ok(QueueEvent::Ready(..)) | Err(mpsc::TryRecvError::Empty) => {}
             Err(mpsc::TryRecvError::Disconnected) => return Ok(()),

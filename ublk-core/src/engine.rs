@@ -11,17 +11,22 @@ use std::sync::Arc;
 
 use io_uring::{opcode, types, IoUring};
 
-use crate::buf::{BufferMode, FixedBuf};
+use std::collections::VecDeque;
+
+use slab::Slab;
+
+use crate::buf::{Bounce, BufferMode, FixedBuf};
+use crate::ctx::{push_sqe, Core, FileSlots, QueueCtx};
 use crate::io::{Geometry, IoDesc, Op};
 use crate::pod;
-use crate::sys;
-use crate::target::{
-    push_sqe, user_copy, user_copy_offset, FileSlots, Io, LocalSink, QueueCtx, QueueShared,
-    QueueTarget, TARGET_OP,
+use crate::request::{
+    user_copy, user_copy_offset, Dest, Done, Io, LocalSink, NodeId, Origin, QueueShared, SubIo,
+    View,
 };
-
-/// The bit in `user_data` of the engine's own buffer commands (REGISTER/UNREGISTER_IO_BUF).
-pub(crate) const BUF_CMD: u64 = 1 << 62;
+use crate::stats::QueueStats;
+use crate::sys;
+use crate::target::{Completion, QueueTarget, Tree};
+use crate::user_data::Owner;
 
 /// What the engine knows of one tag.
 #[derive(Debug, Clone, Copy, Default)]
@@ -33,28 +38,32 @@ struct Slot {
     stage_out: u32,
     /// Manual zero-copy: the request's pages are registered at index = tag.
     registered: bool,
+    /// The kernel request's result, once it completed (its commit waits for every
+    /// sub-request viewing its buffer).
+    result: Option<i32>,
 }
 
-/// One queue's dispatcher.
-pub(crate) struct Engine<Q: QueueTarget> {
-    target: Q,
+/// One queue's dispatcher: the node tree, the requests and operations in flight, and the
+/// tags waiting to be committed.
+pub(crate) struct Engine {
+    nodes: Vec<Box<dyn QueueTarget>>,
+    core: Core,
     mode: BufferMode,
     /// User copy for a target that uses [`Io::data`]: the engine copies through the tag buffer.
     stage: bool,
-    sink: Rc<LocalSink>,
     shared: Arc<QueueShared>,
-    geo: Geometry,
     q_id: u16,
     slots: Vec<Slot>,
-    scratch: Vec<(u16, i32)>,
-    files: FileSlots,
+    scratch: Vec<Done>,
+    /// Tags whose request and every sub-request completed: `(tag, result)`, to commit.
+    ready: Vec<(u16, i32)>,
 }
 
-impl<Q: QueueTarget> Engine<Q> {
+impl Engine {
     /// `stage` (user-copy mode only): the target reads [`Io::data`], so the engine moves each
     /// request's bytes through the tag buffer.
     pub(crate) fn new(
-        target: Q,
+        tree: Tree,
         shared: Arc<QueueShared>,
         geo: Geometry,
         q_id: u16,
@@ -62,18 +71,34 @@ impl<Q: QueueTarget> Engine<Q> {
         stage: bool,
     ) -> Self {
         let depth = shared.arena.depth();
+        let paths = tree.meta.iter().map(|m| m.path.clone()).collect();
         Engine {
-            target,
+            nodes: tree.nodes,
+            core: Core {
+                q_id,
+                geo,
+                sink: LocalSink::new(Arc::clone(&shared), depth),
+                files: FileSlots::default(),
+                joins: Slab::new(),
+                ops: Slab::new(),
+                submits: VecDeque::new(),
+                events: VecDeque::new(),
+                meta: tree.meta,
+                stats: Arc::new(QueueStats::new(paths)),
+            },
             mode,
             stage: stage && mode == BufferMode::UserCopy,
-            sink: LocalSink::new(Arc::clone(&shared), depth),
             shared,
-            geo,
             q_id,
             slots: vec![Slot::default(); usize::from(depth)],
             scratch: Vec::with_capacity(usize::from(depth)),
-            files: FileSlots::default(),
+            ready: Vec::with_capacity(usize::from(depth)),
         }
+    }
+
+    /// This queue's per-node counters.
+    pub(crate) fn stats(&self) -> Arc<QueueStats> {
+        Arc::clone(&self.core.stats)
     }
 
     /// A REGISTER/UNREGISTER_IO_BUF command for `tag`'s pages at buffer index = tag.
@@ -95,7 +120,7 @@ impl<Q: QueueTarget> Engine<Q> {
         let sqe = opcode::UringCmd16::new(types::Fd(cdev.as_raw_fd()), cmd_op)
             .cmd(pod::to_cmd_bytes(&cmd))
             .build()
-            .user_data(BUF_CMD | u64::from(tag));
+            .user_data(Owner::BufCmd(tag).user_data());
         // SAFETY: the command carries only a buffer-table index, no memory; the char device
         // outlives the ring (held by `shared`).
         if let Err(e) = unsafe { push_sqe(ring, &sqe) } {
@@ -105,11 +130,11 @@ impl<Q: QueueTarget> Engine<Q> {
 
     /// The completion of a buffer command: only failures matter (the request's own fixed-buffer
     /// operations fail with them, and the target reports that).
-    pub(crate) fn buf_cmd_done(&self, user_data: u64, res: i32) {
+    pub(crate) fn buf_cmd_done(&self, tag: u16, res: i32) {
         if res < 0 {
             tracing::warn!(
                 q = self.q_id,
-                tag = user_data as u16,
+                tag,
                 "buffer registration command failed: {}",
                 std::io::Error::from_raw_os_error(-res)
             );
@@ -134,17 +159,17 @@ impl<Q: QueueTarget> Engine<Q> {
             busy: true,
             ..Slot::default()
         };
-        let io = match desc.decode(&self.geo) {
+        let io = match desc.decode(&self.core.geo) {
             Ok(io) => io,
             Err(errno) => {
                 tracing::debug!(q = self.q_id, tag, ?desc, errno, "rejected request");
-                self.sink.push(tag, errno);
+                self.ready.push((tag, errno));
                 return;
             }
         };
         if io.len == 0 && io.op != Op::Flush {
             // Nothing to read, write or free: no target needs to see it.
-            self.sink.push(tag, 0);
+            self.ready.push((tag, 0));
             return;
         }
         let buf = self
@@ -183,7 +208,7 @@ impl<Q: QueueTarget> Engine<Q> {
                 } else {
                     if io.op == Op::Write {
                         if let Err(errno) = self.stage_in(at, buf, io.len) {
-                            self.sink.push(tag, -errno);
+                            self.ready.push((tag, -errno));
                             return;
                         }
                     } else if io.op == Op::Read {
@@ -193,45 +218,182 @@ impl<Q: QueueTarget> Engine<Q> {
                 }
             }
         };
-        // The tag was just marked busy: this request alone uses its buffer, fixed-buffer slot
-        // and user-copy range until its completion is drained below.
+        let view = View {
+            buf,
+            fixed,
+            user_copy: user_copy_at,
+            len: if has_data { io.len } else { 0 },
+        };
+        // The tag was just marked busy: this request and its sub-requests alone use its
+        // buffer, fixed-buffer slot and user-copy range until the engine commits it, which it
+        // does only once none of them is left.
         // SAFETY: buf is null or tag's arena buffer of max_io >= io.len bytes (see decode);
         // the request is its only user (above).
-        let io = unsafe { Io::new(io, tag, buf, fixed, user_copy_at, Rc::clone(&self.sink)) };
-        let mut ctx = QueueCtx {
-            q_id: self.q_id,
-            geo: &self.geo,
-            ring,
-            files: &mut self.files,
+        let io = unsafe { Io::kernel(io, tag, view, Rc::clone(&self.core.sink)) };
+        self.call_submit(NodeId(0), io, ring);
+        self.settle(ring);
+    }
+
+    /// Hands `io` to `node`.
+    fn call_submit(&mut self, node: NodeId, mut io: Io, ring: &mut IoUring) {
+        io.set_node(node);
+        if let Some(c) = self.core.stats.nodes.get(node.index()) {
+            c.request(&io.block_io());
+        }
+        let Some(target) = self.nodes.get_mut(node.index()) else {
+            tracing::error!(q = self.q_id, ?node, "request for no node");
+            return io.fail(libc::EIO);
         };
-        let target = &mut self.target;
+        let mut ctx = QueueCtx {
+            core: &mut self.core,
+            ring,
+            node,
+        };
         // A panicking target drops the Io while unwinding, which fails it with -EIO.
         if catch_unwind(AssertUnwindSafe(|| target.submit(io, &mut ctx))).is_err() {
             tracing::error!(
                 q = self.q_id,
-                tag,
+                ?node,
                 "target panicked: request failed with -EIO"
             );
         }
     }
 
-    /// Routes the completion of an operation the target pushed (its `user_data` carries
-    /// [`TARGET_OP`]) back to the target.
-    pub(crate) fn target_event(&mut self, user_data: u64, res: i32, ring: &mut IoUring) {
-        let mut ctx = QueueCtx {
-            q_id: self.q_id,
-            geo: &self.geo,
-            ring,
-            files: &mut self.files,
+    /// Hands a completion to the node that started the work.
+    fn call_complete(&mut self, node: NodeId, done: Completion, ring: &mut IoUring) {
+        let Some(target) = self.nodes.get_mut(node.index()) else {
+            tracing::error!(q = self.q_id, ?node, "completion for no node");
+            return;
         };
-        let target = &mut self.target;
-        let user_data = user_data & !TARGET_OP;
-        if catch_unwind(AssertUnwindSafe(|| {
-            target.complete(user_data, res, &mut ctx)
-        }))
-        .is_err()
-        {
-            tracing::error!(q = self.q_id, user_data, "target panicked in a completion");
+        let mut ctx = QueueCtx {
+            core: &mut self.core,
+            ring,
+            node,
+        };
+        if catch_unwind(AssertUnwindSafe(|| target.complete(done, &mut ctx))).is_err() {
+            tracing::error!(q = self.q_id, ?node, "target panicked in a completion");
+        }
+    }
+
+    /// The completion of an operation a node started on the ring, by op-slab key.
+    pub(crate) fn op_done(&mut self, key: u32, res: i32, ring: &mut IoUring) {
+        let Some(entry) = self.core.ops.try_remove(key as usize) else {
+            tracing::error!(q = self.q_id, key, "completion for no operation");
+            return;
+        };
+        let mut done = Completion::new(entry.token, res);
+        done.io = entry.io;
+        self.call_complete(entry.node, done, ring);
+        self.settle(ring);
+    }
+
+    /// Runs everything the nodes set in motion until nothing is left to do this turn:
+    /// requests sent to children, completions for nodes, finished requests.
+    fn settle(&mut self, ring: &mut IoUring) {
+        loop {
+            let mut progressed = false;
+            while let Some((node, io)) = self.core.submits.pop_front() {
+                self.call_submit(node, io, ring);
+                progressed = true;
+            }
+            while let Some((node, done)) = self.core.events.pop_front() {
+                self.call_complete(node, done, ring);
+                progressed = true;
+            }
+            let mut done = std::mem::take(&mut self.scratch);
+            self.core.sink.take_into(&mut done);
+            while let Some(d) = self.shared.pop_remote() {
+                done.push(d);
+            }
+            if done.is_empty() && !progressed {
+                self.scratch = done;
+                return;
+            }
+            for d in done.drain(..) {
+                self.finish(d);
+            }
+            self.scratch = done;
+        }
+    }
+
+    /// Accounts for one finished request.
+    fn finish(&mut self, d: Done) {
+        if d.res < 0 {
+            if let Some(c) = self.core.stats.nodes.get(d.node.index()) {
+                c.error();
+            }
+        }
+        let origin = d.origin;
+        if d.root {
+            match origin {
+                Origin::Tag(tag) => match self.slots.get_mut(usize::from(tag)) {
+                    Some(slot) if slot.busy => slot.result = Some(d.res),
+                    _ => tracing::error!(q = self.q_id, tag, "completion for a tag not in service"),
+                },
+                Origin::Bounce(key) => {
+                    if let Some(slot) = self.core.sink.bounces.borrow_mut().get_mut(key as usize) {
+                        slot.pending = Some(d);
+                    }
+                }
+            }
+        } else {
+            self.route(d, None);
+        }
+        self.release(origin);
+    }
+
+    /// Delivers a finished request's result to whoever waits for it.
+    fn route(&mut self, d: Done, bounce: Option<Bounce>) {
+        match d.dest {
+            Dest::Join(key) => self.core.join_child_done(key, d.res, d.ok_len()),
+            Dest::Node { node, token } => {
+                let mut done = Completion::new(token, d.res);
+                done.bounce = bounce;
+                if !d.root && d.res != d.ok_len() {
+                    done.retry = Some(SubIo(Io::reissue(&d, Rc::clone(&self.core.sink))));
+                }
+                self.core.events.push_back((node, done));
+            }
+            Dest::Detached => {}
+            Dest::Kernel(tag) => {
+                tracing::error!(q = self.q_id, tag, "a sub-request addressed to the kernel");
+            }
+        }
+    }
+
+    /// One request fewer views `origin`; the last one out commits the tag or returns the
+    /// bounce buffer.
+    fn release(&mut self, origin: Origin) {
+        match origin {
+            Origin::Tag(tag) => {
+                if self.core.sink.release_tag(tag) {
+                    if let Some(res) = self
+                        .slots
+                        .get_mut(usize::from(tag))
+                        .and_then(|s| s.result.take())
+                    {
+                        self.ready.push((tag, res));
+                    }
+                }
+            }
+            Origin::Bounce(key) => {
+                let freed = {
+                    let mut bounces = self.core.sink.bounces.borrow_mut();
+                    match bounces.get_mut(key as usize) {
+                        Some(slot) => {
+                            slot.refs = slot.refs.saturating_sub(1);
+                            (slot.refs == 0).then(|| bounces.remove(key as usize))
+                        }
+                        None => None,
+                    }
+                };
+                if let Some(slot) = freed {
+                    match slot.pending {
+                        Some(d) => self.route(d, Some(slot.mem)),
+                        None => tracing::error!(q = self.q_id, "a bounce freed before its request"),
+                    }
+                }
+            }
         }
     }
 
@@ -253,14 +415,15 @@ impl<Q: QueueTarget> Engine<Q> {
         let buf = self.shared.arena.buf_ptr(tag).ok_or(libc::EIO)?;
         let at = user_copy_offset(self.q_id, tag);
         // SAFETY: buf is the tag's arena buffer, len <= the read's length <= max_io bytes; the
-        // request was completed, so nothing else touches the buffer until its commit.
+        // request and its sub-requests completed, so nothing else touches the buffer until
+        // its commit.
         unsafe { user_copy(cdev, at, buf, len, true) }.map_err(|e| {
             tracing::warn!(q = self.q_id, tag, "user copy of a read's data failed: {e}");
             e.raw_os_error().unwrap_or(libc::EIO)
         })
     }
 
-    /// Passes every completed request to `commit(ring, tag, result)` and marks its tag free,
+    /// Passes every finished request to `commit(ring, tag, result)` and marks its tag free,
     /// first finishing what the buffer mode needs (a staged read's copy to the kernel, the
     /// unregistration of manually registered pages) so the commit follows it on the ring.
     pub(crate) fn drain(
@@ -268,12 +431,9 @@ impl<Q: QueueTarget> Engine<Q> {
         ring: &mut IoUring,
         mut commit: impl FnMut(&mut IoUring, u16, i32),
     ) {
-        let mut done = std::mem::take(&mut self.scratch);
-        self.sink.take_into(&mut done);
-        while let Some(d) = self.shared.pop_remote() {
-            done.push(d);
-        }
-        for (tag, mut res) in done.drain(..) {
+        self.settle(ring);
+        let mut ready = std::mem::take(&mut self.ready);
+        for (tag, mut res) in ready.drain(..) {
             let slot = match self.slots.get_mut(usize::from(tag)) {
                 Some(slot) if slot.busy => std::mem::take(slot),
                 _ => {
@@ -292,11 +452,56 @@ impl<Q: QueueTarget> Engine<Q> {
             }
             commit(ring, tag, res);
         }
-        self.scratch = done;
+        self.ready = ready;
     }
 
     /// Number of requests the server holds.
     pub(crate) fn in_service(&self) -> usize {
         self.slots.iter().filter(|s| s.busy).count()
+    }
+
+    /// Operations of the nodes still in flight on the ring.
+    pub(crate) fn ops_in_flight(&self) -> usize {
+        self.core.ops.len()
+    }
+
+    /// Waits (up to `timeout`) for every operation the nodes started to complete, so no
+    /// buffer they use is freed while the kernel may still write into it. Whatever is still
+    /// in flight after that is leaked, never freed.
+    pub(crate) fn quiesce(&mut self, ring: &mut IoUring, timeout: std::time::Duration) {
+        let deadline = std::time::Instant::now() + timeout;
+        while !self.core.ops.is_empty() && std::time::Instant::now() < deadline {
+            let ts = types::Timespec::new().nsec(50_000_000);
+            let args = types::SubmitArgs::new().timespec(&ts);
+            match ring.submitter().submit_with_args(1, &args) {
+                Ok(_) => {}
+                Err(e)
+                    if matches!(
+                        e.raw_os_error(),
+                        Some(libc::ETIME | libc::EINTR | libc::EBUSY)
+                    ) => {}
+                Err(e) => {
+                    tracing::warn!(q = self.q_id, "waiting for operations: {e}");
+                    break;
+                }
+            }
+            let cqes: Vec<(u64, i32)> = ring
+                .completion()
+                .map(|c| (c.user_data(), c.result()))
+                .collect();
+            for (user_data, res) in cqes {
+                if let Owner::NodeOp(key) = Owner::of(user_data) {
+                    self.op_done(key, res, ring);
+                }
+            }
+        }
+        if !self.core.ops.is_empty() {
+            tracing::warn!(
+                q = self.q_id,
+                ops = self.core.ops.len(),
+                "operations still in flight at exit: their buffers are leaked, not freed"
+            );
+            std::mem::forget(std::mem::take(&mut self.core.ops));
+        }
     }
 }

@@ -12,6 +12,8 @@ use std::ptr::NonNull;
 pub struct Mapping {
     ptr: NonNull<u8>,
     len: usize,
+    /// Mapped with `PROT_WRITE`: only then do the writing methods write.
+    writable: bool,
 }
 
 // SAFETY: the mapping is plain memory owned by this value; all access goes through raw-pointer
@@ -57,7 +59,8 @@ impl Mapping {
         )
     }
 
-    /// A shared read-only mapping (the kernel's descriptor array).
+    /// A shared read-only mapping (the kernel's descriptor array). Its writing methods
+    /// refuse to write.
     pub fn shared_read_only(fd: BorrowedFd<'_>, len: usize, offset: u64) -> io::Result<Self> {
         Self::map(
             len,
@@ -89,7 +92,11 @@ impl Mapping {
         }
         let ptr =
             NonNull::new(ptr.cast::<u8>()).ok_or_else(|| io::Error::other("mmap returned null"))?;
-        Ok(Mapping { ptr, len })
+        Ok(Mapping {
+            ptr,
+            len,
+            writable: prot & libc::PROT_WRITE != 0,
+        })
     }
 
     /// Length in bytes.
@@ -118,6 +125,19 @@ impl Mapping {
         Some(unsafe { self.ptr.as_ptr().add(offset) })
     }
 
+    /// As [`Mapping::range`], for writing: `None` also when the mapping is read-only.
+    pub fn range_mut(&self, offset: u64, len: usize) -> Option<*mut u8> {
+        if !self.writable {
+            return None;
+        }
+        self.range(offset, len)
+    }
+
+    /// Whether the mapping can be written.
+    pub fn is_writable(&self) -> bool {
+        self.writable
+    }
+
     /// Copies `dst.len()` bytes from `offset`; `false` (nothing copied) when out of bounds.
     ///
     /// Concurrent writers to the same range (other queues) leave the copied bytes unspecified,
@@ -132,24 +152,23 @@ impl Mapping {
         true
     }
 
-    /// Copies `src` to `offset`; `false` (nothing copied) when out of bounds.
+    /// Copies `src` to `offset`; `false` (nothing copied) when out of bounds or read-only.
     pub fn write_at(&self, offset: u64, src: &[u8]) -> bool {
-        let Some(dst) = self.range(offset, src.len()) else {
+        let Some(dst) = self.range_mut(offset, src.len()) else {
             return false;
         };
-        // SAFETY: dst..dst+len is inside the mapping (checked by `range`), which is writable for
-        // every constructor but `shared_read_only` (whose users never call this); src is a
-        // distinct Rust buffer.
+        // SAFETY: dst..dst+len is inside the mapping, which is writable (both checked by
+        // `range_mut`); src is a distinct Rust buffer.
         unsafe { std::ptr::copy_nonoverlapping(src.as_ptr(), dst, src.len()) };
         true
     }
 
-    /// Zeroes `[offset, offset + len)`; `false` when out of bounds.
+    /// Zeroes `[offset, offset + len)`; `false` when out of bounds or read-only.
     pub fn zero(&self, offset: u64, len: usize) -> bool {
-        let Some(dst) = self.range(offset, len) else {
+        let Some(dst) = self.range_mut(offset, len) else {
             return false;
         };
-        // SAFETY: inside the mapping (checked by `range`) and writable, as for `write_at`.
+        // SAFETY: inside the mapping and writable (both checked by `range_mut`).
         unsafe { std::ptr::write_bytes(dst, 0, len) };
         true
     }
@@ -179,6 +198,20 @@ mod tests {
         assert!(m.read_at(8190, &mut out));
         assert_eq!(out, [0, 0]);
         assert!(!m.zero(8000, 500));
+    }
+
+    #[test]
+    fn read_only_mappings_refuse_writes() {
+        let file = std::fs::File::open("/proc/self/exe").expect("own executable");
+        let m = Mapping::shared_read_only(std::os::fd::AsFd::as_fd(&file), 4096, 0)
+            .expect("read-only mmap");
+        assert!(!m.is_writable());
+        assert!(!m.write_at(0, &[1]));
+        assert!(!m.zero(0, 1));
+        assert!(m.range_mut(0, 1).is_none());
+        let mut out = [0u8; 4];
+        assert!(m.read_at(0, &mut out));
+        assert_eq!(&out, b"\x7fELF");
     }
 
     #[test]

@@ -8,8 +8,10 @@
 use std::io;
 use std::sync::Arc;
 
-use crate::io::{Geometry, Op};
-use crate::target::{Io, QueueCtx, QueueTarget, RemoteIo, Target};
+use crate::ctx::QueueCtx;
+use crate::io::Op;
+use crate::request::{Io, RemoteIo};
+use crate::target::{OpenCtx, QueueTarget, Target};
 
 /// A block device with one method per request type. Offsets and lengths are in bytes and
 /// already checked against the device size.
@@ -70,7 +72,7 @@ pub struct ReadReply(RemoteIo);
 impl ReadReply {
     /// Answers with `bytes`: the first `len` are returned; if fewer, the rest reads as zeroes.
     pub fn data(mut self, bytes: &[u8]) {
-        let buf = self.0.data_mut();
+        let buf = self.buffer();
         let n = bytes.len().min(buf.len());
         buf[..n].copy_from_slice(&bytes[..n]);
         buf[n..].fill(0);
@@ -79,7 +81,9 @@ impl ReadReply {
 
     /// The request's own buffer, to fill in place before [`ReadReply::ok`].
     pub fn buffer(&mut self) -> &mut [u8] {
-        self.0.data_mut()
+        self.0
+            .data_mut()
+            .expect("an Owned target needs data, so every read has a server buffer")
     }
 
     /// Success, with the data already in [`ReadReply::buffer`].
@@ -107,7 +111,7 @@ impl<D: BlockDevice> Owned<D> {
 impl<D: BlockDevice> Target for Owned<D> {
     type Queue = OwnedQueue<D>;
 
-    fn open_queue(&self, _q_id: u16, _geo: &Geometry) -> io::Result<Self::Queue> {
+    fn open_queue(&self, _ctx: &mut OpenCtx<'_>) -> io::Result<Self::Queue> {
         Ok(OwnedQueue(Arc::clone(&self.0)))
     }
 }
@@ -123,8 +127,13 @@ impl<D: BlockDevice> QueueTarget for OwnedQueue<D> {
         match req.op {
             Op::Read => self.0.read(req.offset, req.len, ReadReply(io)),
             Op::Write => {
-                let data = io.data();
-                let (ptr, len) = (data.as_ptr(), data.len());
+                let (ptr, len) = match io.data() {
+                    Ok(data) => (data.as_ptr(), data.len()),
+                    Err(e) => {
+                        tracing::error!("owned target without the write's bytes: {e}");
+                        return io.fail(libc::EIO);
+                    }
+                };
                 // The bytes are this request's buffer, valid and unchanged until the request
                 // is committed. Commits are issued only by this queue thread after `submit`
                 // returns, even when the reply is answered (on any thread) during the call.

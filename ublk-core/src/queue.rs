@@ -12,20 +12,21 @@ use io_uring::{cqueue, opcode, squeue, types, IoUring};
 
 use crate::batch::{BatchIo, ElemLayout};
 use crate::buf::BufferMode;
-use crate::engine::{Engine, BUF_CMD};
+use crate::ctx::push_sqe;
+use crate::engine::Engine;
 use crate::io::{Geometry, IoDesc};
 use crate::mmap::{page_size, round_up, Mapping};
 use crate::pod;
+use crate::request::QueueShared;
+use crate::stats::StatsRegistry;
 use crate::sys;
-use crate::target::{push_sqe, QueueShared, Target, TARGET_OP};
+use crate::target::{open_tree, Target};
+use crate::user_data::Owner;
 
 /// Size of one descriptor in the kernel's array.
 const DESC_SIZE: usize = std::mem::size_of::<sys::ublksrv_io_desc>();
 /// Per-queue stride of the descriptor area: sized for the largest depth.
 const MAX_DEPTH: usize = 4096;
-
-/// `user_data` of the eventfd poll; ublk commands use their tag (< 4096).
-const WAKE_TOKEN: u64 = 1 << 32;
 
 /// The kernel's read-only array of request descriptors for one queue.
 pub(crate) struct DescArray {
@@ -91,6 +92,25 @@ pub(crate) struct QueueSetup {
     pub batch: bool,
     /// User copy for a target that reads [`crate::Io::data`]: stage bytes in the tag buffer.
     pub stage: bool,
+    /// Where the queue's per-node counters are published.
+    pub stats: Option<StatsRegistry>,
+}
+
+/// How long a queue waits at exit for its nodes' operations to complete.
+const QUIESCE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// A queue's ring and engine, torn down in the one safe order on every exit path: first wait
+/// for the operations the nodes started (their buffers live in the engine), then close the
+/// ring, then drop the engine and its nodes.
+struct Running {
+    ring: IoUring,
+    engine: Engine,
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        self.engine.quiesce(&mut self.ring, QUIESCE_TIMEOUT);
+    }
 }
 
 fn pin_to(cpus: &[usize]) -> io::Result<()> {
@@ -185,20 +205,28 @@ fn io_cmd_sqe(
 }
 
 /// Serves one queue until the kernel aborts every tag or a stop is requested. `ready` is
-/// called once every tag has been fetched (or with the error that prevented it).
+/// called once every tag has been fetched (or with the error that prevented it). Returns
+/// why the queue died, if it did after starting.
 pub(crate) fn run<T: Target>(
     target: &T,
     setup: QueueSetup,
     shared: Arc<QueueShared>,
     ready: impl FnOnce(io::Result<()>),
-) {
+) -> io::Result<()> {
     let mut ready = Some(ready);
     let result = serve(target, &setup, shared, &mut ready);
     if let Some(ready) = ready.take() {
-        ready(result.map(|_| ()));
-    } else if let Err(e) = result {
+        let failed = result.is_err();
+        ready(result);
+        if failed {
+            return Err(io::Error::other("queue setup failed"));
+        }
+        return Ok(());
+    }
+    if let Err(e) = &result {
         tracing::error!(q = setup.q_id, "queue stopped: {e}");
     }
+    result
 }
 
 fn serve<T: Target>(
@@ -218,7 +246,7 @@ fn serve<T: Target>(
     let descs = DescArray::map(cdev, q_id, depth)?;
     // Created before the ring so that the ring, whose commands refer to its buffers, is
     // dropped first.
-    let batch = if setup.batch {
+    let mut batch = if setup.batch {
         let layout = ElemLayout {
             buf_addr: setup.mode.kernel_copies(),
             auto_buf_reg: setup.mode == BufferMode::ZeroCopy,
@@ -229,26 +257,31 @@ fn serve<T: Target>(
         None
     };
     let entries = (u32::from(depth) + 2).next_power_of_two();
-    let mut ring = new_ring(entries, setup.sqpoll, setup.defer_taskrun)?;
+    let ring = new_ring(entries, setup.sqpoll, setup.defer_taskrun)?;
     register_buffers(&ring, setup.mode, &shared)?;
-    let queue_target = target.open_queue(q_id, &setup.geo)?;
-    let mut engine = Engine::new(
-        queue_target,
+    let tree = open_tree(target, q_id, &setup.geo)?;
+    let engine = Engine::new(
+        tree,
         Arc::clone(&shared),
         setup.geo,
         q_id,
         setup.mode,
         setup.stage,
     );
+    if let Some(stats) = &setup.stats {
+        stats.add(engine.stats());
+    }
+    let mut running = Running { ring, engine };
+    let Running { ring, engine } = &mut running;
 
     let wake = opcode::PollAdd::new(types::Fd(shared.wake_fd().as_raw_fd()), libc::POLLIN as u32)
         .multi(true)
         .build()
-        .user_data(WAKE_TOKEN);
-    if let Some(batch) = batch {
+        .user_data(Owner::Wake.user_data());
+    if let Some(batch) = batch.as_mut() {
         return serve_batch(batch, ring, engine, &descs, &shared, wake, ready);
     }
-    push(&mut ring, &wake)?;
+    push(ring, &wake)?;
     let (first, step) = setup.tags;
     let my_tags = (first..depth).step_by(usize::from(step.max(1)));
     let mut live = my_tags.len();
@@ -260,14 +293,14 @@ fn serve<T: Target>(
             -1,
             fetch_addrs(setup.mode, &shared, tag),
         );
-        push(&mut ring, &sqe)?;
+        push(ring, &sqe)?;
     }
     ring.submit()?;
     // A fetch the kernel accepts stays pending until a request arrives; one it rejects
     // completes at once. START_DEV would wait forever for a rejected tag, so fail here.
     let rejected = ring
         .completion()
-        .find(|c| c.user_data() & (TARGET_OP | BUF_CMD | WAKE_TOKEN) == 0);
+        .find(|c| matches!(Owner::of(c.user_data()), Owner::Tag(_)));
     if let Some(cqe) = rejected {
         return Err(io::Error::other(format!(
             "the kernel rejected FETCH_REQ for tag {}: {}",
@@ -282,26 +315,32 @@ fn serve<T: Target>(
 
     let mut cqes: Vec<(u64, i32, u32)> = Vec::with_capacity(entries as usize * 2);
     while live > 0 && !shared.stop_requested() {
-        submit_and_reap(&mut ring, &mut cqes)?;
+        submit_and_reap(ring, &mut cqes)?;
         for (user_data, res, flags) in cqes.drain(..) {
-            if user_data & TARGET_OP != 0 {
-                engine.target_event(user_data, res, &mut ring);
-                continue;
-            }
-            if user_data & BUF_CMD != 0 {
-                engine.buf_cmd_done(user_data, res);
-                continue;
-            }
-            if user_data == WAKE_TOKEN {
-                shared.clear_wake();
-                if !cqueue::more(flags) {
-                    push(&mut ring, &wake)?;
+            let tag = match Owner::of(user_data) {
+                Owner::NodeOp(key) => {
+                    engine.op_done(key, res, ring);
+                    continue;
                 }
-                continue;
-            }
-            let tag = user_data as u16;
+                Owner::BufCmd(tag) => {
+                    engine.buf_cmd_done(tag, res);
+                    continue;
+                }
+                Owner::Wake => {
+                    shared.clear_wake();
+                    if !cqueue::more(flags) {
+                        push(ring, &wake)?;
+                    }
+                    continue;
+                }
+                Owner::Batch => {
+                    tracing::error!(q = q_id, user_data, "batch completion on a plain queue");
+                    continue;
+                }
+                Owner::Tag(tag) => tag,
+            };
             match res {
-                sys::UBLK_IO_RES_OK => engine.dispatch(tag, descs.read(tag), &mut ring),
+                sys::UBLK_IO_RES_OK => engine.dispatch(tag, descs.read(tag), ring),
                 sys::UBLK_IO_RES_ABORT => live -= 1,
                 other => {
                     tracing::error!(q = q_id, tag, res = other, "unexpected fetch result");
@@ -310,7 +349,7 @@ fn serve<T: Target>(
             }
         }
         let mut push_err = None;
-        engine.drain(&mut ring, |ring, tag, res| {
+        engine.drain(ring, |ring, tag, res| {
             let sqe = io_cmd_sqe(
                 cdev,
                 sys::UBLK_U_IO_COMMIT_AND_FETCH_REQ,
@@ -330,25 +369,26 @@ fn serve<T: Target>(
         q = q_id,
         live,
         in_service = engine.in_service(),
+        ops = engine.ops_in_flight(),
         "queue loop ended"
     );
     Ok(())
 }
 
 /// The loop of a `UBLK_F_BATCH_IO` queue: as in [`serve`], with tags taken from the batch
-/// fetch's buffers and each turn's results sent in one COMMIT_IO_CMDS. Parameters drop in
-/// reverse order, so the ring goes before the buffers its commands refer to.
-fn serve_batch<Q: crate::target::QueueTarget>(
-    mut batch: BatchIo,
-    mut ring: IoUring,
-    mut engine: Engine<Q>,
+/// fetch's buffers and each turn's results sent in one COMMIT_IO_CMDS. The caller drops the
+/// ring before `batch`, whose buffers the ring's commands refer to.
+fn serve_batch(
+    batch: &mut BatchIo,
+    ring: &mut IoUring,
+    engine: &mut Engine,
     descs: &DescArray,
     shared: &QueueShared,
     wake: squeue::Entry,
     ready: &mut Option<impl FnOnce(io::Result<()>)>,
 ) -> io::Result<()> {
-    batch.start(&mut ring)?;
-    push(&mut ring, &wake)?;
+    batch.start(ring)?;
+    push(ring, &wake)?;
     ring.submit()?;
     if let Some(ready) = ready.take() {
         ready(Ok(()));
@@ -360,28 +400,30 @@ fn serve_batch<Q: crate::target::QueueTarget>(
     // Leave once the kernel ended the fetch, or on request; either way only after every
     // commit was answered, so no command still reads our arrays.
     while !batch.commits_idle() || (batch.fetching() && !shared.stop_requested()) {
-        submit_and_reap(&mut ring, &mut cqes)?;
+        submit_and_reap(ring, &mut cqes)?;
         for (user_data, res, flags) in cqes.drain(..) {
-            if user_data & TARGET_OP != 0 {
-                engine.target_event(user_data, res, &mut ring);
-            } else if user_data & BUF_CMD != 0 {
-                engine.buf_cmd_done(user_data, res);
-            } else if user_data == WAKE_TOKEN {
-                shared.clear_wake();
-                if !cqueue::more(flags) {
-                    push(&mut ring, &wake)?;
+            match Owner::of(user_data) {
+                Owner::NodeOp(key) => engine.op_done(key, res, ring),
+                Owner::BufCmd(tag) => engine.buf_cmd_done(tag, res),
+                Owner::Wake => {
+                    shared.clear_wake();
+                    if !cqueue::more(flags) {
+                        push(ring, &wake)?;
+                    }
                 }
-            } else if BatchIo::owns(user_data) {
-                batch.complete((user_data, res, flags), &mut ring, &mut tags)?;
-                for tag in tags.drain(..) {
-                    engine.dispatch(tag, descs.read(tag), &mut ring);
+                Owner::Batch => {
+                    batch.complete((user_data, res, flags), ring, &mut tags)?;
+                    for tag in tags.drain(..) {
+                        engine.dispatch(tag, descs.read(tag), ring);
+                    }
                 }
-            } else {
-                tracing::error!(q = descs.q_id(), user_data, res, "unexpected completion");
+                Owner::Tag(_) => {
+                    tracing::error!(q = descs.q_id(), user_data, res, "unexpected completion")
+                }
             }
         }
-        engine.drain(&mut ring, |_, tag, res| batch.queue_result(tag, res));
-        batch.submit_commits(&mut ring)?;
+        engine.drain(ring, |_, tag, res| batch.queue_result(tag, res));
+        batch.submit_commits(ring)?;
     }
     tracing::debug!(
         q = descs.q_id(),

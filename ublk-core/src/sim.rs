@@ -11,15 +11,15 @@
 //! ```
 //! use ublk_core::io::{IoDesc, Op};
 //! use ublk_core::sim::SimQueue;
-//! # use ublk_core::{Geometry, Io, QueueCtx, QueueTarget, Target};
+//! # use ublk_core::{Geometry, Io, OpenCtx, QueueCtx, QueueTarget, Target};
 //! # struct Zeroes;
 //! # impl Target for Zeroes {
 //! #     type Queue = Zeroes;
-//! #     fn open_queue(&self, _: u16, _: &Geometry) -> std::io::Result<Zeroes> { Ok(Zeroes) }
+//! #     fn open_queue(&self, _: &mut OpenCtx<'_>) -> std::io::Result<Zeroes> { Ok(Zeroes) }
 //! # }
 //! # impl QueueTarget for Zeroes {
 //! #     fn submit(&mut self, mut io: Io, _: &mut QueueCtx<'_>) {
-//! #         io.data_mut().fill(0);
+//! #         if let Ok(buf) = io.data_mut() { buf.fill(0) }
 //! #         io.complete_ok();
 //! #     }
 //! # }
@@ -37,8 +37,11 @@ use io_uring::IoUring;
 use crate::buf::{BufferMode, TagArena};
 use crate::engine::Engine;
 use crate::io::{Geometry, IoDesc, SECTOR_SIZE};
+use crate::request::{user_copy, user_copy_offset, QueueShared};
+use crate::stats::StatsRegistry;
 use crate::sys;
-use crate::target::{user_copy, user_copy_offset, QueueShared, Target};
+use crate::target::{open_tree, Target};
+use crate::user_data::Owner;
 
 /// One commit the simulated kernel received.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -71,7 +74,8 @@ pub enum SimError {
 
 /// A simulated queue serving one target's queue half.
 pub struct SimQueue<T: Target> {
-    engine: Engine<T::Queue>,
+    engine: Engine,
+    _target: std::marker::PhantomData<fn(&T)>,
     /// A real io_uring for the operations the target pushes itself (e.g. file I/O).
     ring: IoUring,
     shared: Arc<QueueShared>,
@@ -102,7 +106,7 @@ impl<T: Target> SimQueue<T> {
         };
         let shared = QueueShared::new(TagArena::new(depth.max(1), geo.max_io)?, cdev)?;
         shared.enter();
-        let queue = target.open_queue(0, &geo)?;
+        let tree = open_tree(target, 0, &geo)?;
         let ring = IoUring::new((u32::from(depth.max(1)) * 2).next_power_of_two())?;
         if mode == BufferMode::Registered {
             let iovecs = shared.arena.iovecs();
@@ -111,8 +115,9 @@ impl<T: Target> SimQueue<T> {
             unsafe { ring.submitter().register_buffers(&iovecs)? };
         }
         Ok(SimQueue {
+            _target: std::marker::PhantomData,
             engine: Engine::new(
-                queue,
+                tree,
                 Arc::clone(&shared),
                 geo,
                 0,
@@ -125,6 +130,13 @@ impl<T: Target> SimQueue<T> {
             busy: vec![false; usize::from(depth.max(1))],
             geo,
         })
+    }
+
+    /// The queue's per-node counters, as [`crate::DeviceBuilder::stats`] gives them.
+    pub fn stats(&self) -> StatsRegistry {
+        let registry = StatsRegistry::new();
+        registry.add(self.engine.stats());
+        registry
     }
 
     /// The geometry requests are checked against.
@@ -188,7 +200,10 @@ impl<T: Target> SimQueue<T> {
             .map(|c| (c.user_data(), c.result()))
             .collect();
         for (user_data, res) in events {
-            self.engine.target_event(user_data, res, &mut self.ring);
+            match Owner::of(user_data) {
+                Owner::NodeOp(key) => self.engine.op_done(key, res, &mut self.ring),
+                other => tracing::error!(?other, "unexpected completion on the simulated ring"),
+            }
         }
     }
 
@@ -316,6 +331,13 @@ impl<T: Target> SimQueue<T> {
     }
 }
 
+impl<T: Target> Drop for SimQueue<T> {
+    fn drop(&mut self) {
+        // The ring goes after the engine (field order): first let the nodes' operations end.
+        self.engine.quiesce(&mut self.ring, Duration::from_secs(10));
+    }
+}
+
 /// The stand-in for the ublk char device in user-copy mode: an empty memfd that grows
 /// sparsely to the user-copy offsets.
 fn sparse_memfd() -> io::Result<std::fs::File> {
@@ -332,7 +354,9 @@ fn sparse_memfd() -> io::Result<std::fs::File> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::target::{Io, QueueCtx, QueueTarget};
+    use crate::ctx::QueueCtx;
+    use crate::request::Io;
+    use crate::target::{OpenCtx, QueueTarget};
 
     /// Keeps writes in a Vec; completes reads from another thread to exercise RemoteIo.
     struct Mem(std::sync::Mutex<Vec<u8>>);
@@ -340,7 +364,7 @@ mod tests {
 
     impl Target for Arc<Mem> {
         type Queue = MemQ;
-        fn open_queue(&self, _: u16, _: &Geometry) -> io::Result<MemQ> {
+        fn open_queue(&self, _: &mut OpenCtx<'_>) -> io::Result<MemQ> {
             Ok(MemQ(Arc::clone(self)))
         }
     }
@@ -350,7 +374,7 @@ mod tests {
             let off = io.offset() as usize;
             match io.op() {
                 crate::Op::Write => {
-                    let data = io.data().to_vec();
+                    let data = io.data().expect("copy mode holds the bytes").to_vec();
                     self.0 .0.lock().unwrap()[off..off + data.len()].copy_from_slice(&data);
                     io.complete_ok();
                 }
@@ -358,9 +382,10 @@ mod tests {
                     let mem = Arc::clone(&self.0);
                     let mut remote = io.into_remote();
                     std::thread::spawn(move || {
-                        let n = remote.data().len();
+                        let n = remote.len() as usize;
                         remote
                             .data_mut()
+                            .expect("copy mode holds the bytes")
                             .copy_from_slice(&mem.0.lock().unwrap()[off..off + n]);
                         remote.complete_ok();
                     });

@@ -27,7 +27,7 @@ pub fn request_stream(data: &[u8]) {
         logical_block_size: if first & 1 == 0 { 512 } else { 4096 },
         ..GEOMETRY
     };
-    check_request_stream(|| Null, geo, Semantics::DISCARDS_DATA, rest);
+    check_request_stream(Null::default, geo, Semantics::DISCARDS_DATA, rest);
     let ram = || Ram::new(geo.size).expect("memfd");
     check_request_stream(ram, geo, Semantics::STORES_DATA, rest);
     // The RAM target copies in place through the simulated char device; the file target

@@ -3,17 +3,30 @@
 
 use std::io;
 
-use ublk_zc::{Geometry, Io, QueueCtx, QueueTarget, Target};
+use ublk_zc::{Io, OpenCtx, QueueCtx, QueueTarget, Target};
 
-/// A device that stores nothing.
+/// A device that stores nothing; `size` is what it reports as a child in a stack.
 #[derive(Debug, Default, Clone, Copy)]
-pub struct Null;
+pub struct Null {
+    size: Option<u64>,
+}
+
+impl Null {
+    /// A null device of `size` bytes (the size matters only as a child in a stack).
+    pub fn with_size(size: u64) -> Self {
+        Null { size: Some(size) }
+    }
+}
 
 impl Target for Null {
     type Queue = Null;
 
-    fn open_queue(&self, _q_id: u16, _geo: &Geometry) -> io::Result<Null> {
-        Ok(Null)
+    fn open_queue(&self, _ctx: &mut OpenCtx<'_>) -> io::Result<Null> {
+        Ok(*self)
+    }
+
+    fn size(&self) -> Option<u64> {
+        self.size
     }
 
     fn needs_data(&self) -> bool {

@@ -14,7 +14,7 @@ use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
-use ublk_zc::{Geometry, Io, Mapping, Op, QueueCtx, QueueTarget, Target};
+use ublk_zc::{Io, Mapping, Op, OpenCtx, QueueCtx, QueueTarget, Target};
 
 #[derive(Debug)]
 struct Memory {
@@ -240,14 +240,19 @@ fn mark_data_ranges(file: &File, size: u64, written: &PageMap) -> io::Result<()>
 impl Target for Ram {
     type Queue = Ram;
 
-    fn open_queue(&self, _q_id: u16, geo: &Geometry) -> io::Result<Ram> {
-        if (self.0.map.len() as u64) < geo.size {
+    fn open_queue(&self, ctx: &mut OpenCtx<'_>) -> io::Result<Ram> {
+        // As a child, requests are checked against `size()`; as the root, against the device.
+        if ctx.node().index() == 0 && (self.0.map.len() as u64) < ctx.geometry().size {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidInput,
                 "RAM target is smaller than the device",
             ));
         }
         Ok(self.clone())
+    }
+
+    fn size(&self) -> Option<u64> {
+        Some(self.0.map.len() as u64)
     }
 
     fn copies_data(&self) -> bool {
@@ -266,6 +271,7 @@ mod tests {
     use super::*;
     use ublk_core::sim::SimQueue;
     use ublk_core::sys;
+    use ublk_zc::Geometry;
 
     const GEO: Geometry = Geometry {
         size: 1 << 20,

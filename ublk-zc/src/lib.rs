@@ -1,36 +1,59 @@
 //! # ublk-zc
 //!
-//! The borrowed-buffer API of ublk-rs: a target receives each request as an [`Io`] that lends
-//! its data (`&[u8]` for a write, `&mut [u8]` for a read) for exactly as long as the request
-//! lives, and completes it by consuming it — at once, later on the same queue thread, or from
-//! another thread through [`Io::into_remote`]. Nothing is copied between the kernel's buffer
-//! and the target beyond what the target itself does.
+//! The borrowed-buffer, zero-copy API of ublk-rs: targets that serve requests without
+//! copying them, and that stack. A target receives each request as an [`Io`] that views the
+//! request's memory in whatever form the buffer mode gives it — a range of the tag buffer, a
+//! fixed buffer of the queue's io_uring (with kernel zero-copy, the kernel's own pages), or a
+//! range of the ublk char device — and either reaches the bytes (`data()`, `data_mut()`, the
+//! copy methods) or only passes them on:
+//! - to a file, with the queue's safe operations ([`QueueCtx::read`], [`QueueCtx::write`],
+//!   [`QueueCtx::fsync`], [`QueueCtx::fallocate`]), which keep the request alive until the
+//!   kernel is done and hand it back as a [`Completion`];
+//! - to child targets: [`QueueCtx::forward`] (as is, or readdressed with [`Io::set_offset`]),
+//!   [`QueueCtx::fan_out`] (split over children and joined by the engine: all must succeed,
+//!   first error wins), or [`Io::sub`] + [`QueueCtx::send`] with a rule of the node's own (the
+//!   result comes back as a [`Completion`], with the failed request ready to retry);
+//! - or over memory of its own: [`Bounce`] buffers lent to children with
+//!   [`QueueCtx::bounce_io`].
 //!
-//! Targets are block backends ([`Target`] + [`QueueTarget`]) that other targets can own as
-//! children, so they compose into stacks.
+//! No operation needs `unsafe`. A tree where no node touches the bytes runs in the zero-copy
+//! buffer modes ([`zero_copy_allowed`]); the engine refuses a zero-copy mode for a tree that
+//! cannot honour it.
+//!
+//! The types live in `ublk-core`, whose engine runs them; this crate is the API a target
+//! author reads: the re-exports, and helpers that only stacks need.
 //!
 //! ```no_run
-//! use ublk_zc::{DeviceBuilder, Geometry, Io, QueueCtx, QueueTarget, Target};
+//! use std::io;
+//! use ublk_zc::{BoxTarget, Child, DeviceBuilder, DynTarget, Io, OpenCtx, QueueCtx,
+//!               QueueTarget, Target};
 //!
-//! /// Every read returns 0xAB; writes are accepted and dropped.
-//! struct Pattern;
+//! /// The second half of a child device, as a device of its own.
+//! struct SecondHalf(BoxTarget);
+//! struct SecondHalfQueue { child: Child, half: u64 }
 //!
-//! impl Target for Pattern {
-//!     type Queue = Pattern;
-//!     fn open_queue(&self, _q: u16, _geo: &Geometry) -> std::io::Result<Pattern> {
-//!         Ok(Pattern)
+//! impl Target for SecondHalf {
+//!     type Queue = SecondHalfQueue;
+//!     fn open_queue(&self, ctx: &mut OpenCtx<'_>) -> io::Result<SecondHalfQueue> {
+//!         let half = self.size().unwrap_or(0);
+//!         Ok(SecondHalfQueue { child: ctx.open_child(&*self.0)?, half })
 //!     }
+//!     fn size(&self) -> Option<u64> { self.0.dyn_size().map(|s| s / 2) }
+//!     fn needs_data(&self) -> bool { self.0.dyn_needs_data() }
+//!     fn copies_data(&self) -> bool { self.0.dyn_copies_data() }
 //! }
 //!
-//! impl QueueTarget for Pattern {
-//!     fn submit(&mut self, mut io: Io, _ctx: &mut QueueCtx<'_>) {
-//!         // Fills a read; for a write it overwrites the data, which this target drops anyway.
-//!         io.data_mut().fill(0xAB);
-//!         io.complete_ok();
+//! impl QueueTarget for SecondHalfQueue {
+//!     fn submit(&mut self, mut io: Io, ctx: &mut QueueCtx<'_>) {
+//!         match io.set_offset(io.offset() + self.half) {
+//!             Ok(()) => ctx.forward(self.child, io),
+//!             Err(_) => io.fail(libc::EINVAL),
+//!         }
 //!     }
 //! }
-//!
-//! DeviceBuilder::new().size(1 << 30).run(Pattern)?;
+//! # fn child() -> BoxTarget { unimplemented!() }
+//! let dev = SecondHalf(child());
+//! DeviceBuilder::new().size(dev.size().unwrap_or(0)).run(dev)?;
 //! # Ok::<(), ublk_zc::Error>(())
 //! ```
 #![deny(unsafe_op_in_unsafe_fn)]
@@ -38,7 +61,35 @@
 
 pub use ublk_core::io::{BlockIo, Geometry, IoFlags, Op};
 pub use ublk_core::mmap::Mapping;
-pub use ublk_core::{BufferMode, FixedBuf};
+pub use ublk_core::{Bounce, BufferMode, FixedBuf};
 pub use ublk_core::{
-    DeviceBuilder, DeviceInfo, Error, Io, QueueCtx, QueueTarget, RemoteIo, Target,
+    BoxTarget, Child, Completion, DeviceBuilder, DeviceInfo, DynTarget, Error, FanOut, Io, NodeId,
+    NodeStats, OpenCtx, QueueCtx, QueueFile, QueueTarget, RemoteIo, StatsRegistry, SubIo, Target,
 };
+
+/// Whether a tree whose nodes need data as `children` say may run in a zero-copy mode: only
+/// when none of them touches the bytes. What a node with children answers from
+/// [`Target::needs_data`].
+pub fn needs_data_any<'a>(children: impl IntoIterator<Item = &'a BoxTarget>) -> bool {
+    children.into_iter().any(|c| c.dyn_needs_data())
+}
+
+/// Whether every child moves bytes only with the copy methods (so user-copy mode needs no
+/// staging): what a node with children answers from [`Target::copies_data`].
+pub fn copies_data_all<'a>(children: impl IntoIterator<Item = &'a BoxTarget>) -> bool {
+    children.into_iter().all(|c| c.dyn_copies_data())
+}
+
+/// Whether `target` can be served in `mode`: the zero-copy modes need a tree in which no
+/// node touches the bytes.
+pub fn zero_copy_allowed(target: &dyn DynTarget, mode: BufferMode) -> bool {
+    !mode.is_zero_copy() || !target.dyn_needs_data()
+}
+
+/// The smallest of the children's sizes, or `None` if one does not know its size.
+pub fn smallest_size<'a>(children: impl IntoIterator<Item = &'a BoxTarget>) -> Option<u64> {
+    children
+        .into_iter()
+        .map(|c| c.dyn_size())
+        .try_fold(u64::MAX, |min, s| s.map(|s| min.min(s)))
+}

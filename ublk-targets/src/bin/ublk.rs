@@ -248,7 +248,7 @@ fn serve(
 ) -> CliResult {
     let size = builder.device_params().size;
     let result = match kind {
-        TargetKind::Null => builder.run_with(Null, on_started),
+        TargetKind::Null => builder.run_with(Null::default(), on_started),
         TargetKind::Ram => {
             let ram = match &args.backing {
                 Some(path) => Ram::with_backing(path, size),
