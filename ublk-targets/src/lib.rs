@@ -27,6 +27,7 @@ pub mod file;
 pub mod fuzzing;
 pub mod null;
 pub mod ram;
+pub mod stripe;
 
 /// The targets the `ublk` tool can serve, with the code it stores in the device's server
 /// flags so that `ublk list` can name them.
