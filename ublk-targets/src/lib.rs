@@ -23,6 +23,7 @@
 #![deny(unsafe_op_in_unsafe_fn)]
 #![warn(missing_docs)]
 
+pub mod expr;
 pub mod file;
 pub mod fuzzing;
 pub mod null;
