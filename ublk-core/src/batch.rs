@@ -23,7 +23,7 @@ use std::os::fd::RawFd;
 use io_uring::{cqueue, opcode, squeue, types, IoUring};
 
 use crate::mmap::{page_size, round_up, Mapping};
-use crate::sys;
+use crate::{pod, sys};
 
 /// `IORING_URING_CMD_MULTISHOT` (include/uapi/linux/io_uring.h): the uring_cmd may post many
 /// CQEs.
@@ -100,27 +100,30 @@ impl ElemLayout {
 
 /// A `ublk_elem_header` as the 8-byte word it occupies in an element array.
 fn header_word(tag: u16, buf_index: u16, result: i32) -> u64 {
-    let mut b = [0u8; 8];
-    b[0..2].copy_from_slice(&tag.to_ne_bytes());
-    b[2..4].copy_from_slice(&buf_index.to_ne_bytes());
-    b[4..8].copy_from_slice(&result.to_ne_bytes());
-    u64::from_ne_bytes(b)
+    let header = sys::ublk_elem_header {
+        tag,
+        buf_index,
+        result,
+    };
+    u64::from_ne_bytes(pod::to_cmd_bytes(&header))
 }
 
 /// The tag of a header word.
 fn header_tag(word: u64) -> u16 {
-    let b = word.to_ne_bytes();
-    u16::from_ne_bytes([b[0], b[1]])
+    pod::from_bytes::<sys::ublk_elem_header>(&word.to_ne_bytes())
+        .expect("a word holds a whole header (size checked above)")
+        .tag
 }
 
-/// The 16 command bytes of `struct ublk_batch_io`, field by field at its UAPI offsets.
+/// The 16 command bytes of `struct ublk_batch_io`.
 fn batch_cmd(q_id: u16, flags: u16, nr_elem: u16, elem_bytes: u8) -> [u8; 16] {
-    let mut cmd = [0u8; 16];
-    cmd[0..2].copy_from_slice(&q_id.to_ne_bytes());
-    cmd[2..4].copy_from_slice(&flags.to_ne_bytes());
-    cmd[4..6].copy_from_slice(&nr_elem.to_ne_bytes());
-    cmd[6] = elem_bytes;
-    cmd
+    pod::to_cmd_bytes(&sys::ublk_batch_io {
+        q_id,
+        flags,
+        nr_elem,
+        elem_bytes,
+        ..Default::default()
+    })
 }
 
 /// Turns `sqe` into a multishot uring_cmd that selects its buffer from `group`. The io_uring
@@ -490,20 +493,19 @@ impl Drop for BatchIo {
 mod tests {
     use super::*;
 
+    /// `struct ublk_batch_io` in ublk_cmd.h: `__u16 q_id; __u16 flags; __u16 nr_elem;
+    /// __u8 elem_bytes; __u8 reserved; __u64 reserved2;`.
     #[test]
     fn command_bytes_follow_the_uapi_layout() {
         let cmd = batch_cmd(3, sys::UBLK_BATCH_F_HAS_BUF_ADDR, 100, 16);
-        let expected = sys::ublk_batch_io {
-            q_id: 3,
-            flags: sys::UBLK_BATCH_F_HAS_BUF_ADDR,
-            nr_elem: 100,
-            elem_bytes: 16,
-            ..Default::default()
-        };
-        // SAFETY: ublk_batch_io is 16 bytes of integers with no padding (checked in sys.rs),
-        // so all of its bytes are initialized.
-        let bytes: [u8; 16] = unsafe { std::mem::transmute(expected) };
-        assert_eq!(cmd, bytes);
+        assert_eq!(u16::from_ne_bytes([cmd[0], cmd[1]]), 3);
+        assert_eq!(
+            u16::from_ne_bytes([cmd[2], cmd[3]]),
+            sys::UBLK_BATCH_F_HAS_BUF_ADDR
+        );
+        assert_eq!(u16::from_ne_bytes([cmd[4], cmd[5]]), 100);
+        assert_eq!(cmd[6], 16);
+        assert_eq!(cmd[7..], [0; 9], "reserved bytes are zero");
     }
 
     #[test]
@@ -524,17 +526,13 @@ mod tests {
         assert_eq!((flags, group, fd), (IORING_URING_CMD_MULTISHOT, 0x1234, 5));
     }
 
+    /// `struct ublk_elem_header` in ublk_cmd.h: `__u16 tag; __u16 buf_index; __s32 result;`.
     #[test]
     fn element_words_follow_the_uapi_layout() {
-        let header = sys::ublk_elem_header {
-            tag: 0x1234,
-            buf_index: 0x5678,
-            result: -5,
-        };
-        // SAFETY: ublk_elem_header is 8 bytes of integers without padding (size checked
-        // above), so all of its bytes are initialized.
-        let bytes: [u8; 8] = unsafe { std::mem::transmute(header) };
-        assert_eq!(header_word(0x1234, 0x5678, -5), u64::from_ne_bytes(bytes));
+        let b = header_word(0x1234, 0x5678, -5).to_ne_bytes();
+        assert_eq!(u16::from_ne_bytes([b[0], b[1]]), 0x1234);
+        assert_eq!(u16::from_ne_bytes([b[2], b[3]]), 0x5678);
+        assert_eq!(i32::from_ne_bytes([b[4], b[5], b[6], b[7]]), -5);
         assert_eq!(header_tag(header_word(77, 1, 2)), 77);
 
         let mut words = Vec::new();

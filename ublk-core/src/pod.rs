@@ -18,6 +18,10 @@ unsafe impl Pod for sys::ublksrv_ctrl_dev_info {}
 unsafe impl Pod for sys::ublksrv_io_cmd {}
 // SAFETY: as above.
 unsafe impl Pod for sys::ublksrv_io_desc {}
+// SAFETY: as above.
+unsafe impl Pod for sys::ublk_elem_header {}
+// SAFETY: as above.
+unsafe impl Pod for sys::ublk_batch_io {}
 
 /// Copies `value` into the front of a zeroed `N`-byte array (an SQE command area).
 pub(crate) fn to_cmd_bytes<T: Pod, const N: usize>(value: &T) -> [u8; N] {
