@@ -42,12 +42,11 @@ pub fn request_stream(data: &[u8]) {
 
 /// An anonymous in-memory file for the file target.
 fn memfd() -> std::fs::File {
-    use std::os::fd::FromRawFd;
-    // SAFETY: the name is a NUL-terminated literal; a non-negative result is a new fd.
-    let fd = unsafe { libc::memfd_create(c"ublk-fuzz".as_ptr(), libc::MFD_CLOEXEC) };
-    assert!(fd >= 0, "memfd_create: {}", std::io::Error::last_os_error());
-    // SAFETY: fd was just created and is owned by nobody else.
-    unsafe { std::fs::File::from_raw_fd(fd) }
+    use nix::sys::memfd::{memfd_create, MFdFlags};
+    match memfd_create(c"ublk-fuzz", MFdFlags::MFD_CLOEXEC) {
+        Ok(fd) => std::fs::File::from(fd),
+        Err(e) => panic!("memfd_create: {}", std::io::Error::from(e)),
+    }
 }
 
 /// `params`: arbitrary parameters and size strings must be accepted or rejected by the rules

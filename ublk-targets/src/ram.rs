@@ -9,7 +9,7 @@
 
 use std::fs::{File, OpenOptions};
 use std::io;
-use std::os::fd::{AsFd, AsRawFd, FromRawFd};
+use std::os::fd::AsFd;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -82,13 +82,8 @@ impl Ram {
     /// `size` bytes of anonymous shared memory (a memfd), zero-filled, allocated on first
     /// write.
     pub fn new(size: u64) -> io::Result<Self> {
-        // SAFETY: the name is a NUL-terminated literal; a non-negative result is a new fd.
-        let fd = unsafe { libc::memfd_create(c"ublk-ram".as_ptr(), libc::MFD_CLOEXEC) };
-        if fd < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        // SAFETY: fd was just created and is owned by nobody else.
-        let file = unsafe { File::from_raw_fd(fd) };
+        use nix::sys::memfd::{memfd_create, MFdFlags};
+        let file = File::from(memfd_create(c"ublk-ram", MFdFlags::MFD_CLOEXEC)?);
         file.set_len(size)?;
         Self::map(file, size)
     }
@@ -160,6 +155,7 @@ impl Ram {
 
     /// Frees `[offset, offset + len)`: later reads return zeroes.
     fn punch(&self, offset: u64, len: u32) -> bool {
+        use nix::fcntl::{fallocate, FallocateFlags};
         let Ok(off) = libc::off_t::try_from(offset) else {
             return false;
         };
@@ -168,17 +164,14 @@ impl Ram {
             return false;
         }
         self.0.written.clear_whole(offset, u64::from(len));
-        // SAFETY: fallocate takes no pointers; the fd is ours and the range was checked.
-        let rc = unsafe {
-            libc::fallocate(
-                self.0.file.as_raw_fd(),
-                libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
-                off,
-                n,
-            )
-        };
+        let punched = fallocate(
+            &self.0.file,
+            FallocateFlags::FALLOC_FL_PUNCH_HOLE | FallocateFlags::FALLOC_FL_KEEP_SIZE,
+            off,
+            n,
+        );
         // A file system without hole punching still gets the zeroes.
-        rc == 0 || self.0.map.zero(offset, len as usize)
+        punched.is_ok() || self.0.map.zero(offset, len as usize)
     }
 
     fn serve(&self, mut io: Io) {
@@ -207,27 +200,22 @@ impl Ram {
 /// Marks the pages holding data in an existing backing file (`SEEK_DATA`/`SEEK_HOLE`), so
 /// data kept from an earlier server is found.
 fn mark_data_ranges(file: &File, size: u64, written: &PageMap) -> io::Result<()> {
-    let fd = file.as_raw_fd();
+    use nix::errno::Errno;
+    use nix::unistd::{lseek, Whence};
     let mut pos: libc::off_t = 0;
     let end = libc::off_t::try_from(size).unwrap_or(libc::off_t::MAX);
     while pos < end {
-        // SAFETY: lseek takes no pointers; the fd is open for the duration of the call.
-        let data = unsafe { libc::lseek(fd, pos, libc::SEEK_DATA) };
-        if data < 0 {
-            let e = io::Error::last_os_error();
-            return match e.raw_os_error() {
-                Some(libc::ENXIO) => Ok(()), // no data past pos
-                // A file system without SEEK_DATA: treat everything as data.
-                Some(libc::EINVAL) | Some(libc::EOPNOTSUPP) => {
-                    written.mark(0, size);
-                    Ok(())
-                }
-                _ => Err(e),
-            };
-        }
-        // SAFETY: as above.
-        let hole = unsafe { libc::lseek(fd, data, libc::SEEK_HOLE) };
-        let hole = if hole < 0 { end } else { hole.min(end) };
+        let data = match lseek(file, pos, Whence::SeekData) {
+            Ok(data) => data,
+            Err(Errno::ENXIO) => return Ok(()), // no data past pos
+            // A file system without SEEK_DATA: treat everything as data.
+            Err(Errno::EINVAL | Errno::EOPNOTSUPP) => {
+                written.mark(0, size);
+                return Ok(());
+            }
+            Err(e) => return Err(e.into()),
+        };
+        let hole = lseek(file, data, Whence::SeekHole).map_or(end, |hole| hole.min(end));
         if data >= end {
             break;
         }
