@@ -309,10 +309,9 @@ fn serve_as_child(args: &AddArgs, kind: TargetKind, builder: DeviceBuilder) -> C
 
 fn release_stdout() {
     if let Ok(null) = std::fs::OpenOptions::new().write(true).open("/dev/null") {
-        use std::os::fd::AsRawFd;
-        // SAFETY: dup2 onto fd 1 replaces our stdout with /dev/null; both fds are valid and
-        // Rust's stdout handle keeps working on the new file.
-        unsafe { libc::dup2(null.as_raw_fd(), 1) };
+        // dup2 onto fd 1 replaces our stdout with /dev/null; Rust's stdout handle keeps
+        // working on the new file.
+        let _ = nix::unistd::dup2_stdout(&null);
     }
 }
 
@@ -394,21 +393,22 @@ fn wait_gone(id: u32, timeout: Duration) -> bool {
 
 /// Asks the device's server to shut down; removes the device directly when no server is left.
 fn del_one(ctrl: &ControlDevice, id: u32) -> CliResult {
+    use nix::sys::signal::{kill, Signal};
+    use nix::unistd::Pid;
     let info = ctrl
         .dev_info(id)
         .map_err(|e| format!("no device {id}: {e}"))?;
     let pid = info.server_pid;
     if process_alive(pid) && pid as u32 != std::process::id() {
-        // SAFETY: kill takes no pointers.
-        unsafe { libc::kill(pid, libc::SIGTERM) };
+        // A failure (the server exited meanwhile) shows in wait_gone.
+        let _ = kill(Pid::from_raw(pid), Signal::SIGTERM);
         if wait_gone(id, Duration::from_secs(30)) {
             return Ok(());
         }
         tracing_free_warn(&format!(
             "server {pid} of device {id} did not stop in 30 s: killing it"
         ));
-        // SAFETY: as above.
-        unsafe { libc::kill(pid, libc::SIGKILL) };
+        let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
         if wait_gone(id, Duration::from_secs(5)) {
             return Ok(());
         }
