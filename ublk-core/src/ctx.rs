@@ -61,6 +61,8 @@ pub(crate) struct OpEntry {
     pub(crate) token: u64,
     pub(crate) io: Option<Io>,
     pub(crate) _file: Option<Arc<File>>,
+    /// A timeout's duration, read by the kernel when it starts the timeout.
+    pub(crate) _timespec: Option<Box<types::Timespec>>,
 }
 
 /// The engine state nodes reach through [`QueueCtx`].
@@ -326,11 +328,28 @@ impl<'a> QueueCtx<'a> {
         io: Option<Io>,
         file: Option<Arc<File>>,
     ) {
+        // SAFETY: the caller's guarantee is passed on.
+        unsafe { self.start_with(sqe, token, io, file, None) }
+    }
+
+    /// As [`QueueCtx::start`], keeping `timespec` alive too.
+    ///
+    /// # Safety
+    /// As for [`QueueCtx::start`].
+    unsafe fn start_with(
+        &mut self,
+        sqe: squeue::Entry,
+        token: u64,
+        io: Option<Io>,
+        file: Option<Arc<File>>,
+        timespec: Option<Box<types::Timespec>>,
+    ) {
         let key = self.core.ops.insert(OpEntry {
             node: self.node,
             token,
             io,
             _file: file,
+            _timespec: timespec,
         });
         let sqe = sqe.user_data(Owner::NodeOp(key as u32).user_data());
         // SAFETY: the caller vouches for the SQE; what it needs is kept in the op slab.
@@ -341,6 +360,20 @@ impl<'a> QueueCtx<'a> {
             c.io = entry.io;
             self.core.events.push_back((self.node, c));
         }
+    }
+
+    /// Completes after `delay` (with `-ETIME`, the timer's normal end): a node delaying a
+    /// request. `io`, if given, comes back in [`Completion::io`].
+    pub fn timeout(&mut self, delay: std::time::Duration, io: Option<Io>, token: u64) {
+        let ts = Box::new(
+            types::Timespec::new()
+                .sec(delay.as_secs())
+                .nsec(delay.subsec_nanos()),
+        );
+        let sqe = opcode::Timeout::new(&*ts).build();
+        // SAFETY: the timeout reads only `ts`, kept in the op slab (boxed, so it does not
+        // move) until the completion.
+        unsafe { self.start_with(sqe, token, io, None, Some(ts)) }
     }
 
     fn fail_op(&mut self, io: Io, token: u64, errno: i32, why: &str) {

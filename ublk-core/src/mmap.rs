@@ -61,7 +61,11 @@ impl Mapping {
 
     /// A shared read-only mapping (the kernel's descriptor array). Its writing methods
     /// refuse to write.
-    pub(crate) fn shared_read_only(fd: BorrowedFd<'_>, len: usize, offset: u64) -> io::Result<Self> {
+    pub(crate) fn shared_read_only(
+        fd: BorrowedFd<'_>,
+        len: usize,
+        offset: u64,
+    ) -> io::Result<Self> {
         Self::map(
             len,
             libc::PROT_READ,

@@ -89,17 +89,19 @@ pub type BoxTarget = Arc<dyn DynTarget>;
 impl Target for BoxTarget {
     type Queue = Box<dyn QueueTarget>;
 
+    // `(**self)`: the boxed target's own methods, not this impl's (an `Arc<dyn DynTarget>`
+    // is itself a `DynTarget` through this very impl).
     fn open_queue(&self, ctx: &mut OpenCtx<'_>) -> io::Result<Self::Queue> {
-        self.open_dyn(ctx)
+        (**self).open_dyn(ctx)
     }
     fn size(&self) -> Option<u64> {
-        self.dyn_size()
+        (**self).dyn_size()
     }
     fn needs_data(&self) -> bool {
-        self.dyn_needs_data()
+        (**self).dyn_needs_data()
     }
     fn copies_data(&self) -> bool {
-        self.dyn_copies_data()
+        (**self).dyn_copies_data()
     }
 }
 

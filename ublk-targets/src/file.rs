@@ -39,8 +39,9 @@ impl FileTarget {
         if direct {
             opts.custom_flags(libc::O_DIRECT);
         }
-        let file = opts.open(path)?;
-        let len = file.metadata()?.len();
+        let mut file = opts.open(path)?;
+        // A block device's metadata says 0 bytes; seeking to its end gives its size.
+        let len = std::io::Seek::seek(&mut file, std::io::SeekFrom::End(0))?;
         let size = match size {
             Some(size) if len < size => {
                 file.set_len(size)?;

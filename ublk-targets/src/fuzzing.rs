@@ -6,9 +6,14 @@ use ublk_core::params::{max_queues, DeviceParams, MAX_DEPTH, MAX_IO_BYTES};
 use ublk_core::BufferMode;
 use ublk_core::{parse_size, Geometry};
 
+use std::sync::Arc;
+
+use ublk_zc::BoxTarget;
+
 use crate::file::FileTarget;
 use crate::null::Null;
 use crate::ram::Ram;
+use crate::stripe::Stripe;
 
 /// The geometry the request-stream fuzzer uses: small, so the model stays cheap.
 pub const GEOMETRY: Geometry = Geometry {
@@ -37,6 +42,42 @@ pub fn request_stream(data: &[u8]) {
     check_request_stream(file, geo, Semantics::STORES_DATA, rest);
     for mode in [BufferMode::Registered, BufferMode::UserCopy] {
         check_request_stream_in(mode, file, geo, Semantics::STORES_DATA, rest);
+    }
+    // Stacks: a stripe over RAM children, and a nested tree with a stripe of stripes, a
+    // pass-through faulty node and file children (which the engine stages in user copy).
+    let half = geo.size / 2;
+    let stripe = || stack(&format!("stripe(ram:{half},ram:{half},chunk=4K)"));
+    for mode in [
+        BufferMode::Copy,
+        BufferMode::Registered,
+        BufferMode::UserCopy,
+    ] {
+        check_request_stream_in(mode, stripe, geo, Semantics::STORES_DATA, rest);
+        check_request_stream_in(mode, nested_stack(geo), geo, Semantics::STORES_DATA, rest);
+    }
+}
+
+/// Builds a stack expression for the fuzzer (a bad one is a bug in this file).
+fn stack(expr: &str) -> BoxTarget {
+    crate::stack::build(expr)
+        .unwrap_or_else(|e| panic!("fuzz stack {expr}: {e}"))
+        .target
+}
+
+/// A three-deep tree of `geo.size` bytes: a stripe of a stripe (RAM and a pass-through
+/// faulty node) and a stripe of a file (on a memfd) and RAM.
+fn nested_stack(geo: Geometry) -> impl Fn() -> BoxTarget {
+    move || {
+        let quarter = geo.size / 4;
+        let left: BoxTarget = stack(&format!(
+            "stripe(ram:{quarter},faulty(ram:{quarter}),chunk=4K)"
+        ));
+        let file: BoxTarget =
+            Arc::new(FileTarget::from_file(memfd(), quarter).expect("file target on a memfd"));
+        let ram: BoxTarget = Arc::new(Ram::new(quarter).expect("memfd"));
+        let right: BoxTarget =
+            Arc::new(Stripe::new(vec![file, ram], 8 << 10).expect("valid stripe"));
+        Arc::new(Stripe::new(vec![left, right], 16 << 10).expect("valid stripe"))
     }
 }
 

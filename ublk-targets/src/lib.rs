@@ -3,10 +3,14 @@
 //! Ready-made block targets for ublk-rs and the `ublk` command-line tool that serves them:
 //! - [`null::Null`]: completes everything at once (the benchmark baseline);
 //! - [`ram::Ram`]: memory-backed, from a memfd or a tmpfs file;
-//! - [`file::FileTarget`]: a loop device in user space, its I/O on the queue's io_uring.
+//! - [`file::FileTarget`]: a loop device in user space, its I/O on the queue's io_uring;
+//! - [`stripe::Stripe`]: RAID-0 over N children;
+//! - [`faulty::Faulty`]: a pass-through node that fails or delays chosen operations on demand.
 //!
-//! Each target is a block backend ([`ublk_zc::Target`]), so targets can own others as
-//! children.
+//! Each target is a block backend ([`ublk_zc::Target`]), so targets own others as children:
+//! [`stack::build`] assembles a tree from an expression such as
+//! `stripe(file:/dev/sdb,file:/dev/sdc,chunk=128K)`, and [`control`] is the per-device socket
+//! through which the `ublk` tool reads a running tree's status and switches faults.
 //!
 //! ```no_run
 //! use ublk_targets::ram::Ram;
@@ -20,14 +24,17 @@
 //!     .run(Ram::new(size)?)?;
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
-#![deny(unsafe_op_in_unsafe_fn)]
+#![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
+pub mod control;
 pub mod expr;
+pub mod faulty;
 pub mod file;
 pub mod fuzzing;
 pub mod null;
 pub mod ram;
+pub mod stack;
 pub mod stripe;
 
 /// The targets the `ublk` tool can serve, with the code it stores in the device's server
@@ -41,11 +48,18 @@ pub enum TargetKind {
     Ram,
     /// [`file::FileTarget`].
     File,
+    /// A tree from a stack expression ([`stack::build`]).
+    Stack,
 }
 
 impl TargetKind {
     /// Every kind, in the order the help text lists them.
-    pub const ALL: [TargetKind; 3] = [TargetKind::Null, TargetKind::Ram, TargetKind::File];
+    pub const ALL: [TargetKind; 4] = [
+        TargetKind::Null,
+        TargetKind::Ram,
+        TargetKind::File,
+        TargetKind::Stack,
+    ];
 
     /// The name used on the command line.
     pub fn name(self) -> &'static str {
@@ -53,6 +67,7 @@ impl TargetKind {
             TargetKind::Null => "null",
             TargetKind::Ram => "ram",
             TargetKind::File => "file",
+            TargetKind::Stack => "stack",
         }
     }
 
@@ -62,6 +77,7 @@ impl TargetKind {
             TargetKind::Null => 1,
             TargetKind::Ram => 2,
             TargetKind::File => 3,
+            TargetKind::Stack => 4,
         }
     }
 

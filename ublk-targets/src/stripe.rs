@@ -4,7 +4,22 @@
 //! Nth chunk, packed, and the device is N times the smallest child (rounded down to the chunk).
 //!
 //! [`Layout`] is the address arithmetic alone: it splits a device request into per-child
-//! [`Extent`]s and maps a child byte back to the device.
+//! [`Extent`]s and maps a child byte back to the device. [`Stripe`] is the target: each
+//! request is fanned out over the children with [`QueueCtx::fan_out`], every piece a view of
+//! the request's own memory (zero-copy where the children pass bytes on), all of them in the
+//! same loop turn, and joined by the engine (all must succeed, first error wins). Flush goes
+//! to every child; discard and write-zeroes go to each child as one range per run of chunks
+//! contiguous there.
+
+use std::io;
+
+use ublk_zc::{
+    copies_data_all, needs_data_any, BoxTarget, Child, Io, Op, OpenCtx, QueueCtx, QueueTarget,
+    Target,
+};
+
+/// The default chunk: 64 KiB, as md's.
+pub const DEFAULT_CHUNK: u64 = 64 << 10;
 
 /// The smallest chunk a stripe accepts: one page, so that no chunk splits a page.
 pub const MIN_CHUNK: u64 = 4096;
@@ -153,6 +168,188 @@ impl Iterator for Extents {
 }
 
 impl std::iter::FusedIterator for Extents {}
+
+/// Why a stripe could not be built.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StripeError {
+    /// The layout is invalid.
+    #[error(transparent)]
+    Layout(#[from] LayoutError),
+    /// A child does not report its size.
+    #[error("child {0} has no known size")]
+    UnknownSize(usize),
+    /// Children differ in size by more than the chunk rounding.
+    #[error("children differ in size: {sizes} bytes (with chunk {chunk}, each must hold the same number of whole chunks)")]
+    UnequalChildren {
+        /// The children's sizes, comma-separated.
+        sizes: String,
+        /// The chunk size.
+        chunk: u64,
+    },
+    /// The children are smaller than one chunk.
+    #[error("the children are smaller than one {0}-byte chunk")]
+    TooSmall(u64),
+}
+
+/// A RAID-0 stripe over N ≥ 2 children.
+pub struct Stripe {
+    layout: Layout,
+    children: Vec<BoxTarget>,
+    size: u64,
+}
+
+impl std::fmt::Debug for Stripe {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Stripe")
+            .field("layout", &self.layout)
+            .field("children", &self.children.len())
+            .field("size", &self.size)
+            .finish()
+    }
+}
+
+impl Stripe {
+    /// Stripes `children` with `chunk`-byte chunks. Every child must know its size, and all
+    /// must hold the same number of whole chunks; the device is N times that.
+    pub fn new(children: Vec<BoxTarget>, chunk: u64) -> Result<Self, StripeError> {
+        let n = u32::try_from(children.len()).unwrap_or(u32::MAX);
+        let layout = Layout::new(chunk, n)?;
+        let sizes = children
+            .iter()
+            .enumerate()
+            .map(|(i, c)| c.dyn_size().ok_or(StripeError::UnknownSize(i)))
+            .collect::<Result<Vec<u64>, _>>()?;
+        let chunks: Vec<u64> = sizes.iter().map(|s| s / chunk).collect();
+        if chunks.iter().any(|&c| c != chunks[0]) {
+            let sizes = sizes.iter().map(u64::to_string).collect::<Vec<_>>();
+            return Err(StripeError::UnequalChildren {
+                sizes: sizes.join(", "),
+                chunk,
+            });
+        }
+        let size = layout.device_size(&sizes);
+        if size == 0 {
+            return Err(StripeError::TooSmall(chunk));
+        }
+        Ok(Stripe {
+            layout,
+            children,
+            size,
+        })
+    }
+
+    /// The layout.
+    pub fn layout(&self) -> Layout {
+        self.layout
+    }
+}
+
+impl Target for Stripe {
+    type Queue = StripeQueue;
+
+    fn open_queue(&self, ctx: &mut OpenCtx<'_>) -> io::Result<StripeQueue> {
+        let children = self
+            .children
+            .iter()
+            .map(|c| ctx.open_child(&**c))
+            .collect::<io::Result<_>>()?;
+        Ok(StripeQueue {
+            layout: self.layout,
+            children,
+            runs: Vec::new(),
+        })
+    }
+
+    fn size(&self) -> Option<u64> {
+        Some(self.size)
+    }
+
+    fn needs_data(&self) -> bool {
+        needs_data_any(&self.children)
+    }
+
+    fn copies_data(&self) -> bool {
+        copies_data_all(&self.children)
+    }
+}
+
+/// One queue of a [`Stripe`].
+#[derive(Debug)]
+pub struct StripeQueue {
+    layout: Layout,
+    children: Vec<Child>,
+    /// Discard/write-zeroes: per child, the run being gathered `(start, end)` on the child
+    /// and where it starts in the request.
+    runs: Vec<Option<(u64, u64, u64)>>,
+}
+
+impl QueueTarget for StripeQueue {
+    fn submit(&mut self, io: Io, ctx: &mut QueueCtx<'_>) {
+        let req = io.block_io();
+        let mut fan = ctx.fan_out(io);
+        let sent = match req.op {
+            Op::Flush => self.children.iter().try_for_each(|&c| fan.send(c, 0, 0, 0)),
+            Op::Read | Op::Write => {
+                self.layout
+                    .map(req.offset, u64::from(req.len))
+                    .try_for_each(|e| {
+                        // Extents lie inside the request, whose length fits a u32.
+                        let child = self.children[e.child as usize];
+                        fan.send(child, e.at as u32, e.len as u32, e.child_offset)
+                    })
+            }
+            _ => self.send_runs(req.offset, u64::from(req.len), &mut fan),
+        };
+        if let Err(e) = sent {
+            tracing::error!("stripe: {e}");
+        }
+    }
+}
+
+impl StripeQueue {
+    /// Discard and write-zeroes carry no data, so the chunks of one child that are contiguous
+    /// there go as one request, whatever lies between them in the device.
+    fn send_runs(
+        &mut self,
+        offset: u64,
+        len: u64,
+        fan: &mut ublk_zc::FanOut<'_, '_>,
+    ) -> io::Result<()> {
+        self.runs.clear();
+        self.runs.resize(self.children.len(), None);
+        for e in self.layout.map(offset, len) {
+            let run = &mut self.runs[e.child as usize];
+            match run {
+                Some((_, end, _)) if *end == e.child_offset => *end += e.len,
+                _ => {
+                    if let Some(done) = run.replace((e.child_offset, e.child_offset + e.len, e.at))
+                    {
+                        send_run(fan, self.children[e.child as usize], done)?;
+                    }
+                }
+            }
+        }
+        for (i, run) in self.runs.iter().enumerate() {
+            if let Some(run) = *run {
+                send_run(fan, self.children[i], run)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+fn send_run(
+    fan: &mut ublk_zc::FanOut<'_, '_>,
+    child: Child,
+    (start, end, at): (u64, u64, u64),
+) -> io::Result<()> {
+    let len = u32::try_from(end - start).map_err(|_| io::Error::other("run too long"))?;
+    // A run's chunks are not contiguous in the request, but discard and write-zeroes carry no
+    // bytes: only the length matters. It fits: the run starts at `at` and every chunk of it
+    // lies further on in the request.
+    fan.send(child, at as u32, len, start)
+}
 
 #[cfg(test)]
 mod tests {

@@ -7,12 +7,20 @@ use std::process::{Command, ExitCode, Stdio};
 use std::thread;
 use std::time::{Duration, Instant};
 
+use std::sync::Arc;
+
 use clap::{Args, Parser, Subcommand};
 use serde_json::{json, Value};
-use ublk_core::{feature_names, parse_size, BufferMode, ControlDevice, DeviceBuilder, DeviceInfo};
+use ublk_core::{
+    feature_names, parse_size, BoxTarget, BufferMode, ControlDevice, DeviceBuilder, DeviceInfo,
+    StatsRegistry,
+};
+use ublk_targets::control::{self, ControlServer, ServerState};
+use ublk_targets::faulty::FaultOps;
 use ublk_targets::file::FileTarget;
 use ublk_targets::null::Null;
 use ublk_targets::ram::Ram;
+use ublk_targets::stack::{self, NodeDesc};
 use ublk_targets::TargetKind;
 
 #[derive(Parser)]
@@ -51,12 +59,62 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// Show a running device's tree: each node's kind, fields and I/O counters.
+    Status {
+        /// Device id.
+        id: u32,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Make a faulty node fail or delay operations, or clear its rule.
+    Fault(FaultArgs),
+}
+
+#[derive(Args)]
+struct FaultArgs {
+    /// Device id.
+    id: u32,
+    /// The faulty node's address: / for the root, /0 for its first child, /1/0 ...
+    node: String,
+    /// Fail these operations with EIO: read, write, flush or all.
+    #[arg(long, value_parser = parse_fault_ops)]
+    fail: Option<FaultOps>,
+    /// Only operations overlapping OFFSET:LEN (sizes with K/M/G suffixes, e.g. 1M:64K).
+    #[arg(long, value_parser = parse_range)]
+    range: Option<(u64, u64)>,
+    /// Only every Nth matching operation.
+    #[arg(long)]
+    every: Option<u64>,
+    /// Delay matching operations by this many milliseconds (without --fail: every
+    /// operation, then passed on).
+    #[arg(long)]
+    delay: Option<u64>,
+    /// Remove the node's rule: everything passes through again.
+    #[arg(long, conflicts_with_all = ["fail", "range", "every", "delay"])]
+    clear: bool,
+}
+
+fn parse_fault_ops(text: &str) -> Result<FaultOps, String> {
+    FaultOps::from_name(text).ok_or_else(|| format!("{text:?}: use read, write, flush or all"))
+}
+
+fn parse_range(text: &str) -> Result<(u64, u64), String> {
+    let (off, len) = text
+        .split_once(':')
+        .ok_or_else(|| format!("{text:?}: expected OFFSET:LEN, e.g. 1M:64K"))?;
+    let off = parse_size(off).map_err(|e| e.to_string())?;
+    let len = parse_size(len).map_err(|e| e.to_string())?;
+    off.checked_add(len).ok_or("offset + length is too large")?;
+    Ok((off, len))
 }
 
 #[derive(Args, Clone)]
 struct AddArgs {
-    /// Target: null, ram or file.
+    /// Target: null, ram, file, or stack followed by a stack expression.
     target: String,
+    /// stack: the tree, e.g. 'stripe(file:/dev/sdb,file:/dev/sdc,chunk=128K)'.
+    expr: Option<String>,
     /// Size in bytes, with an optional K, M, G or T suffix [default: 1G; file: the file's size].
     #[arg(long, value_parser = parse_size_arg)]
     size: Option<u64>,
@@ -87,9 +145,10 @@ struct AddArgs {
     /// How data moves between kernel and server: copy, registered (tag buffers registered
     /// with io_uring), zero-copy (kernel AUTO_BUF_REG; null and file targets),
     /// manual-zero-copy (REGISTER_IO_BUF per request; null and file) or user-copy (the
-    /// server copies with pread/pwrite on the char device; RAM copies once).
-    #[arg(long, default_value = "copy", value_parser = parse_buffer_mode)]
-    buffer_mode: BufferMode,
+    /// server copies with pread/pwrite on the char device; RAM copies once) [default: copy;
+    /// stack: zero-copy when no node touches the bytes, else copy].
+    #[arg(long, value_parser = parse_buffer_mode)]
+    buffer_mode: Option<BufferMode>,
     /// Shorthand for --buffer-mode zero-copy.
     #[arg(long, conflicts_with = "buffer_mode")]
     zero_copy: bool,
@@ -142,6 +201,8 @@ fn main() -> ExitCode {
         Cmd::Del { id, all } => del(id, all),
         Cmd::List { json } => list(json),
         Cmd::Features { json } => features(json),
+        Cmd::Status { id, json } => status(id, json),
+        Cmd::Fault(args) => fault(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -161,10 +222,11 @@ fn init_logging() {
         .init();
 }
 
-/// The device size: `--size`, else the backing file's size for `file`, else 1 GiB.
+/// The device size: `--size`, else the backing file's size for `file`, else 1 GiB (a stack's
+/// comes from its tree when it is built).
 fn device_size(args: &AddArgs, kind: TargetKind) -> CliResult<u64> {
     match (args.size, kind, &args.path) {
-        (Some(size), _, _) => Ok(size),
+        (Some(size), _, _) if kind != TargetKind::Stack => Ok(size),
         (None, TargetKind::File, Some(path)) => std::fs::metadata(path)
             .map(|m| m.len())
             .map_err(|e| format!("{}: {e} (give --size to create it)", path.display())),
@@ -181,11 +243,7 @@ fn builder(args: &AddArgs, kind: TargetKind) -> CliResult<DeviceBuilder> {
         .depth(args.depth)
         .max_io_size(max_io)
         .server_flags(kind.code())
-        .buffer_mode(if args.zero_copy {
-            BufferMode::ZeroCopy
-        } else {
-            args.buffer_mode
-        })
+        .buffer_mode(explicit_mode(args).unwrap_or_default())
         .sqpoll(args.sqpoll.then_some(args.sq_thread_idle))
         .defer_taskrun(args.defer_taskrun)
         .batch_io(args.batch)
@@ -195,7 +253,7 @@ fn builder(args: &AddArgs, kind: TargetKind) -> CliResult<DeviceBuilder> {
     }
     match kind {
         TargetKind::Ram => b = b.discard(true).write_zeroes(true),
-        TargetKind::File => {
+        TargetKind::File | TargetKind::Stack => {
             b = b
                 .discard(true)
                 .write_zeroes(true)
@@ -226,6 +284,19 @@ fn add(args: AddArgs) -> CliResult {
     if kind == TargetKind::File && args.path.is_none() {
         return Err("the file target needs --path FILE".into());
     }
+    match (kind, &args.expr) {
+        (TargetKind::Stack, None) => {
+            return Err("stack needs an expression: ublk add stack 'stripe(file:A,file:B)'".into())
+        }
+        (TargetKind::Stack, Some(text)) => {
+            ublk_targets::expr::parse(text).map_err(|e| format!("stack expression: {e}"))?;
+            if args.size.is_some() {
+                return Err("a stack's size comes from its tree: drop --size".into());
+            }
+        }
+        (_, Some(extra)) => return Err(format!("unexpected argument {extra:?}")),
+        _ => {}
+    }
     let builder = builder(&args, kind)?;
     if args.daemon_child {
         return serve_as_child(&args, kind, builder);
@@ -234,45 +305,150 @@ fn add(args: AddArgs) -> CliResult {
         return spawn_background(&args);
     }
     init_logging();
-    serve(&args, kind, builder, |info| {
-        println!("{}", info_json(info, kind));
+    serve(&args, kind, builder, |info, expr| {
+        println!("{}", info_json(info, kind, expr));
         let _ = std::io::stdout().flush();
     })
 }
 
-fn serve(
-    args: &AddArgs,
-    kind: TargetKind,
-    builder: DeviceBuilder,
-    on_started: impl FnOnce(&DeviceInfo),
-) -> CliResult {
-    let size = builder.device_params().size;
-    let result = match kind {
-        TargetKind::Null => builder.run_with(Null::default(), on_started),
+/// The mode asked for on the command line, if any.
+fn explicit_mode(args: &AddArgs) -> Option<BufferMode> {
+    if args.zero_copy {
+        Some(BufferMode::ZeroCopy)
+    } else {
+        args.buffer_mode
+    }
+}
+
+/// A single-node tree's description (the plain `null`, `ram` and `file` forms).
+fn leaf_desc(kind: &'static str, target: &BoxTarget) -> NodeDesc {
+    NodeDesc {
+        path: "/".into(),
+        kind,
+        size: target.dyn_size().unwrap_or(0),
+        fields: serde_json::Map::new(),
+        needs_data: target.dyn_needs_data(),
+        pos: 0,
+        fault: None,
+        children: Vec::new(),
+    }
+}
+
+/// The tree to serve: the target, its description and its expression.
+fn tree(args: &AddArgs, kind: TargetKind, size: u64) -> CliResult<(BoxTarget, NodeDesc, String)> {
+    Ok(match kind {
+        TargetKind::Null => {
+            let t: BoxTarget = Arc::new(Null::with_size(size));
+            let d = leaf_desc("null", &t);
+            (t, d, format!("null:{size}"))
+        }
         TargetKind::Ram => {
             let ram = match &args.backing {
                 Some(path) => Ram::with_backing(path, size),
                 None => Ram::new(size),
             }
             .map_err(|e| format!("ram target memory: {e}"))?;
-            builder.run_with(ram, on_started)
+            let t: BoxTarget = Arc::new(ram);
+            let mut d = leaf_desc("ram", &t);
+            let expr = match &args.backing {
+                Some(b) => {
+                    d.fields.insert("backing".into(), json!(b));
+                    format!("ram(size={size},backing={})", b.display())
+                }
+                None => format!("ram:{size}"),
+            };
+            (t, d, expr)
         }
         TargetKind::File => {
             let path = args.path.as_deref().expect("checked in add");
             let file = FileTarget::open(path, Some(size), args.direct)
                 .map_err(|e| format!("{}: {e}", path.display()))?;
-            builder.run_with(file, on_started)
+            let t: BoxTarget = Arc::new(file);
+            let mut d = leaf_desc("file", &t);
+            d.fields.insert("path".into(), json!(path));
+            d.fields.insert("direct".into(), json!(args.direct));
+            let expr = format!("file(path={},direct={})", path.display(), args.direct);
+            (t, d, expr)
+        }
+        TargetKind::Stack => {
+            let text = args.expr.as_deref().expect("checked in add");
+            let s = stack::build(text).map_err(|e| format!("stack expression: {e}"))?;
+            (s.target, s.desc, s.expr)
         }
         _ => return Err(format!("target {} cannot be served", kind.name())),
-    };
+    })
+}
+
+/// Chooses the buffer mode for `desc`: what was asked for, if the tree can serve it (a
+/// zero-copy mode needs a tree in which no node touches the bytes); without a choice, a
+/// stack runs zero-copy when it can and everything else copies.
+fn choose_mode(args: &AddArgs, kind: TargetKind, desc: &NodeDesc) -> CliResult<BufferMode> {
+    let needs = desc.first_needing_data();
+    match (explicit_mode(args), needs) {
+        (Some(mode), Some(node)) if mode.is_zero_copy() => Err(if kind == TargetKind::Stack {
+            format!(
+                "--buffer-mode {}: node {} ({}, at column {} of the expression) touches the \
+                 bytes; zero-copy modes need a tree whose nodes only pass them on \
+                 (use copy, registered or user-copy)",
+                mode.name(),
+                node.path,
+                node.kind,
+                node.pos + 1
+            )
+        } else {
+            format!(
+                "--buffer-mode {}: the {} target touches the bytes; zero-copy modes serve \
+                 targets that only pass them on (null, file)",
+                mode.name(),
+                node.kind
+            )
+        }),
+        (Some(mode), _) => Ok(mode),
+        (None, None) if kind == TargetKind::Stack => Ok(BufferMode::ZeroCopy),
+        (None, _) => Ok(BufferMode::Copy),
+    }
+}
+
+fn serve(
+    args: &AddArgs,
+    kind: TargetKind,
+    builder: DeviceBuilder,
+    on_started: impl FnOnce(&DeviceInfo, &str),
+) -> CliResult {
+    let size = builder.device_params().size;
+    let (target, desc, expr) = tree(args, kind, size)?;
+    let mode = choose_mode(args, kind, &desc)?;
+    let mut builder = builder.buffer_mode(mode);
+    if kind == TargetKind::Stack {
+        builder = builder.size(desc.size);
+        builder.validate().map_err(|e| e.to_string())?;
+    }
+    let stats = StatsRegistry::new();
+    let builder = builder.stats(stats.clone());
+    let mut control = None;
+    let result = builder.run_with(target, |info| {
+        let state = Arc::new(ServerState {
+            dev_id: info.dev_id,
+            expr: expr.clone(),
+            desc,
+            stats,
+        });
+        match ControlServer::start(state) {
+            Ok(server) => control = Some(server),
+            Err(e) => tracing::warn!("no control socket for device {}: {e}", info.dev_id),
+        }
+        on_started(info, &expr);
+    });
+    drop(control);
     result.map_err(|e| e.to_string())
 }
 
-fn info_json(info: &DeviceInfo, kind: TargetKind) -> Value {
+fn info_json(info: &DeviceInfo, kind: TargetKind, expr: &str) -> Value {
     json!({
         "dev_id": info.dev_id,
         "path": info.block_path,
         "target": kind.name(),
+        "tree": expr,
         "size": info.size,
         "queues": info.queues,
         "depth": info.depth,
@@ -292,8 +468,8 @@ fn info_json(info: &DeviceInfo, kind: TargetKind) -> Value {
 fn serve_as_child(args: &AddArgs, kind: TargetKind, builder: DeviceBuilder) -> CliResult {
     init_logging();
     let mut reported = false;
-    let result = serve(args, kind, builder, |info| {
-        println!("{}", info_json(info, kind));
+    let result = serve(args, kind, builder, |info, expr| {
+        println!("{}", info_json(info, kind, expr));
         let _ = std::io::stdout().flush();
         reported = true;
         release_stdout();
@@ -453,11 +629,15 @@ fn list(as_json: bool) -> CliResult {
             .map(|p| p.basic.dev_sectors * 512)
             .unwrap_or(0);
         let target = TargetKind::from_server_flags(info.server_flags).map_or("?", |k| k.name());
+        let tree = control::request(id, &json!({"cmd": "status"}))
+            .ok()
+            .and_then(|r| r["expr"].as_str().map(String::from));
         rows.push(json!({
             "dev_id": id,
             "path": info.block_path(),
             "state": info.state_name(),
             "target": target,
+            "tree": tree,
             "size": size,
             "queues": info.nr_queues,
             "depth": info.queue_depth,
@@ -491,6 +671,90 @@ fn list(as_json: bool) -> CliResult {
             text(&r["pid"]),
         );
     }
+    Ok(())
+}
+
+fn status(id: u32, as_json: bool) -> CliResult {
+    let reply = control::request(id, &json!({"cmd": "status"}))?;
+    if as_json {
+        println!(
+            "{}",
+            json!({"dev_id": id, "expr": reply["expr"], "tree": reply["tree"]})
+        );
+        return Ok(());
+    }
+    println!("device {id}: {}", reply["expr"].as_str().unwrap_or("?"));
+    print_node(&reply["tree"], 0);
+    Ok(())
+}
+
+/// One line per node, children indented under their parent.
+fn print_node(node: &Value, depth: usize) {
+    let mut line = format!(
+        "{:indent$}{} {} {}",
+        "",
+        node["node"].as_str().unwrap_or("?"),
+        node["kind"].as_str().unwrap_or("?"),
+        human_size(node["size"].as_u64().unwrap_or(0)),
+        indent = depth * 2
+    );
+    for key in ["path", "chunk", "direct", "backing"] {
+        if let Some(v) = node.get(key) {
+            line.push_str(&format!(
+                " {key}={}",
+                v.as_str().map_or(v.to_string(), String::from)
+            ));
+        }
+    }
+    if let Some(f) = node.get("fault") {
+        if !f.is_null() {
+            line.push_str(&format!(" fault={f}"));
+        }
+    }
+    let st = &node["stats"];
+    line.push_str(&format!(
+        "  reads={} writes={} flushes={} discards={} errors={}",
+        st["reads"], st["writes"], st["flushes"], st["discards"], st["errors"]
+    ));
+    println!("{line}");
+    for c in node["children"].as_array().into_iter().flatten() {
+        print_node(c, depth + 1);
+    }
+}
+
+fn human_size(n: u64) -> String {
+    const UNITS: [(&str, u64); 4] = [
+        ("T", 1 << 40),
+        ("G", 1 << 30),
+        ("M", 1 << 20),
+        ("K", 1 << 10),
+    ];
+    for (unit, size) in UNITS {
+        if n >= size && n % size == 0 {
+            return format!("{}{unit}", n / size);
+        }
+    }
+    n.to_string()
+}
+
+fn fault(args: FaultArgs) -> CliResult {
+    let rule = if args.clear {
+        Value::Null
+    } else {
+        if args.fail.is_none() && args.delay.is_none() {
+            return Err("say what to do: --fail OPS, --delay MS, or --clear".into());
+        }
+        json!({
+            "fail": args.fail.map(FaultOps::name),
+            "range": args.range.map(|(o, l)| json!([o, l])),
+            "every": args.every,
+            "delay_ms": args.delay,
+        })
+    };
+    control::request(
+        args.id,
+        &json!({"cmd": "fault", "node": args.node, "rule": rule}),
+    )?;
     Ok(())
 }
 
