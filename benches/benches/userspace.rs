@@ -11,6 +11,8 @@
 //!   data out (the real driver does that copy in the kernel, after the commit);
 //! - per batch: draining the results into a reused `Vec` (null and RAM push no io_uring work,
 //!   so the simulator makes no syscall);
+//! - `stripe2-null`: a stripe of two null children, each I/O one sub-request joined by the
+//!   engine: the cost of stacking, against `null`;
 //! - `ram-user-copy`: the RAM target in user-copy mode, where each request's one copy is a
 //!   `pread`/`pwrite` on a memfd standing in for `/dev/ublkcN` (and the simulated kernel's
 //!   delivery of a write's data is a `pwrite` too).
@@ -135,6 +137,13 @@ fn bench_target<T: Target>(c: &mut Criterion, name: &str, target: &T, mode: Buff
 
 fn userspace(c: &mut Criterion) {
     bench_target(c, "null", &Null::default(), BufferMode::Copy);
+    // The stacking overhead: each 4 KiB I/O becomes one sub-request of a stripe (64 KiB
+    // chunks) to one of two null children, joined by the engine.
+    let half = SPAN / 2;
+    let stripe = ublk_targets::stack::build(&format!("stripe(null:{half},null:{half})"))
+        .expect("stripe of two null children")
+        .target;
+    bench_target(c, "stripe2-null", &stripe, BufferMode::Copy);
     let ram = Ram::new(SPAN).expect("RAM target memory");
     bench_target(c, "ram", &ram, BufferMode::Copy);
     // One pread/pwrite per request on a memfd standing in for /dev/ublkcN: the RAM target's

@@ -244,9 +244,8 @@ impl<'a> QueueCtx<'a> {
         if io.op() != want {
             return self.fail_op(io, token, libc::EINVAL, "read/write of the wrong op");
         }
-        let View {
-            buf, fixed, len, ..
-        } = io.view();
+        let view = io.view();
+        let (buf, fixed, len) = (view.buf, view.fixed(), view.len);
         let fd = file.fd();
         let sqe = match (fixed, write) {
             (Some(fb), false) => opcode::ReadFixed::new(fd, fb.addr as *mut u8, len, fb.index)
@@ -437,12 +436,7 @@ impl<'a> QueueCtx<'a> {
             ));
         }
         let view = if has_data {
-            View {
-                buf: buf.as_ptr(),
-                fixed: None,
-                user_copy: None,
-                len: req.len,
-            }
+            View::new(buf.as_ptr(), None, None, req.len)
         } else {
             View::NONE
         };

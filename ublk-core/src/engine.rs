@@ -218,12 +218,7 @@ impl Engine {
                 }
             }
         };
-        let view = View {
-            buf,
-            fixed,
-            user_copy: user_copy_at,
-            len: if has_data { io.len } else { 0 },
-        };
+        let view = View::new(buf, fixed, user_copy_at, if has_data { io.len } else { 0 });
         // The tag was just marked busy: this request and its sub-requests alone use its
         // buffer, fixed-buffer slot and user-copy range until the engine commits it, which it
         // does only once none of them is left.
@@ -302,9 +297,6 @@ impl Engine {
             }
             let mut done = std::mem::take(&mut self.scratch);
             self.core.sink.take_into(&mut done);
-            while let Some(d) = self.shared.pop_remote() {
-                done.push(d);
-            }
             if done.is_empty() && !progressed {
                 self.scratch = done;
                 return;
@@ -431,6 +423,10 @@ impl Engine {
         ring: &mut IoUring,
         mut commit: impl FnMut(&mut IoUring, u16, i32),
     ) {
+        // Completions made on other threads wait here until the loop turn ends.
+        while let Some(d) = self.shared.pop_remote() {
+            self.finish(d);
+        }
         self.settle(ring);
         let mut ready = std::mem::take(&mut self.ready);
         for (tag, mut res) in ready.drain(..) {

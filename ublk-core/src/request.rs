@@ -44,43 +44,88 @@ impl NodeId {
 }
 
 /// Where a request's bytes are, for the buffer mode in effect. Offsets and lengths are
-/// relative to the request; a sub-request's view is a slice of its parent's.
+/// relative to the request; a sub-request's view is a slice of its parent's. Kept small (24
+/// bytes): it travels with every request and completion.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct View {
     /// The bytes in server memory (tag buffer or bounce), or null when the server holds no
     /// copy (zero-copy; user copy for a target that copies the bytes itself).
     pub(crate) buf: *mut u8,
-    /// The bytes as a fixed buffer of the queue ring (registered and zero-copy modes).
-    pub(crate) fixed: Option<FixedBuf>,
-    /// User copy: where the bytes start on the ublk char device.
-    pub(crate) user_copy: Option<u64>,
+    /// With [`VIEW_FIXED`]: the fixed buffer's address; with [`VIEW_USER_COPY`]: where the
+    /// bytes start on the ublk char device.
+    pos: u64,
+    /// With [`VIEW_FIXED`]: the fixed buffer's index in the ring's table.
+    index: u16,
+    kind: u8,
     /// Bytes viewed: the length of a read or write, 0 for other ops.
     pub(crate) len: u32,
 }
 
+const VIEW_PLAIN: u8 = 0;
+const VIEW_FIXED: u8 = 1;
+const VIEW_USER_COPY: u8 = 2;
+
 impl View {
     pub(crate) const NONE: View = View {
         buf: std::ptr::null_mut(),
-        fixed: None,
-        user_copy: None,
+        pos: 0,
+        index: 0,
+        kind: VIEW_PLAIN,
         len: 0,
     };
+
+    /// A view of `len` bytes: at `buf` in server memory (or null), and also as a fixed
+    /// buffer of the ring or as a user-copy range (never both: the modes exclude it).
+    pub(crate) fn new(
+        buf: *mut u8,
+        fixed: Option<FixedBuf>,
+        user_copy: Option<u64>,
+        len: u32,
+    ) -> View {
+        let (kind, pos, index) = match (fixed, user_copy) {
+            (Some(f), _) => (VIEW_FIXED, f.addr, f.index),
+            (None, Some(at)) => (VIEW_USER_COPY, at, 0),
+            (None, None) => (VIEW_PLAIN, 0, 0),
+        };
+        View {
+            buf,
+            pos,
+            index,
+            kind,
+            len,
+        }
+    }
+
+    /// The bytes as a fixed buffer of the queue ring.
+    pub(crate) fn fixed(&self) -> Option<FixedBuf> {
+        (self.kind == VIEW_FIXED).then_some(FixedBuf {
+            index: self.index,
+            addr: self.pos,
+        })
+    }
+
+    /// User copy: where the bytes start on the ublk char device.
+    pub(crate) fn user_copy(&self) -> Option<u64> {
+        (self.kind == VIEW_USER_COPY).then_some(self.pos)
+    }
 
     /// Bytes `[at, at + len)` of this view; the caller checked the range.
     fn slice(&self, at: u32, len: u32) -> View {
         View {
+            // The caller checked at + len <= self.len, so the pointer stays inside the viewed
+            // memory; wrapping_add keeps a null pointer null-based without UB.
             buf: if self.buf.is_null() {
                 self.buf
             } else {
-                // SAFETY (of the later use): at + len <= self.len, checked by the caller, so
-                // the pointer stays inside the viewed memory.
                 self.buf.wrapping_add(at as usize)
             },
-            fixed: self.fixed.map(|f| FixedBuf {
-                index: f.index,
-                addr: f.addr + u64::from(at),
-            }),
-            user_copy: self.user_copy.map(|u| u + u64::from(at)),
+            pos: if self.kind == VIEW_PLAIN {
+                0
+            } else {
+                self.pos + u64::from(at)
+            },
+            index: self.index,
+            kind: self.kind,
             len,
         }
     }
@@ -461,7 +506,7 @@ impl Inner {
             }
             return Ok(());
         }
-        let (Some(base), Some(cdev)) = (self.view.user_copy, shared.cdev.as_deref()) else {
+        let (Some(base), Some(cdev)) = (self.view.user_copy(), shared.cdev.as_deref()) else {
             return Err(io::Error::new(
                 io::ErrorKind::Unsupported,
                 "zero-copy mode: the server holds no copy of the request's data",
@@ -624,13 +669,13 @@ macro_rules! data_access {
         /// registered and zero-copy buffer modes. Most targets use the operations of
         /// [`crate::QueueCtx`] instead, which pick the right form themselves.
         pub fn fixed_buf(&self) -> Option<FixedBuf> {
-            self.inner.view.fixed
+            self.inner.view.fixed()
         }
 
         /// Whether the server can reach the bytes (with [`Self::data`], [`Self::data_mut`]
         /// or the copy methods) rather than only pass them on.
         pub fn has_server_bytes(&self) -> bool {
-            !self.inner.view.buf.is_null() || self.inner.view.user_copy.is_some()
+            !self.inner.view.buf.is_null() || self.inner.view.user_copy().is_some()
         }
     };
 }

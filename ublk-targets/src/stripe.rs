@@ -285,8 +285,19 @@ pub struct StripeQueue {
 }
 
 impl QueueTarget for StripeQueue {
-    fn submit(&mut self, io: Io, ctx: &mut QueueCtx<'_>) {
+    fn submit(&mut self, mut io: Io, ctx: &mut QueueCtx<'_>) {
         let req = io.block_io();
+        if req.op != Op::Flush {
+            // A request inside one chunk is only readdressed, as md does: no split, no join.
+            let mut pieces = self.layout.map(req.offset, u64::from(req.len));
+            if let (Some(e), None) = (pieces.next(), pieces.next()) {
+                let child = self.children[e.child as usize];
+                return match io.set_offset(e.child_offset) {
+                    Ok(()) => ctx.forward(child, io),
+                    Err(_) => io.fail(libc::EINVAL),
+                };
+            }
+        }
         let mut fan = ctx.fan_out(io);
         let sent = match req.op {
             Op::Flush => self.children.iter().try_for_each(|&c| fan.send(c, 0, 0, 0)),
