@@ -7,14 +7,21 @@
 //! modules). Each round runs every test on every device, alternating devices
 //! run by run (the device order is rotated every round so no device always
 //! follows the same neighbour); the report gives the median of the rounds.
-//! The default 2 s measured + 1 s ramp per run keeps the full plan (750 runs)
-//! near 48 minutes of TCG time. Writes `target/bench/`:
+//! The default 2 s measured + 1 s ramp per run keeps the full plan (804 runs)
+//! near 51 minutes of TCG time. Writes `target/bench/`:
 //! `report.md` (Markdown tables and the issue's bar checks), `raw.json`
 //! (every fio run, with fio's job report) and `iops.png`.
 //!
 //! Queues: every ublk device (ours and libublk's) gets 2 queues of depth 128
 //! and null_blk 2 submit queues of depth 128, so the 1-job and 2-job runs use
 //! the same device and each of the 2 vCPUs has its own queue.
+//!
+//! Stripes: md raid0 (`mdadm --build`, no superblock) and two ublk stacks
+//! `stripe(file:/dev/ram1,file:/dev/ram2,chunk=64K)` (zero-copy and copy)
+//! share one pair of brd disks with the same 64 KiB chunk, so the ublk rows
+//! are compared with md over the very same memory. They run only the tests
+//! of [`PAIR_TESTS`], over the first [`PAIR_SPAN_MIB`] MiB of the device (the
+//! brd pages they write stay allocated until the end).
 
 mod report;
 mod script;
@@ -44,6 +51,31 @@ const LIBUBLK_QUEUES: &str = "--queues 2 --depth 128 --size 1073741824";
 /// The tmpfs file behind the kernel loop device and our file target.
 const BENCH_FILE: &str = "/dev/shm/ublk-bench.img";
 
+/// `brd` parameters, loaded once for the whole plan: `/dev/ram0` is the brd
+/// row, `/dev/ram1` and `/dev/ram2` the pair under md raid0 and the ublk
+/// stripes (1 GiB each: brd has one size for all its disks; pages are only
+/// allocated when written).
+const BRD_PARAMS: &str = "rd_nr=3 rd_size=1048576";
+
+/// The brd pair under the stripe rows.
+const BRD_PAIR: [&str; 2] = ["/dev/ram1", "/dev/ram2"];
+
+/// The stripe chunk of md raid0 and the ublk stripes, in KiB.
+const PAIR_CHUNK_KIB: u32 = 64;
+
+/// MiB of the 2 GiB stripe rows that fio addresses (half of it on each brd
+/// disk), to bound the guest memory their random writes allocate.
+const PAIR_SPAN_MIB: u32 = 512;
+
+/// The tests the stripe rows run (the issue's stripe comparison).
+pub const PAIR_TESTS: &[&str] = &["randread-4k-qd64", "randwrite-4k-qd64", "seqread-128k-qd16"];
+
+/// Queue layout of the ublk stacks (a stack takes its size from its tree).
+const UBLK_STACK_QUEUES: &str = "--queues 2 --depth 128";
+
+/// md raid0 over [`BRD_PAIR`].
+pub const MD_RAID0: &str = "md-raid0";
+
 /// What a device is, for the ratio columns and the bar checks.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Role {
@@ -51,12 +83,14 @@ pub enum Role {
     UblkNull,
     /// The libublk null server.
     LibublkNull,
-    /// A kernel driver (null_blk, brd, loop).
+    /// A kernel driver (null_blk, brd, loop, md raid0).
     Kernel,
     /// `ublk add ram`, compared with brd.
     UblkRam,
     /// `ublk add file`, compared with loop.
     UblkFile,
+    /// `ublk add stack 'stripe(...)'` over the brd pair, compared with md raid0.
+    UblkStripe,
 }
 
 /// How a device under test is created.
@@ -73,6 +107,13 @@ enum Setup {
     },
     /// A kernel loop device (direct I/O when losetup can) over [`BENCH_FILE`].
     Loop,
+    /// A brd disk (brd is loaded once with [`BRD_PARAMS`]).
+    Brd(&'static str),
+    /// md raid0 over [`BRD_PAIR`] with [`PAIR_CHUNK_KIB`] chunks, built by mdadm.
+    MdRaid0,
+    /// `ublk add stack '<tree>' <args> --queues 2 --depth 128`, the tree a
+    /// stripe over [`BRD_PAIR`] with [`PAIR_CHUNK_KIB`] chunks.
+    UblkStripe(&'static str),
 }
 
 /// A device under test (the name must not contain dots or spaces).
@@ -98,12 +139,62 @@ impl Device {
             }
             Setup::Kmod { module, params, .. } => format!("`insmod {module}.ko {params}`"),
             Setup::Loop => format!("`losetup --direct-io=on` over {BENCH_FILE} (tmpfs, 1 GiB)"),
+            Setup::Brd(dev) => format!("`insmod brd.ko {BRD_PARAMS}`, {dev}"),
+            Setup::MdRaid0 => format!("`{}` ({PAIR_SPAN_MIB} MiB used)", md_build_command()),
+            Setup::UblkStripe(args) => format!(
+                "`ublk add stack '{}' {args} {UBLK_STACK_QUEUES}` ({PAIR_SPAN_MIB} MiB used)",
+                stripe_tree()
+            ),
         }
     }
 
     fn needs_file(&self) -> bool {
         matches!(self.setup, Setup::Loop) || self.role == Role::UblkFile
     }
+
+    fn needs_brd(&self) -> bool {
+        matches!(self.setup, Setup::Brd(_)) || self.over_brd_pair()
+    }
+
+    fn needs_mdadm(&self) -> bool {
+        matches!(self.setup, Setup::MdRaid0)
+    }
+
+    /// Whether the device stripes over [`BRD_PAIR`].
+    fn over_brd_pair(&self) -> bool {
+        matches!(self.setup, Setup::MdRaid0 | Setup::UblkStripe(_))
+    }
+
+    /// Whether the device runs `test`.
+    pub fn runs(&self, test: &Test) -> bool {
+        !self.over_brd_pair() || PAIR_TESTS.contains(&test.name)
+    }
+
+    /// MiB of the device that fio addresses.
+    fn span_mib(&self) -> u32 {
+        if self.over_brd_pair() {
+            PAIR_SPAN_MIB
+        } else {
+            DEVICE_MIB
+        }
+    }
+}
+
+/// The mdadm command line building [`MD_RAID0`] (`--build`: no superblock,
+/// data from sector 0 like the ublk stripes).
+fn md_build_command() -> String {
+    format!(
+        "mdadm --build /dev/md0 --level=0 --raid-devices=2 --chunk={PAIR_CHUNK_KIB} {} {}",
+        BRD_PAIR[0], BRD_PAIR[1]
+    )
+}
+
+/// The stack expression of the ublk stripe rows.
+fn stripe_tree() -> String {
+    format!(
+        "stripe(file:{},file:{},chunk={PAIR_CHUNK_KIB}K)",
+        BRD_PAIR[0], BRD_PAIR[1]
+    )
 }
 
 /// The reference every row is compared with.
@@ -239,11 +330,7 @@ pub const DEVICES: &[Device] = &[
     Device {
         name: "brd",
         role: Role::Kernel,
-        setup: Setup::Kmod {
-            module: "brd",
-            params: "rd_nr=1 rd_size=1048576",
-            dev: "/dev/ram0",
-        },
+        setup: Setup::Brd("/dev/ram0"),
         quick: true,
     },
     Device {
@@ -272,6 +359,26 @@ pub const DEVICES: &[Device] = &[
         setup: Setup::Loop,
         quick: false,
     },
+    // md first: it claims the pair exclusively, the ublk stripes open it
+    // O_DIRECT without O_EXCL beside it.
+    Device {
+        name: MD_RAID0,
+        role: Role::Kernel,
+        setup: Setup::MdRaid0,
+        quick: false,
+    },
+    Device {
+        name: "ublk-stripe-zc",
+        role: Role::UblkStripe,
+        setup: Setup::UblkStripe("--buffer-mode zero-copy"),
+        quick: false,
+    },
+    Device {
+        name: "ublk-stripe-copy",
+        role: Role::UblkStripe,
+        setup: Setup::UblkStripe("--buffer-mode copy"),
+        quick: false,
+    },
 ];
 
 impl Role {
@@ -280,6 +387,7 @@ impl Role {
         match self {
             Role::UblkRam => Some("brd"),
             Role::UblkFile => Some("loop"),
+            Role::UblkStripe => Some(MD_RAID0),
             _ => None,
         }
     }
@@ -379,7 +487,9 @@ const RUN_OVERHEAD_SECS: f64 = 0.7;
 const SETUP_SECS: u64 = 90;
 
 impl Plan {
-    pub fn new(opts: &Options, libublk_available: bool) -> Result<Plan> {
+    /// The plan of `opts`, less the libublk rows when libublk-null could not
+    /// be built and md raid0 when there is no mdadm.
+    pub fn new(opts: &Options, libublk_available: bool, mdadm_available: bool) -> Result<Plan> {
         let mut notes = Vec::new();
         let mut devices: Vec<&Device> = DEVICES
             .iter()
@@ -402,6 +512,14 @@ impl Plan {
                     .to_string(),
             );
         }
+        if !mdadm_available && devices.iter().any(|d| d.needs_mdadm()) {
+            devices.retain(|d| !d.needs_mdadm());
+            notes.push(
+                "mdadm is not installed (apt-get install --no-install-recommends mdadm), \
+                 so the md-raid0 row and the stripes' ratios to it are missing."
+                    .to_string(),
+            );
+        }
         let tests = TESTS.iter().filter(|t| !opts.quick || t.quick).collect();
         let jobs = if opts.quick { vec![1] } else { vec![1, 2] };
         Ok(Plan {
@@ -417,7 +535,12 @@ impl Plan {
 
     /// Number of fio runs.
     pub fn runs(&self) -> usize {
-        self.devices.len() * self.tests.len() * self.jobs.len() * self.rounds as usize
+        let pairs: usize = self
+            .devices
+            .iter()
+            .map(|d| self.tests.iter().filter(|t| d.runs(t)).count())
+            .sum();
+        pairs * self.jobs.len() * self.rounds as usize
     }
 
     /// Expected guest time.
@@ -430,8 +553,16 @@ impl Plan {
         self.devices.iter().any(|d| d.needs_file())
     }
 
+    fn uses_brd(&self) -> bool {
+        self.devices.iter().any(|d| d.needs_brd())
+    }
+
     pub fn uses_libublk(&self) -> bool {
         self.devices.iter().any(|d| d.role == Role::LibublkNull)
+    }
+
+    pub fn uses_mdadm(&self) -> bool {
+        self.devices.iter().any(|d| d.needs_mdadm())
     }
 }
 
@@ -844,29 +975,44 @@ mod tests {
         for name in report::BAR_DEVICES {
             assert!(DEVICES.iter().any(|d| d.name == *name), "{name}");
         }
-        for name in report::BAR_TESTS {
+        for name in report::BAR_TESTS.iter().chain(PAIR_TESTS) {
             assert!(TESTS.iter().any(|t| t.name == *name), "{name}");
         }
     }
 
     #[test]
     fn plans() {
-        let full = Plan::new(&opts(false, &[]), true).expect("full plan");
-        assert_eq!(full.runs(), DEVICES.len() * TESTS.len() * 2 * 3);
-        // The default run must fit in ~50 minutes of guest time.
+        let full = Plan::new(&opts(false, &[]), true, true).expect("full plan");
+        let pair_rows = DEVICES.iter().filter(|d| d.over_brd_pair()).count();
+        assert_eq!(pair_rows, 3);
+        assert_eq!(
+            full.runs(),
+            ((DEVICES.len() - pair_rows) * TESTS.len() + pair_rows * PAIR_TESTS.len()) * 2 * 3
+        );
+        // The default run must fit in ~52 minutes of guest time.
         assert!(
-            full.estimate() < Duration::from_secs(50 * 60),
+            full.estimate() < Duration::from_secs(52 * 60),
             "{:?}",
             full.estimate()
         );
-        let quick = Plan::new(&opts(true, &[]), true).expect("quick plan");
+        let quick = Plan::new(&opts(true, &[]), true, true).expect("quick plan");
         assert_eq!(quick.jobs, vec![1]);
         assert!(quick.runs() < 60);
-        let no_lib = Plan::new(&opts(false, &["null"]), false).expect("filtered plan");
+        assert!(!quick.uses_mdadm());
+        let no_lib = Plan::new(&opts(false, &["null"]), false, true).expect("filtered plan");
         assert!(no_lib.devices.iter().all(|d| d.name.contains("null")));
         assert!(no_lib.devices.iter().all(|d| d.role != Role::LibublkNull));
         assert_eq!(no_lib.notes.len(), 1);
-        assert!(Plan::new(&opts(false, &["nothing-matches"]), true).is_err());
+        assert!(Plan::new(&opts(false, &["nothing-matches"]), true, true).is_err());
+        let stripes =
+            Plan::new(&opts(false, &[MD_RAID0, "ublk-stripe"]), true, true).expect("stripes");
+        let names: Vec<&str> = stripes.devices.iter().map(|d| d.name).collect();
+        assert_eq!(names, [MD_RAID0, "ublk-stripe-zc", "ublk-stripe-copy"]);
+        assert!(stripes.uses_brd() && stripes.uses_mdadm());
+        assert_eq!(stripes.runs(), 3 * PAIR_TESTS.len() * 2 * 3);
+        let no_md = Plan::new(&opts(false, &["stripe", "md"]), true, false).expect("no mdadm");
+        assert!(no_md.devices.iter().all(|d| d.role == Role::UblkStripe));
+        assert_eq!(no_md.notes.len(), 1);
     }
 
     #[test]

@@ -82,19 +82,21 @@ pub fn ensure_host_deps() -> Result<()> {
 
 /// Installs the Debian package `package`, which `what` needs, when running as
 /// root with apt-get (running `apt-get update` first if a plain install
-/// fails). Returns whether it got installed; otherwise prints how to install
+/// fails), without its recommended packages (mdadm's would bring a mail
+/// server). Returns whether it got installed; otherwise prints how to install
 /// it and returns false, so that the caller can go on without it.
 pub fn ensure_optional_package(package: &str, what: &str) -> bool {
     if !is_root() || which("apt-get").is_none() {
         eprintln!(
-            "xtask: note: {what} needs the package {package}: sudo apt-get install {package}"
+            "xtask: note: {what} needs the package {package}: \
+             sudo apt-get install --no-install-recommends {package}"
         );
         return false;
     }
     let install = || {
         run(Command::new("apt-get")
             .env("DEBIAN_FRONTEND", "noninteractive")
-            .args(["install", "-y", package]))
+            .args(["install", "-y", "--no-install-recommends", package]))
     };
     if install().is_ok() {
         return true;

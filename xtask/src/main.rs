@@ -15,8 +15,9 @@
 //! * `cargo xtask demo [--mem 4G] [--no-build]` — RAM device + ext4 + fio demo.
 //! * `cargo xtask bench [--rounds 3] [--runtime 2] [--quick] [--filter A,B]
 //!   [--mem 10G] [--no-build]` — fio on ublk null (every buffer mode, SQPOLL
-//!   on/off), the libublk null server, null_blk, brd, loop and the RAM and
-//!   file targets, in one boot; writes `target/bench/{report.md,raw.json,iops.png}`.
+//!   on/off), the libublk null server, null_blk, brd, loop, the RAM and
+//!   file targets, and ublk stripes vs md raid0 over two brd disks, in one
+//!   boot; writes `target/bench/{report.md,raw.json,iops.png}`.
 //!
 //! Environment variables are listed in the usage text (`cargo xtask help`).
 
@@ -55,10 +56,12 @@ commands:
   bench  [--mem SIZE (10G)] [--smp N] [--no-build] [--rounds N (3)]
          [--runtime SECS (2, after 1 s ramp)] [--quick] [--filter NAME,...]
          fio on ublk null (every buffer mode, SQPOLL on/off, batch), libublk
-         null, null_blk, brd, loop, ublk ram and file, in one boot (about
-         48 min under TCG; --quick: 7 devices, 4k randread, 1 job, about
-         4 min; --filter: devices whose name contains one of the NAMEs);
-         writes target/bench/report.md, raw.json and iops.png
+         null, null_blk, brd, loop, ublk ram and file, ublk stripes vs md
+         raid0 over two brd disks, in one boot (about 51 min under TCG;
+         --quick: 7 devices, 4k randread, 1 job, about 4 min; --filter:
+         devices whose name contains one of the NAMEs, e.g.
+         md-raid0,ublk-stripe); writes target/bench/report.md, raw.json
+         and iops.png
 
 environment:
   XTASK_VM_TIMEOUT=SECS    kill the VM after SECS (default 2100; bench: from its plan)
@@ -75,8 +78,9 @@ environment:
 const DEFAULT_MEM: &str = "4G";
 
 /// Default guest memory of `bench`: brd, the three RAM target rows and the
-/// loop/file target's tmpfs file each hold up to 1 GiB at the same time, and
-/// fio's output goes to the guest's RAM-backed root (6G ran out of memory).
+/// loop/file target's tmpfs file each hold up to 1 GiB at the same time, the
+/// brd pair under the stripe rows up to 512 MiB, and fio's output goes to
+/// the guest's RAM-backed root (6G ran out of memory).
 const BENCH_MEM: &str = "10G";
 
 /// Default VM timeout (35 minutes).
@@ -254,25 +258,30 @@ fn bench_cmd(a: &Args) -> Result<i32> {
     }
     let opts = bench::Options {
         rounds: a.rounds,
-        // 2 s measured + 1 s ramp keeps the full plan (750 runs) near
-        // 48 minutes of TCG time.
+        // 2 s measured + 1 s ramp keeps the full plan (804 runs) near
+        // 51 minutes of TCG time.
         runtime: a.runtime.unwrap_or(2),
         ramp: 1,
         quick: a.quick,
         filter: a.filter.clone(),
     };
     // Check the options before building anything.
-    let wants_libublk = bench::Plan::new(&opts, true)?.uses_libublk();
+    let wanted = bench::Plan::new(&opts, true, true)?;
     let ws = prepare(a)?;
     if !Path::new(chart::FONT).is_file() {
         deps::ensure_optional_package("fonts-dejavu-core", "the chart's font");
     }
-    let libublk = if wants_libublk {
+    let libublk = if wanted.uses_libublk() {
         bench::build_libublk(&ws, a.no_build)
     } else {
         None
     };
-    let plan = bench::Plan::new(&opts, libublk.is_some())?;
+    // The guest gets the host's mdadm (vm.rs stages it when it is on PATH).
+    let mdadm = !wanted.uses_mdadm()
+        || util::which("mdadm").is_some()
+        || (deps::ensure_optional_package("mdadm", "the md-raid0 bench row")
+            && util::which("mdadm").is_some());
+    let plan = bench::Plan::new(&opts, libublk.is_some(), mdadm)?;
     let mut vm = a.vm_opts()?;
     vm.mem = a.mem.clone().unwrap_or_else(|| BENCH_MEM.to_string());
     let margin = plan.estimate().as_secs() / 2 + 600;

@@ -1,7 +1,7 @@
 //! The benchmark's Markdown report and the issue's bar checks, computed from
 //! the medians.
 
-use super::{Plan, Results, Role, DEVICES, LIBUBLK, NULL_BLK};
+use super::{Plan, Results, Role, DEVICES, LIBUBLK, MD_RAID0, NULL_BLK, PAIR_TESTS};
 use crate::fio::{markdown_table, num};
 use serde_json::{json, Value};
 use std::fmt::Write as _;
@@ -158,7 +158,7 @@ pub fn medians_json(plan: &Plan, r: &Results) -> Vec<Value> {
 }
 
 /// IOPS ratios of a row: to null_blk, to libublk (null servers only), to
-/// its kernel peer (RAM → brd, file → loop).
+/// its kernel peer (RAM → brd, file → loop, stripe → md raid0).
 fn ratios(
     r: &Results,
     device: &str,
@@ -282,7 +282,9 @@ pub fn markdown(
     let _ = writeln!(
         md,
         "× null_blk: IOPS / null_blk's; × libublk: IOPS / {LIBUBLK}'s (null servers only); \
-         × kernel peer: ublk-ram / brd, ublk-file-* / loop.\n"
+         × kernel peer: ublk-ram / brd, ublk-file-* / loop, ublk-stripe-* / {MD_RAID0} \
+         (the stripe rows run {} only).\n",
+        PAIR_TESTS.join(", ")
     );
     for t in &plan.tests {
         for &jobs in &plan.jobs {
@@ -402,7 +404,7 @@ mod tests {
             quick: true,
             filter: Vec::new(),
         };
-        let plan = Plan::new(&opts, true).expect("plan");
+        let plan = Plan::new(&opts, true, true).expect("plan");
         let r = results(&[
             ("ublk-null-copy", "randread-4k-qd64", 100.0),
             ("libublk-null-copy", "randread-4k-qd64", 50.0),
@@ -436,5 +438,41 @@ mod tests {
         assert!(md.contains("iops.png"));
         let json = medians_json(&plan, &r);
         assert_eq!(json.len(), 5);
+    }
+
+    #[test]
+    fn stripes_are_compared_with_md_raid0() {
+        let opts = Options {
+            rounds: 3,
+            runtime: 2,
+            ramp: 1,
+            quick: false,
+            filter: vec![MD_RAID0.into(), "ublk-stripe".into()],
+        };
+        let plan = Plan::new(&opts, true, true).expect("plan");
+        let r = results(&[
+            (MD_RAID0, "randread-4k-qd64", 100.0),
+            ("ublk-stripe-zc", "randread-4k-qd64", 80.0),
+            ("ublk-stripe-copy", "randread-4k-qd64", 40.0),
+        ]);
+        let json = medians_json(&plan, &r);
+        let peer = |device: &str| {
+            json.iter()
+                .find(|m| m["device"] == device)
+                .map(|m| m["x_kernel_peer"].clone())
+        };
+        assert_eq!(peer("ublk-stripe-zc"), Some(json!(0.8)));
+        assert_eq!(peer("ublk-stripe-copy"), Some(json!(0.4)));
+        assert_eq!(peer(MD_RAID0), Some(Value::Null));
+        let env = Environment {
+            mode: "test".into(),
+            kernel: "k".into(),
+            cpus: "2".into(),
+            fio: "fio-3".into(),
+            wall: Duration::from_secs(1),
+        };
+        let md = markdown(&plan, &r, &bars(&r), &env, &[], false);
+        assert!(md.contains("ublk-stripe-* / md-raid0"), "{md}");
+        assert!(md.contains("mdadm --build /dev/md0"), "{md}");
     }
 }

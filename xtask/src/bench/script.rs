@@ -1,7 +1,10 @@
 //! The benchmark's guest script: device setup, the alternating fio runs and
 //! teardown, as one POSIX `sh` payload (busybox in the VM).
 
-use super::{Plan, Setup, BENCH_FILE, DEVICE_MIB, LIBUBLK_QUEUES, UBLK_QUEUES};
+use super::{
+    md_build_command, stripe_tree, Plan, Setup, BENCH_FILE, BRD_PAIR, BRD_PARAMS, DEVICE_MIB,
+    LIBUBLK_QUEUES, UBLK_QUEUES, UBLK_STACK_QUEUES,
+};
 use crate::scripts::prelude;
 use std::fmt::Write as _;
 
@@ -96,6 +99,20 @@ TEARDOWN="rm -f {BENCH_FILE}; $TEARDOWN"
 "#
         );
     }
+    if plan.uses_brd() {
+        // One brd for all rows: loading it per device would clash.
+        let _ = write!(
+            s,
+            r#"
+echo "== bench: loading brd ({BRD_PARAMS})"
+if load_mod brd {BRD_PARAMS}; then
+    TEARDOWN="rmmod brd; $TEARDOWN"
+else
+    echo "bench: loading brd failed" >&2
+fi
+"#
+        );
+    }
     for (i, d) in plan.devices.iter().enumerate() {
         let (setup, teardown) = match &d.setup {
             Setup::Ublk(args) => (
@@ -121,6 +138,28 @@ TEARDOWN="rm -f {BENCH_FILE}; $TEARDOWN"
             Setup::Loop => (
                 format!("load_mod loop && loop_add {BENCH_FILE} && DEV=$LOOP_DEV"),
                 format!("losetup -d $DEV_{i}; rmmod loop 2>/dev/null"),
+            ),
+            Setup::Brd(dev) => (format!(r#"DEV={dev} && wait_blk "$DEV""#), ":".to_string()),
+            Setup::MdRaid0 => (
+                format!(
+                    "wait_blk {} && wait_blk {} && \
+                     {{ [ -d /sys/module/md_mod ] || load_mod md-mod; }} && \
+                     {{ [ -d /sys/module/raid0 ] || load_mod raid0; }} && \
+                     {} && DEV=/dev/md0 && wait_blk \"$DEV\"",
+                    BRD_PAIR[0],
+                    BRD_PAIR[1],
+                    md_build_command()
+                ),
+                "mdadm --stop /dev/md0; rmmod raid0 md_mod 2>/dev/null".to_string(),
+            ),
+            Setup::UblkStripe(args) => (
+                format!(
+                    r#"wait_blk {} && wait_blk {} && ublk_add u{i} stack '{}' {args} {UBLK_STACK_QUEUES} && DEV=$u{i}_dev && UBLK_IDS="$UBLK_IDS $u{i}_id""#,
+                    BRD_PAIR[0],
+                    BRD_PAIR[1],
+                    stripe_tree()
+                ),
+                ":".to_string(),
             ),
         };
         let _ = write!(
@@ -151,6 +190,9 @@ fi
                     // Rotate the device order every round.
                     let i = (step + round as usize - 1) % n;
                     let d = plan.devices[i];
+                    if !d.runs(t) {
+                        continue;
+                    }
                     k += 1;
                     let lbl = label(d.name, t.name, jobs, round);
                     let mut args = format!(
@@ -164,11 +206,15 @@ fi
                         rt = plan.runtime,
                         ramp = plan.ramp,
                     );
+                    let span = d.span_mib();
                     if t.rw.starts_with("rand") {
                         args.push_str(" --randrepeat=0 --norandommap");
-                    } else if jobs > 1 {
+                    }
+                    if t.rw.starts_with("rand") || jobs == 1 {
+                        let _ = write!(args, " --size={span}M");
+                    } else {
                         // Each sequential reader streams its own part of the device.
-                        let part = DEVICE_MIB / jobs;
+                        let part = span / jobs;
                         let _ = write!(args, " --size={part}M --offset_increment={part}M");
                     }
                     let _ = write!(
@@ -204,7 +250,7 @@ mod tests {
             quick,
             filter: Vec::new(),
         };
-        Plan::new(&opts, true).expect("plan")
+        Plan::new(&opts, true, true).expect("plan")
     }
 
     #[test]
@@ -225,7 +271,31 @@ mod tests {
         assert!(s.contains(&format!("[{0}/{0}]", plan.runs())));
         assert!(s.contains("libublk_add"));
         assert!(s.contains("--size=512M --offset_increment=512M"));
+        assert!(s.contains(&format!("--size={DEVICE_MIB}M")));
         let quick = make_plan(true);
         assert!(!script(&quick).contains(BENCH_FILE));
+        assert!(!script(&quick).contains("mdadm"));
+    }
+
+    #[test]
+    fn stripe_rows_share_one_brd_pair() {
+        let plan = make_plan(false);
+        let s = script(&plan);
+        assert_eq!(s.matches("load_mod brd ").count(), 1);
+        assert!(s.contains(
+            "mdadm --build /dev/md0 --level=0 --raid-devices=2 --chunk=64 /dev/ram1 /dev/ram2"
+        ));
+        assert!(s.contains("stack 'stripe(file:/dev/ram1,file:/dev/ram2,chunk=64K)'"));
+        // The stripe rows run three tests, over 512 MiB.
+        for name in ["md-raid0", "ublk-stripe-zc", "ublk-stripe-copy"] {
+            let runs = s.matches(&format!("run_fio {name}.")).count();
+            assert_eq!(runs, 3 * 2 * 3, "{name}");
+        }
+        assert!(s.contains("--size=256M --offset_increment=256M"));
+        assert!(!s.contains("run_fio md-raid0.randread-4k-qd1."));
+        // md raid0 is set up before the stripes, the pair after brd is loaded.
+        let at = |what: &str| s.find(what).unwrap_or_else(|| panic!("{what}"));
+        assert!(at("load_mod brd") < at("setting up md-raid0"));
+        assert!(at("setting up md-raid0") < at("setting up ublk-stripe-zc"));
     }
 }
