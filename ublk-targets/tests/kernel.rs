@@ -14,6 +14,11 @@
 //! * `sig*_*`: the server stops cleanly and removes its device on SIGTERM and SIGINT,
 //!   including while fio is hammering it.
 //! * `bad_arguments_*`: invalid arguments fail with a useful error and leave nothing behind.
+//! * `stack_*`: stacked targets. fio verification on stripes of files in every buffer mode,
+//!   chunk size and queue count; the stripe's layout; ext4 on a stripe of two brd disks; a
+//!   three-level stack; `faulty` nodes failing and delaying exactly the ops their rule
+//!   matches, at the root and deeper; `ublk status` and `ublk list` showing the tree; and
+//!   bad expressions refused with one error line.
 //!
 //! They need root and the ublk driver, so every test is `#[ignore]`d: a plain host
 //! `cargo test` lists them as ignored. Run them inside the test VM with
@@ -24,7 +29,8 @@
 //! ```
 //!
 //! which runs this binary as `kernel-tests --ignored --test-threads=1` with `UBLK_BIN`
-//! pointing at the `ublk` binary and fio, e2fsprogs, util-linux and busybox on `PATH`.
+//! pointing at the `ublk` binary and fio, e2fsprogs, util-linux and busybox on `PATH`, and
+//! kernel modules such as brd at `/lib/modules/NAME.ko`.
 //! The VM emulates its CPU in software, so data sizes are kept small.
 //!
 //! Each test starts from and ends with a clean slate (`ublk del --all`), so one failing
@@ -229,17 +235,23 @@ const MODE_FLAGS: [(&str, &str); 3] = [
 
 /// Checks that the device `add` reported runs in the buffer mode its options asked for,
 /// with the kernel flag that mode needs.
-fn assert_mode_in_effect(args: &[String], dev: &Value) {
-    let asked = args
-        .iter()
-        .position(|a| a == "--buffer-mode")
-        .map(|i| args[i + 1].as_str())
-        .or_else(|| {
-            args.iter()
-                .any(|a| a == "--zero-copy")
-                .then_some("zero-copy")
-        })
-        .unwrap_or("copy");
+fn assert_mode_in_effect<S: AsRef<str>>(args: &[S], dev: &Value) {
+    assert_buffer_mode(dev, asked_mode(args).unwrap_or("copy"));
+}
+
+/// The buffer mode `add` options ask for, if any.
+fn asked_mode<S: AsRef<str>>(args: &[S]) -> Option<&str> {
+    let args: Vec<&str> = args.iter().map(AsRef::as_ref).collect();
+    args.iter()
+        .position(|a| *a == "--buffer-mode")
+        .map(|i| args[i + 1])
+        .or_else(|| args.contains(&"--zero-copy").then_some("zero-copy"))
+}
+
+/// Checks that the device `add` reported runs in buffer mode `asked`, with the kernel flag
+/// that mode needs.
+#[track_caller]
+fn assert_buffer_mode(dev: &Value, asked: &str) {
     assert_eq!(field_str(dev, "buffer_mode"), asked, "add output: {dev}");
     if let Some((_, flag)) = MODE_FLAGS.iter().find(|(m, _)| *m == asked) {
         let flags = dev["flags"].as_array().expect("flags array");
@@ -256,6 +268,8 @@ struct FioCase {
     /// Block-size options, e.g. `["--bs=4k"]`.
     blocks: &'static [&'static str],
     iodepth: u32,
+    /// Bytes to transfer.
+    size: u64,
 }
 
 /// The block sizes of the matrix: fixed 4k, 64k and 1M, and a mix of 512 bytes to 1 MiB.
@@ -272,24 +286,22 @@ impl FioCase {
         for rw in ["randwrite", "randrw"] {
             for blocks in BLOCK_SIZES {
                 for iodepth in [1, 128] {
+                    // Small 4k synchronous runs are the slowest, so they get less.
+                    let size = if blocks == ["--bs=4k"] && iodepth == 1 {
+                        8 * MIB
+                    } else {
+                        32 * MIB
+                    };
                     cases.push(FioCase {
                         rw,
                         blocks,
                         iodepth,
+                        size,
                     });
                 }
             }
         }
         cases
-    }
-
-    /// Bytes to transfer: small 4k synchronous runs are the slowest, so they get less.
-    fn size(&self) -> u64 {
-        if self.blocks == ["--bs=4k"] && self.iodepth == 1 {
-            8 * MIB
-        } else {
-            32 * MIB
-        }
     }
 
     fn label(&self) -> String {
@@ -298,7 +310,7 @@ impl FioCase {
             self.rw,
             self.blocks.join(" "),
             self.iodepth,
-            self.size() / MIB
+            self.size / MIB
         )
     }
 
@@ -310,7 +322,7 @@ impl FioCase {
             "--direct=1".to_string(),
             format!("--rw={}", self.rw),
             format!("--iodepth={}", self.iodepth),
-            format!("--size={}", self.size()),
+            format!("--size={}", self.size),
             "--output-format=json".to_string(),
         ];
         if self.rw == "randrw" {
@@ -378,24 +390,31 @@ fn fio_matrix(target_args: &str, queues: u32) {
     }
     let path = dev_path(&dev);
     let verify = target != "null";
+    let what = format!("{target} device {path} with {queues} queue(s)");
+    run_fio_cases(&FioCase::all(), path, verify, &what, &session.scratch);
 
+    del(&dev);
+}
+
+/// Runs each fio case on the device at `path` (described by `what`), with data
+/// verification when `verify`; checks the bytes fio moved.
+fn run_fio_cases(cases: &[FioCase], path: &str, verify: bool, what: &str, scratch: &Path) {
     let mut passed = Vec::new();
-    for case in FioCase::all() {
+    for case in cases {
         let context = format!(
-            "fio {} on {target} device {path} with {queues} queue(s) \
-             (combinations that passed before: {passed:?})",
+            "fio {} on {what} (combinations that passed before: {passed:?})",
             case.label()
         );
         let started = Instant::now();
         let args = case.args(path, verify);
-        let (report, output) = run_fio(&args, &session.scratch, &context);
+        let (report, output) = run_fio(&args, scratch, &context);
         let job = &report["jobs"][0];
         let written = field_u64(&job["write"], "io_bytes");
         let read = field_u64(&job["read"], "io_bytes");
-        if !fio_moved_expected_bytes(&case, verify, written, read) {
+        if !fio_moved_expected_bytes(case, verify, written, read) {
             panic!(
                 "{context}: unexpected byte counts for --size={}: wrote {written}, read {read}\n{}",
-                case.size(),
+                case.size,
                 describe(&command_line("fio", &args), &output)
             );
         }
@@ -406,13 +425,11 @@ fn fio_matrix(target_args: &str, queues: u32) {
         );
         passed.push(case.label());
     }
-
-    del(&dev);
 }
 
 /// Whether fio wrote and read what `case` should have made it move.
 fn fio_moved_expected_bytes(case: &FioCase, verify: bool, written: u64, read: u64) -> bool {
-    let size = case.size();
+    let size = case.size;
     match (verify, case.rw) {
         // Every block is written once, then the verify phase reads them all back.
         (true, "randwrite") => written == size && read == size,
@@ -491,10 +508,16 @@ fn ext4_round_trip(target: &str) {
         args.extend(["--path", &backing]);
     }
     let dev = add(&args);
-    let path = dev_path(&dev);
+    ext4_files_survive(dev_path(&dev), &session.scratch);
+    del(&dev);
+}
+
+/// mkfs on the device at `path`, files, umount, fsck, remount, same checksums; mounts
+/// under `scratch`.
+fn ext4_files_survive(path: &str, scratch: &Path) {
     run("mkfs.ext4", &["-q", "-F", path]);
 
-    let mountpoint = session.scratch.join("mnt");
+    let mountpoint = scratch.join("mnt");
     fs::create_dir(&mountpoint).expect("create the mount point");
     let mnt = Mounted::new(path, &mountpoint);
 
@@ -542,8 +565,6 @@ fn ext4_round_trip(target: &str) {
         "checksums changed across umount + fsck + mount:\nbefore:\n{sums_before}\nafter:\n{sums_after}"
     );
     mnt.unmount();
-
-    del(&dev);
 }
 
 /// Relative paths of all regular files under `root` (except `lost+found`), sorted.
@@ -1249,6 +1270,848 @@ fn rejection_problems(out: &Output, mentions: &[&[&str]]) -> Vec<String> {
         }
     }
     problems
+}
+
+// ---------------------------------------------------------------------------------------
+// stacks
+// ---------------------------------------------------------------------------------------
+
+/// Size of each file child of the stripe tests: a multiple of every chunk they use.
+const CHILD_SIZE: u64 = 16 * MIB;
+
+/// `--bsrange=512-1M`: requests start and end anywhere on a sector, so on every stripe
+/// they begin and end inside chunks, and the larger ones span several chunks and children.
+const ANY_SIZE: &[&str] = &["--bsrange=512-1M", "--blockalign=512"];
+
+/// The fio runs on each stripe: requests of any size synchronously and 128 deep, then a
+/// mix of smaller ones, many of which straddle a single chunk border.
+const STRIPE_FIO: [FioCase; 3] = [
+    FioCase {
+        rw: "randwrite",
+        blocks: ANY_SIZE,
+        iodepth: 1,
+        size: 16 * MIB,
+    },
+    FioCase {
+        rw: "randwrite",
+        blocks: ANY_SIZE,
+        iodepth: 128,
+        size: 32 * MIB,
+    },
+    FioCase {
+        rw: "randrw",
+        blocks: &["--bsrange=512-64k", "--blockalign=512"],
+        iodepth: 128,
+        size: 16 * MIB,
+    },
+];
+
+/// A stripe of files with fio verifying its data.
+struct StripeFio {
+    children: usize,
+    /// The `chunk=` value; [`CHILD_SIZE`] is a multiple of it.
+    chunk: &'static str,
+    /// Bytes the last child has beyond [`CHILD_SIZE`], less than a chunk: the stripe
+    /// rounds them away.
+    extra: u64,
+    /// Files in the long form with `direct=true` (`file:` opens a regular file buffered).
+    direct: bool,
+    /// `ublk add` options after the expression.
+    options: &'static [&'static str],
+}
+
+#[test]
+#[ignore = "needs the ublk kernel driver: run `cargo xtask test`"]
+fn stack_stripe_of_2_files_copy_4k_chunks() {
+    stripe_fio(&StripeFio {
+        children: 2,
+        chunk: "4K",
+        extra: 0,
+        direct: false,
+        options: &["--buffer-mode", "copy"],
+    });
+}
+
+#[test]
+#[ignore = "needs the ublk kernel driver: run `cargo xtask test`"]
+fn stack_stripe_of_3_files_registered_64k_chunks_2_queues() {
+    stripe_fio(&StripeFio {
+        children: 3,
+        chunk: "64K",
+        extra: 4 * KIB,
+        direct: false,
+        options: &["--buffer-mode", "registered", "--queues", "2"],
+    });
+}
+
+#[test]
+#[ignore = "needs the ublk kernel driver: run `cargo xtask test`"]
+fn stack_stripe_of_4_direct_files_zero_copy_1m_chunks_2_queues() {
+    stripe_fio(&StripeFio {
+        children: 4,
+        chunk: "1M",
+        extra: 0,
+        direct: true,
+        options: &["--buffer-mode", "zero-copy", "--queues", "2"],
+    });
+}
+
+#[test]
+#[ignore = "needs the ublk kernel driver: run `cargo xtask test`"]
+fn stack_stripe_of_2_direct_files_manual_zero_copy_64k_chunks() {
+    stripe_fio(&StripeFio {
+        children: 2,
+        chunk: "64K",
+        extra: 0,
+        direct: true,
+        options: &["--buffer-mode", "manual-zero-copy"],
+    });
+}
+
+#[test]
+#[ignore = "needs the ublk kernel driver: run `cargo xtask test`"]
+fn stack_stripe_of_3_files_user_copy_4k_chunks_2_queues() {
+    stripe_fio(&StripeFio {
+        children: 3,
+        chunk: "4K",
+        extra: 0,
+        direct: false,
+        options: &["--buffer-mode", "user-copy", "--queues", "2"],
+    });
+}
+
+#[test]
+#[ignore = "needs the ublk kernel driver: run `cargo xtask test`"]
+fn stack_stripe_of_4_files_batch_default_mode_1m_chunks() {
+    stripe_fio(&StripeFio {
+        children: 4,
+        chunk: "1M",
+        extra: 512 * KIB,
+        direct: false,
+        options: &["--batch"],
+    });
+}
+
+/// Adds the stripe `case` describes, checks what `add` reports, and runs [`STRIPE_FIO`].
+fn stripe_fio(case: &StripeFio) {
+    let session = Session::start(&format!(
+        "stripe{}-{}-{}",
+        case.children,
+        case.chunk,
+        case.options.join("")
+    ));
+    let mut sizes = vec![CHILD_SIZE; case.children];
+    sizes[case.children - 1] += case.extra;
+    let files = child_files(&session.scratch, &sizes);
+    let leaves: Vec<String> = files
+        .iter()
+        .map(|f| {
+            if case.direct {
+                format!("file(path={f},direct=true)")
+            } else {
+                format!("file:{f}")
+            }
+        })
+        .collect();
+    let expr = format!("stripe({},chunk={})", leaves.join(","), case.chunk);
+    let dev = add_stack(&expr, case.options);
+
+    let tree = field_str(&dev, "tree");
+    assert!(
+        tree.starts_with("stripe(") && files.iter().all(|f| tree.contains(f.as_str())),
+        "`tree` of a stripe of {files:?}: {dev}"
+    );
+    assert_eq!(
+        field_u64(&dev, "size"),
+        case.children as u64 * CHILD_SIZE,
+        "{} children of {CHILD_SIZE} bytes, the last {} more: {dev}",
+        case.children,
+        case.extra
+    );
+    // With no node touching the bytes, a stripe of files runs zero-copy by default.
+    assert_buffer_mode(&dev, asked_mode(case.options).unwrap_or("zero-copy"));
+    let queues = case
+        .options
+        .iter()
+        .position(|o| *o == "--queues")
+        .map_or(1, |i| case.options[i + 1].parse().expect("a queue count"));
+    assert_eq!(field_u64(&dev, "queues"), queues, "add output: {dev}");
+    assert_eq!(
+        dev["batch"],
+        Value::Bool(case.options.contains(&"--batch")),
+        "add output: {dev}"
+    );
+
+    let path = dev_path(&dev);
+    let what = format!("{expr} {} ({path})", case.options.join(" "));
+    run_fio_cases(&STRIPE_FIO, path, true, &what, &session.scratch);
+    del(&dev);
+}
+
+#[test]
+#[ignore = "needs the ublk kernel driver: run `cargo xtask test`"]
+fn stack_stripe_places_chunks_round_robin() {
+    let session = Session::start("stripe-layout");
+    let chunk = 64 * KIB as usize;
+    let files = child_files(&session.scratch, &[MIB; 3]);
+    let expr = format!(
+        "stripe(file:{},file:{},file:{},chunk=64K)",
+        files[0], files[1], files[2]
+    );
+    let dev = add_stack(&expr, &[]);
+    let size = 3 * MIB as usize;
+    assert_eq!(field_u64(&dev, "size"), size as u64, "add output: {dev}");
+    let data = pattern(size, 5);
+    write_direct(dev_path(&dev), 0, &data);
+    assert_same(
+        &read_direct(dev_path(&dev), 0, size),
+        &data,
+        "data written to the stripe",
+    );
+    del(&dev);
+
+    // Chunk k of the device is chunk k / 3 of child k % 3.
+    for (c, file) in files.iter().enumerate() {
+        let expected: Vec<u8> = data
+            .chunks(chunk)
+            .skip(c)
+            .step_by(files.len())
+            .flatten()
+            .copied()
+            .collect();
+        let child = fs::read(file).unwrap_or_else(|e| panic!("read {file}: {e}"));
+        assert_same(
+            &child,
+            &expected,
+            &format!(
+                "child {c} ({file}) of {expr}: its chunks {c}, {}, ...",
+                c + 3
+            ),
+        );
+    }
+}
+
+#[test]
+#[ignore = "needs the ublk kernel driver: run `cargo xtask test`"]
+fn stack_ext4_on_a_stripe_of_two_brd_disks() {
+    let session = Session::start("stripe-brd-ext4");
+    let ram = RamDisks::load(2, 64 * MIB);
+    let expr = format!(
+        "stripe(file:{},file:{},chunk=64K)",
+        ram.path(0),
+        ram.path(1)
+    );
+    let dev = add_stack(&expr, &[]);
+    assert_eq!(field_u64(&dev, "size"), 128 * MIB, "add output: {dev}");
+
+    // `file:` opens a block device O_DIRECT.
+    let status = status_json(&dev);
+    let children = node_children(&status["tree"]);
+    for (i, child) in children.iter().enumerate() {
+        assert_eq!(field_str(child, "kind"), "file", "child {i}: {status}");
+        assert_eq!(field_str(child, "path"), ram.path(i), "child {i}: {status}");
+        assert_eq!(child["direct"], Value::Bool(true), "child {i}: {status}");
+    }
+
+    ext4_files_survive(dev_path(&dev), &session.scratch);
+    del(&dev);
+}
+
+#[test]
+#[ignore = "needs the ublk kernel driver: run `cargo xtask test`"]
+fn stack_three_levels_with_faulty_in_the_middle() {
+    let session = Session::start("stack-three-levels");
+    let files = child_files(&session.scratch, &[8 * MIB; 4]);
+    let expr = format!(
+        "stripe(stripe(file:{},file:{},chunk=4K),faulty(stripe(file:{},file:{},chunk=1M)),chunk=64K)",
+        files[0], files[1], files[2], files[3]
+    );
+    let dev = add_stack(&expr, &["--queues", "2"]);
+    assert_eq!(field_u64(&dev, "size"), 32 * MIB, "add output: {dev}");
+    // Neither stripe nor faulty touches the bytes.
+    assert_buffer_mode(&dev, "zero-copy");
+
+    let status = status_json(&dev);
+    let root = &status["tree"];
+    assert_node_addresses(root, "/");
+    let kinds = |node: &Value| -> Vec<String> {
+        node_children(node)
+            .iter()
+            .map(|c| field_str(c, "kind").to_string())
+            .collect()
+    };
+    assert_eq!(field_str(root, "kind"), "stripe", "{status}");
+    assert_eq!(kinds(root), ["stripe", "faulty"], "{status}");
+    let left = &node_children(root)[0];
+    let faulty = &node_children(root)[1];
+    assert_eq!(kinds(left), ["file", "file"], "{status}");
+    assert_eq!(kinds(faulty), ["stripe"], "{status}");
+    assert_eq!(
+        kinds(&node_children(faulty)[0]),
+        ["file", "file"],
+        "{status}"
+    );
+    for (node, size) in [(root, 32 * MIB), (left, 16 * MIB), (faulty, 16 * MIB)] {
+        assert_eq!(field_u64(node, "size"), size, "node {node}");
+    }
+
+    let path = dev_path(&dev);
+    run_fio_cases(
+        &STRIPE_FIO,
+        path,
+        true,
+        &format!("{expr} ({path})"),
+        &session.scratch,
+    );
+    del(&dev);
+}
+
+#[test]
+#[ignore = "needs the ublk kernel driver: run `cargo xtask test`"]
+fn stack_faulty_fails_only_matching_ops_in_its_range() {
+    let session = Session::start("faulty");
+    let size = 4 * MIB as usize;
+    let files = child_files(&session.scratch, &[size as u64]);
+    let dev = add_stack(&format!("faulty(file:{})", files[0]), &[]);
+    let id = dev_id(&dev).to_string();
+    let path = dev_path(&dev);
+    assert_eq!(field_u64(&dev, "size"), size as u64, "add output: {dev}");
+    let mut data = pattern(size, 11);
+    write_direct(path, 0, &data);
+
+    // Reads overlapping [1M, 1M + 64K) fail; everything else reads back.
+    ublk(&["fault", &id, "/", "--fail", "read", "--range", "1M:64K"]);
+    assert_eq!(
+        read_blocks(path, 0..size, &data),
+        blocks(MIB as usize..(MIB + 64 * KIB) as usize),
+        "4 KiB O_DIRECT reads that failed with EIO under `--fail read --range 1M:64K`"
+    );
+    let status = status_json(&dev);
+    let root = &status["tree"];
+    assert_eq!(field_u64(&status, "dev_id"), dev_id(&dev), "{status}");
+    assert_node_addresses(root, "/");
+    assert_eq!(field_str(root, "kind"), "faulty", "{status}");
+    assert!(
+        root.get("faults").is_some_and(|f| !f.is_null()),
+        "the faulty node does not show its rule: {status}"
+    );
+    let [child] = node_children(root) else {
+        panic!("a faulty node has one child: {status}");
+    };
+    assert_eq!(field_str(child, "kind"), "file", "{status}");
+    assert_eq!(field_str(child, "path"), files[0], "{status}");
+    let errors = stat(root, "errors");
+    assert!(
+        errors >= 16,
+        "16 reads failed, the faulty node counts {errors} errors: {status}"
+    );
+    assert_eq!(
+        stat(child, "errors"),
+        0,
+        "the file child failed nothing: {status}"
+    );
+    assert!(stat(root, "reads") > 0, "{status}");
+
+    // Writes into the range still work.
+    let block = pattern(BLOCK, 12);
+    write_direct(path, MIB, &block);
+    data[MIB as usize..MIB as usize + BLOCK].copy_from_slice(&block);
+
+    // A new rule replaces the old: now only writes overlapping [2M, 2M + 4K) fail.
+    ublk(&["fault", &id, "/", "--fail", "write", "--range", "2M:4K"]);
+    assert_eq!(
+        read_blocks(path, 0..size, &data),
+        Vec::<usize>::new(),
+        "reads that failed under `--fail write --range 2M:4K`"
+    );
+    let file = open_direct(path, true);
+    let mut buf = AlignedBuf::new(BLOCK);
+    buf.as_mut_slice().copy_from_slice(&pattern(BLOCK, 13));
+    let err = file
+        .write_all_at(buf.as_mut_slice(), 2 * MIB)
+        .expect_err("a write at 2M under `--fail write --range 2M:4K` succeeded");
+    assert_eq!(err.raw_os_error(), Some(EIO), "write at 2M: {err}");
+    for at in [2 * MIB - BLOCK as u64, 2 * MIB + BLOCK as u64] {
+        file.write_all_at(buf.as_mut_slice(), at)
+            .unwrap_or_else(|e| panic!("write at {at} beside the failing range: {e}"));
+        let at = at as usize;
+        data[at..at + BLOCK].copy_from_slice(buf.as_mut_slice());
+    }
+    drop(file);
+
+    // --every 2: every other matching op fails.
+    ublk(&[
+        "fault", &id, "/", "--fail", "read", "--range", "0:64K", "--every", "2",
+    ]);
+    let failed = read_blocks(path, 0..64 * KIB as usize, &data);
+    assert_eq!(
+        failed.len(),
+        8,
+        "of 16 reads in the range of `--fail read --range 0:64K --every 2`, these failed: {failed:?}"
+    );
+
+    // --delay alone slows matching ops down and fails none.
+    ublk(&["fault", &id, "/", "--delay", "300", "--range", "3M:4K"]);
+    let started = Instant::now();
+    assert_eq!(
+        read_blocks(path, 3 * MIB as usize..3 * MIB as usize + BLOCK, &data),
+        Vec::<usize>::new(),
+        "a read under `--delay 300` failed"
+    );
+    let took = started.elapsed();
+    assert!(
+        took >= Duration::from_millis(300),
+        "a read under `--delay 300 --range 3M:4K` took {took:?}"
+    );
+
+    // Only faulty nodes take rules; other addresses and devices are refused.
+    let cases: [(&[&str], &[&[&str]]); 3] = [
+        (&["fault", &id, "/0", "--fail", "read"], &[]),
+        (&["fault", &id, "/1", "--fail", "read"], &[]),
+        (&["fault", "4000", "/", "--fail", "read"], &[&["4000"]]),
+    ];
+    for (args, mentions) in cases {
+        let out = ublk_unchecked(args);
+        let problems = rejection_problems(&out, mentions);
+        assert!(
+            problems.is_empty(),
+            "{}\n{}",
+            problems.join("; "),
+            describe(&command_line("ublk", args), &out)
+        );
+    }
+
+    ublk(&["fault", &id, "/", "--clear"]);
+    assert_eq!(
+        read_blocks(path, 0..size, &data),
+        Vec::<usize>::new(),
+        "reads that failed after `ublk fault {id} / --clear`"
+    );
+    del(&dev);
+}
+
+#[test]
+#[ignore = "needs the ublk kernel driver: run `cargo xtask test`"]
+fn stack_faulty_inner_node_is_addressed_by_its_path() {
+    let session = Session::start("faulty-inner");
+    let size = 8 * MIB as usize;
+    let files = child_files(&session.scratch, &[4 * MIB; 2]);
+    let expr = format!(
+        "stripe(file:{},faulty(file:{}),chunk=64K)",
+        files[0], files[1]
+    );
+    let dev = add_stack(&expr, &[]);
+    let id = dev_id(&dev).to_string();
+    let path = dev_path(&dev);
+    let data = pattern(size, 21);
+    write_direct(path, 0, &data);
+
+    // The root is a stripe: it takes no rule.
+    let args = ["fault", &id, "/", "--fail", "read"];
+    let out = ublk_unchecked(&args);
+    let problems = rejection_problems(&out, &[]);
+    assert!(
+        problems.is_empty(),
+        "{}\n{}",
+        problems.join("; "),
+        describe(&command_line("ublk", &args), &out)
+    );
+
+    // The range is in the faulty node's own offsets: its bytes [64K, 128K) are its second
+    // chunk, which is chunk 3 of the device, [192K, 256K).
+    ublk(&["fault", &id, "/1", "--fail", "read", "--range", "64K:64K"]);
+    assert_eq!(
+        read_blocks(path, 0..size, &data),
+        blocks((192 * KIB) as usize..(256 * KIB) as usize),
+        "4 KiB reads of {expr} that failed under `ublk fault {id} /1 --fail read --range 64K:64K`"
+    );
+    let status = status_json(&dev);
+    let root = &status["tree"];
+    assert_node_addresses(root, "/");
+    let [plain, faulty] = node_children(root) else {
+        panic!("a stripe of two children shows other children: {status}");
+    };
+    assert_eq!(field_str(plain, "kind"), "file", "{status}");
+    assert_eq!(field_str(faulty, "kind"), "faulty", "{status}");
+    assert!(stat(faulty, "errors") >= 16, "errors of /1: {status}");
+    assert_eq!(stat(plain, "errors"), 0, "errors of /0: {status}");
+
+    ublk(&["fault", &id, "/1", "--clear"]);
+    assert_eq!(
+        read_blocks(path, 0..size, &data),
+        Vec::<usize>::new(),
+        "reads that failed after `ublk fault {id} /1 --clear`"
+    );
+    del(&dev);
+}
+
+#[test]
+#[ignore = "needs the ublk kernel driver: run `cargo xtask test`"]
+fn stack_status_shows_the_stripe_and_counts_its_io() {
+    let session = Session::start("stack-status");
+    let files = child_files(&session.scratch, &[CHILD_SIZE; 2]);
+    let expr = format!("stripe(file:{},file:{},chunk=64K)", files[0], files[1]);
+    let dev = add_stack(&expr, &[]);
+    let other = add(&["null", "--size", "16M"]);
+
+    let before = status_json(&dev);
+    assert_eq!(field_u64(&before, "dev_id"), dev_id(&dev), "{before}");
+    let root = &before["tree"];
+    assert_node_addresses(root, "/");
+    assert_eq!(field_str(root, "kind"), "stripe", "{before}");
+    assert_eq!(field_u64(root, "size"), 2 * CHILD_SIZE, "{before}");
+    assert_eq!(
+        size_value(&root["chunk"]),
+        Some(64 * KIB),
+        "chunk: {before}"
+    );
+    let children = node_children(root);
+    assert_eq!(children.len(), 2, "{before}");
+    for (i, child) in children.iter().enumerate() {
+        assert_eq!(field_str(child, "kind"), "file", "child {i}: {before}");
+        assert_eq!(field_str(child, "path"), files[i], "child {i}: {before}");
+        assert_eq!(field_u64(child, "size"), CHILD_SIZE, "child {i}: {before}");
+        assert_eq!(child["direct"], Value::Bool(false), "child {i}: {before}");
+    }
+
+    // 1 MiB at 0 is 16 chunks: 512 KiB for each child.
+    write_direct(dev_path(&dev), 0, &pattern(MIB as usize, 31));
+    let _ = read_direct(dev_path(&dev), 0, MIB as usize);
+    let after = status_json(&dev);
+    let delta = |path: &[usize], key: &str| {
+        let node = |status: &Value| {
+            path.iter()
+                .fold(status["tree"].clone(), |n, &i| node_children(&n)[i].clone())
+        };
+        let (was, is) = (stat(&node(&before), key), stat(&node(&after), key));
+        is.checked_sub(was)
+            .unwrap_or_else(|| panic!("{key} of node {path:?} went down: {before}\n{after}"))
+    };
+    assert_eq!(delta(&[], "write_bytes"), MIB, "root: {before}\n{after}");
+    assert!(delta(&[], "writes") >= 1, "root: {before}\n{after}");
+    assert!(delta(&[], "read_bytes") >= MIB, "root: {before}\n{after}");
+    assert!(delta(&[], "reads") >= 1, "root: {before}\n{after}");
+    for i in 0..2 {
+        assert_eq!(
+            delta(&[i], "write_bytes"),
+            MIB / 2,
+            "child {i}: {before}\n{after}"
+        );
+        assert!(delta(&[i], "writes") >= 1, "child {i}: {before}\n{after}");
+        assert!(
+            delta(&[i], "read_bytes") >= MIB / 2,
+            "child {i}: {before}\n{after}"
+        );
+    }
+    assert_eq!(stat(&after["tree"], "errors"), 0, "{after}");
+
+    // Without --json: one line per node.
+    let text =
+        String::from_utf8_lossy(&ublk(&["status", &dev_id(&dev).to_string()]).stdout).into_owned();
+    let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
+    assert!(
+        lines.len() >= 3
+            && lines.iter().any(|l| l.contains("stripe"))
+            && files
+                .iter()
+                .all(|f| lines.iter().any(|l| l.contains(f.as_str()))),
+        "`ublk status {}`:\n{text}",
+        dev_id(&dev)
+    );
+
+    let listed = list();
+    let entry = listed_entry(&listed, dev_id(&dev))
+        .unwrap_or_else(|| panic!("the stack is not listed: {}", json(&listed)));
+    assert_eq!(field_str(entry, "target"), "stack", "{entry}");
+    assert_eq!(
+        entry["tree"], dev["tree"],
+        "list entry {entry} vs add output {dev}"
+    );
+    let entry = listed_entry(&listed, dev_id(&other))
+        .unwrap_or_else(|| panic!("the null device is not listed: {}", json(&listed)));
+    assert_eq!(field_str(entry, "tree"), "null", "{entry}");
+
+    del(&other);
+    del(&dev);
+}
+
+#[test]
+#[ignore = "needs the ublk kernel driver: run `cargo xtask test`"]
+fn stack_bad_expressions_are_rejected_without_leaving_a_device() {
+    let session = Session::start("stack-bad");
+    let files = child_files(&session.scratch, &[CHILD_SIZE, CHILD_SIZE, 2 * CHILD_SIZE]);
+    let (a, b, big) = (&files[0], &files[1], &files[2]);
+    let missing = session.scratch.join("missing.img").display().to_string();
+    let empty = session.scratch.join("empty.img").display().to_string();
+    write_file(Path::new(&empty), b"");
+    let names_missing: Mentions = &[&[&missing]];
+
+    // (expression, options, words the error must mention: one of each group)
+    let cases: Vec<(String, &[&str], Mentions)> = vec![
+        (format!("foo(file:{a})"), &[], &[&["foo"]]),
+        (format!("stripe(file:{a})"), &[], &[&["stripe"]]),
+        (format!("faulty(file:{a},file:{b})"), &[], &[&["faulty"]]),
+        (
+            format!("stripe(file:{a},file:{b},chunk=48K)"),
+            &[],
+            &[&["chunk"]],
+        ),
+        (
+            format!("stripe(file:{a},file:{b},chunk=2K)"),
+            &[],
+            &[&["chunk"]],
+        ),
+        (format!("stripe(file:{a},file:{big})"), &[], &[&["differ"]]),
+        (
+            format!("stripe(file:{a},file:{missing})"),
+            &[],
+            names_missing,
+        ),
+        (format!("stripe(file:{a},file:{empty})"), &[], &[]),
+        (
+            "stripe(ram:16M,ram:16M)".to_string(),
+            &["--buffer-mode", "zero-copy"],
+            &[&["zero-copy"]],
+        ),
+        (format!("stripe(file:{a},file:{b}"), &[], &[&["column"]]),
+        (format!("stripe(file:{a},,file:{b})"), &[], &[&["column"]]),
+    ];
+
+    let sockets_before = control_sockets();
+    let mut failures = Vec::new();
+    for (expr, options, mentions) in &cases {
+        let args = [&["add", "stack", expr.as_str()], *options].concat();
+        let out = ublk_unchecked(&args);
+        let mut problems = rejection_problems(&out, mentions);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        let lines: Vec<&str> = stderr.lines().filter(|l| !l.trim().is_empty()).collect();
+        if lines.len() != 1 || !lines[0].starts_with("ublk: error:") {
+            problems.push("stderr is not one `ublk: error: ...` line".to_string());
+        }
+        let listed = list();
+        if !listed.is_empty() {
+            problems.push(format!("devices listed afterwards: {}", json(&listed)));
+            ublk_unchecked(&["del", "--all"]);
+        }
+        let nodes = device_nodes();
+        if !nodes.is_empty() {
+            problems.push(format!("device nodes afterwards: {nodes:?}"));
+        }
+        let sockets = control_sockets();
+        if sockets != sockets_before {
+            problems.push(format!("control sockets afterwards: {sockets:?}"));
+        }
+        if !problems.is_empty() {
+            failures.push(format!(
+                "{}\n{}",
+                problems.join("\n"),
+                describe(&command_line("ublk", &args), &out)
+            ));
+        }
+    }
+    assert!(
+        failures.is_empty(),
+        "{} bad stack(s) not handled properly:\n\n{}",
+        failures.len(),
+        failures.join("\n\n")
+    );
+}
+
+/// Words an error must mention: one of each group (case-insensitive).
+type Mentions<'a> = &'a [&'a [&'a str]];
+
+/// `ublk add stack EXPR options...`: the device, which must report target `stack`.
+#[track_caller]
+fn add_stack(expr: &str, options: &[&str]) -> Value {
+    let dev = add(&[&["stack", expr], options].concat());
+    assert_eq!(field_str(&dev, "target"), "stack", "add {expr}: {dev}");
+    field_str(&dev, "tree");
+    dev
+}
+
+/// Creates sparse files of `sizes` bytes in `dir` for a stack's `file:` leaves; returns
+/// their paths.
+fn child_files(dir: &Path, sizes: &[u64]) -> Vec<String> {
+    sizes
+        .iter()
+        .enumerate()
+        .map(|(i, &size)| {
+            let path = dir.join(format!("child-{i}.img"));
+            File::create(&path)
+                .and_then(|f| f.set_len(size))
+                .unwrap_or_else(|e| panic!("create {} of {size} bytes: {e}", path.display()));
+            path.display().to_string()
+        })
+        .collect()
+}
+
+/// `ublk status ID --json` of the device `add` reported.
+#[track_caller]
+fn status_json(dev: &Value) -> Value {
+    let id = dev_id(dev).to_string();
+    let args = ["status", id.as_str(), "--json"];
+    let status = parse_json(&ublk(&args), &command_line("ublk", &args));
+    assert!(
+        status["tree"].is_object(),
+        "`ublk status {id} --json`: {status}"
+    );
+    status
+}
+
+/// The `children` of a status node (none for a leaf).
+#[track_caller]
+fn node_children(node: &Value) -> &[Value] {
+    match &node["children"] {
+        Value::Array(children) => children,
+        Value::Null => &[],
+        other => panic!("`children` is not an array: {other}"),
+    }
+}
+
+/// Checks that `node` is at `address` and its descendants at theirs (`/0`, `/1/0`, ...).
+#[track_caller]
+fn assert_node_addresses(node: &Value, address: &str) {
+    assert_eq!(field_str(node, "node"), address, "node {node}");
+    for (i, child) in node_children(node).iter().enumerate() {
+        let child_address = if address == "/" {
+            format!("/{i}")
+        } else {
+            format!("{address}/{i}")
+        };
+        assert_node_addresses(child, &child_address);
+    }
+}
+
+/// One counter of a status node's `stats`.
+#[track_caller]
+fn stat(node: &Value, key: &str) -> u64 {
+    field_u64(&node["stats"], key)
+}
+
+/// A size in bytes given as a number, or as a string like `64K`.
+fn size_value(v: &Value) -> Option<u64> {
+    if let Some(n) = v.as_u64() {
+        return Some(n);
+    }
+    let s = v.as_str()?;
+    let (digits, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len()));
+    let shift = match unit {
+        "" => 0,
+        "K" | "k" | "KiB" => 10,
+        "M" | "m" | "MiB" => 20,
+        "G" | "g" | "GiB" => 30,
+        _ => return None,
+    };
+    Some(digits.parse::<u64>().ok()? << shift)
+}
+
+/// Files in `/run/ublk`, where servers put their control sockets.
+fn control_sockets() -> BTreeSet<String> {
+    fs::read_dir("/run/ublk")
+        .into_iter()
+        .flatten()
+        .filter_map(|entry| entry.ok()?.file_name().into_string().ok())
+        .collect()
+}
+
+/// `EIO`, hardcoded because there is no libc crate here.
+const EIO: i32 = 5;
+
+/// Size of the reads of [`read_blocks`].
+const BLOCK: usize = 4096;
+
+/// Offsets of the [`BLOCK`]s in `range`.
+fn blocks(range: std::ops::Range<usize>) -> Vec<usize> {
+    range.step_by(BLOCK).collect()
+}
+
+/// Reads `range` of the device in [`BLOCK`]-sized O_DIRECT reads, each checked against
+/// `expected` (the whole device's data); returns the offsets of the reads that failed
+/// with EIO. Any other error, or data that differs, fails the test.
+#[track_caller]
+fn read_blocks(path: &str, range: std::ops::Range<usize>, expected: &[u8]) -> Vec<usize> {
+    let file = open_direct(path, false);
+    let mut buf = AlignedBuf::new(BLOCK);
+    let mut failed = Vec::new();
+    for at in blocks(range) {
+        let buf = buf.as_mut_slice();
+        match file.read_exact_at(buf, at as u64) {
+            Ok(()) => assert_same(
+                buf,
+                &expected[at..at + BLOCK],
+                &format!("the {BLOCK} bytes at {at} of {path}"),
+            ),
+            Err(e) if e.raw_os_error() == Some(EIO) => failed.push(at),
+            Err(e) => panic!("read {BLOCK} bytes at {at} of {path}: {e}"),
+        }
+    }
+    failed
+}
+
+/// The brd module with `count` RAM disks (`/dev/ram0`, ...) of `size` bytes; unloaded
+/// when dropped if nothing uses it any more.
+struct RamDisks {
+    count: usize,
+}
+
+impl RamDisks {
+    #[track_caller]
+    fn load(count: usize, size: u64) -> RamDisks {
+        // A previous test's disks, whose servers may still be closing them.
+        let gone = wait_until(Duration::from_secs(10), || {
+            !Path::new("/sys/module/brd").exists() || unload_module("brd")
+        });
+        assert!(gone, "brd is loaded and cannot be unloaded");
+        load_module(
+            "brd",
+            &[
+                &format!("rd_nr={count}"),
+                &format!("rd_size={}", size / KIB),
+            ],
+        );
+        let disks = RamDisks { count };
+        for i in 0..count {
+            let path = disks.path(i);
+            assert!(
+                wait_until(Duration::from_secs(10), || Path::new(&path).exists()),
+                "{path} did not appear after loading brd"
+            );
+        }
+        disks
+    }
+
+    fn path(&self, i: usize) -> String {
+        assert!(i < self.count, "there are only {} RAM disks", self.count);
+        format!("/dev/ram{i}")
+    }
+}
+
+impl Drop for RamDisks {
+    fn drop(&mut self) {
+        // May fail while a server still holds a disk; the next `load` retries.
+        unload_module("brd");
+    }
+}
+
+/// Loads a kernel module: from `/lib/modules/NAME.ko` in the test VM, else with modprobe.
+#[track_caller]
+fn load_module(name: &str, params: &[&str]) {
+    let file = format!("/lib/modules/{name}.ko");
+    if Path::new(&file).exists() {
+        run("insmod", &[&[file.as_str()], params].concat());
+    } else {
+        run("modprobe", &[&[name], params].concat());
+    }
+}
+
+/// Unloads a kernel module; whether that worked.
+fn unload_module(name: &str) -> bool {
+    Command::new("rmmod")
+        .arg(name)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
 }
 
 // ---------------------------------------------------------------------------------------
