@@ -242,12 +242,12 @@ mod tests {
         let status = request(77, &json!({"cmd": "status"})).expect("status");
         assert_eq!(status["tree"]["kind"], "stripe");
         assert_eq!(status["tree"]["children"][0]["kind"], "faulty");
-        assert_eq!(status["tree"]["children"][0]["fault"], Value::Null);
+        assert_eq!(status["tree"]["children"][0]["faults"], Value::Null);
         let rule = json!({"cmd": "fault", "node": "/0",
                           "rule": {"fail": "read", "range": [4096, 512]}});
         request(77, &rule).expect("fault");
         let status = request(77, &json!({"cmd": "status"})).expect("status");
-        assert_eq!(status["tree"]["children"][0]["fault"]["ops"], "read");
+        assert_eq!(status["tree"]["children"][0]["faults"]["ops"], "read");
         let err = request(77, &json!({"cmd": "fault", "node": "/1", "rule": null}))
             .expect_err("not faulty");
         assert!(err.contains("not a faulty one"), "{err}");

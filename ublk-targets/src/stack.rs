@@ -339,7 +339,7 @@ impl NodeDesc {
             o.insert(k.clone(), v.clone());
         }
         if let Some(switch) = &self.fault {
-            o.insert("fault".into(), fault_json(switch.get()));
+            o.insert("faults".into(), fault_json(switch.get()));
         }
         let s = stats
             .iter()

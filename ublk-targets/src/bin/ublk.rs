@@ -334,13 +334,14 @@ fn leaf_desc(kind: &'static str, target: &BoxTarget) -> NodeDesc {
     }
 }
 
-/// The tree to serve: the target, its description and its expression.
+/// The tree to serve: the target, its description and its expression (a plain target's is
+/// its name).
 fn tree(args: &AddArgs, kind: TargetKind, size: u64) -> CliResult<(BoxTarget, NodeDesc, String)> {
     Ok(match kind {
         TargetKind::Null => {
             let t: BoxTarget = Arc::new(Null::with_size(size));
             let d = leaf_desc("null", &t);
-            (t, d, format!("null:{size}"))
+            (t, d, "null".into())
         }
         TargetKind::Ram => {
             let ram = match &args.backing {
@@ -350,14 +351,10 @@ fn tree(args: &AddArgs, kind: TargetKind, size: u64) -> CliResult<(BoxTarget, No
             .map_err(|e| format!("ram target memory: {e}"))?;
             let t: BoxTarget = Arc::new(ram);
             let mut d = leaf_desc("ram", &t);
-            let expr = match &args.backing {
-                Some(b) => {
-                    d.fields.insert("backing".into(), json!(b));
-                    format!("ram(size={size},backing={})", b.display())
-                }
-                None => format!("ram:{size}"),
-            };
-            (t, d, expr)
+            if let Some(b) = &args.backing {
+                d.fields.insert("backing".into(), json!(b));
+            }
+            (t, d, "ram".into())
         }
         TargetKind::File => {
             let path = args.path.as_deref().expect("checked in add");
@@ -367,8 +364,7 @@ fn tree(args: &AddArgs, kind: TargetKind, size: u64) -> CliResult<(BoxTarget, No
             let mut d = leaf_desc("file", &t);
             d.fields.insert("path".into(), json!(path));
             d.fields.insert("direct".into(), json!(args.direct));
-            let expr = format!("file(path={},direct={})", path.display(), args.direct);
-            (t, d, expr)
+            (t, d, "file".into())
         }
         TargetKind::Stack => {
             let text = args.expr.as_deref().expect("checked in add");
@@ -706,9 +702,9 @@ fn print_node(node: &Value, depth: usize) {
             ));
         }
     }
-    if let Some(f) = node.get("fault") {
+    if let Some(f) = node.get("faults") {
         if !f.is_null() {
-            line.push_str(&format!(" fault={f}"));
+            line.push_str(&format!(" faults={f}"));
         }
     }
     let st = &node["stats"];
