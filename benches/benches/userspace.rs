@@ -12,7 +12,10 @@
 //! - per batch: draining the results into a reused `Vec` (null and RAM push no io_uring work,
 //!   so the simulator makes no syscall);
 //! - `stripe2-null`: a stripe of two null children, each I/O one sub-request joined by the
-//!   engine: the cost of stacking, against `null`;
+//!   engine: the cost of stacking, against `null` (a 4 KiB I/O inside a 64 KiB chunk is only
+//!   readdressed to its child);
+//! - `stripe2-null-split`: the same with 4 KiB chunks and I/Os 2 KiB off the chunk
+//!   boundaries, so each is split into two sub-requests and joined;
 //! - `ram-user-copy`: the RAM target in user-copy mode, where each request's one copy is a
 //!   `pread`/`pwrite` on a memfd standing in for `/dev/ublkcN` (and the simulated kernel's
 //!   delivery of a write's data is a `pwrite` too).
@@ -86,13 +89,15 @@ fn run_ios<T: Target>(
     next: &mut u64,
     mut n: u64,
 ) -> Duration {
+    // I/Os start at `*next % IO_SIZE` within each 4 KiB block, all the way through the span.
+    let shift = *next % u64::from(IO_SIZE);
     let mut results = Vec::with_capacity(usize::from(BATCH));
     let start = Instant::now();
     while n > 0 {
         let batch = n.min(u64::from(BATCH)) as u16;
         for tag in 0..batch {
             let desc = dir.desc(*next);
-            *next = (*next + u64::from(IO_SIZE)) % SPAN;
+            *next = advance(*next, shift);
             q.deliver(tag, desc, data)
                 .expect("every tag is free: the previous batch was fully collected");
         }
@@ -109,7 +114,28 @@ fn run_ios<T: Target>(
     start.elapsed()
 }
 
+/// The offset after an I/O at `at`, wrapping to `shift` before running past the span.
+fn advance(at: u64, shift: u64) -> u64 {
+    let next = at + u64::from(IO_SIZE);
+    if next + u64::from(IO_SIZE) > SPAN {
+        shift
+    } else {
+        next
+    }
+}
+
 fn bench_target<T: Target>(c: &mut Criterion, name: &str, target: &T, mode: BufferMode) {
+    bench_target_at(c, name, target, mode, 0)
+}
+
+/// As [`bench_target`], every I/O starting `shift` bytes into a 4 KiB block.
+fn bench_target_at<T: Target>(
+    c: &mut Criterion,
+    name: &str,
+    target: &T,
+    mode: BufferMode,
+    shift: u64,
+) {
     let mut group = c.benchmark_group(name);
     group.throughput(Throughput::Elements(1));
     let data = vec![0x5a; IO_SIZE as usize];
@@ -117,12 +143,12 @@ fn bench_target<T: Target>(c: &mut Criterion, name: &str, target: &T, mode: Buff
         let mut q = SimQueue::with_mode(target, GEO, BATCH, mode).expect("simulated queue");
         // One pass over the span before timing: faults in the RAM target's pages (a read of a
         // never-written page would otherwise take the hole path), and checks the results.
-        let mut next = 0;
+        let mut next = shift;
         for _ in 0..SPAN / u64::from(IO_SIZE) / u64::from(BATCH) {
             for tag in 0..BATCH {
                 q.deliver(tag, Dir::Write.desc(next), &data)
                     .expect("tag is free");
-                next = (next + u64::from(IO_SIZE)) % SPAN;
+                next = advance(next, shift);
             }
             for c in q.commits() {
                 assert_eq!(c.result, IO_SIZE as i32, "tag {}", c.tag);
@@ -144,6 +170,12 @@ fn userspace(c: &mut Criterion) {
         .expect("stripe of two null children")
         .target;
     bench_target(c, "stripe2-null", &stripe, BufferMode::Copy);
+    // The same with 4 KiB chunks and every I/O 2 KiB into a chunk: each one is split over
+    // both children (two sub-requests, joined by the engine).
+    let split = ublk_targets::stack::build(&format!("stripe(null:{half},null:{half},chunk=4K)"))
+        .expect("stripe of two null children")
+        .target;
+    bench_target_at(c, "stripe2-null-split", &split, BufferMode::Copy, 2048);
     let ram = Ram::new(SPAN).expect("RAM target memory");
     bench_target(c, "ram", &ram, BufferMode::Copy);
     // One pread/pwrite per request on a memfd standing in for /dev/ublkcN: the RAM target's

@@ -15,7 +15,7 @@ use slab::Slab;
 
 use crate::buf::Bounce;
 use crate::io::{BlockIo, Geometry, Op};
-use crate::request::{Dest, Io, LocalSink, NodeId, SubIo, View};
+use crate::request::{Dest, Io, LocalSink, NodeId, Notifier, SubIo, View};
 use crate::stats::QueueStats;
 use crate::target::{Child, Completion, NodeMeta};
 use crate::user_data::Owner;
@@ -176,6 +176,11 @@ impl<'a> QueueCtx<'a> {
     /// The node being served.
     pub fn node(&self) -> NodeId {
         self.node
+    }
+
+    /// A handle for other threads to notify this node (see [`Notifier`]).
+    pub fn notifier(&self) -> Notifier {
+        Notifier::new(Arc::clone(&self.core.sink.shared), self.node)
     }
 
     /// The size of `child`, when it declared one.

@@ -427,6 +427,11 @@ impl Engine {
         while let Some(d) = self.shared.pop_remote() {
             self.finish(d);
         }
+        while let Some((node, token, res)) = self.shared.pop_notice() {
+            self.core
+                .events
+                .push_back((node, Completion::new(token, res)));
+        }
         self.settle(ring);
         let mut ready = std::mem::take(&mut self.ready);
         for (tag, mut res) in ready.drain(..) {

@@ -249,6 +249,8 @@ static ZEROES: [u8; 64 << 10] = [0; 64 << 10];
 #[derive(Debug)]
 pub(crate) struct QueueShared {
     remote: SegQueue<Done>,
+    /// Notifications for nodes from other threads: `(node, token, result)`.
+    notices: SegQueue<(NodeId, u64, i32)>,
     wake: OwnedFd,
     stop: AtomicBool,
     pub(crate) arena: TagArena,
@@ -271,6 +273,7 @@ impl QueueShared {
         }
         Ok(Arc::new(QueueShared {
             remote: SegQueue::new(),
+            notices: SegQueue::new(),
             // SAFETY: fd is a freshly created descriptor owned by nobody else.
             wake: unsafe { OwnedFd::from_raw_fd(fd) },
             stop: AtomicBool::new(false),
@@ -323,6 +326,36 @@ impl QueueShared {
 
     pub(crate) fn pop_remote(&self) -> Option<Done> {
         self.remote.pop()
+    }
+
+    pub(crate) fn pop_notice(&self) -> Option<(NodeId, u64, i32)> {
+        self.notices.pop()
+    }
+}
+
+/// A handle another thread uses to tell a node that something it waits for is ready (a
+/// compression worker's result, say): [`Notifier::notify`] wakes the queue thread, which
+/// delivers a [`crate::Completion`] with the token and result to the node. Payloads travel
+/// in the node's own channel; this only rings the bell. Get one with
+/// [`crate::QueueCtx::notifier`].
+#[derive(Debug, Clone)]
+pub struct Notifier {
+    shared: Arc<QueueShared>,
+    node: NodeId,
+}
+
+impl Notifier {
+    pub(crate) fn new(shared: Arc<QueueShared>, node: NodeId) -> Self {
+        Notifier { shared, node }
+    }
+
+    /// Delivers `Completion { token, result, .. }` to the node on its queue thread.
+    pub fn notify(&self, token: u64, result: i32) {
+        self.shared.notices.push((self.node, token, result));
+        let here = CURRENT_QUEUE.with(Cell::get);
+        if !std::ptr::eq(here, Arc::as_ptr(&self.shared)) {
+            self.shared.wake();
+        }
     }
 }
 

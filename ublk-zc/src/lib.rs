@@ -16,6 +16,10 @@
 //! - or over memory of its own: [`Bounce`] buffers lent to children with
 //!   [`QueueCtx::bounce_io`].
 //!
+//! Work done on other threads comes back through the engine: an [`Io`] completed from anywhere
+//! with [`Io::into_remote`], or a [`Notifier`] that wakes the queue thread and delivers a
+//! [`Completion`] to the node (a compression worker handing back a block).
+//!
 //! No operation needs `unsafe`. A tree where no node touches the bytes runs in the zero-copy
 //! buffer modes ([`zero_copy_allowed`]); the engine refuses a zero-copy mode for a tree that
 //! cannot honour it.
