@@ -180,16 +180,15 @@ fn geo() -> Geometry {
     }
 }
 
+fn mirror_of(a: &Arc<Mem>, b: &Arc<Mem>) -> Mirror {
+    let leg = |m: &Arc<Mem>| Arc::new(Leaf(Arc::clone(m))) as BoxTarget;
+    Mirror(vec![leg(a), leg(b)], Arc::default())
+}
+
 #[test]
 fn a_node_with_its_own_rule_writes_both_legs_and_retries_reads() {
     let (a, b) = (Mem::new(), Mem::new());
-    let mirror = Mirror(
-        vec![
-            Arc::new(Leaf(Arc::clone(&a))) as BoxTarget,
-            Arc::new(Leaf(Arc::clone(&b))) as BoxTarget,
-        ],
-        Arc::default(),
-    );
+    let mirror = mirror_of(&a, &b);
     let mut q = SimQueue::new(&mirror, geo(), 8).expect("queue");
     let data: Vec<u8> = (0..8192u32).map(|i| (i % 249) as u8 + 1).collect();
     assert_eq!(q.write(4096, &data), Ok(8192));
@@ -214,13 +213,7 @@ fn a_node_with_its_own_rule_writes_both_legs_and_retries_reads() {
 fn bounce_buffers_come_back_with_the_child_data() {
     let (a, b) = (Mem::new(), Mem::new());
     b.bytes.lock().unwrap()[..4096].fill(7);
-    let mirror = Mirror(
-        vec![
-            Arc::new(Leaf(Arc::clone(&a))) as BoxTarget,
-            Arc::new(Leaf(Arc::clone(&b))) as BoxTarget,
-        ],
-        Arc::default(),
-    );
+    let mirror = mirror_of(&a, &b);
     let mut q = SimQueue::new(&mirror, geo(), 8).expect("queue");
     assert_eq!(q.op(ublk_core::sys::UBLK_IO_OP_FLUSH, 0, 0, 0), Ok(0));
     // The bounce read ran in the same loop turn as the flush, and its buffer came back.
@@ -230,13 +223,7 @@ fn bounce_buffers_come_back_with_the_child_data() {
 
 #[test]
 fn notifications_from_another_thread_reach_the_node() {
-    let mirror = Mirror(
-        vec![
-            Arc::new(Leaf(Mem::new())) as BoxTarget,
-            Arc::new(Leaf(Mem::new())) as BoxTarget,
-        ],
-        Arc::default(),
-    );
+    let mirror = mirror_of(&Mem::new(), &Mem::new());
     let mut q = SimQueue::new(&mirror, geo(), 8).expect("queue");
     // A discard is parked until the other thread's notice arrives.
     assert_eq!(q.op(ublk_core::sys::UBLK_IO_OP_DISCARD, 0, 0, 4096), Ok(0));
