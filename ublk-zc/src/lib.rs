@@ -24,8 +24,11 @@
 //! buffer modes ([`zero_copy_allowed`]); the engine refuses a zero-copy mode for a tree that
 //! cannot honour it.
 //!
-//! The types live in `ublk-core`, whose engine runs them; this crate is the API a target
-//! author reads: the re-exports, and helpers that only stacks need.
+//! The request, node and operation types live in `ublk-core`, because its engine runs them
+//! (commits, joins, completion routing); this crate is the API a target author reads — their
+//! re-exports — plus what only nodes with children need and the engine does not: [`Joins`],
+//! the bookkeeping of a node with its own join rule (a mirror), and the subtree answers
+//! ([`needs_data_any`], [`copies_data_all`], [`smallest_size`]).
 //!
 //! ```no_run
 //! use std::io;
@@ -70,6 +73,9 @@ pub use ublk_core::{
     BoxTarget, Child, Completion, DeviceBuilder, DeviceInfo, DynTarget, Error, FanOut, Io, NodeId,
     NodeStats, OpenCtx, QueueCtx, QueueFile, QueueTarget, RemoteIo, StatsRegistry, SubIo, Target,
 };
+
+mod joins;
+pub use joins::{Joins, Verdict};
 
 /// Whether a tree whose nodes need data as `children` say may run in a zero-copy mode: only
 /// when none of them touches the bytes. What a node with children answers from
