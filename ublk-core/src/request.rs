@@ -18,12 +18,13 @@
 use std::cell::{Cell, RefCell};
 use std::fs::File;
 use std::io;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
 use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use crossbeam_queue::SegQueue;
+use nix::sys::eventfd::{EfdFlags, EventFd};
 use slab::Slab;
 
 use crate::buf::{Bounce, FixedBuf, TagArena};
@@ -251,7 +252,7 @@ pub(crate) struct QueueShared {
     remote: SegQueue<Done>,
     /// Notifications for nodes from other threads: `(node, token, result)`.
     notices: SegQueue<(NodeId, u64, i32)>,
-    wake: OwnedFd,
+    wake: EventFd,
     stop: AtomicBool,
     pub(crate) arena: TagArena,
     /// The ublk char device, in the modes that address request data through it (user copy,
@@ -266,16 +267,11 @@ thread_local! {
 
 impl QueueShared {
     pub(crate) fn new(arena: TagArena, cdev: Option<Arc<File>>) -> io::Result<Arc<Self>> {
-        // SAFETY: eventfd takes no pointers; a non-negative result is a new fd we now own.
-        let fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
-        if fd < 0 {
-            return Err(io::Error::last_os_error());
-        }
+        let wake = EventFd::from_flags(EfdFlags::EFD_CLOEXEC | EfdFlags::EFD_NONBLOCK)?;
         Ok(Arc::new(QueueShared {
             remote: SegQueue::new(),
             notices: SegQueue::new(),
-            // SAFETY: fd is a freshly created descriptor owned by nobody else.
-            wake: unsafe { OwnedFd::from_raw_fd(fd) },
+            wake,
             stop: AtomicBool::new(false),
             arena,
             cdev,
@@ -287,23 +283,20 @@ impl QueueShared {
         CURRENT_QUEUE.with(|c| c.set(Arc::as_ptr(self)));
     }
 
-    pub(crate) fn wake_fd(&self) -> &OwnedFd {
-        &self.wake
+    pub(crate) fn wake_fd(&self) -> BorrowedFd<'_> {
+        self.wake.as_fd()
     }
 
     /// Wakes the queue thread if it may be sleeping in `io_uring_enter`.
     pub(crate) fn wake(&self) {
-        let one: u64 = 1;
-        // SAFETY: writes 8 bytes from a live u64 to an eventfd we own. A full counter (EAGAIN)
-        // already means "wake up", so the result needs no handling.
-        unsafe { libc::write(self.wake.as_raw_fd(), (&one as *const u64).cast(), 8) };
+        // A full counter (EAGAIN) already means "wake up", so the result needs no handling.
+        let _ = self.wake.write(1);
     }
 
     /// Clears the eventfd counter after a wakeup.
     pub(crate) fn clear_wake(&self) {
-        let mut val: u64 = 0;
-        // SAFETY: reads at most 8 bytes into a live u64; EAGAIN (nothing pending) is harmless.
-        unsafe { libc::read(self.wake.as_raw_fd(), (&mut val as *mut u64).cast(), 8) };
+        // Nonblocking: EAGAIN (nothing pending) is harmless.
+        let _ = self.wake.read();
     }
 
     /// Asks the queue thread to leave its loop.
