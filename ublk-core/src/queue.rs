@@ -9,6 +9,8 @@ use std::sync::atomic::{fence, Ordering};
 use std::sync::Arc;
 
 use io_uring::{cqueue, opcode, squeue, types, IoUring};
+use nix::sched::{sched_setaffinity, CpuSet};
+use nix::unistd::Pid;
 
 use crate::batch::{BatchIo, ElemLayout};
 use crate::buf::BufferMode;
@@ -117,19 +119,13 @@ fn pin_to(cpus: &[usize]) -> io::Result<()> {
     if cpus.is_empty() {
         return Ok(());
     }
-    // SAFETY: cpu_set_t is plain data; zeroed is the empty set.
-    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    let mut set = CpuSet::new();
     for &cpu in cpus {
-        if cpu < libc::CPU_SETSIZE as usize {
-            // SAFETY: cpu is below CPU_SETSIZE, so the bit lies inside `set`.
-            unsafe { libc::CPU_SET(cpu, &mut set) };
-        }
+        // A CPU beyond what a CpuSet can hold (EINVAL) cannot be pinned to; skip it.
+        let _ = set.set(cpu);
     }
-    // SAFETY: passes a valid cpu_set_t of the size given, for the calling thread (0).
-    let rc = unsafe { libc::sched_setaffinity(0, std::mem::size_of_val(&set), &set) };
-    if rc != 0 {
-        return Err(io::Error::last_os_error());
-    }
+    // Pid 0 is the calling thread.
+    sched_setaffinity(Pid::from_raw(0), &set)?;
     Ok(())
 }
 
