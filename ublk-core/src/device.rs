@@ -3,10 +3,15 @@
 
 use std::fs::{File, OpenOptions};
 use std::io;
+use std::os::fd::AsFd;
 use std::sync::mpsc;
 use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
+
+use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+use nix::sys::signal::{pthread_sigmask, SigSet, SigmaskHow, Signal};
+use nix::sys::signalfd::{SfdFlags, SignalFd};
 
 use crate::buf::{BufferMode, TagArena};
 use crate::ctrl::{AddRequest, ControlDevice, DevInfo};
@@ -377,55 +382,45 @@ impl Drop for DeviceGuard<'_> {
     }
 }
 
-/// Blocks SIGINT and SIGTERM for the calling thread (and threads it spawns) while alive.
+/// Blocks SIGINT and SIGTERM for the calling thread (and threads it spawns) while alive, and
+/// takes them from a signalfd instead.
 struct SignalBlock {
-    old: libc::sigset_t,
+    old: SigSet,
+    fd: SignalFd,
 }
 
-fn term_signals() -> libc::sigset_t {
-    // SAFETY: sigset_t is plain data; sigemptyset/sigaddset only write the set we own.
-    unsafe {
-        let mut set: libc::sigset_t = std::mem::zeroed();
-        libc::sigemptyset(&mut set);
-        libc::sigaddset(&mut set, libc::SIGINT);
-        libc::sigaddset(&mut set, libc::SIGTERM);
-        set
-    }
+fn term_signals() -> SigSet {
+    Signal::SIGINT | Signal::SIGTERM
 }
 
 impl SignalBlock {
     fn new() -> Result<Self> {
         let set = term_signals();
-        // SAFETY: sigset_t is plain data, zeroed is a valid (empty) value.
-        let mut old: libc::sigset_t = unsafe { std::mem::zeroed() };
-        // SAFETY: both pointers refer to live sigset_t values.
-        let rc = unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &set, &mut old) };
-        if rc != 0 {
-            return Err(Error::io(
-                "blocking SIGINT/SIGTERM",
-                io::Error::from_raw_os_error(rc),
-            ));
-        }
-        Ok(SignalBlock { old })
+        // Opened before the mask changes, so a failure here leaves the mask as it was.
+        let fd = SignalFd::with_flags(&set, SfdFlags::SFD_NONBLOCK | SfdFlags::SFD_CLOEXEC)
+            .map_err(|e| Error::io("opening a signalfd for SIGINT/SIGTERM", e.into()))?;
+        let mut old = SigSet::empty();
+        pthread_sigmask(SigmaskHow::SIG_BLOCK, Some(&set), Some(&mut old))
+            .map_err(|e| Error::io("blocking SIGINT/SIGTERM", e.into()))?;
+        Ok(SignalBlock { old, fd })
     }
 
     /// Waits up to `timeout` for SIGINT/SIGTERM; returns the signal number if one came.
     fn wait(&self, timeout: Duration) -> Option<i32> {
-        let set = term_signals();
-        let ts = libc::timespec {
-            tv_sec: timeout.as_secs() as libc::time_t,
-            tv_nsec: libc::c_long::from(timeout.subsec_nanos() as i32),
-        };
-        // SAFETY: set and ts are live; a null siginfo pointer is allowed.
-        let sig = unsafe { libc::sigtimedwait(&set, std::ptr::null_mut(), &ts) };
-        (sig > 0).then_some(sig)
+        let timeout = PollTimeout::try_from(timeout).unwrap_or(PollTimeout::MAX);
+        let mut fds = [PollFd::new(self.fd.as_fd(), PollFlags::POLLIN)];
+        if poll(&mut fds, timeout).ok()? == 0 {
+            return None;
+        }
+        let info = self.fd.read_signal().ok()??;
+        i32::try_from(info.ssi_signo).ok()
     }
 }
 
 impl Drop for SignalBlock {
     fn drop(&mut self) {
-        // SAFETY: restores the mask saved in `new`; a null old-set pointer is allowed.
-        unsafe { libc::pthread_sigmask(libc::SIG_SETMASK, &self.old, std::ptr::null_mut()) };
+        // Restores the mask saved in `new`; there is nothing to do if that fails.
+        let _ = pthread_sigmask(SigmaskHow::SIG_SETMASK, Some(&self.old), None);
     }
 }
 
