@@ -677,3 +677,31 @@ fn start_and_wait(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use nix::sys::signal::raise;
+
+    #[test]
+    fn signal_block_times_out_then_takes_a_raised_signal() {
+        // Its own thread: the mask change and the thread-directed signal stay inside it.
+        thread::spawn(|| {
+            let before = SigSet::thread_get_mask().expect("get mask");
+            let signals = SignalBlock::new().expect("signalfd and sigmask");
+            let t0 = Instant::now();
+            assert_eq!(signals.wait(Duration::from_millis(20)), None);
+            assert!(t0.elapsed() >= Duration::from_millis(15));
+            // Blocked, so it stays pending for the wait instead of ending the process.
+            raise(Signal::SIGTERM).expect("raise SIGTERM");
+            assert_eq!(signals.wait(Duration::from_secs(5)), Some(libc::SIGTERM));
+            assert_eq!(signals.wait(Duration::ZERO), None);
+            let blocked = SigSet::thread_get_mask().expect("get mask");
+            assert!(blocked.contains(Signal::SIGINT) && blocked.contains(Signal::SIGTERM));
+            drop(signals);
+            assert_eq!(SigSet::thread_get_mask().expect("get mask"), before);
+        })
+        .join()
+        .expect("signal test thread");
+    }
+}
