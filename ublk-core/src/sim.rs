@@ -33,6 +33,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use io_uring::IoUring;
+use nix::sys::memfd::{memfd_create, MFdFlags};
 
 use crate::buf::{BufferMode, TagArena};
 use crate::engine::Engine;
@@ -341,14 +342,8 @@ impl<T: Target> Drop for SimQueue<T> {
 /// The stand-in for the ublk char device in user-copy mode: an empty memfd that grows
 /// sparsely to the user-copy offsets.
 fn sparse_memfd() -> io::Result<std::fs::File> {
-    use std::os::fd::FromRawFd;
-    // SAFETY: the name is a NUL-terminated literal; a non-negative result is a new fd.
-    let fd = unsafe { libc::memfd_create(c"ublk-sim-cdev".as_ptr(), libc::MFD_CLOEXEC) };
-    if fd < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: fd was just created and is owned by nobody else.
-    Ok(unsafe { std::fs::File::from_raw_fd(fd) })
+    let fd = memfd_create(c"ublk-sim-cdev", MFdFlags::MFD_CLOEXEC)?;
+    Ok(std::fs::File::from(fd))
 }
 
 #[cfg(test)]
