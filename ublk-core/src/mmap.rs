@@ -7,6 +7,8 @@ use std::io;
 use std::os::fd::{AsRawFd, BorrowedFd};
 use std::ptr::NonNull;
 
+use nix::unistd::{sysconf, SysconfVar};
+
 /// A region from `mmap(2)`, unmapped on drop.
 #[derive(Debug)]
 pub struct Mapping {
@@ -24,9 +26,11 @@ unsafe impl Sync for Mapping {}
 
 /// The system page size.
 pub fn page_size() -> usize {
-    // SAFETY: sysconf has no memory-safety preconditions.
-    let size = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
-    usize::try_from(size).unwrap_or(4096)
+    sysconf(SysconfVar::PAGE_SIZE)
+        .ok()
+        .flatten()
+        .and_then(|size| usize::try_from(size).ok())
+        .unwrap_or(4096)
 }
 
 /// Rounds `n` up to a multiple of `align` (a power of two), or `None` on overflow.
