@@ -7,8 +7,8 @@
 //! modules). Each round runs every test on every device, alternating devices
 //! run by run (the device order is rotated every round so no device always
 //! follows the same neighbour); the report gives the median of the rounds.
-//! The default 2 s measured + 1 s ramp per run keeps the full plan (804 runs)
-//! near 51 minutes of TCG time. Writes `target/bench/`:
+//! The default 2 s measured + 1 s ramp per run keeps the full plan (822 runs)
+//! near 52 minutes of TCG time. Writes `target/bench/`:
 //! `report.md` (Markdown tables and the bar checks), `raw.json`
 //! (every fio run, with fio's job report) and `iops.png`.
 //!
@@ -377,6 +377,12 @@ pub const DEVICES: &[Device] = &[
         name: "ublk-stripe-copy",
         role: Role::UblkStripe,
         setup: Setup::UblkStripe("--buffer-mode copy"),
+        quick: false,
+    },
+    Device {
+        name: "ublk-stripe-zc-batch",
+        role: Role::UblkStripe,
+        setup: Setup::UblkStripe("--buffer-mode zero-copy --batch"),
         quick: false,
     },
 ];
@@ -984,14 +990,14 @@ mod tests {
     fn plans() {
         let full = Plan::new(&opts(false, &[]), true, true).expect("full plan");
         let pair_rows = DEVICES.iter().filter(|d| d.over_brd_pair()).count();
-        assert_eq!(pair_rows, 3);
+        assert_eq!(pair_rows, 4);
         assert_eq!(
             full.runs(),
             ((DEVICES.len() - pair_rows) * TESTS.len() + pair_rows * PAIR_TESTS.len()) * 2 * 3
         );
-        // The default run must fit in ~52 minutes of guest time.
+        // The default run must fit in ~53 minutes of guest time.
         assert!(
-            full.estimate() < Duration::from_secs(52 * 60),
+            full.estimate() < Duration::from_secs(53 * 60),
             "{:?}",
             full.estimate()
         );
@@ -1007,9 +1013,17 @@ mod tests {
         let stripes =
             Plan::new(&opts(false, &[MD_RAID0, "ublk-stripe"]), true, true).expect("stripes");
         let names: Vec<&str> = stripes.devices.iter().map(|d| d.name).collect();
-        assert_eq!(names, [MD_RAID0, "ublk-stripe-zc", "ublk-stripe-copy"]);
+        assert_eq!(
+            names,
+            [
+                MD_RAID0,
+                "ublk-stripe-zc",
+                "ublk-stripe-copy",
+                "ublk-stripe-zc-batch"
+            ]
+        );
         assert!(stripes.uses_brd() && stripes.uses_mdadm());
-        assert_eq!(stripes.runs(), 3 * PAIR_TESTS.len() * 2 * 3);
+        assert_eq!(stripes.runs(), 4 * PAIR_TESTS.len() * 2 * 3);
         let no_md = Plan::new(&opts(false, &["stripe", "md"]), true, false).expect("no mdadm");
         assert!(no_md.devices.iter().all(|d| d.role == Role::UblkStripe));
         assert_eq!(no_md.notes.len(), 1);

@@ -57,7 +57,7 @@ commands:
          [--runtime SECS (2, after 1 s ramp)] [--quick] [--filter NAME,...]
          fio on ublk null (every buffer mode, SQPOLL on/off, batch), libublk
          null, null_blk, brd, loop, ublk ram and file, ublk stripes vs md
-         raid0 over two brd disks, in one boot (about 51 min under TCG;
+         raid0 over two brd disks, in one boot (about 52 min under TCG;
          --quick: 7 devices, 4k randread, 1 job, about 4 min; --filter:
          devices whose name contains one of the NAMEs, e.g.
          md-raid0,ublk-stripe); writes target/bench/report.md, raw.json
@@ -258,8 +258,8 @@ fn bench_cmd(a: &Args) -> Result<i32> {
     }
     let opts = bench::Options {
         rounds: a.rounds,
-        // 2 s measured + 1 s ramp keeps the full plan (804 runs) near
-        // 51 minutes of TCG time.
+        // 2 s measured + 1 s ramp keeps the full plan (822 runs) near
+        // 52 minutes of TCG time.
         runtime: a.runtime.unwrap_or(2),
         ramp: 1,
         quick: a.quick,
