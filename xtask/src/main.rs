@@ -199,7 +199,12 @@ fn try_main() -> Result<i32> {
             let target = if a.rest.is_empty() {
                 "null --buffer-mode zero-copy".to_string()
             } else {
-                a.rest.join(" ")
+                // Quoted for the guest's shell: a stack expression has parentheses.
+                a.rest
+                    .iter()
+                    .map(|r| sh_quote(r))
+                    .collect::<Vec<_>>()
+                    .join(" ")
             };
             profile::profile(&ws, &a.vm_opts()?, &target, a.runtime.unwrap_or(5))?;
             Ok(0)

@@ -25,7 +25,7 @@ DEV_ID=""
 trap '[ -n "$DEV_ID" ] && ublk del "$DEV_ID"' EXIT
 load_mod null_blk queue_mode=2 irqmode=0 nr_devices=1 gb=1 submit_queues=2 hw_queue_depth=128 \
     || die "null_blk"
-ublk_add dev {target} --size 1G --queues 2 --depth 128 || die "ublk add {target}"
+ublk_add dev {target} --size 1G --queues 2 --depth 128 || die "ublk add failed"
 DEV_ID=$dev_id
 echo 0 > /proc/sys/kernel/kptr_restrict
 for pair in "ublk:$dev_dev" "null_blk:/dev/nullb0"; do

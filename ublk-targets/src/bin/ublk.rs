@@ -290,9 +290,6 @@ fn add(args: AddArgs) -> CliResult {
         }
         (TargetKind::Stack, Some(text)) => {
             ublk_targets::expr::parse(text).map_err(|e| format!("stack expression: {e}"))?;
-            if args.size.is_some() {
-                return Err("a stack's size comes from its tree: drop --size".into());
-            }
         }
         (_, Some(extra)) => return Err(format!("unexpected argument {extra:?}")),
         _ => {}
@@ -416,6 +413,13 @@ fn serve(
     let mode = choose_mode(args, kind, &desc)?;
     let mut builder = builder.buffer_mode(mode);
     if kind == TargetKind::Stack {
+        // A stack's size is its tree's; --size may only confirm it.
+        if let Some(size) = args.size.filter(|&s| s != desc.size) {
+            return Err(format!(
+                "--size {size} differs from the size of the tree, {} bytes: drop --size",
+                desc.size
+            ));
+        }
         builder = builder.size(desc.size);
         builder.validate().map_err(|e| e.to_string())?;
     }
