@@ -225,8 +225,9 @@ impl Engine {
         // SAFETY: buf is null or tag's arena buffer of max_io >= io.len bytes (see decode);
         // the request is its only user (above).
         let io = unsafe { Io::kernel(io, tag, view, Rc::clone(&self.core.sink)) };
+        // What the root set in motion (requests to children, completions) runs in `drain`,
+        // once per loop turn for all the turn's requests, before anything is submitted.
         self.call_submit(NodeId(0), io, ring);
-        self.settle(ring);
     }
 
     /// Hands `io` to `node`.
@@ -279,7 +280,6 @@ impl Engine {
         let mut done = Completion::new(entry.token, res);
         done.io = entry.io;
         self.call_complete(entry.node, done, ring);
-        self.settle(ring);
     }
 
     /// Runs everything the nodes set in motion until nothing is left to do this turn:
@@ -495,6 +495,7 @@ impl Engine {
                     self.op_done(key, res, ring);
                 }
             }
+            self.settle(ring);
         }
         if !self.core.ops.is_empty() {
             tracing::warn!(
