@@ -64,7 +64,7 @@ pub struct FaultRule {
     /// Only operations overlapping `[offset, offset + len)` (in this node's offsets); `None`
     /// for the whole device. A flush has no range and matches any.
     pub range: Option<(u64, u64)>,
-    /// Only every Nth matching operation (1: all of them).
+    /// Only every Nth matching operation (1: all of them), counted by each queue on its own.
     pub every: u64,
     /// Fail them with `EIO`.
     pub fail: bool,
