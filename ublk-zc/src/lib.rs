@@ -71,7 +71,8 @@ pub use ublk_core::mmap::Mapping;
 pub use ublk_core::{Bounce, BufferMode, FixedBuf};
 pub use ublk_core::{
     BoxTarget, Child, Completion, DeviceBuilder, DeviceInfo, DynTarget, Error, FanOut, Io, NodeId,
-    NodeStats, OpenCtx, QueueCtx, QueueFile, QueueTarget, RemoteIo, StatsRegistry, SubIo, Target,
+    NodeStats, Notifier, OpenCtx, QueueCtx, QueueFile, QueueTarget, RemoteIo, StatsRegistry, SubIo,
+    Target,
 };
 
 mod joins;

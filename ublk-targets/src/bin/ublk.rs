@@ -651,7 +651,7 @@ fn list(as_json: bool) -> CliResult {
         return Ok(());
     }
     println!(
-        "{:<4} {:<14} {:<8} {:<6} {:>14} {:>6} {:>6} {:>8}",
+        "{:<4} {:<14} {:<8} {:<6} {:>14} {:>6} {:>6} {:>8}  TREE",
         "ID", "PATH", "STATE", "TARGET", "SIZE", "QUEUES", "DEPTH", "PID"
     );
     let text = |v: &Value| match v {
@@ -660,7 +660,7 @@ fn list(as_json: bool) -> CliResult {
     };
     for r in &rows {
         println!(
-            "{:<4} {:<14} {:<8} {:<6} {:>14} {:>6} {:>6} {:>8}",
+            "{:<4} {:<14} {:<8} {:<6} {:>14} {:>6} {:>6} {:>8}  {}",
             text(&r["dev_id"]),
             text(&r["path"]),
             text(&r["state"]),
@@ -669,6 +669,7 @@ fn list(as_json: bool) -> CliResult {
             text(&r["queues"]),
             text(&r["depth"]),
             text(&r["pid"]),
+            r["tree"].as_str().unwrap_or("-"),
         );
     }
     Ok(())
