@@ -3,8 +3,11 @@
 //! The foundation of ublk-rs: Linux block devices served from user space through the kernel's
 //! ublk driver. This crate holds the kernel interface ([`sys`]), the control plane
 //! ([`ControlDevice`]), the per-queue io_uring engine, the block-backend interface targets
-//! implement ([`Target`], [`QueueTarget`], [`Io`]) and the convenient owned-buffer API
-//! ([`BlockDevice`]).
+//! implement ([`Target`], [`QueueTarget`], [`Io`]) — including how targets stack: child
+//! nodes ([`OpenCtx::open_child`]), sub-requests and joins ([`Io::sub`],
+//! [`QueueCtx::fan_out`], [`QueueCtx::send`]), safe file operations on the queue's ring —
+//! and the convenient owned-buffer API ([`BlockDevice`]). Target authors read the same
+//! interface through `ublk-zc`.
 //!
 //! ```no_run
 //! use ublk_core::{BlockDevice, DeviceBuilder, ReadReply, Reply};
