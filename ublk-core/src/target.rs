@@ -147,7 +147,8 @@ pub struct Completion {
     /// that request, for the node to complete.
     pub io: Option<Io>,
     /// For a sub-request that failed or fell short: the same request again, detached, to
-    /// send to another child (a mirror's read retry) or drop.
+    /// send to another child (a mirror's read retry) or drop. Sent to the same child it
+    /// would most likely fail the same way: bound the retries.
     pub retry: Option<SubIo>,
     /// For a request over a bounce buffer ([`QueueCtx::bounce_io`]): the buffer, back.
     pub bounce: Option<Bounce>,
