@@ -276,10 +276,10 @@ impl<'a> QueueCtx<'a> {
         };
         let sqe = sqe.flags(file.flags());
         let keep = file.keep();
-        // SAFETY: the SQE reads or writes the request's view — a fixed buffer of this ring
-        // (kernel pages pinned by their registration, or the tag arena) or server memory kept
-        // alive by the request's origin count — and `io` itself is kept in the op slab until
-        // this operation's completion; the file is registered on the ring or kept by `keep`.
+        // The SQE uses the request's view: a fixed buffer of this ring (kernel pages pinned by
+        // their registration, or the tag arena) or server memory kept by the origin count.
+        // SAFETY: `io` is kept in the op slab until the completion, so the view stays valid;
+        // the file is registered on the ring or kept by `keep`.
         unsafe { self.start(sqe, token, Some(io), keep) }
     }
 

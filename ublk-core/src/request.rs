@@ -563,6 +563,17 @@ impl Inner {
 /// The data-moving methods shared by [`Io`] and [`RemoteIo`].
 macro_rules! data_access {
     ($shared:ident) => {
+        /// Completes successfully: the full length for reads and writes, 0 otherwise.
+        pub fn complete_ok(self) {
+            let res = ok_result(&self.inner.req);
+            self.complete(res);
+        }
+
+        /// Fails with the positive `errno` (`libc::EIO`, ...).
+        pub fn fail(self, errno: i32) {
+            self.complete(-errno.abs());
+        }
+
         /// A write's bytes. An error — never an empty slice — when the server holds no copy
         /// of them (zero-copy modes; user copy for a target whose
         /// [`crate::Target::copies_data`] is true) or for another op.
@@ -886,17 +897,6 @@ impl Io {
         self.sink.push(self.inner.done(res));
     }
 
-    /// Completes successfully: the full length for reads and writes, 0 otherwise.
-    pub fn complete_ok(self) {
-        let res = ok_result(&self.inner.req);
-        self.complete(res);
-    }
-
-    /// Fails with the positive `errno` (`libc::EIO`, ...).
-    pub fn fail(self, errno: i32) {
-        self.complete(-errno.abs());
-    }
-
     /// Turns this request into one that can be completed from any thread.
     pub fn into_remote(mut self) -> RemoteIo {
         self.done = true;
@@ -972,17 +972,6 @@ impl RemoteIo {
     pub fn complete(mut self, res: i32) {
         self.done = true;
         self.shared.push_remote(self.inner.done(res));
-    }
-
-    /// Completes successfully: the full length for reads and writes, 0 otherwise.
-    pub fn complete_ok(self) {
-        let res = ok_result(&self.inner.req);
-        self.complete(res);
-    }
-
-    /// Fails with the positive `errno`.
-    pub fn fail(self, errno: i32) {
-        self.complete(-errno.abs());
     }
 }
 

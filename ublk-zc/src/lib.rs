@@ -58,7 +58,17 @@
 //!         }
 //!     }
 //! }
-//! # fn child() -> BoxTarget { unimplemented!() }
+//! # struct Sink;
+//! # impl Target for Sink {
+//! #     type Queue = Sink;
+//! #     fn open_queue(&self, _: &mut OpenCtx<'_>) -> io::Result<Sink> { Ok(Sink) }
+//! #     fn size(&self) -> Option<u64> { Some(1 << 30) }
+//! #     fn needs_data(&self) -> bool { false }
+//! # }
+//! # impl QueueTarget for Sink {
+//! #     fn submit(&mut self, io: Io, _: &mut QueueCtx<'_>) { io.complete_ok() }
+//! # }
+//! # fn child() -> BoxTarget { std::sync::Arc::new(Sink) }
 //! let dev = SecondHalf(child());
 //! DeviceBuilder::new().size(dev.size().unwrap_or(0)).run(dev)?;
 //! # Ok::<(), ublk_zc::Error>(())
