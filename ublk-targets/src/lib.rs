@@ -32,6 +32,7 @@ pub mod expr;
 pub mod faulty;
 pub mod file;
 pub mod fuzzing;
+pub mod mirror;
 pub mod null;
 pub mod ram;
 pub mod stack;

@@ -1,0 +1,1 @@
+//! The mirror's on-disk metadata: superblock and write-intent bitmap (being written).

@@ -1,0 +1,3 @@
+//! RAID-1 over N children (being written).
+
+pub mod meta;
