@@ -53,6 +53,30 @@ pub trait Target: Send + Sync + 'static {
     fn copies_data(&self) -> bool {
         false
     }
+
+    /// Reads `buf.len()` bytes at `offset` synchronously, from any thread and outside the
+    /// queues: direct access for metadata (a mirror's superblock and bitmap, a rebuild's
+    /// copy) and for offline tools. Targets that cannot answer leave the default, which
+    /// fails with `Unsupported`.
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+        let _ = (offset, buf);
+        Err(direct_unsupported())
+    }
+
+    /// Writes `buf` at `offset` synchronously and durably (on stable storage when it
+    /// returns, as a write with FUA), from any thread and outside the queues; see
+    /// [`Target::read_at`].
+    fn write_at(&self, offset: u64, buf: &[u8]) -> io::Result<()> {
+        let _ = (offset, buf);
+        Err(direct_unsupported())
+    }
+}
+
+fn direct_unsupported() -> io::Error {
+    io::Error::new(
+        io::ErrorKind::Unsupported,
+        "this target has no direct (synchronous) access",
+    )
 }
 
 /// [`Target`] in a form that can be boxed: what a parent holds its children as, and what a
@@ -66,6 +90,10 @@ pub trait DynTarget: Send + Sync + 'static {
     fn dyn_needs_data(&self) -> bool;
     /// [`Target::copies_data`].
     fn dyn_copies_data(&self) -> bool;
+    /// [`Target::read_at`].
+    fn dyn_read_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<()>;
+    /// [`Target::write_at`].
+    fn dyn_write_at(&self, offset: u64, buf: &[u8]) -> io::Result<()>;
 }
 
 impl<T: Target> DynTarget for T {
@@ -80,6 +108,12 @@ impl<T: Target> DynTarget for T {
     }
     fn dyn_copies_data(&self) -> bool {
         self.copies_data()
+    }
+    fn dyn_read_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+        self.read_at(offset, buf)
+    }
+    fn dyn_write_at(&self, offset: u64, buf: &[u8]) -> io::Result<()> {
+        self.write_at(offset, buf)
     }
 }
 
@@ -102,6 +136,12 @@ impl Target for BoxTarget {
     }
     fn copies_data(&self) -> bool {
         (**self).dyn_copies_data()
+    }
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+        (**self).dyn_read_at(offset, buf)
+    }
+    fn write_at(&self, offset: u64, buf: &[u8]) -> io::Result<()> {
+        (**self).dyn_write_at(offset, buf)
     }
 }
 

@@ -74,13 +74,17 @@ pub struct FaultRule {
 
 impl FaultRule {
     fn matches(&self, io: &Io) -> bool {
-        if !self.ops.matches(io.op()) {
+        self.matches_range(io.op(), io.offset(), u64::from(io.len()))
+    }
+
+    fn matches_range(&self, op: Op, offset: u64, len: u64) -> bool {
+        if !self.ops.matches(op) {
             return false;
         }
         match self.range {
-            Some((start, len)) if io.op() != Op::Flush => {
-                let end = io.offset().saturating_add(u64::from(io.len()));
-                io.offset() < start.saturating_add(len) && end > start
+            Some((start, rlen)) if op != Op::Flush => {
+                let end = offset.saturating_add(len);
+                offset < start.saturating_add(rlen) && end > start
             }
             _ => true,
         }
@@ -159,6 +163,36 @@ impl Target for Faulty {
 
     fn copies_data(&self) -> bool {
         self.child.dyn_copies_data()
+    }
+
+    /// Passes through, unless the rule in force matches a read of this range: then it is
+    /// delayed and failed as the rule says (`every` does not apply).
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+        self.direct(Op::Read, offset, buf.len())?;
+        self.child.dyn_read_at(offset, buf)
+    }
+
+    /// As [`Faulty::read_at`], for writes.
+    fn write_at(&self, offset: u64, buf: &[u8]) -> io::Result<()> {
+        self.direct(Op::Write, offset, buf.len())?;
+        self.child.dyn_write_at(offset, buf)
+    }
+}
+
+impl Faulty {
+    /// Applies the rule to a direct access.
+    fn direct(&self, op: Op, offset: u64, len: usize) -> io::Result<()> {
+        let Some(rule) = self.switch.get() else {
+            return Ok(());
+        };
+        if !rule.matches_range(op, offset, len as u64) {
+            return Ok(());
+        }
+        std::thread::sleep(rule.delay);
+        if rule.fail {
+            return Err(io::Error::from_raw_os_error(libc::EIO));
+        }
+        Ok(())
     }
 }
 

@@ -13,17 +13,18 @@
 
 use std::fs::{File, OpenOptions};
 use std::io;
-use std::os::unix::fs::OpenOptionsExt;
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::Path;
 use std::sync::Arc;
 
-use ublk_zc::{Completion, Io, Op, OpenCtx, QueueCtx, QueueFile, QueueTarget, Target};
+use ublk_zc::{Bounce, Completion, Io, Op, OpenCtx, QueueCtx, QueueFile, QueueTarget, Target};
 
 /// A device backed by a regular file (or a block device).
 #[derive(Debug, Clone)]
 pub struct FileTarget {
     file: Arc<File>,
     size: u64,
+    direct: bool,
 }
 
 impl FileTarget {
@@ -59,6 +60,7 @@ impl FileTarget {
         Ok(FileTarget {
             file: Arc::new(file),
             size,
+            direct,
         })
     }
 
@@ -70,7 +72,19 @@ impl FileTarget {
         Ok(FileTarget {
             file: Arc::new(file),
             size,
+            direct: false,
         })
+    }
+
+    /// Checks that `[offset, offset + len)` lies inside the device.
+    fn check_range(&self, offset: u64, len: usize) -> io::Result<()> {
+        match offset.checked_add(len as u64) {
+            Some(end) if end <= self.size => Ok(()),
+            _ => Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("{len} bytes at {offset} lie past the end ({} bytes)", self.size),
+            )),
+        }
     }
 
     /// The device size in bytes.
@@ -103,6 +117,33 @@ impl Target for FileTarget {
     /// fixed buffer, so the bytes never pass through this process in zero-copy mode.
     fn needs_data(&self) -> bool {
         false
+    }
+
+    /// `pread`; with `O_DIRECT`, through a page-aligned buffer (offset and length must then
+    /// be multiples of the file's logical block size).
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+        self.check_range(offset, buf.len())?;
+        if self.direct {
+            let mut bounce = Bounce::new(buf.len())?;
+            self.file.read_exact_at(bounce.as_mut_slice(), offset)?;
+            buf.copy_from_slice(bounce.as_slice());
+            Ok(())
+        } else {
+            self.file.read_exact_at(buf, offset)
+        }
+    }
+
+    /// `pwrite` then `fdatasync`; with `O_DIRECT`, through a page-aligned buffer.
+    fn write_at(&self, offset: u64, buf: &[u8]) -> io::Result<()> {
+        self.check_range(offset, buf.len())?;
+        if self.direct {
+            let mut bounce = Bounce::new(buf.len())?;
+            bounce.as_mut_slice().copy_from_slice(buf);
+            self.file.write_all_at(bounce.as_slice(), offset)?;
+        } else {
+            self.file.write_all_at(buf, offset)?;
+        }
+        self.file.sync_data()
     }
 }
 

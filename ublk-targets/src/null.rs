@@ -37,6 +37,17 @@ impl Target for Null {
     fn copies_data(&self) -> bool {
         true
     }
+
+    /// Reads zeroes.
+    fn read_at(&self, _offset: u64, buf: &mut [u8]) -> io::Result<()> {
+        buf.fill(0);
+        Ok(())
+    }
+
+    /// Stores nothing.
+    fn write_at(&self, _offset: u64, _buf: &[u8]) -> io::Result<()> {
+        Ok(())
+    }
 }
 
 impl QueueTarget for Null {

@@ -246,6 +246,31 @@ impl Target for Ram {
     fn copies_data(&self) -> bool {
         true
     }
+
+    /// Copies from memory.
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+        if self.0.map.read_at(offset, buf) {
+            Ok(())
+        } else {
+            Err(out_of_range(offset, buf.len()))
+        }
+    }
+
+    /// Copies into memory (durable as memory is: until the backing goes away).
+    fn write_at(&self, offset: u64, buf: &[u8]) -> io::Result<()> {
+        if !self.0.map.write_at(offset, buf) {
+            return Err(out_of_range(offset, buf.len()));
+        }
+        self.0.written.mark(offset, buf.len() as u64);
+        Ok(())
+    }
+}
+
+fn out_of_range(offset: u64, len: usize) -> io::Error {
+    io::Error::new(
+        io::ErrorKind::InvalidInput,
+        format!("{len} bytes at {offset} lie outside the RAM device"),
+    )
 }
 
 impl QueueTarget for Ram {
