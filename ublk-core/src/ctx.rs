@@ -17,7 +17,7 @@ use crate::buf::Bounce;
 use crate::io::{BlockIo, Geometry, Op};
 use crate::request::{Dest, Io, LocalSink, NodeId, Notifier, SubIo, View};
 use crate::stats::QueueStats;
-use crate::target::{Child, Completion, NodeMeta};
+use crate::target::{Child, Completion, DynTarget, NodeMeta, QueueTarget};
 use crate::user_data::Owner;
 
 /// Queues `sqe` on `ring`, submitting first if the submission queue is full.
@@ -78,6 +78,9 @@ pub(crate) struct Core {
     /// Completions for nodes, delivered in order.
     pub(crate) events: VecDeque<(NodeId, Completion)>,
     pub(crate) meta: Vec<NodeMeta>,
+    /// Nodes opened while the queue runs ([`QueueCtx::open_child`]), for the engine to add
+    /// to its table after the node that opened them returns.
+    pub(crate) opened: Vec<Box<dyn QueueTarget>>,
     pub(crate) stats: Arc<QueueStats>,
 }
 
@@ -181,6 +184,34 @@ impl<'a> QueueCtx<'a> {
     /// A handle for other threads to notify this node (see [`Notifier`]).
     pub fn notifier(&self) -> Notifier {
         Notifier::new(Arc::clone(&self.core.sink.shared), self.node)
+    }
+
+    /// Opens `target` as a new child of this node while the queue runs (a mirror taking a
+    /// replacement leg), with its whole subtree; it is numbered after every node opened so
+    /// far. Each queue opens its own. Nodes opened this way are not counted in the per-node
+    /// statistics.
+    pub fn open_child(&mut self, target: &dyn DynTarget) -> io::Result<Child> {
+        let base = self.core.meta.len();
+        let mut slots: Vec<Option<Box<dyn QueueTarget>>> = (0..base).map(|_| None).collect();
+        let mut meta = self.core.meta.clone();
+        let geo = self.core.geo;
+        let child = crate::target::open_child_at(
+            self.core.q_id,
+            &geo,
+            &mut slots,
+            &mut meta,
+            self.node,
+            target,
+        )?;
+        let nodes = slots
+            .drain(base..)
+            .map(|s| s.ok_or_else(|| io::Error::other("a node of the subtree was not opened")))
+            .collect::<io::Result<Vec<_>>>()?;
+        // Numbered from `meta`'s length; the engine appends `opened` to its table in order
+        // after this node returns, so ids and table positions agree.
+        self.core.meta = meta;
+        self.core.opened.extend(nodes);
+        Ok(child)
     }
 
     /// The size of `child`, when it declared one.

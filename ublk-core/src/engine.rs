@@ -84,6 +84,7 @@ impl Engine {
                 submits: VecDeque::new(),
                 events: VecDeque::new(),
                 meta: tree.meta,
+                opened: Vec::new(),
                 stats: Arc::new(QueueStats::new(paths)),
             },
             mode,
@@ -253,6 +254,14 @@ impl Engine {
                 "target panicked: request failed with -EIO"
             );
         }
+        self.adopt_opened();
+    }
+
+    /// Adds the nodes a node opened while it ran ([`QueueCtx::open_child`]) to the table.
+    fn adopt_opened(&mut self) {
+        if !self.core.opened.is_empty() {
+            self.nodes.append(&mut self.core.opened);
+        }
     }
 
     /// Hands a completion to the node that started the work.
@@ -269,6 +278,7 @@ impl Engine {
         if catch_unwind(AssertUnwindSafe(|| target.complete(done, &mut ctx))).is_err() {
             tracing::error!(q = self.q_id, ?node, "target panicked in a completion");
         }
+        self.adopt_opened();
     }
 
     /// The completion of an operation a node started on the ring, by op-slab key.

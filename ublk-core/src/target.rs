@@ -271,33 +271,53 @@ impl OpenCtx<'_> {
     /// Opens `child`'s queue half as a child of the node being opened, and returns the
     /// handle to send it requests with. Children are numbered in the order they are opened.
     pub fn open_child(&mut self, child: &dyn DynTarget) -> io::Result<Child> {
-        let id = NodeId(u32::try_from(self.slots.len()).map_err(|_| {
+        open_child_at(
+            self.q_id,
+            self.geo,
+            self.slots,
+            self.meta,
+            self.current,
+            child,
+        )
+    }
+}
+
+/// Opens `child` as a child of `current` in the table `slots`/`meta`.
+pub(crate) fn open_child_at(
+    q_id: u16,
+    geo: &Geometry,
+    slots: &mut Vec<Option<Box<dyn QueueTarget>>>,
+    meta: &mut Vec<NodeMeta>,
+    current: NodeId,
+    child: &dyn DynTarget,
+) -> io::Result<Child> {
+    let id =
+        NodeId(u32::try_from(slots.len()).map_err(|_| {
             io::Error::new(io::ErrorKind::InvalidInput, "too many nodes in the tree")
         })?);
-        let parent = &mut self.meta[self.current.index()];
-        let path = if parent.path == "/" {
-            format!("/{}", parent.children)
-        } else {
-            format!("{}/{}", parent.path, parent.children)
-        };
-        parent.children += 1;
-        self.slots.push(None);
-        self.meta.push(NodeMeta {
-            parent: Some(self.current),
-            size: child.dyn_size(),
-            path,
-            children: 0,
-        });
-        let queue = child.open_dyn(&mut OpenCtx {
-            q_id: self.q_id,
-            geo: self.geo,
-            slots: self.slots,
-            meta: self.meta,
-            current: id,
-        })?;
-        self.slots[id.index()] = Some(queue);
-        Ok(Child(id))
-    }
+    let parent = &mut meta[current.index()];
+    let path = if parent.path == "/" {
+        format!("/{}", parent.children)
+    } else {
+        format!("{}/{}", parent.path, parent.children)
+    };
+    parent.children += 1;
+    slots.push(None);
+    meta.push(NodeMeta {
+        parent: Some(current),
+        size: child.dyn_size(),
+        path,
+        children: 0,
+    });
+    let queue = child.open_dyn(&mut OpenCtx {
+        q_id,
+        geo,
+        slots,
+        meta,
+        current: id,
+    })?;
+    slots[id.index()] = Some(queue);
+    Ok(Child(id))
 }
 
 /// Opens `root`'s queue half and, through it, the whole tree.

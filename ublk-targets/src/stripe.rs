@@ -300,7 +300,10 @@ impl Stripe {
             Some(end) if end <= self.size => Ok(()),
             _ => Err(io::Error::new(
                 io::ErrorKind::InvalidInput,
-                format!("{len} bytes at {offset} lie past the end ({} bytes)", self.size),
+                format!(
+                    "{len} bytes at {offset} lie past the end ({} bytes)",
+                    self.size
+                ),
             )),
         }
     }
