@@ -11,6 +11,7 @@ use std::sync::Arc;
 use ublk_zc::BoxTarget;
 
 use crate::file::FileTarget;
+use crate::mirror::meta::{self, Layout, Superblock, BITMAP_BYTES, BITS_PER_BLOCK, BLOCK};
 use crate::null::Null;
 use crate::ram::Ram;
 use crate::stripe::Stripe;
@@ -139,5 +140,97 @@ pub fn params(data: &[u8]) {
         let base: u64 = digits.parse().expect("accepted sizes start with a number");
         assert!(n >= base, "{text:?} parsed to {n} < {base}");
         assert!(n == 0 || n % base.max(1) == 0);
+    }
+}
+
+/// `mirror_meta`: arbitrary bytes read as a mirror superblock and as a bitmap block are refused
+/// or accepted without a panic, and what is accepted encodes back to what was read; layouts
+/// for arbitrary leg and region sizes hold their invariants.
+///
+/// The first byte steers: bit 0 reseals the superblock's checksum and bit 1 the bitmap
+/// block's (so the checks behind the checksum are reached), bit 2 takes the region size as a
+/// shift, bits 3 and 4 expect another block index and another array UUID than the block
+/// names. The rest is the block; its last 16 bytes also give a leg size and region size.
+pub fn mirror_meta(data: &[u8]) {
+    let Some((&mode, rest)) = data.split_first() else {
+        return;
+    };
+    let le = |at: usize, n: usize| -> u64 {
+        let bytes = rest.get(at..).unwrap_or_default().iter().take(n);
+        bytes.rev().fold(0, |acc, &b| acc << 8 | u64::from(b))
+    };
+
+    let mut block = rest.to_vec();
+    if mode & 1 != 0 {
+        meta::reseal_superblock(&mut block);
+    }
+    if let Ok(sb) = Superblock::decode(&block) {
+        let mut again = vec![0; BLOCK];
+        sb.encode(&mut again).expect("a decoded superblock encodes");
+        assert_eq!(Superblock::decode(&again), Ok(sb.clone()));
+        check_layout(&sb.layout, le(16, 8), le(24, 8));
+    }
+
+    let mut block = rest.to_vec();
+    if mode & 2 != 0 {
+        meta::reseal_bitmap_block(&mut block);
+    }
+    let index = le(4, 4) as u32 ^ u32::from(mode >> 3 & 1);
+    let mut uuid = [0; 16];
+    uuid[..4].copy_from_slice(&(le(8, 4) as u32 ^ u32::from(mode >> 4 & 1)).to_le_bytes());
+    if let Ok(bits) = meta::decode_bitmap_block(index, &uuid, &block) {
+        assert_eq!(bits.len(), BITMAP_BYTES);
+        let mut again = vec![0; BLOCK];
+        meta::encode_bitmap_block(index, &uuid, bits, &mut again)
+            .expect("a decoded bitmap block encodes");
+        assert_eq!(
+            again,
+            block[..BLOCK],
+            "bitmap block {index} re-encodes differently"
+        );
+    }
+
+    let tail = rest.len().saturating_sub(16);
+    let leg_size = le(tail, 8);
+    let region_size = if mode & 4 != 0 {
+        1u64.checked_shl(u32::from(rest.get(tail + 8).copied().unwrap_or(0)) % 64)
+            .unwrap_or(0)
+    } else {
+        le(tail + 8, 8)
+    };
+    if let Ok(layout) = Layout::for_leg(leg_size, region_size) {
+        assert!(
+            layout.data_offset + layout.dev_size <= leg_size,
+            "{layout:?}"
+        );
+        check_layout(&layout, le(0, 8), le(8, 8));
+    }
+}
+
+/// The invariants of a valid layout, and `regions_of` for a byte range picked by `x` and `y`.
+fn check_layout(l: &Layout, x: u64, y: u64) {
+    assert_eq!(l.validate(), Ok(()), "{l:?}");
+    assert_eq!(l.data_offset % meta::DATA_ALIGN, 0);
+    assert!((u64::from(l.bitmap_blocks) + 1) * BLOCK as u64 <= l.data_offset);
+    let regions = l.regions();
+    assert!(regions >= 1 && regions <= u64::from(l.bitmap_blocks) * BITS_PER_BLOCK);
+    let (block, bit) = l.bit_of(regions - 1);
+    assert!(block < l.bitmap_blocks && bit < BITS_PER_BLOCK);
+    assert_eq!(l.region_at(block, bit), regions - 1);
+    assert_eq!(l.region_bytes(regions - 1).end, l.dev_size);
+
+    let offset = x % l.dev_size;
+    let len = y % (l.dev_size - offset + 1);
+    let range = l.regions_of(offset, len);
+    let touches = |r: u64| {
+        let b = l.region_bytes(r);
+        len > 0 && b.start < offset + len && offset < b.end
+    };
+    if len == 0 {
+        assert!(range.is_empty());
+    } else {
+        assert!(!range.is_empty() && touches(range.start) && touches(range.end - 1));
+        assert!(range.start == 0 || !touches(range.start - 1));
+        assert!(!touches(range.end));
     }
 }

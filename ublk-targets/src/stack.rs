@@ -18,6 +18,7 @@ use ublk_zc::{BoxTarget, NodeStats};
 use crate::expr::{self, Expr, ExprError, Leaf, LeafKind, Node, Param};
 use crate::faulty::{FaultOps, FaultRule, FaultSwitch, Faulty};
 use crate::file::FileTarget;
+use crate::mirror::{Assembly, Mirror, MirrorHandle, MirrorOptions};
 use crate::null::Null;
 use crate::ram::Ram;
 use crate::stripe::{Stripe, DEFAULT_CHUNK};
@@ -39,6 +40,8 @@ pub struct NodeDesc {
     pub pos: usize,
     /// For a faulty node: the switch that changes its rule.
     pub fault: Option<Arc<FaultSwitch>>,
+    /// For a mirror: its controls (status, fail, replace, rebuild rate).
+    pub mirror: Option<MirrorHandle>,
     /// Its children, in order.
     pub children: Vec<NodeDesc>,
 }
@@ -63,12 +66,24 @@ impl std::fmt::Debug for Stack {
 }
 
 /// Node kinds the grammar knows, for error messages.
-const KINDS: &str = "stripe, faulty, file, ram, null";
+const KINDS: &str = "stripe, mirror, faulty, file, ram, null";
+
+/// Choices that apply to the whole tree being built.
+#[derive(Debug, Clone, Default)]
+pub struct BuildOptions {
+    /// Mirrors are made new even on legs that carry one (`ublk add --force-new`).
+    pub force_new: bool,
+}
 
 /// Parses and builds `text`: opens files, allocates memory, checks every node.
 pub fn build(text: &str) -> Result<Stack, ExprError> {
+    build_with(text, &BuildOptions::default())
+}
+
+/// [`build`] with options.
+pub fn build_with(text: &str, o: &BuildOptions) -> Result<Stack, ExprError> {
     let expr = expr::parse(text)?;
-    let (target, desc) = node(&expr, "/".into())?;
+    let (target, desc) = node(&expr, "/".into(), o)?;
     Ok(Stack {
         target,
         desc,
@@ -84,12 +99,13 @@ fn child_path(parent: &str, i: usize) -> String {
     }
 }
 
-fn node(e: &Expr, path: String) -> Result<(BoxTarget, NodeDesc), ExprError> {
+fn node(e: &Expr, path: String, o: &BuildOptions) -> Result<(BoxTarget, NodeDesc), ExprError> {
     match e {
         Expr::Leaf(leaf) => leaf_node(leaf, path),
         Expr::Node(n) => match n.name.as_str() {
-            "stripe" => stripe(n, path),
-            "faulty" => faulty(n, path),
+            "stripe" => stripe(n, path, o),
+            "faulty" => faulty(n, path, o),
+            "mirror" => mirror(n, path, o),
             "file" | "ram" | "null" => long_leaf(n, path),
             other => Err(ExprError::new(
                 n.pos,
@@ -108,6 +124,7 @@ fn desc(kind: &'static str, target: &BoxTarget, pos: usize, path: String) -> Nod
         needs_data: target.dyn_needs_data(),
         pos,
         fault: None,
+        mirror: None,
         children: Vec::new(),
     }
 }
@@ -202,18 +219,22 @@ fn null(size: u64, pos: usize, path: String) -> Result<(BoxTarget, NodeDesc), Ex
     Ok((Arc::clone(&target), desc("null", &target, pos, path)))
 }
 
-fn children(n: &Node, path: &str) -> Result<(Vec<BoxTarget>, Vec<NodeDesc>), ExprError> {
+fn children(
+    n: &Node,
+    path: &str,
+    o: &BuildOptions,
+) -> Result<(Vec<BoxTarget>, Vec<NodeDesc>), ExprError> {
     let mut targets = Vec::new();
     let mut descs = Vec::new();
     for (i, c) in n.children.iter().enumerate() {
-        let (t, d) = node(c, child_path(path, i))?;
+        let (t, d) = node(c, child_path(path, i), o)?;
         targets.push(t);
         descs.push(d);
     }
     Ok((targets, descs))
 }
 
-fn stripe(n: &Node, path: String) -> Result<(BoxTarget, NodeDesc), ExprError> {
+fn stripe(n: &Node, path: String, o: &BuildOptions) -> Result<(BoxTarget, NodeDesc), ExprError> {
     n.check_keys(&["chunk"])?;
     if n.children.len() < 2 {
         return Err(ExprError::new(
@@ -230,7 +251,7 @@ fn stripe(n: &Node, path: String) -> Result<(BoxTarget, NodeDesc), ExprError> {
         }
         None => DEFAULT_CHUNK,
     };
-    let (targets, descs) = children(n, &path)?;
+    let (targets, descs) = children(n, &path, o)?;
     let stripe = Stripe::new(targets, chunk).map_err(|e| ExprError::new(n.pos, e.to_string()))?;
     let target: BoxTarget = Arc::new(stripe);
     let mut d = desc("stripe", &target, n.pos, path);
@@ -239,7 +260,49 @@ fn stripe(n: &Node, path: String) -> Result<(BoxTarget, NodeDesc), ExprError> {
     Ok((target, d))
 }
 
-fn faulty(n: &Node, path: String) -> Result<(BoxTarget, NodeDesc), ExprError> {
+fn mirror(n: &Node, path: String, o: &BuildOptions) -> Result<(BoxTarget, NodeDesc), ExprError> {
+    n.check_keys(&["region", "assume_clean"])?;
+    if n.children.len() < 2 {
+        return Err(ExprError::new(
+            n.pos,
+            format!("mirror needs at least 2 legs, got {}", n.children.len()),
+        ));
+    }
+    let region = n.param("region").map(Param::size).transpose()?;
+    let assume_clean = n.param("assume_clean").map(Param::bool).transpose()?;
+    let (targets, descs) = children(n, &path, o)?;
+    let legs = targets
+        .into_iter()
+        .zip(&n.children)
+        .map(|(t, e)| (t, e.to_string()))
+        .collect();
+    let opts = MirrorOptions {
+        region,
+        assume_clean: assume_clean.unwrap_or(false),
+        force_new: o.force_new,
+    };
+    let mirror = Mirror::assemble(legs, &opts).map_err(|e| ExprError::new(n.pos, e.0))?;
+    match mirror.assembly() {
+        Assembly::New => tracing::info!("mirror at {path}: new"),
+        Assembly::Existing {
+            resync_regions,
+            rebuilding,
+        } => tracing::info!(
+            "mirror at {path}: reassembled; {resync_regions} dirty regions to resync, \
+             {rebuilding} legs to rebuild"
+        ),
+    }
+    let handle = mirror.handle();
+    let target: BoxTarget = Arc::new(mirror);
+    let mut d = desc("mirror", &target, n.pos, path);
+    d.fields
+        .insert("region".into(), json!(handle.layout().region_size));
+    d.mirror = Some(handle);
+    d.children = descs;
+    Ok((target, d))
+}
+
+fn faulty(n: &Node, path: String, o: &BuildOptions) -> Result<(BoxTarget, NodeDesc), ExprError> {
     n.check_keys(&["fail", "range", "every", "delay"])?;
     if n.children.len() != 1 {
         return Err(ExprError::new(
@@ -257,7 +320,7 @@ fn faulty(n: &Node, path: String) -> Result<(BoxTarget, NodeDesc), ExprError> {
     let every = n.param("every").map(Param::u64).transpose()?;
     let delay = n.param("delay").map(Param::u64).transpose()?;
     let rule = fault_rule(fail, range, every, delay).map_err(|e| ExprError::new(n.pos, e))?;
-    let (mut targets, descs) = children(n, &path)?;
+    let (mut targets, descs) = children(n, &path, o)?;
     let faulty = Faulty::new(targets.remove(0), rule);
     let switch = faulty.switch();
     let target: BoxTarget = Arc::new(faulty);
@@ -341,6 +404,9 @@ impl NodeDesc {
         if let Some(switch) = &self.fault {
             o.insert("faults".into(), fault_json(switch.get()));
         }
+        if let Some(m) = &self.mirror {
+            o.insert("mirror".into(), m.status());
+        }
         let s = stats
             .iter()
             .find(|s| s.path == self.path)
@@ -355,10 +421,18 @@ impl NodeDesc {
                 "write_zeroes": s.write_zeroes, "errors": s.errors,
             }),
         );
-        o.insert(
-            "children".into(),
-            Value::Array(self.children.iter().map(|c| c.status(stats)).collect()),
-        );
+        let mut children: Vec<Value> = self.children.iter().map(|c| c.status(stats)).collect();
+        if let Some(m) = &self.mirror {
+            // Each leg shows its state (and rebuild progress) beside its own fields.
+            for (i, c) in children.iter_mut().enumerate() {
+                if let (Value::Object(leg), Value::Object(c)) = (m.leg_json(i), c) {
+                    for (k, v) in leg {
+                        c.insert(k, v);
+                    }
+                }
+            }
+        }
+        o.insert("children".into(), Value::Array(children));
         Value::Object(o)
     }
 }

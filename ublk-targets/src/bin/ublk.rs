@@ -327,6 +327,7 @@ fn leaf_desc(kind: &'static str, target: &BoxTarget) -> NodeDesc {
         needs_data: target.dyn_needs_data(),
         pos: 0,
         fault: None,
+        mirror: None,
         children: Vec::new(),
     }
 }

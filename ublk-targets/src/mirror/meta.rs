@@ -546,7 +546,6 @@ fn block_crc(block: &[u8], crc_at: usize) -> u32 {
 
 /// Recomputes the checksum of the superblock in `buf[..BLOCK]`, whatever its fields hold, so
 /// the fuzzer can reach the field checks behind it.
-#[cfg(test)]
 pub(crate) fn reseal_superblock(buf: &mut [u8]) {
     if let Some(block) = buf.get_mut(..BLOCK) {
         let crc = block_crc(block, SB_CRC);
@@ -555,7 +554,6 @@ pub(crate) fn reseal_superblock(buf: &mut [u8]) {
 }
 
 /// Recomputes the checksum of the bitmap block in `buf[..BLOCK]` (see [`reseal_superblock`]).
-#[cfg(test)]
 pub(crate) fn reseal_bitmap_block(buf: &mut [u8]) {
     if let Some(block) = buf.get_mut(..BLOCK) {
         let crc = block_crc(block, BM_CRC);

@@ -1,0 +1,201 @@
+//! The mirror on the simulated queue, with RAM legs whose bytes the test reads directly:
+//! writes reach every leg, a failed leg is left out, a replaced leg is rebuilt, and assembly
+//! resyncs exactly the regions whose bits were set.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use ublk_core::sim::SimQueue;
+use ublk_core::Geometry;
+use ublk_targets::mirror::meta::LegState;
+use ublk_targets::mirror::{Assembly, Mirror, MirrorHandle, MirrorOptions};
+use ublk_targets::ram::Ram;
+use ublk_zc::{BoxTarget, Target};
+
+const LEG: u64 = 8 << 20;
+const REGION: u64 = 64 << 10;
+
+fn ram() -> Ram {
+    Ram::new(LEG).expect("memfd")
+}
+
+fn legs(rams: &[Ram]) -> Vec<(BoxTarget, String)> {
+    rams.iter()
+        .enumerate()
+        .map(|(i, r)| (Arc::new(r.clone()) as BoxTarget, format!("ram{i}")))
+        .collect()
+}
+
+fn opts() -> MirrorOptions {
+    MirrorOptions {
+        region: Some(REGION),
+        ..MirrorOptions::default()
+    }
+}
+
+fn geo(m: &Mirror) -> Geometry {
+    Geometry {
+        size: m.size().expect("a mirror knows its size"),
+        logical_block_size: 512,
+        max_io: 128 << 10,
+    }
+}
+
+fn pattern(seed: u8, len: usize) -> Vec<u8> {
+    (0..len)
+        .map(|i| seed.wrapping_mul(31).wrapping_add(i as u8))
+        .collect()
+}
+
+/// A leg's data area.
+fn data_area(r: &Ram, h: &MirrorHandle) -> Vec<u8> {
+    let l = h.layout();
+    let mut buf = vec![0; l.dev_size as usize];
+    r.read_at(l.data_offset, &mut buf).expect("read leg");
+    buf
+}
+
+fn wait_until(what: &str, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !f() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+#[test]
+fn new_mirror_syncs_then_writes_reach_every_leg() {
+    let rams = [ram(), ram()];
+    rams[0].write_at(1 << 20, &[7u8; 4096]).expect("seed leg 0");
+    let m = Mirror::assemble(legs(&rams), &opts()).expect("new mirror");
+    assert_eq!(m.assembly(), &Assembly::New);
+    let h = m.handle();
+    // The initial sync copies leg 0 to leg 1.
+    wait_until("the initial sync", || {
+        h.leg_state(1) == Some(LegState::InSync)
+    });
+    assert_eq!(data_area(&rams[0], &h), data_area(&rams[1], &h));
+    let mut q = SimQueue::new(&m, geo(&m), 8).expect("sim queue");
+    for (i, off) in [0u64, 4096, 3 * REGION - 4096, 5 << 20].into_iter().enumerate() {
+        let data = pattern(i as u8, 8192);
+        assert_eq!(q.write(off, &data), Ok(8192));
+        assert_eq!(q.read(off, 8192).expect("read back"), data);
+    }
+    assert_eq!(data_area(&rams[0], &h), data_area(&rams[1], &h));
+    let status = h.status();
+    assert_eq!(status["state"], "clean");
+    assert!(status["dirty_regions"].as_u64().unwrap() >= 4, "{status}");
+}
+
+#[test]
+fn failed_leg_is_left_out_and_a_replacement_is_rebuilt() {
+    let rams = [ram(), ram()];
+    let m = Mirror::assemble(
+        legs(&rams),
+        &MirrorOptions {
+            assume_clean: true,
+            ..opts()
+        },
+    )
+    .expect("new mirror");
+    let h = m.handle();
+    let mut q = SimQueue::new(&m, geo(&m), 8).expect("sim queue");
+    assert_eq!(q.write(0, &pattern(1, 4096)), Ok(4096));
+    h.fail(1).expect("fail leg 1");
+    assert!(h.fail(0).is_err(), "the last in-sync leg cannot be failed");
+    assert_eq!(h.status()["state"], "degraded");
+    let data = pattern(2, 65536);
+    assert_eq!(q.write(REGION, &data), Ok(65536));
+    assert_eq!(q.read(REGION, 65536).expect("degraded read"), data);
+    assert_ne!(data_area(&rams[0], &h), data_area(&rams[1], &h));
+    let fresh = ram();
+    h.replace(1, Arc::new(fresh.clone()), "fresh".into())
+        .expect("replace leg 1");
+    assert!(
+        h.replace(0, Arc::new(ram()), "x".into()).is_err(),
+        "an in-sync leg cannot be replaced"
+    );
+    // Writes during the rebuild, before and after it passes them.
+    for i in 0..20u64 {
+        let off = (i * 397 * 4096) % (h.layout().dev_size - 8192);
+        let off = off - off % 4096;
+        assert_eq!(q.write(off, &pattern(i as u8, 8192)), Ok(8192));
+    }
+    wait_until("the rebuild", || h.leg_state(1) == Some(LegState::InSync));
+    assert_eq!(data_area(&rams[0], &h), data_area(&fresh, &h));
+    assert_eq!(h.status()["state"], "clean");
+}
+
+#[test]
+fn reassembly_resyncs_dirty_regions_only_and_refuses_foreign_legs() {
+    let rams = [ram(), ram()];
+    let m = Mirror::assemble(
+        legs(&rams),
+        &MirrorOptions {
+            assume_clean: true,
+            ..opts()
+        },
+    )
+    .expect("new mirror");
+    let h = m.handle();
+    {
+        let mut q = SimQueue::new(&m, geo(&m), 8).expect("sim queue");
+        for r in [1u64, 5, 9] {
+            assert_eq!(q.write(r * REGION, &pattern(r as u8, 4096)), Ok(4096));
+        }
+    }
+    // A crash: the legs as they are now, with bits set, on copies; one differs in region 5.
+    let copies = [ram(), ram()];
+    let mut buf = vec![0; LEG as usize];
+    for (r, c) in rams.iter().zip(&copies) {
+        r.read_at(0, &mut buf).expect("read leg");
+        c.write_at(0, &buf).expect("copy leg");
+    }
+    let off = h.layout().data_offset + 5 * REGION;
+    copies[1].write_at(off, &[0xee; 4096]).expect("make legs differ");
+    drop(m);
+    let m2 = Mirror::assemble(legs(&copies), &opts()).expect("reassemble");
+    assert_eq!(
+        m2.assembly(),
+        &Assembly::Existing {
+            resync_regions: 3,
+            rebuilding: 0
+        }
+    );
+    let h2 = m2.handle();
+    wait_until("the resync", || h2.status()["resync"]["regions_left"] == 0);
+    assert_eq!(h2.copied().0, 3 * REGION);
+    assert_eq!(data_area(&copies[0], &h2), data_area(&copies[1], &h2));
+    drop(m2);
+    // A clean stop cleared every bit: nothing to resync.
+    let m3 = Mirror::assemble(legs(&copies), &opts()).expect("reassemble clean");
+    assert_eq!(
+        m3.assembly(),
+        &Assembly::Existing {
+            resync_regions: 0,
+            rebuilding: 0
+        }
+    );
+    drop(m3);
+    // A leg of another mirror is refused, unless a new mirror is asked for.
+    let other = [ram(), ram()];
+    drop(Mirror::assemble(legs(&other), &opts()).expect("another mirror"));
+    let mixed = [copies[0].clone(), other[1].clone()];
+    let e = Mirror::assemble(legs(&mixed), &opts()).expect_err("foreign leg");
+    assert!(e.0.contains("another mirror"), "{e}");
+    let forced = MirrorOptions {
+        force_new: true,
+        ..opts()
+    };
+    Mirror::assemble(legs(&mixed), &forced).expect("force_new");
+}
+
+#[test]
+fn damaged_superblock_is_refused_with_the_leg_named() {
+    let rams = [ram(), ram()];
+    drop(Mirror::assemble(legs(&rams), &opts()).expect("new mirror"));
+    rams[1].write_at(100, &[0xff; 8]).expect("damage");
+    let e = Mirror::assemble(legs(&rams), &opts()).expect_err("damaged");
+    assert!(e.0.starts_with("leg 1 (ram1)"), "{e}");
+    assert!(e.0.contains("--force-new"), "{e}");
+}
