@@ -204,3 +204,53 @@ fn damaged_superblock_is_refused_with_the_leg_named() {
     assert!(e.0.starts_with("leg 1 (ram1)"), "{e}");
     assert!(e.0.contains("--force-new"), "{e}");
 }
+
+#[test]
+fn read_errors_are_served_by_another_leg_and_repaired() {
+    use std::time::Duration as D;
+    use ublk_targets::faulty::{FaultOps, FaultRule, Faulty};
+    let rams = [ram(), ram()];
+    let faulty = Faulty::new(Arc::new(rams[1].clone()), None);
+    let switch = faulty.switch();
+    let legs: Vec<(BoxTarget, String)> = vec![
+        (Arc::new(rams[0].clone()), "ram0".into()),
+        (Arc::new(faulty), "faulty".into()),
+    ];
+    let m = Mirror::assemble(
+        legs,
+        &MirrorOptions {
+            assume_clean: true,
+            ..opts()
+        },
+    )
+    .expect("new mirror");
+    let h = m.handle();
+    let mut q = SimQueue::new(&m, geo(&m), 8).expect("sim queue");
+    let data = pattern(9, 65536);
+    assert_eq!(q.write(0, &data), Ok(65536));
+    // Leg 1 now fails reads of its first data region (leg offsets).
+    let off = h.layout().data_offset;
+    switch.set(Some(FaultRule {
+        ops: FaultOps::Read,
+        range: Some((off, REGION)),
+        every: 1,
+        fail: true,
+        delay: D::ZERO,
+    }));
+    // Reads alternate between legs; every one returns the data.
+    for _ in 0..8 {
+        assert_eq!(q.read(0, 4096).expect("read"), data[..4096]);
+    }
+    wait_until("a repair", || {
+        h.status()["repaired_bytes"].as_u64().unwrap_or(0) > 0
+    });
+    assert_eq!(h.leg_state(1), Some(LegState::InSync));
+    // A leg that keeps failing reads is failed after 20 repairs; reads still succeed.
+    for _ in 0..200 {
+        assert_eq!(q.read(0, 4096).expect("read"), data[..4096]);
+        if h.leg_state(1) == Some(LegState::Faulty) {
+            break;
+        }
+    }
+    assert_eq!(h.leg_state(1), Some(LegState::Faulty));
+}

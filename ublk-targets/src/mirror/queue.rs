@@ -29,6 +29,8 @@ enum Kind {
         leg: usize,
         /// Legs tried, as a bit mask.
         tried: u32,
+        /// Legs that failed it, to repair once another leg served it.
+        failed: u32,
         error: i32,
     },
     /// A write, discard or write-zeroes; a flush with the flushes it stands for.
@@ -62,6 +64,8 @@ pub struct MirrorQueue {
     reading: Vec<u32>,
     /// Where the last read ended, and on which leg: a sequential stream stays there.
     last: Option<(usize, u64)>,
+    /// Where the next tie-break starts.
+    turn: usize,
     flushing: bool,
     flush_wait: Vec<Io>,
 }
@@ -87,6 +91,7 @@ impl MirrorQueue {
             acks: Vec::new(),
             reading: vec![0; n],
             last: None,
+            turn: 0,
             flushing: false,
             flush_wait: Vec::new(),
         }
@@ -155,11 +160,14 @@ impl MirrorQueue {
                 return Some(leg);
             }
         }
-        let best = (0..n)
+        // Ties go round-robin, so even one read at a time spreads over the legs.
+        let order = (0..n).map(|k| (self.turn + k) % n);
+        let best = order
+            .clone()
             .filter(|&i| usable(i, false))
             .min_by_key(|&i| self.reading[i]);
         best.or_else(|| {
-            (0..n)
+            order
                 .filter(|&i| usable(i, true))
                 .min_by_key(|&i| self.reading[i])
         })
@@ -171,6 +179,7 @@ impl MirrorQueue {
         match req.io.sub(0, len, self.leg_offset(a)) {
             Ok(sub) => {
                 self.reading[leg] += 1;
+                self.turn = leg + 1;
                 self.last = Some((leg, a + u64::from(len)));
                 ctx.send(self.legs[leg], sub, token(key, leg));
             }
@@ -192,6 +201,7 @@ impl MirrorQueue {
             kind: Kind::Read {
                 leg,
                 tried: 1 << leg,
+                failed: 0,
                 error: -libc::EIO,
             },
         });
@@ -384,6 +394,10 @@ impl MirrorQueue {
         let want = req.io.len() as i32;
         if done.result == want {
             let req = self.reqs.remove(key);
+            let (a, b) = (req.io.offset(), req.io.offset() + u64::from(want as u32));
+            if let Kind::Read { failed, .. } = req.kind {
+                self.repair_failed(failed, a, b);
+            }
             return req.io.complete(want);
         }
         let s = Arc::clone(&self.shared);
@@ -394,15 +408,21 @@ impl MirrorQueue {
             -libc::EIO
         };
         let why = format!(
-            "read failed on leg {leg} ({}): {}",
+            "read of {a}..{b} failed on leg {leg} ({}): {}",
             s.legs[leg].name(),
             std::io::Error::from_raw_os_error(-err)
         );
-        s.fail_leg(leg, &why);
-        let Kind::Read { tried, error, .. } = &mut req.kind else {
+        let Kind::Read {
+            tried,
+            error,
+            failed,
+            ..
+        } = &mut req.kind
+        else {
             return;
         };
         *error = err;
+        *failed |= 1 << leg;
         let tried_now = *tried;
         let next = self.pick_read(a, b, tried_now);
         match (next, done.retry) {
@@ -419,8 +439,21 @@ impl MirrorQueue {
                 ctx.send(self.legs[next], retry, token(key, next));
             }
             _ => {
+                // No leg could serve it: the legs that failed stay (there is nothing to
+                // repair them from), and the error goes up.
                 let req = self.reqs.remove(key);
                 req.io.complete(err);
+                tracing::error!("mirror: {why}; no other leg holds {a}..{b}");
+            }
+        }
+    }
+
+    /// Legs in `failed` could not read `[a, b)`, which another leg served: rewrite it there.
+    fn repair_failed(&self, failed: u32, a: u64, b: u64) {
+        for leg in 0..self.legs.len() {
+            if failed & (1 << leg) != 0 {
+                let why = format!("read of {a}..{b} failed on leg {leg}");
+                self.shared.repair(leg, a, b, &why);
             }
         }
     }

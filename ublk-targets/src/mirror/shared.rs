@@ -67,7 +67,13 @@ pub(crate) struct Leg {
     pub(crate) target: Mutex<BoxTarget>,
     /// What the leg is (`file:/dev/sdb`), for messages.
     pub(crate) name: Mutex<String>,
+    /// Read errors repaired since the leg joined; past [`MAX_READ_ERRORS`] it is failed.
+    pub(crate) read_errors: AtomicU32,
 }
+
+/// Read errors a leg may have repaired before it is failed (md's default for
+/// `max_corrected_read_errors`).
+pub(crate) const MAX_READ_ERRORS: u32 = 20;
 
 impl std::fmt::Debug for Leg {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -134,6 +140,10 @@ pub(crate) struct Shared {
     /// Bytes copied by resyncs and by rebuilds since the mirror was assembled.
     pub(crate) resync_bytes: AtomicU64,
     pub(crate) rebuild_bytes: AtomicU64,
+    /// Ranges a leg failed to read, to rewrite there from another leg: `(leg, start, end)`.
+    repairs: Mutex<Vec<(usize, u64, u64)>>,
+    /// Bytes rewritten by repairs.
+    pub(crate) repaired_bytes: AtomicU64,
 }
 
 pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -165,6 +175,7 @@ impl Shared {
                     generation: AtomicU64::new(0),
                     target: Mutex::new(target),
                     name: Mutex::new(name),
+                    read_errors: AtomicU32::new(0),
                 })
                 .collect(),
             regions,
@@ -186,6 +197,8 @@ impl Shared {
             resync_left: AtomicU64::new(0),
             resync_bytes: AtomicU64::new(0),
             rebuild_bytes: AtomicU64::new(0),
+            repairs: Mutex::new(Vec::new()),
+            repaired_bytes: AtomicU64::new(0),
         }
     }
 
@@ -252,6 +265,38 @@ impl Shared {
         meta.events
     }
 
+    /// Leg `i` failed to read `[a, b)` (another leg served it): rewrite the range there from
+    /// a leg that holds it, or fail the leg when that cannot be done.
+    pub(crate) fn repair(&self, i: usize, a: u64, b: u64, why: &str) {
+        let differs = self
+            .layout
+            .regions_of(a, b - a)
+            .any(|r| self.regions[r as usize].resync.load(SeqCst));
+        // The source of a pending resync is the copy every other leg gets: it cannot be
+        // repaired from one of them.
+        if self.legs[i].state() != LegState::InSync || differs && self.source() == Some(i) {
+            self.fail_leg(i, why);
+            return;
+        }
+        if self.legs[i].read_errors.fetch_add(1, SeqCst) >= MAX_READ_ERRORS {
+            self.fail_leg(
+                i,
+                &format!("{why} ({MAX_READ_ERRORS} read errors repaired)"),
+            );
+            return;
+        }
+        tracing::warn!("mirror: {why}; rewriting it from another leg");
+        let mut repairs = lock(&self.repairs);
+        if repairs.len() >= 64 {
+            drop(repairs);
+            self.fail_leg(i, &format!("{why} (too many repairs pending)"));
+            return;
+        }
+        repairs.push((i, a, b));
+        drop(repairs);
+        self.kick();
+    }
+
     /// Asks for the bits of `regions` to be made durable. True when all already are.
     pub(crate) fn mark_dirty(&self, regions: Range<u64>) -> bool {
         let mut meta = lock(&self.meta);
@@ -283,6 +328,7 @@ impl Shared {
         *lock(&leg.target) = target;
         *lock(&leg.name) = name;
         leg.cursor.store(0, SeqCst);
+        leg.read_errors.store(0, SeqCst);
         leg.set_state(LegState::Rebuilding);
         leg.generation.fetch_add(1, SeqCst);
         self.generation.fetch_add(1, SeqCst);
@@ -471,8 +517,18 @@ struct Job {
     targets: Vec<usize>,
     pos: u64,
     end: u64,
-    /// A rebuild (the targets' cursors move) or a resync.
-    rebuild: bool,
+    kind: JobKind,
+}
+
+/// What a copy is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum JobKind {
+    /// The targets' rebuild cursors move past the region.
+    Rebuild,
+    /// The region's resync flag clears.
+    Resync,
+    /// A range a leg failed to read is rewritten there.
+    Repair,
 }
 
 /// The daemon's loop state.
@@ -569,6 +625,9 @@ impl Daemon {
     /// Picks the next region to copy: the lowest rebuild cursor first, then regions to
     /// resync.
     fn pick(&mut self) -> Option<Job> {
+        if let Some(job) = self.pick_repair() {
+            return Some(job);
+        }
         let s = &self.shared;
         let source = s.source()?;
         let layout = s.layout;
@@ -597,7 +656,7 @@ impl Daemon {
                 targets,
                 pos: low.max(bytes.start),
                 end: bytes.end,
-                rebuild: true,
+                kind: JobKind::Rebuild,
             });
         }
         // Rebuilding legs whose cursor reached the end are in sync now.
@@ -629,8 +688,39 @@ impl Daemon {
             targets,
             pos: bytes.start,
             end: bytes.end,
-            rebuild: false,
+            kind: JobKind::Resync,
         })
+    }
+
+    /// The next repair: the first region of the first range, from another in-sync leg (the
+    /// rest of the range stays queued).
+    fn pick_repair(&mut self) -> Option<Job> {
+        let s = &self.shared;
+        let mut repairs = lock(&s.repairs);
+        while let Some(&(leg, a, b)) = repairs.first() {
+            let source =
+                (0..s.legs.len()).find(|&j| j != leg && s.legs[j].state() == LegState::InSync);
+            let (Some(source), LegState::InSync) = (source, s.legs[leg].state()) else {
+                repairs.remove(0);
+                continue;
+            };
+            let region = a / s.layout.region_size;
+            let end = b.min(s.layout.region_bytes(region).end);
+            if end < b {
+                repairs[0].1 = end;
+            } else {
+                repairs.remove(0);
+            }
+            return Some(Job {
+                region,
+                source,
+                targets: vec![leg],
+                pos: a,
+                end,
+                kind: JobKind::Repair,
+            });
+        }
+        None
     }
 
     /// Rebuilding legs whose cursor reached the end become in sync.
@@ -697,10 +787,10 @@ impl Daemon {
             }
         }
         job.pos += n as u64;
-        let counter = if job.rebuild {
-            &s.rebuild_bytes
-        } else {
-            &s.resync_bytes
+        let counter = match job.kind {
+            JobKind::Rebuild => &s.rebuild_bytes,
+            JobKind::Resync => &s.resync_bytes,
+            JobKind::Repair => &s.repaired_bytes,
         };
         counter.fetch_add(n as u64, SeqCst);
         let rate = lock(&s.meta).rate;
@@ -726,20 +816,22 @@ impl Daemon {
             return;
         };
         let s = &self.shared;
+        let rebuild = job.kind == JobKind::Rebuild;
         for &t in &job.targets {
             let leg = &s.legs[t];
-            if job.rebuild && leg.state() == LegState::Rebuilding {
+            if rebuild && leg.state() == LegState::Rebuilding {
                 leg.cursor.store(job.end, SeqCst);
             }
         }
-        if s.regions[job.region as usize].resync.swap(false, SeqCst) {
+        if job.kind != JobKind::Repair && s.regions[job.region as usize].resync.swap(false, SeqCst)
+        {
             s.resync_left.fetch_sub(1, SeqCst);
         }
         s.syncing.store(NONE, SeqCst);
         s.notify_queues();
-        if job.rebuild && job.end >= s.layout.dev_size {
+        if rebuild && job.end >= s.layout.dev_size {
             self.finish_rebuilds();
-        } else if job.rebuild && self.last_save.elapsed() >= SAVE_EVERY {
+        } else if rebuild && self.last_save.elapsed() >= SAVE_EVERY {
             self.last_save = Instant::now();
             s.bump_events(&mut lock(&s.meta));
         }
