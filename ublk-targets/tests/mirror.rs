@@ -88,6 +88,18 @@ fn new_mirror_syncs_then_writes_reach_every_leg() {
     let status = h.status();
     assert_eq!(status["state"], "clean");
     assert!(status["dirty_regions"].as_u64().unwrap() >= 4, "{status}");
+    // Idle and in sync on both legs: the bits are cleared, on the legs too.
+    wait_until("the bits to clear", || h.status()["dirty_regions"] == 0);
+    drop(q);
+    drop(m);
+    let again = Mirror::assemble(legs(&rams), &opts()).expect("reassemble");
+    assert_eq!(
+        again.assembly(),
+        &Assembly::Existing {
+            resync_regions: 0,
+            rebuilding: 0
+        }
+    );
 }
 
 #[test]
