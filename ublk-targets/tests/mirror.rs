@@ -266,3 +266,45 @@ fn read_errors_are_served_by_another_leg_and_repaired() {
     }
     assert_eq!(h.leg_state(1), Some(LegState::Faulty));
 }
+
+#[test]
+fn a_rebuild_resumes_where_it_stopped() {
+    let rams = [ram(), ram()];
+    let m = Mirror::assemble(
+        legs(&rams),
+        &MirrorOptions {
+            assume_clean: true,
+            ..opts()
+        },
+    )
+    .expect("new mirror");
+    let h = m.handle();
+    h.fail(1).expect("fail leg 1");
+    h.set_rate(2 << 20);
+    h.replace(1, Arc::new(rams[1].clone()), "ram1".into())
+        .expect("replace leg 1 with itself");
+    wait_until("some progress", || {
+        h.leg_json(1)["rebuild"]["done_bytes"].as_u64().unwrap_or(0) >= 2 * REGION
+    });
+    drop(m);
+    // The clean stop saved the progress in the superblocks.
+    let mut block = vec![0; ublk_targets::mirror::meta::BLOCK];
+    rams[0].read_at(0, &mut block).expect("read superblock");
+    let sb = ublk_targets::mirror::meta::Superblock::decode(&block).expect("superblock");
+    assert_eq!(sb.legs[1].state, LegState::Rebuilding);
+    let resumed_at = Some(sb.legs[1].rebuild_offset);
+    assert!(resumed_at.is_some_and(|b| b >= 2 * REGION), "{resumed_at:?}");
+    let m2 = Mirror::assemble(legs(&rams), &opts()).expect("reassemble");
+    assert_eq!(
+        m2.assembly(),
+        &Assembly::Existing {
+            resync_regions: 0,
+            rebuilding: 1
+        }
+    );
+    let h2 = m2.handle();
+    wait_until("the rebuild", || h2.leg_state(1) == Some(LegState::InSync));
+    let copied = h2.copied().1;
+    let total = h2.layout().dev_size;
+    assert_eq!(copied, total - resumed_at.unwrap_or(0), "only the rest is copied");
+}
