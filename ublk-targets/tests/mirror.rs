@@ -308,3 +308,46 @@ fn a_rebuild_resumes_where_it_stopped() {
     let total = h2.layout().dev_size;
     assert_eq!(copied, total - resumed_at, "only the rest is copied");
 }
+
+#[test]
+fn writes_fail_instead_of_hanging_when_no_leg_takes_the_bitmap() {
+    use ublk_targets::faulty::{FaultOps, FaultRule, Faulty};
+    let rams = [ram(), ram()];
+    let f0 = Faulty::new(Arc::new(rams[0].clone()), None);
+    let f1 = Faulty::new(Arc::new(rams[1].clone()), None);
+    let (s0, s1) = (f0.switch(), f1.switch());
+    let legs: Vec<(BoxTarget, String)> = vec![
+        (Arc::new(f0), "leg0".into()),
+        (Arc::new(f1), "leg1".into()),
+    ];
+    let m = Mirror::assemble(
+        legs,
+        &MirrorOptions {
+            assume_clean: true,
+            ..opts()
+        },
+    )
+    .expect("new mirror");
+    let h = m.handle();
+    let mut q = SimQueue::new(&m, geo(&m), 8).expect("sim queue");
+    let fail_writes = Some(FaultRule {
+        ops: FaultOps::Write,
+        range: None,
+        every: 1,
+        fail: true,
+        delay: Duration::ZERO,
+    });
+    s0.set(fail_writes);
+    s1.set(fail_writes);
+    assert_eq!(q.write(0, &pattern(1, 4096)), Err(-libc::EIO));
+    // One leg was failed; the other, the last in sync, stays.
+    let kept = (0..2)
+        .find(|&i| h.leg_state(i) == Some(LegState::InSync))
+        .expect("the last leg stays in sync");
+    assert_eq!(h.leg_state(1 - kept), Some(LegState::Faulty));
+    [&s0, &s1][kept].set(None);
+    wait_until("the bitmap to be written", || {
+        q.write(0, &pattern(2, 4096)) == Ok(4096)
+    });
+    assert_eq!(q.read(0, 4096).expect("read"), pattern(2, 4096));
+}

@@ -235,6 +235,10 @@ impl MirrorQueue {
             }
         }
         if !all_dirty && !s.mark_dirty(regions.clone()) {
+            if s.broken.load(SeqCst) {
+                release(&s, regions);
+                return io.fail(libc::EIO);
+            }
             return self.held.push(io);
         }
         let targets: Vec<usize> = (0..self.legs.len())

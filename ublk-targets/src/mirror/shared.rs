@@ -144,6 +144,8 @@ pub(crate) struct Shared {
     repairs: Mutex<Vec<(usize, u64, u64)>>,
     /// Bytes rewritten by repairs.
     pub(crate) repaired_bytes: AtomicU64,
+    /// The bitmap could not be written to any in-sync leg.
+    pub(crate) broken: AtomicBool,
 }
 
 pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -199,6 +201,7 @@ impl Shared {
             rebuild_bytes: AtomicU64::new(0),
             repairs: Mutex::new(Vec::new()),
             repaired_bytes: AtomicU64::new(0),
+            broken: AtomicBool::new(false),
         }
     }
 
@@ -458,6 +461,23 @@ impl Shared {
         progressed
     }
 
+    /// [`Shared::write_meta`], tracking whether the bitmap can be written at all: when no
+    /// in-sync leg takes it, writes into clean regions fail with `EIO` instead of waiting
+    /// (the array is broken) until a later attempt succeeds.
+    fn write_meta_checked(&self) -> bool {
+        let progressed = self.write_meta();
+        let meta = lock(&self.meta);
+        let stuck = meta.want.iter().zip(&meta.durable).any(|(w, d)| w > d);
+        drop(meta);
+        let was = self.broken.swap(stuck, SeqCst);
+        if stuck && !was {
+            tracing::error!(
+                "mirror: no in-sync leg takes the bitmap: writes to clean regions fail"
+            );
+        }
+        progressed || stuck != was
+    }
+
     /// Writes `buf` at `offset` of every active leg; a leg that fails is failed. True when at
     /// least one in-sync leg has it.
     fn write_all_legs(&self, offset: u64, buf: &[u8]) -> bool {
@@ -576,7 +596,7 @@ impl Daemon {
     fn run(&mut self) {
         let s = Arc::clone(&self.shared);
         while !s.stop.load(Acquire) {
-            if s.write_meta() {
+            if s.write_meta_checked() {
                 s.notify_queues();
             }
             let step = self.copy_step();
@@ -592,7 +612,10 @@ impl Daemon {
             let meta = lock(&s.meta);
             let busy = meta.sb_want > s.sb_durable.load(SeqCst)
                 || meta.want.iter().zip(&meta.durable).any(|(w, d)| w > d);
-            if !busy && !s.stop.load(Acquire) {
+            if s.broken.load(SeqCst) {
+                // Retry the metadata once a second, not in a tight loop.
+                let _ = s.wake.wait_timeout(meta, Duration::from_secs(1));
+            } else if !busy && !s.stop.load(Acquire) {
                 let _ = s.wake.wait_timeout(meta, wait);
             }
         }
