@@ -428,12 +428,7 @@ fn serve(
     let builder = builder.stats(stats.clone());
     let mut control = None;
     let result = builder.run_with(target, |info| {
-        let state = Arc::new(ServerState {
-            dev_id: info.dev_id,
-            expr: expr.clone(),
-            desc,
-            stats,
-        });
+        let state = Arc::new(ServerState::new(info.dev_id, expr.clone(), desc, stats));
         match ControlServer::start(state) {
             Ok(server) => control = Some(server),
             Err(e) => tracing::warn!("no control socket for device {}: {e}", info.dev_id),
