@@ -316,10 +316,8 @@ fn writes_fail_instead_of_hanging_when_no_leg_takes_the_bitmap() {
     let f0 = Faulty::new(Arc::new(rams[0].clone()), None);
     let f1 = Faulty::new(Arc::new(rams[1].clone()), None);
     let (s0, s1) = (f0.switch(), f1.switch());
-    let legs: Vec<(BoxTarget, String)> = vec![
-        (Arc::new(f0), "leg0".into()),
-        (Arc::new(f1), "leg1".into()),
-    ];
+    let legs: Vec<(BoxTarget, String)> =
+        vec![(Arc::new(f0), "leg0".into()), (Arc::new(f1), "leg1".into())];
     let m = Mirror::assemble(
         legs,
         &MirrorOptions {
@@ -350,4 +348,30 @@ fn writes_fail_instead_of_hanging_when_no_leg_takes_the_bitmap() {
         q.write(0, &pattern(2, 4096)) == Ok(4096)
     });
     assert_eq!(q.read(0, 4096).expect("read"), pattern(2, 4096));
+}
+
+#[test]
+fn direct_access_writes_every_leg_with_its_bits_set() {
+    let rams = [ram(), ram()];
+    let m = Mirror::assemble(
+        legs(&rams),
+        &MirrorOptions {
+            assume_clean: true,
+            ..opts()
+        },
+    )
+    .expect("new mirror");
+    let h = m.handle();
+    let data = pattern(5, 8192);
+    m.write_at(3 * REGION - 4096, &data).expect("direct write");
+    let mut back = vec![0; 8192];
+    m.read_at(3 * REGION - 4096, &mut back)
+        .expect("direct read");
+    assert_eq!(back, data);
+    assert_eq!(data_area(&rams[0], &h), data_area(&rams[1], &h));
+    assert_eq!(h.status()["dirty_regions"], 2);
+    assert!(
+        m.write_at(h.layout().dev_size - 4096, &data).is_err(),
+        "past the end"
+    );
 }

@@ -457,6 +457,12 @@ impl Target for Mirror {
             .target()
             .dyn_read_at(s.layout.data_offset + offset, buf)
     }
+
+    /// Writes to every leg that holds the range, by the rules of a queue's write (bits
+    /// durable first, never into a region being copied). Not from the mirror's own thread.
+    fn write_at(&self, offset: u64, buf: &[u8]) -> io::Result<()> {
+        self.shared.direct_write(offset, buf)
+    }
 }
 
 impl MirrorHandle {

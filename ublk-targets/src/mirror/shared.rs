@@ -324,6 +324,100 @@ impl Shared {
         all
     }
 
+    /// A direct (synchronous, durable) write of `buf` at device byte `offset`, from any
+    /// thread but the mirror's own: the same rules as a queue's write — bits durable first,
+    /// never into a region being copied, every leg that holds the range, a failed leg failed
+    /// durably before the answer.
+    pub(crate) fn direct_write(&self, offset: u64, buf: &[u8]) -> std::io::Result<()> {
+        let len = buf.len() as u64;
+        let end = offset
+            .checked_add(len)
+            .filter(|&e| e <= self.layout.dev_size)
+            .ok_or_else(|| {
+                std::io::Error::new(
+                    std::io::ErrorKind::InvalidInput,
+                    "write past the end of the mirror",
+                )
+            })?;
+        let regions = self.layout.regions_of(offset, len);
+        let pause = || std::thread::sleep(Duration::from_micros(500));
+        loop {
+            for r in regions.clone() {
+                self.regions[r as usize].inflight.fetch_add(1, SeqCst);
+            }
+            let syncing = self.syncing.load(SeqCst);
+            let straddles = self.legs.iter().any(|l| {
+                l.state() == LegState::Rebuilding && {
+                    let c = l.cursor.load(SeqCst);
+                    offset < c && c < end
+                }
+            });
+            if (syncing != NONE && regions.contains(&syncing)) || straddles {
+                self.release(regions.clone());
+                pause();
+                continue;
+            }
+            if self.mark_dirty(regions.clone()) {
+                break;
+            }
+            // Wait for the daemon to make the bits durable, keeping the counts.
+            while !regions
+                .clone()
+                .all(|r| self.regions[r as usize].state.load(SeqCst) == DIRTY)
+            {
+                if self.broken.load(SeqCst) || self.stop.load(SeqCst) {
+                    self.release(regions.clone());
+                    return Err(std::io::Error::from_raw_os_error(libc::EIO));
+                }
+                pause();
+            }
+            // Re-check the copy window with the counts held.
+            self.release(regions.clone());
+        }
+        let mut ok = false;
+        let mut wait_for = 0;
+        for (i, leg) in self.legs.iter().enumerate() {
+            let holds = match leg.state() {
+                LegState::InSync => true,
+                LegState::Rebuilding => end <= leg.cursor.load(SeqCst),
+                _ => false,
+            };
+            if !holds {
+                continue;
+            }
+            match leg
+                .target()
+                .dyn_write_at(self.layout.data_offset + offset, buf)
+            {
+                Ok(()) => ok |= leg.state() == LegState::InSync,
+                Err(e) => {
+                    let why = leg_err("write", i, &leg.name(), &e);
+                    if let Some(g) = self.fail_leg(i, &why) {
+                        wait_for = wait_for.max(g);
+                    }
+                }
+            }
+        }
+        for r in regions.clone() {
+            self.regions[r as usize].touched.store(true, Relaxed);
+        }
+        self.release(regions);
+        while self.sb_durable.load(SeqCst) < wait_for && !self.stop.load(SeqCst) {
+            pause();
+        }
+        if ok {
+            Ok(())
+        } else {
+            Err(std::io::Error::from_raw_os_error(libc::EIO))
+        }
+    }
+
+    fn release(&self, regions: Range<u64>) {
+        for r in regions {
+            self.regions[r as usize].inflight.fetch_sub(1, SeqCst);
+        }
+    }
+
     /// Puts `target` in leg `i`'s place, to be rebuilt from the start.
     pub(crate) fn replace(&self, i: usize, target: BoxTarget, name: String) {
         let mut meta = lock(&self.meta);
