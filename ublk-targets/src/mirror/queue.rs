@@ -210,7 +210,9 @@ impl MirrorQueue {
 
     /// A write, discard or write-zeroes. `held`: its regions' counts are already taken.
     fn write(&mut self, io: Io, held: bool, ctx: &mut QueueCtx<'_>) {
-        let s = Arc::clone(&self.shared);
+        // Borrowed, not cloned: an `Arc` clone per request would bounce its count's cache
+        // line between the queues.
+        let s = &*self.shared;
         let (a, len) = (io.offset(), u64::from(io.len()));
         let b = a + len;
         let regions = s.layout.regions_of(a, len);
@@ -219,8 +221,8 @@ impl MirrorQueue {
                 s.regions[r as usize].inflight.fetch_add(1, SeqCst);
             }
         }
-        if self.conflicts(&regions, a, b) {
-            release(&s, regions);
+        if conflicts(s, &regions, a, b) {
+            release(s, regions);
             return self.blocked.push(io);
         }
         let mut all_dirty = true;
@@ -236,28 +238,28 @@ impl MirrorQueue {
         }
         if !all_dirty && !s.mark_dirty(regions.clone()) {
             if s.broken.load(SeqCst) {
-                release(&s, regions);
+                release(s, regions);
                 return io.fail(libc::EIO);
             }
             return self.held.push(io);
         }
-        let targets: Vec<usize> = (0..self.legs.len())
-            .filter(|&i| {
-                let leg = &s.legs[i];
-                match leg.state() {
-                    LegState::InSync => true,
-                    LegState::Rebuilding => b <= leg.cursor.load(SeqCst),
-                    _ => false,
-                }
-            })
-            .collect();
-        if targets.is_empty() {
-            release(&s, regions);
+        let mut targets = 0u32;
+        for (i, leg) in s.legs.iter().enumerate() {
+            let holds = match leg.state() {
+                LegState::InSync => true,
+                LegState::Rebuilding => b <= leg.cursor.load(SeqCst),
+                _ => false,
+            };
+            targets |= u32::from(holds) << i;
+        }
+        if targets == 0 {
+            release(s, regions);
             return io.fail(libc::EIO);
         }
+        let offset = s.layout.data_offset + a;
         let key = self.reqs.insert(Req {
             io,
-            left: targets.len() as u32,
+            left: targets.count_ones(),
             kind: Kind::Write {
                 regions,
                 ok: false,
@@ -266,30 +268,16 @@ impl MirrorQueue {
                 flushes: Vec::new(),
             },
         });
-        let offset = self.leg_offset(a);
-        for leg in targets {
-            let sub = self.reqs[key].io.sub(0, len as u32, offset);
-            match sub {
+        let mut refused = 0u32;
+        for leg in legs_of(targets) {
+            match self.reqs[key].io.sub(0, len as u32, offset) {
                 Ok(sub) => ctx.send(self.legs[leg], sub, token(key, leg)),
-                Err(_) => self.write_answer(key, leg, -libc::EINVAL),
+                Err(_) => refused |= 1 << leg,
             }
         }
-    }
-
-    /// Whether `[a, b)` must wait: its region is being copied, or a rebuild cursor lies
-    /// inside it (the leg holds part of it and not the rest).
-    fn conflicts(&self, regions: &Range<u64>, a: u64, b: u64) -> bool {
-        let s = &self.shared;
-        let syncing = s.syncing.load(SeqCst);
-        if syncing != NONE && regions.contains(&syncing) {
-            return true;
+        for leg in legs_of(refused) {
+            self.write_answer(key, leg, -libc::EINVAL);
         }
-        s.legs.iter().any(|leg| {
-            leg.state() == LegState::Rebuilding && {
-                let c = leg.cursor.load(SeqCst);
-                a < c && c < b
-            }
-        })
     }
 
     fn flush(&mut self, io: Io, ctx: &mut QueueCtx<'_>) {
@@ -301,7 +289,7 @@ impl MirrorQueue {
     }
 
     fn start_flush(&mut self, io: Io, flushes: Vec<Io>, ctx: &mut QueueCtx<'_>) {
-        let s = Arc::clone(&self.shared);
+        let s = &*self.shared;
         let targets: Vec<usize> = (0..self.legs.len())
             .filter(|&i| matches!(s.legs[i].state(), LegState::InSync | LegState::Rebuilding))
             .collect();
@@ -327,7 +315,7 @@ impl MirrorQueue {
 
     /// One leg answered a write (or flush) `key`.
     fn write_answer(&mut self, key: usize, leg: usize, res: i32) {
-        let s = Arc::clone(&self.shared);
+        let s = &*self.shared;
         let Some(req) = self.reqs.get_mut(key) else {
             return;
         };
@@ -374,7 +362,7 @@ impl MirrorQueue {
             return;
         };
         let is_flush = req.io.op() == Op::Flush;
-        release(&s, regions);
+        release(s, regions);
         let res = if ok {
             want
         } else {
@@ -404,7 +392,7 @@ impl MirrorQueue {
             }
             return req.io.complete(want);
         }
-        let s = Arc::clone(&self.shared);
+        let s = &*self.shared;
         let (a, b) = (req.io.offset(), req.io.offset() + u64::from(req.io.len()));
         let err = if done.result < 0 {
             done.result
@@ -500,6 +488,26 @@ fn answer(io: Io, res: i32, flushes: Vec<Io>) {
         }
     }
     io.complete(res);
+}
+
+/// Whether a write of `[a, b)` must wait: its region is being copied, or a rebuild cursor
+/// lies inside it (the leg holds part of it and not the rest).
+fn conflicts(s: &Shared, regions: &Range<u64>, a: u64, b: u64) -> bool {
+    let syncing = s.syncing.load(SeqCst);
+    if syncing != NONE && regions.contains(&syncing) {
+        return true;
+    }
+    s.legs.iter().any(|leg| {
+        leg.state() == LegState::Rebuilding && {
+            let c = leg.cursor.load(SeqCst);
+            a < c && c < b
+        }
+    })
+}
+
+/// The legs in a bit mask, lowest first.
+fn legs_of(mask: u32) -> impl Iterator<Item = usize> {
+    (0..32).filter(move |i| mask & (1 << i) != 0)
 }
 
 fn release(s: &Shared, regions: Range<u64>) {
