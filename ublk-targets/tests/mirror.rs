@@ -316,10 +316,8 @@ fn writes_fail_instead_of_hanging_when_no_leg_takes_the_bitmap() {
     let f0 = Faulty::new(Arc::new(rams[0].clone()), None);
     let f1 = Faulty::new(Arc::new(rams[1].clone()), None);
     let (s0, s1) = (f0.switch(), f1.switch());
-    let legs: Vec<(BoxTarget, String)> = vec![
-        (Arc::new(f0), "leg0".into()),
-        (Arc::new(f1), "leg1".into()),
-    ];
+    let legs: Vec<(BoxTarget, String)> =
+        vec![(Arc::new(f0), "leg0".into()), (Arc::new(f1), "leg1".into())];
     let m = Mirror::assemble(
         legs,
         &MirrorOptions {

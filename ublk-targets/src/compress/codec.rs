@@ -143,7 +143,12 @@ mod tests {
 
     #[test]
     fn zero_compressible_and_random_blocks() {
-        let text: Vec<u8> = b"the quick brown fox ".iter().copied().cycle().take(BLOCK).collect();
+        let text: Vec<u8> = b"the quick brown fox "
+            .iter()
+            .copied()
+            .cycle()
+            .take(BLOCK)
+            .collect();
         let mut x = 0x9e3779b97f4a7c15u64;
         let random: Vec<u8> = (0..BLOCK)
             .map(|_| {

@@ -151,7 +151,9 @@ impl Algo {
                     .map_err(|_| format!("zstd level '{level}' is not a number"))?;
                 Algo::from_code(2, level).ok_or_else(|| format!("zstd level {level} is not 1..=22"))
             }
-            _ => Err(format!("unknown algorithm '{text}' (lz4, zstd or zstd:LEVEL)")),
+            _ => Err(format!(
+                "unknown algorithm '{text}' (lz4, zstd or zstd:LEVEL)"
+            )),
         }
     }
 
@@ -312,7 +314,8 @@ impl Layout {
         }
         let blocks = size / BLOCK_BYTES;
         let map_blocks = blocks.div_ceil(ENTRIES_PER_BLOCK);
-        let journal_blocks = (child_size / BLOCK_BYTES / 64).clamp(MIN_JOURNAL_BLOCKS, DEFAULT_JOURNAL_BLOCKS);
+        let journal_blocks =
+            (child_size / BLOCK_BYTES / 64).clamp(MIN_JOURNAL_BLOCKS, DEFAULT_JOURNAL_BLOCKS);
         let map_a = 2 * BLOCK_BYTES;
         let map_bytes = map_blocks
             .checked_mul(BLOCK_BYTES)
@@ -688,7 +691,10 @@ pub fn open_extent<'a>(lba: u64, e: &Extent, buf: &'a [u8]) -> Result<&'a [u8], 
         return Err(FormatError::Checksum);
     }
     if get_u32(ext, 4) != lba as u32 || Kind::from_code(ext[10]) != Some(e.kind) {
-        return invalid(format!("extent belongs to block {} not {lba}", get_u32(ext, 4)));
+        return invalid(format!(
+            "extent belongs to block {} not {lba}",
+            get_u32(ext, 4)
+        ));
     }
     Ok(&ext[EXTENT_HEADER..])
 }
