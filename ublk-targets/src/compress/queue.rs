@@ -55,8 +55,8 @@ struct ReadPart {
 #[derive(Debug)]
 struct WriteReq {
     blocks: Vec<WriteBlock>,
-    /// Blocks whose read-modify-write bit this request holds.
-    rmw: Vec<u64>,
+    /// Blocks whose busy bit this request holds.
+    busy: Vec<u64>,
     /// Extents allocated for it (freed again if the write fails).
     allocated: Vec<Extent>,
     writing: bool,
@@ -113,7 +113,7 @@ pub struct CompressQueue {
     codec: Codec,
     reqs: Slab<Req>,
     registered: bool,
-    /// Writes waiting for a read-modify-write bit.
+    /// Writes waiting for a busy bit of a block another write holds.
     blocked: Vec<Io>,
     /// Answers waiting for commit `need`: `(io, need, result)`.
     waiting: Vec<(Io, u64, i32)>,
@@ -308,20 +308,21 @@ impl CompressQueue {
             return io.fail(libc::EINVAL);
         }
         let mut blocks = Vec::new();
-        let mut rmw = Vec::new();
+        let mut busy = Vec::new();
         for lba in blocks_of(offset, len) {
             let range = block_part(lba, offset, len);
             let at = (lba * BLOCK_BYTES + range.start as u64 - offset) as usize;
-            if range.len() < BLOCK {
-                if !self.s.rmw.set(lba) {
-                    for l in rmw {
-                        self.s.rmw.clear(l);
-                    }
-                    self.s.rmw_waiting.store(true, SeqCst);
-                    return self.blocked.push(io);
+            // Every block a write touches is held until its new extent is installed: a
+            // read-modify-write of the block would otherwise put back stale bytes around
+            // its own range over a concurrent write's.
+            if !self.s.busy.set(lba) {
+                for l in busy {
+                    self.s.busy.clear(l);
                 }
-                rmw.push(lba);
+                self.s.busy_waiting.store(true, SeqCst);
+                return self.blocked.push(io);
             }
+            busy.push(lba);
             blocks.push(WriteBlock {
                 lba,
                 at,
@@ -336,7 +337,7 @@ impl CompressQueue {
             error: None,
             kind: Kind::Write(WriteReq {
                 blocks,
-                rmw,
+                busy,
                 allocated: Vec::new(),
                 writing: false,
             }),
@@ -546,13 +547,13 @@ impl CompressQueue {
                 alloc.free(x);
             }
             drop(alloc);
-            self.release_rmw(&w.rmw, ctx);
+            self.release_busy(&w.busy, ctx);
             return req.io.complete(e);
         }
         for b in &w.blocks {
             self.s.install(b.lba, b.entry);
         }
-        self.release_rmw(&w.rmw, ctx);
+        self.release_busy(&w.busy, ctx);
         if req.io.op() == Op::Write && req.io.flags().fua() {
             let need = self.request_commit(ctx);
             let res = req.io.len() as i32;
@@ -563,14 +564,14 @@ impl CompressQueue {
         }
     }
 
-    fn release_rmw(&mut self, lbas: &[u64], ctx: &mut QueueCtx<'_>) {
+    fn release_busy(&mut self, lbas: &[u64], ctx: &mut QueueCtx<'_>) {
         if lbas.is_empty() {
             return;
         }
         for &l in lbas {
-            self.s.rmw.clear(l);
+            self.s.busy.clear(l);
         }
-        if self.s.rmw_waiting.swap(false, SeqCst) {
+        if self.s.busy_waiting.swap(false, SeqCst) {
             self.s.wake_all();
         }
         self.retry_blocked(ctx);

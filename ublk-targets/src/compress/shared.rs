@@ -7,9 +7,10 @@
 //!   once, whatever races);
 //! - the set of blocks changed since the last commit is a bitmap of `AtomicU64` words
 //!   (`fetch_or` on a write, `swap(0)` by the commit that journals them);
-//! - blocks under a read-modify-write (a request that covers part of a 4 KiB block) hold a
-//!   bit in another atomic bitmap, so two partial writes of one block do not lose each
-//!   other's bytes;
+//! - a write holds a busy bit (another atomic bitmap) for each block it touches until its
+//!   extents are installed, so a read-modify-write of a block (a request covering part of
+//!   it) never puts stale bytes back over a concurrent write's; a write that finds a bit
+//!   taken waits, holding none;
 //! - the allocator is a `Mutex`, taken once per request for all its blocks, and once per
 //!   overwrite completion to queue the old extents for release;
 //! - the commit's bookkeeping is a `Mutex` taken only by flushes and FUA writes.
@@ -202,7 +203,7 @@ pub(crate) struct Shared {
     pub(crate) algo: Algo,
     pub(crate) map: Vec<AtomicU64>,
     pub(crate) dirty: Bits,
-    pub(crate) rmw: Bits,
+    pub(crate) busy: Bits,
     /// Bumped by each commit's snapshot; tags the extents overwrites free.
     pub(crate) epoch: AtomicU64,
     pub(crate) alloc: Mutex<Alloc>,
@@ -212,8 +213,8 @@ pub(crate) struct Shared {
     /// A metadata write failed: writes and flushes fail from then on (reads go on).
     pub(crate) broken: AtomicBool,
     pub(crate) notifiers: Mutex<Vec<Notifier>>,
-    /// Queues have requests parked on a read-modify-write bit of another queue.
-    pub(crate) rmw_waiting: AtomicBool,
+    /// Some queue has writes parked on a busy bit.
+    pub(crate) busy_waiting: AtomicBool,
     /// Logical blocks with an extent, and the bytes their extents store.
     pub(crate) nonzero_blocks: AtomicU64,
     pub(crate) stored_bytes: AtomicU64,
@@ -229,7 +230,7 @@ impl std::fmt::Debug for Shared {
     }
 }
 
-/// The token a queue gets when another queue's commit or read-modify-write moved.
+/// The token a queue gets when another queue's commit ended or a busy bit was released.
 pub(crate) const WAKE: u64 = u64::MAX;
 
 impl Shared {
@@ -251,7 +252,7 @@ impl Shared {
             algo: sb.algo,
             map: map.into_iter().map(AtomicU64::new).collect(),
             dirty: Bits::new(blocks),
-            rmw: Bits::new(blocks),
+            busy: Bits::new(blocks),
             epoch: AtomicU64::new(0),
             alloc: Mutex::new(alloc),
             commit: Mutex::new(CommitState {
@@ -264,7 +265,7 @@ impl Shared {
             done: AtomicU64::new(0),
             broken: AtomicBool::new(false),
             notifiers: Mutex::new(Vec::new()),
-            rmw_waiting: AtomicBool::new(false),
+            busy_waiting: AtomicBool::new(false),
             nonzero_blocks: AtomicU64::new(nonzero),
             stored_bytes: AtomicU64::new(stored),
         }
@@ -326,7 +327,7 @@ impl Shared {
             .collect()
     }
 
-    /// Registers a queue to wake when a commit ends or a read-modify-write bit is released.
+    /// Registers a queue to wake when a commit ends or a busy bit is released.
     pub(crate) fn register(&self, n: Notifier) {
         lock(&self.notifiers).push(n);
     }
