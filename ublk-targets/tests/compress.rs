@@ -453,3 +453,25 @@ fn every_crash_point_opens_clean_with_flushed_blocks_intact() {
         }
     }
 }
+
+#[test]
+fn check_reports_a_clean_image_and_a_damaged_extent() {
+    let child = Ram::new(CHILD).expect("memfd");
+    {
+        let c = open(&child, &opts(Algo::Lz4));
+        let mut q = SimQueue::new(&c, geo(), 8).expect("sim queue");
+        assert_eq!(q.write(0, &compressible(9, 64 << 10)), Ok(64 << 10));
+        assert_eq!(q.op(sys::UBLK_IO_OP_FLUSH, 0, 0, 0), Ok(0));
+    }
+    let target: BoxTarget = Arc::new(child.clone());
+    let report = ublk_targets::compress::check(&target).expect("loads");
+    assert!(report.is_clean(), "{report:?}");
+    assert_eq!(report.extents, 16);
+    // Flip a byte in the data area: the extent there no longer checks.
+    let data = 32 << 10;
+    let mut b = [0u8; 1];
+    child.read_at(data + 40, &mut b).expect("read");
+    child.write_at(data + 40, &[b[0] ^ 0xff]).expect("damage");
+    let report = ublk_targets::compress::check(&target).expect("loads");
+    assert_eq!(report.damage.len(), 1, "{report:?}");
+}
