@@ -486,8 +486,10 @@ impl Shared {
 
     /// Writes the bitmap blocks and superblock generations wanted; true when anything became
     /// durable (queues may have writes to let go).
-    fn write_meta(&self) -> bool {
+    /// Also says whether a bitmap block reached no in-sync leg.
+    fn write_meta(&self) -> (bool, bool) {
         let mut progressed = false;
+        let mut failed = false;
         // A leg failing a metadata write asks for another superblock: loop until settled.
         for _ in 0..=self.legs.len() {
             let (blocks, pending, sb) = {
@@ -549,20 +551,19 @@ impl Shared {
                 progressed = true;
             }
             if !ok {
+                failed = true;
                 break;
             }
         }
-        progressed
+        (progressed, failed)
     }
 
     /// [`Shared::write_meta`], tracking whether the bitmap can be written at all: when no
     /// in-sync leg takes it, writes into clean regions fail with `EIO` instead of waiting
     /// (the array is broken) until a later attempt succeeds.
     fn write_meta_checked(&self) -> bool {
-        let progressed = self.write_meta();
-        let meta = lock(&self.meta);
-        let stuck = meta.want.iter().zip(&meta.durable).any(|(w, d)| w > d);
-        drop(meta);
+        // Only a failed write says so: a block asked for after this pass is not stuck.
+        let (progressed, stuck) = self.write_meta();
         let was = self.broken.swap(stuck, SeqCst);
         if stuck && !was {
             tracing::error!(
@@ -736,7 +737,7 @@ impl Daemon {
             }
             s.bump_events(&mut meta);
         }
-        s.write_meta();
+        let _ = s.write_meta();
     }
 
     /// Picks the next region to copy: the lowest rebuild cursor first, then regions to
