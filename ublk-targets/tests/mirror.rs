@@ -76,7 +76,10 @@ fn new_mirror_syncs_then_writes_reach_every_leg() {
     });
     assert_eq!(data_area(&rams[0], &h), data_area(&rams[1], &h));
     let mut q = SimQueue::new(&m, geo(&m), 8).expect("sim queue");
-    for (i, off) in [0u64, 4096, 3 * REGION - 4096, 5 << 20].into_iter().enumerate() {
+    for (i, off) in [0u64, 4096, 3 * REGION - 4096, 5 << 20]
+        .into_iter()
+        .enumerate()
+    {
         let data = pattern(i as u8, 8192);
         assert_eq!(q.write(off, &data), Ok(8192));
         assert_eq!(q.read(off, 8192).expect("read back"), data);
@@ -152,7 +155,9 @@ fn reassembly_resyncs_dirty_regions_only_and_refuses_foreign_legs() {
         c.write_at(0, &buf).expect("copy leg");
     }
     let off = h.layout().data_offset + 5 * REGION;
-    copies[1].write_at(off, &[0xee; 4096]).expect("make legs differ");
+    copies[1]
+        .write_at(off, &[0xee; 4096])
+        .expect("make legs differ");
     drop(m);
     let m2 = Mirror::assemble(legs(&copies), &opts()).expect("reassemble");
     assert_eq!(
