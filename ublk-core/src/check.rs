@@ -140,6 +140,21 @@ pub fn check_request_stream_in<T: Target>(
     sem: Semantics,
     input: &[u8],
 ) {
+    check_request_stream_with(mode, make_target, geo, sem, input, None);
+}
+
+/// [`check_request_stream_in`] with something happening between batches: after each batch
+/// (every request answered) one more input byte is handed to `between` — a test breaking and
+/// returning a mirror's legs, say. Whatever it does, the target must keep answering as the
+/// model says.
+pub fn check_request_stream_with<T: Target>(
+    mode: BufferMode,
+    make_target: impl FnOnce() -> T,
+    geo: Geometry,
+    sem: Semantics,
+    input: &[u8],
+    mut between: Option<&mut dyn FnMut(u8)>,
+) {
     let depth = 8u16;
     let target = make_target();
     let mut q = SimQueue::with_mode(&target, geo, depth, mode).expect("simulated queue");
@@ -243,6 +258,9 @@ pub fn check_request_stream_in<T: Target>(
             }
         }
         assert_eq!(q.in_service(), 0, "every request was answered");
+        if let Some(between) = between.as_mut() {
+            between(bytes.u8());
+        }
     }
 }
 

@@ -7,21 +7,33 @@
 //!   [`crate::stack::NodeDesc::status`];
 //! - `{"cmd":"fault","node":"/1","rule":RULE}` sets the rule of the faulty node at that
 //!   address, `RULE` being `null` (clear) or `{"fail":"read"|"write"|"flush"|"all"|null,
-//!   "range":[OFFSET,LEN]|null,"every":N|null,"delay_ms":N|null}`.
+//!   "range":[OFFSET,LEN]|null,"every":N|null,"delay_ms":N|null}`;
+//! - `{"cmd":"fail","node":"/1"}` marks that leg of a mirror faulty (refused for the last
+//!   in-sync leg): `{"ok":true,"mirror":"/","leg":1}`;
+//! - `{"cmd":"replace","node":"/1","expr":"file:/dev/sdd"}` builds the expression (any
+//!   stack expression) and puts it in the place of that leg, which must be faulty or
+//!   missing; its rebuild starts at once. The tree and its expression show the new leg,
+//!   whose nodes then answer `fault` at their addresses under `/1`:
+//!   `{"ok":true,"mirror":"/","leg":1,"target":"file:/dev/sdd"}`;
+//! - `{"cmd":"rebuild","rate":N}` limits every mirror's rebuilds and resyncs to `N` bytes
+//!   per second (0: no limit): `{"ok":true,"mirrors":["/",...]}`.
 
 use std::io::{self, BufRead, BufReader, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
 use serde_json::{json, Value};
 use ublk_zc::StatsRegistry;
 
+use crate::expr::{self, Expr};
 use crate::faulty::FaultOps;
-use crate::stack::{fault_rule, NodeDesc};
+use crate::mirror::meta::LegState;
+use crate::mirror::MirrorHandle;
+use crate::stack::{self, fault_rule, NodeDesc};
 
 /// The directory of the control sockets.
 pub fn run_dir() -> PathBuf {
@@ -38,17 +50,41 @@ pub fn socket_path(dev_id: u32) -> PathBuf {
 /// What a server answers about.
 #[derive(Debug)]
 pub struct ServerState {
-    /// The device id.
-    pub dev_id: u32,
-    /// The canonical expression of the tree.
-    pub expr: String,
-    /// The tree.
-    pub desc: NodeDesc,
-    /// The queues' counters.
-    pub stats: StatsRegistry,
+    dev_id: u32,
+    /// The tree as it stands: `replace` changes a leg's subtree and its text.
+    tree: Mutex<Served>,
+    stats: StatsRegistry,
+}
+
+/// A served tree: its canonical expression and its description, changed together.
+#[derive(Debug)]
+struct Served {
+    expr: String,
+    desc: NodeDesc,
 }
 
 impl ServerState {
+    /// The state of device `dev_id`, serving the tree `desc` built from `expr` (its
+    /// canonical form), with the queues' counters in `stats`.
+    pub fn new(dev_id: u32, expr: String, desc: NodeDesc, stats: StatsRegistry) -> Self {
+        ServerState {
+            dev_id,
+            tree: Mutex::new(Served { expr, desc }),
+            stats,
+        }
+    }
+
+    /// The device id.
+    pub fn dev_id(&self) -> u32 {
+        self.dev_id
+    }
+
+    /// The tree, even if a thread panicked while holding it: a replacement swaps the leg's
+    /// description and the expression only after it succeeded, so what is there is whole.
+    fn tree(&self) -> MutexGuard<'_, Served> {
+        self.tree.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
     /// Answers one request.
     pub fn handle(&self, req: &Value) -> Value {
         match self.try_handle(req) {
@@ -58,22 +94,28 @@ impl ServerState {
     }
 
     fn try_handle(&self, req: &Value) -> Result<Value, String> {
+        let node = |cmd: &str| {
+            req.get("node")
+                .and_then(Value::as_str)
+                .ok_or_else(|| format!("{cmd}: no node given"))
+        };
         match req.get("cmd").and_then(Value::as_str) {
-            Some("status") => Ok(json!({
-                "ok": true,
-                "dev_id": self.dev_id,
-                "expr": self.expr,
-                "tree": self.desc.status(&self.stats.snapshot()),
-            })),
+            Some("status") => {
+                let tree = self.tree();
+                Ok(json!({
+                    "ok": true,
+                    "dev_id": self.dev_id,
+                    "expr": tree.expr,
+                    "tree": tree.desc.status(&self.stats.snapshot()),
+                }))
+            }
             Some("fault") => {
-                let path = req
-                    .get("node")
-                    .and_then(Value::as_str)
-                    .ok_or("fault: no node given")?;
-                let node = self
+                let path = node("fault")?;
+                let tree = self.tree();
+                let node = tree
                     .desc
                     .find(path)
-                    .ok_or_else(|| format!("no node {path} in {}", self.expr))?;
+                    .ok_or_else(|| format!("no node {path} in {}", tree.expr))?;
                 let switch = node.fault.as_ref().ok_or_else(|| {
                     format!("node {path} is a {} node, not a faulty one", node.kind)
                 })?;
@@ -81,10 +123,161 @@ impl ServerState {
                 switch.set(rule);
                 Ok(json!({ "ok": true }))
             }
+            Some("fail") => {
+                let path = node("fail")?;
+                let tree = self.tree();
+                let leg = mirror_leg(&tree.desc, path, &tree.expr)?;
+                leg.mirror
+                    .fail(leg.index)
+                    .map_err(|e| format!("cannot fail {path}: {e}"))?;
+                Ok(json!({ "ok": true, "mirror": leg.mirror_path, "leg": leg.index }))
+            }
+            Some("replace") => {
+                let path = node("replace")?;
+                let text = req
+                    .get("expr")
+                    .and_then(Value::as_str)
+                    .ok_or("replace: no expression given")?;
+                self.replace(path, text)
+            }
+            Some("rebuild") => {
+                let rate = req.get("rate").and_then(Value::as_u64).ok_or(
+                    "rebuild: the rate must be a number of bytes per second (0: no limit)",
+                )?;
+                let tree = self.tree();
+                let mut mirrors = Vec::new();
+                mirrors_in(&tree.desc, &mut mirrors);
+                if mirrors.is_empty() {
+                    return Err(format!("no mirror in {}", tree.expr));
+                }
+                for (_, m) in &mirrors {
+                    m.set_rate(rate);
+                }
+                let paths: Vec<&str> = mirrors.iter().map(|(p, _)| *p).collect();
+                Ok(json!({ "ok": true, "mirrors": paths }))
+            }
             Some(other) => Err(format!("unknown command {other:?}")),
             None => Err("no command".into()),
         }
     }
+
+    /// Builds `text` and puts it in the place of the leg at `path`. The tree stays locked
+    /// throughout, so the leg found is the leg replaced.
+    fn replace(&self, path: &str, text: &str) -> Result<Value, String> {
+        let mut tree = self.tree();
+        let leg = mirror_leg(&tree.desc, path, &tree.expr)?;
+        // Checked before building: a build may create files or take memory.
+        if let Some(state @ (LegState::InSync | LegState::Rebuilding)) =
+            leg.mirror.leg_state(leg.index)
+        {
+            return Err(format!(
+                "{path} is {}: only a faulty or missing leg is replaced (fail it first)",
+                state.name()
+            ));
+        }
+        let built = stack::build(text).map_err(|e| format!("replacement expression: {e}"))?;
+        let new_expr = replace_in_expr(&tree.expr, path, &built.expr)?;
+        let mut desc = built.desc;
+        rebase(&mut desc, path);
+        leg.mirror
+            .replace(leg.index, built.target, built.expr.clone())
+            .map_err(|e| format!("cannot replace {path}: {e}"))?;
+        let reply = json!({
+            "ok": true, "mirror": leg.mirror_path, "leg": leg.index, "target": built.expr,
+        });
+        if let Some(slot) = find_mut(&mut tree.desc, path) {
+            *slot = desc;
+        }
+        tree.expr = new_expr;
+        Ok(reply)
+    }
+}
+
+/// A mirror's leg, found by the leg's address.
+#[derive(Debug)]
+struct LegRef {
+    mirror: MirrorHandle,
+    mirror_path: String,
+    index: usize,
+}
+
+/// The node whose child is at `path`, and that child's position among its children.
+fn parent_of<'a>(root: &'a NodeDesc, path: &str) -> Option<(&'a NodeDesc, usize)> {
+    if let Some(i) = root.children.iter().position(|c| c.path == path) {
+        return Some((root, i));
+    }
+    root.children.iter().find_map(|c| parent_of(c, path))
+}
+
+/// The leg at `path`: a child of a mirror node of the tree `root` (written `expr`).
+fn mirror_leg(root: &NodeDesc, path: &str, expr: &str) -> Result<LegRef, String> {
+    if root.find(path).is_none() {
+        return Err(format!("no node {path} in {expr}"));
+    }
+    let (parent, index) = parent_of(root, path)
+        .ok_or_else(|| format!("{path} is the root of the tree, not a leg of a mirror"))?;
+    let mirror = parent.mirror.clone().ok_or_else(|| {
+        format!(
+            "{path} is a child of the {} node {}, not a leg of a mirror",
+            parent.kind, parent.path
+        )
+    })?;
+    Ok(LegRef {
+        mirror,
+        mirror_path: parent.path.clone(),
+        index,
+    })
+}
+
+/// Every mirror in the tree, in pre-order, with its address.
+fn mirrors_in<'a>(node: &'a NodeDesc, out: &mut Vec<(&'a str, &'a MirrorHandle)>) {
+    if let Some(m) = &node.mirror {
+        out.push((&node.path, m));
+    }
+    for c in &node.children {
+        mirrors_in(c, out);
+    }
+}
+
+fn find_mut<'a>(node: &'a mut NodeDesc, path: &str) -> Option<&'a mut NodeDesc> {
+    if node.path == path {
+        return Some(node);
+    }
+    node.children.iter_mut().find_map(|c| find_mut(c, path))
+}
+
+/// Readdresses a tree built on its own (root `/`) to sit at `at`.
+fn rebase(node: &mut NodeDesc, at: &str) {
+    node.path = if node.path == "/" {
+        at.to_string()
+    } else {
+        format!("{at}{}", node.path)
+    };
+    for c in &mut node.children {
+        rebase(c, at);
+    }
+}
+
+/// `expr` with the subtree at `path` replaced by `with` (both canonical expressions), in
+/// canonical form. A node's children are numbered as the tree's addresses number them.
+fn replace_in_expr(expr: &str, path: &str, with: &str) -> Result<String, String> {
+    let bad = |e: expr::ExprError| format!("internal: expression {expr:?}: {e}");
+    let mut tree = expr::parse(expr).map_err(bad)?;
+    let with = expr::parse(with).map_err(bad)?;
+    let mut at = &mut tree;
+    for step in path.split('/').filter(|s| !s.is_empty()) {
+        let child = step
+            .parse::<usize>()
+            .ok()
+            .and_then(|i| match at {
+                Expr::Node(n) => n.children.get_mut(i),
+                Expr::Leaf(_) => None,
+            })
+            .ok_or_else(|| format!("no node {path} in {expr}"))?;
+        at = child;
+    }
+    *at = with;
+    Ok(tree.to_string())
 }
 
 fn parse_rule(v: &Value) -> Result<Option<crate::faulty::FaultRule>, String> {
@@ -232,12 +425,12 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("ublk-ctl-test-{}", std::process::id()));
         std::env::set_var("UBLK_RUN_DIR", &dir);
         let stack = build("stripe(faulty(ram:1M),ram:1M,chunk=4K)").expect("stack");
-        let state = Arc::new(ServerState {
-            dev_id: 77,
-            expr: stack.expr.clone(),
-            desc: stack.desc,
-            stats: StatsRegistry::new(),
-        });
+        let state = Arc::new(ServerState::new(
+            77,
+            stack.expr.clone(),
+            stack.desc,
+            StatsRegistry::new(),
+        ));
         let server = ControlServer::start(state).expect("listen");
         let status = request(77, &json!({"cmd": "status"})).expect("status");
         assert_eq!(status["tree"]["kind"], "stripe");
@@ -254,5 +447,119 @@ mod tests {
         drop(server);
         assert!(!socket_path(77).exists());
         let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    fn state(text: &str) -> ServerState {
+        let stack = build(text).expect("stack");
+        ServerState::new(1, stack.expr, stack.desc, StatsRegistry::new())
+    }
+
+    fn ask(state: &ServerState, req: Value) -> Result<Value, String> {
+        let reply = state.handle(&req);
+        match reply["ok"].as_bool() {
+            Some(true) => Ok(reply),
+            _ => Err(reply["error"].as_str().unwrap_or("?").to_string()),
+        }
+    }
+
+    #[test]
+    fn a_leg_is_found_by_its_address_under_its_mirror() {
+        let s =
+            build("stripe(mirror(ram:4M,ram:4M,assume_clean=true),faulty(ram:3M))").expect("stack");
+        let leg = mirror_leg(&s.desc, "/0/1", &s.expr).expect("a leg");
+        assert_eq!((leg.mirror_path.as_str(), leg.index), ("/0", 1));
+        let err = |path| mirror_leg(&s.desc, path, &s.expr).expect_err(path);
+        assert!(err("/").contains("is the root of the tree"));
+        assert!(err("/0").contains("child of the stripe node /, not a leg"));
+        assert!(err("/1/0").contains("child of the faulty node /1"));
+        assert!(err("/0/2").starts_with("no node /0/2 in stripe("));
+        assert!(err("0/1").starts_with("no node 0/1"));
+    }
+
+    #[test]
+    fn a_subtree_is_replaced_in_the_expression_and_readdressed() {
+        let e = "stripe(mirror(ram:4M,faulty(ram:4M)),ram:3M)";
+        assert_eq!(
+            replace_in_expr(e, "/0/1", "faulty(file:/x,delay=5)").expect("replaced"),
+            "stripe(mirror(ram:4M,faulty(file:/x,delay=5)),ram:3M)"
+        );
+        assert!(replace_in_expr(e, "/0/1/0/0", "ram:1M").is_err());
+        assert!(replace_in_expr(e, "/9", "ram:1M").is_err());
+        let mut d = build("faulty(stripe(ram:1M,ram:1M))").expect("stack").desc;
+        rebase(&mut d, "/0/1");
+        assert_eq!(d.path, "/0/1");
+        assert_eq!(d.children[0].path, "/0/1/0");
+        assert_eq!(d.children[0].children[1].path, "/0/1/0/1");
+    }
+
+    #[test]
+    fn fail_replace_and_rebuild_rate() {
+        let s = state("mirror(ram:4M,ram:4M,assume_clean=true)");
+        let reply = ask(&s, json!({"cmd": "fail", "node": "/1"})).expect("fail /1");
+        assert_eq!(
+            (reply["mirror"].as_str(), reply["leg"].as_u64()),
+            (Some("/"), Some(1))
+        );
+        let err = ask(&s, json!({"cmd": "fail", "node": "/0"})).expect_err("last leg");
+        assert!(err.contains("last in-sync leg"), "{err}");
+        let err = ask(&s, json!({"cmd": "fail", "node": "/"})).expect_err("the root");
+        assert!(err.contains("not a leg of a mirror"), "{err}");
+        let err = ask(
+            &s,
+            json!({"cmd": "replace", "node": "/0", "expr": "ram:4M"}),
+        )
+        .expect_err("in sync");
+        assert!(err.contains("/0 is in_sync"), "{err}");
+        let err = ask(&s, json!({"cmd": "replace", "node": "/1", "expr": "ram:"}))
+            .expect_err("bad expression");
+        assert!(
+            err.starts_with("replacement expression: at column"),
+            "{err}"
+        );
+        let err = ask(
+            &s,
+            json!({"cmd": "replace", "node": "/1", "expr": "ram:1M"}),
+        )
+        .expect_err("too small");
+        assert!(err.starts_with("cannot replace /1: ram:1M holds"), "{err}");
+
+        let reply = ask(
+            &s,
+            json!({"cmd": "replace", "node": "/1", "expr": "faulty( ram:4M )"}),
+        )
+        .expect("replace /1");
+        assert_eq!(reply["target"], "faulty(ram:4M)");
+        let status = ask(&s, json!({"cmd": "status"})).expect("status");
+        assert_eq!(
+            status["expr"],
+            "mirror(ram:4M,faulty(ram:4M),assume_clean=true)"
+        );
+        let leg = &status["tree"]["children"][1];
+        assert_eq!(leg["kind"], "faulty");
+        assert_eq!(leg["target"], "faulty(ram:4M)");
+        assert_eq!(leg["children"][0]["node"], "/1/0");
+        assert!(matches!(
+            leg["state"].as_str(),
+            Some("rebuilding" | "in_sync")
+        ));
+        // The new leg's faulty node answers at its address in the tree.
+        ask(
+            &s,
+            json!({"cmd": "fault", "node": "/1", "rule": {"delay_ms": 1}}),
+        )
+        .expect("fault on the new leg");
+
+        let reply = ask(&s, json!({"cmd": "rebuild", "rate": 50 << 20})).expect("rate");
+        assert_eq!(reply["mirrors"], json!(["/"]));
+        let status = ask(&s, json!({"cmd": "status"})).expect("status");
+        assert_eq!(status["tree"]["mirror"]["rebuild_rate"], 50 << 20);
+        let err = ask(&s, json!({"cmd": "rebuild", "rate": "fast"})).expect_err("a number");
+        assert!(err.contains("bytes per second"), "{err}");
+        let err = ask(
+            &state("stripe(ram:1M,ram:1M)"),
+            json!({"cmd": "rebuild", "rate": 0}),
+        )
+        .expect_err("no mirror");
+        assert!(err.starts_with("no mirror in stripe("), "{err}");
     }
 }

@@ -1,7 +1,9 @@
 //! The bodies of the fuzz targets under `fuzz/`, kept here so that `cargo test` can replay
 //! their corpora on stable Rust (see `tests/fuzz_corpus.rs`).
 
-use ublk_core::check::{check_request_stream, check_request_stream_in, Semantics};
+use ublk_core::check::{
+    check_request_stream, check_request_stream_in, check_request_stream_with, Semantics,
+};
 use ublk_core::params::{max_queues, DeviceParams, MAX_DEPTH, MAX_IO_BYTES};
 use ublk_core::BufferMode;
 use ublk_core::{parse_size, Geometry};
@@ -10,8 +12,11 @@ use std::sync::Arc;
 
 use ublk_zc::BoxTarget;
 
+use crate::faulty::{FaultOps, FaultRule, FaultSwitch, Faulty};
 use crate::file::FileTarget;
+use crate::mirror::meta::LegState;
 use crate::mirror::meta::{self, Layout, Superblock, BITMAP_BYTES, BITS_PER_BLOCK, BLOCK};
+use crate::mirror::{Mirror, MirrorOptions};
 use crate::null::Null;
 use crate::ram::Ram;
 use crate::stripe::Stripe;
@@ -56,6 +61,75 @@ pub fn request_stream(data: &[u8]) {
         check_request_stream_in(mode, stripe, geo, Semantics::STORES_DATA, rest);
         check_request_stream_in(mode, nested_stack(geo), geo, Semantics::STORES_DATA, rest);
     }
+    mirror_stream(geo, rest);
+}
+
+/// A 3-leg mirror whose legs fail and return between batches: the input byte after each
+/// batch picks a leg and what happens to it — its I/O starts failing (a faulty rule), the
+/// operator fails it, or a failed leg is replaced by a fresh one and rebuilt while the
+/// requests go on. At least one in-sync leg without a fault always remains, so every request
+/// must still answer as the model says.
+fn mirror_stream(geo: Geometry, input: &[u8]) {
+    const LEGS: usize = 3;
+    let leg_size = geo.size + (1 << 20);
+    let fresh_leg = || {
+        let ram: BoxTarget = Arc::new(Ram::new(leg_size).expect("memfd"));
+        let faulty = Faulty::new(ram, None);
+        let switch = faulty.switch();
+        (Arc::new(faulty) as BoxTarget, switch)
+    };
+    let (targets, mut switches): (Vec<BoxTarget>, Vec<Arc<FaultSwitch>>) =
+        (0..LEGS).map(|_| fresh_leg()).unzip();
+    let legs = targets
+        .into_iter()
+        .enumerate()
+        .map(|(i, t)| (t, format!("leg{i}")))
+        .collect();
+    let opts = MirrorOptions {
+        region: Some(16 << 10),
+        assume_clean: true,
+        force_new: false,
+    };
+    let mirror = Mirror::assemble(legs, &opts).expect("mirror on fresh legs");
+    let h = mirror.handle();
+    let mut faulted = [false; LEGS];
+    let mut between = |byte: u8| {
+        let leg = usize::from(byte >> 2) % LEGS;
+        // Some other leg stays in sync and healthy, so the mirror can always answer.
+        let spare =
+            (0..LEGS).any(|j| j != leg && h.leg_state(j) == Some(LegState::InSync) && !faulted[j]);
+        match byte & 3 {
+            1 if spare => {
+                switches[leg].set(Some(FaultRule {
+                    ops: FaultOps::All,
+                    range: None,
+                    every: 1,
+                    fail: true,
+                    delay: std::time::Duration::ZERO,
+                }));
+                faulted[leg] = true;
+            }
+            2 if spare => {
+                let _ = h.fail(leg);
+            }
+            3 if h.leg_state(leg) == Some(LegState::Faulty) => {
+                let (target, switch) = fresh_leg();
+                h.replace(leg, target, format!("leg{leg}'"))
+                    .expect("a faulty leg can be replaced");
+                switches[leg] = switch;
+                faulted[leg] = false;
+            }
+            _ => {}
+        }
+    };
+    check_request_stream_with(
+        BufferMode::Copy,
+        move || mirror,
+        geo,
+        Semantics::STORES_DATA,
+        input,
+        Some(&mut between),
+    );
 }
 
 /// Builds a stack expression for the fuzzer (a bad one is a bug in this file).

@@ -5,6 +5,8 @@
 //! - [`ram::Ram`]: memory-backed, from a memfd or a tmpfs file;
 //! - [`file::FileTarget`]: a loop device in user space, its I/O on the queue's io_uring;
 //! - [`stripe::Stripe`]: RAID-0 over N children;
+//! - [`mirror::Mirror`]: RAID-1 over N children, with a persistent write-intent bitmap,
+//!   rebuild, resync and reassembly;
 //! - [`faulty::Faulty`]: a pass-through node that fails or delays chosen operations on demand.
 //!
 //! Each target is a block backend ([`ublk_zc::Target`]), so targets own others as children:

@@ -88,6 +88,18 @@ fn new_mirror_syncs_then_writes_reach_every_leg() {
     let status = h.status();
     assert_eq!(status["state"], "clean");
     assert!(status["dirty_regions"].as_u64().unwrap() >= 4, "{status}");
+    // Idle and in sync on both legs: the bits are cleared, on the legs too.
+    wait_until("the bits to clear", || h.status()["dirty_regions"] == 0);
+    drop(q);
+    drop(m);
+    let again = Mirror::assemble(legs(&rams), &opts()).expect("reassemble");
+    assert_eq!(
+        again.assembly(),
+        &Assembly::Existing {
+            resync_regions: 0,
+            rebuilding: 0
+        }
+    );
 }
 
 #[test]
@@ -203,4 +215,163 @@ fn damaged_superblock_is_refused_with_the_leg_named() {
     let e = Mirror::assemble(legs(&rams), &opts()).expect_err("damaged");
     assert!(e.0.starts_with("leg 1 (ram1)"), "{e}");
     assert!(e.0.contains("--force-new"), "{e}");
+}
+
+#[test]
+fn read_errors_are_served_by_another_leg_and_repaired() {
+    use std::time::Duration as D;
+    use ublk_targets::faulty::{FaultOps, FaultRule, Faulty};
+    let rams = [ram(), ram()];
+    let faulty = Faulty::new(Arc::new(rams[1].clone()), None);
+    let switch = faulty.switch();
+    let legs: Vec<(BoxTarget, String)> = vec![
+        (Arc::new(rams[0].clone()), "ram0".into()),
+        (Arc::new(faulty), "faulty".into()),
+    ];
+    let m = Mirror::assemble(
+        legs,
+        &MirrorOptions {
+            assume_clean: true,
+            ..opts()
+        },
+    )
+    .expect("new mirror");
+    let h = m.handle();
+    let mut q = SimQueue::new(&m, geo(&m), 8).expect("sim queue");
+    let data = pattern(9, 65536);
+    assert_eq!(q.write(0, &data), Ok(65536));
+    // Leg 1 now fails reads of its first data region (leg offsets).
+    let off = h.layout().data_offset;
+    switch.set(Some(FaultRule {
+        ops: FaultOps::Read,
+        range: Some((off, REGION)),
+        every: 1,
+        fail: true,
+        delay: D::ZERO,
+    }));
+    // Reads alternate between legs; every one returns the data.
+    for _ in 0..8 {
+        assert_eq!(q.read(0, 4096).expect("read"), data[..4096]);
+    }
+    wait_until("a repair", || {
+        h.status()["repaired_bytes"].as_u64().unwrap_or(0) > 0
+    });
+    assert_eq!(h.leg_state(1), Some(LegState::InSync));
+    // A leg that keeps failing reads is failed after 20 repairs; reads still succeed.
+    for _ in 0..200 {
+        assert_eq!(q.read(0, 4096).expect("read"), data[..4096]);
+        if h.leg_state(1) == Some(LegState::Faulty) {
+            break;
+        }
+    }
+    assert_eq!(h.leg_state(1), Some(LegState::Faulty));
+}
+
+#[test]
+fn a_rebuild_resumes_where_it_stopped() {
+    let rams = [ram(), ram()];
+    let m = Mirror::assemble(
+        legs(&rams),
+        &MirrorOptions {
+            assume_clean: true,
+            ..opts()
+        },
+    )
+    .expect("new mirror");
+    let h = m.handle();
+    h.fail(1).expect("fail leg 1");
+    h.set_rate(2 << 20);
+    h.replace(1, Arc::new(rams[1].clone()), "ram1".into())
+        .expect("replace leg 1 with itself");
+    wait_until("some progress", || {
+        h.leg_json(1)["rebuild"]["done_bytes"].as_u64().unwrap_or(0) >= 2 * REGION
+    });
+    drop(m);
+    // The clean stop saved the progress in the superblocks.
+    let mut block = vec![0; ublk_targets::mirror::meta::BLOCK];
+    rams[0].read_at(0, &mut block).expect("read superblock");
+    let sb = ublk_targets::mirror::meta::Superblock::decode(&block).expect("superblock");
+    assert_eq!(sb.legs[1].state, LegState::Rebuilding);
+    let resumed_at = sb.legs[1].rebuild_offset;
+    assert!(resumed_at >= 2 * REGION, "{resumed_at}");
+    let m2 = Mirror::assemble(legs(&rams), &opts()).expect("reassemble");
+    assert_eq!(
+        m2.assembly(),
+        &Assembly::Existing {
+            resync_regions: 0,
+            rebuilding: 1
+        }
+    );
+    let h2 = m2.handle();
+    wait_until("the rebuild", || h2.leg_state(1) == Some(LegState::InSync));
+    let copied = h2.copied().1;
+    let total = h2.layout().dev_size;
+    assert_eq!(copied, total - resumed_at, "only the rest is copied");
+}
+
+#[test]
+fn writes_fail_instead_of_hanging_when_no_leg_takes_the_bitmap() {
+    use ublk_targets::faulty::{FaultOps, FaultRule, Faulty};
+    let rams = [ram(), ram()];
+    let f0 = Faulty::new(Arc::new(rams[0].clone()), None);
+    let f1 = Faulty::new(Arc::new(rams[1].clone()), None);
+    let (s0, s1) = (f0.switch(), f1.switch());
+    let legs: Vec<(BoxTarget, String)> =
+        vec![(Arc::new(f0), "leg0".into()), (Arc::new(f1), "leg1".into())];
+    let m = Mirror::assemble(
+        legs,
+        &MirrorOptions {
+            assume_clean: true,
+            ..opts()
+        },
+    )
+    .expect("new mirror");
+    let h = m.handle();
+    let mut q = SimQueue::new(&m, geo(&m), 8).expect("sim queue");
+    let fail_writes = Some(FaultRule {
+        ops: FaultOps::Write,
+        range: None,
+        every: 1,
+        fail: true,
+        delay: Duration::ZERO,
+    });
+    s0.set(fail_writes);
+    s1.set(fail_writes);
+    assert_eq!(q.write(0, &pattern(1, 4096)), Err(-libc::EIO));
+    // One leg was failed; the other, the last in sync, stays.
+    let kept = (0..2)
+        .find(|&i| h.leg_state(i) == Some(LegState::InSync))
+        .expect("the last leg stays in sync");
+    assert_eq!(h.leg_state(1 - kept), Some(LegState::Faulty));
+    [&s0, &s1][kept].set(None);
+    wait_until("the bitmap to be written", || {
+        q.write(0, &pattern(2, 4096)) == Ok(4096)
+    });
+    assert_eq!(q.read(0, 4096).expect("read"), pattern(2, 4096));
+}
+
+#[test]
+fn direct_access_writes_every_leg_with_its_bits_set() {
+    let rams = [ram(), ram()];
+    let m = Mirror::assemble(
+        legs(&rams),
+        &MirrorOptions {
+            assume_clean: true,
+            ..opts()
+        },
+    )
+    .expect("new mirror");
+    let h = m.handle();
+    let data = pattern(5, 8192);
+    m.write_at(3 * REGION - 4096, &data).expect("direct write");
+    let mut back = vec![0; 8192];
+    m.read_at(3 * REGION - 4096, &mut back)
+        .expect("direct read");
+    assert_eq!(back, data);
+    assert_eq!(data_area(&rams[0], &h), data_area(&rams[1], &h));
+    assert_eq!(h.status()["dirty_regions"], 2);
+    assert!(
+        m.write_at(h.layout().dev_size - 4096, &data).is_err(),
+        "past the end"
+    );
 }

@@ -1,6 +1,7 @@
 //! `ublk`: start, list and remove user-space block devices.
 
-use std::io::{BufRead, BufReader, Write};
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader, IsTerminal, Write};
 use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
 use std::process::{Command, ExitCode, Stdio};
@@ -20,7 +21,7 @@ use ublk_targets::faulty::FaultOps;
 use ublk_targets::file::FileTarget;
 use ublk_targets::null::Null;
 use ublk_targets::ram::Ram;
-use ublk_targets::stack::{self, NodeDesc};
+use ublk_targets::stack::{self, BuildOptions, NodeDesc};
 use ublk_targets::TargetKind;
 
 #[derive(Parser)]
@@ -59,16 +60,48 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
-    /// Show a running device's tree: each node's kind, fields and I/O counters.
+    /// Show a running device's tree: each node's kind, fields and I/O counters; a mirror's
+    /// state and each leg's.
     Status {
         /// Device id.
         id: u32,
         /// Print JSON.
         #[arg(long)]
         json: bool,
+        /// Follow the mirrors' rebuilds and resyncs until none is left, then exit 0: a
+        /// progress bar each, redrawn every second, on a terminal; otherwise (or with
+        /// --json) one JSON line per mirror every second.
+        #[arg(long)]
+        watch: bool,
     },
     /// Make a faulty node fail or delay operations, or clear its rule.
     Fault(FaultArgs),
+    /// Mark a mirror's leg faulty: it gets no more I/O until replaced. The last in-sync
+    /// leg is refused.
+    Fail {
+        /// Device id.
+        id: u32,
+        /// The leg's address: /1 for the second leg of a mirror at the root, /0/1 ...
+        node: String,
+    },
+    /// Put a new target in the place of a faulty leg (fail it first) and rebuild it.
+    Replace {
+        /// Device id.
+        id: u32,
+        /// The leg's address, as for `ublk fail`.
+        node: String,
+        /// The new leg: a leaf or any stack expression, e.g. file:/dev/sdd.
+        expr: String,
+    },
+    /// Limit the copying of rebuilds and resyncs, for every mirror of the device.
+    Rebuild {
+        /// Device id.
+        id: u32,
+        /// Bytes per second, with an optional K, M, G or T suffix (binary), e.g. 50M; 0 for
+        /// no limit.
+        #[arg(long, value_parser = parse_size_arg)]
+        rate: u64,
+    },
 }
 
 #[derive(Args)]
@@ -176,6 +209,10 @@ struct AddArgs {
     /// Background server: write its log here (default: discarded).
     #[arg(long)]
     log: Option<PathBuf>,
+    /// stack: make every mirror in the tree new, even on legs that carry one (or whose
+    /// metadata is damaged); the legs' data is lost. Refused for the other targets.
+    #[arg(long)]
+    force_new: bool,
     /// Internal: run as the background server started by `ublk add`.
     #[arg(long, hide = true)]
     daemon_child: bool,
@@ -201,8 +238,12 @@ fn main() -> ExitCode {
         Cmd::Del { id, all } => del(id, all),
         Cmd::List { json } => list(json),
         Cmd::Features { json } => features(json),
-        Cmd::Status { id, json } => status(id, json),
+        Cmd::Status { id, json, watch } if watch => watch_status(id, json),
+        Cmd::Status { id, json, .. } => status(id, json),
         Cmd::Fault(args) => fault(args),
+        Cmd::Fail { id, node } => fail(id, &node),
+        Cmd::Replace { id, node, expr } => replace(id, &node, &expr),
+        Cmd::Rebuild { id, rate } => rebuild(id, rate),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -267,6 +308,23 @@ fn builder(args: &AddArgs, kind: TargetKind) -> CliResult<DeviceBuilder> {
 }
 
 fn add(args: AddArgs) -> CliResult {
+    let kind = target_kind(&args)?;
+    let builder = builder(&args, kind)?;
+    if args.daemon_child {
+        return serve_as_child(&args, kind, builder);
+    }
+    if !args.foreground {
+        return spawn_background(&args);
+    }
+    init_logging();
+    serve(&args, kind, builder, |info, expr| {
+        println!("{}", info_json(info, kind, expr));
+        let _ = std::io::stdout().flush();
+    })
+}
+
+/// The target asked for, once its options are known to fit it.
+fn target_kind(args: &AddArgs) -> CliResult<TargetKind> {
     let kind = TargetKind::from_name(&args.target).ok_or_else(|| {
         let names: Vec<_> = TargetKind::ALL.iter().map(|k| k.name()).collect();
         format!(
@@ -275,6 +333,9 @@ fn add(args: AddArgs) -> CliResult {
             names.join(", ")
         )
     })?;
+    if args.force_new && kind != TargetKind::Stack {
+        return Err("--force-new applies to stacks only (it makes their mirrors new)".into());
+    }
     if args.backing.is_some() && kind != TargetKind::Ram {
         return Err("--backing applies to the ram target only".into());
     }
@@ -294,18 +355,7 @@ fn add(args: AddArgs) -> CliResult {
         (_, Some(extra)) => return Err(format!("unexpected argument {extra:?}")),
         _ => {}
     }
-    let builder = builder(&args, kind)?;
-    if args.daemon_child {
-        return serve_as_child(&args, kind, builder);
-    }
-    if !args.foreground {
-        return spawn_background(&args);
-    }
-    init_logging();
-    serve(&args, kind, builder, |info, expr| {
-        println!("{}", info_json(info, kind, expr));
-        let _ = std::io::stdout().flush();
-    })
+    Ok(kind)
 }
 
 /// The mode asked for on the command line, if any.
@@ -366,7 +416,11 @@ fn tree(args: &AddArgs, kind: TargetKind, size: u64) -> CliResult<(BoxTarget, No
         }
         TargetKind::Stack => {
             let text = args.expr.as_deref().expect("checked in add");
-            let s = stack::build(text).map_err(|e| format!("stack expression: {e}"))?;
+            let options = BuildOptions {
+                force_new: args.force_new,
+            };
+            let s =
+                stack::build_with(text, &options).map_err(|e| format!("stack expression: {e}"))?;
             (s.target, s.desc, s.expr)
         }
         _ => return Err(format!("target {} cannot be served", kind.name())),
@@ -428,12 +482,7 @@ fn serve(
     let builder = builder.stats(stats.clone());
     let mut control = None;
     let result = builder.run_with(target, |info| {
-        let state = Arc::new(ServerState {
-            dev_id: info.dev_id,
-            expr: expr.clone(),
-            desc,
-            stats,
-        });
+        let state = Arc::new(ServerState::new(info.dev_id, expr.clone(), desc, stats));
         match ControlServer::start(state) {
             Ok(server) => control = Some(server),
             Err(e) => tracing::warn!("no control socket for device {}: {e}", info.dev_id),
@@ -692,6 +741,14 @@ fn status(id: u32, as_json: bool) -> CliResult {
 
 /// One line per node, children indented under their parent.
 fn print_node(node: &Value, depth: usize) {
+    println!("{}", node_line(node, depth));
+    for c in node["children"].as_array().into_iter().flatten() {
+        print_node(c, depth + 1);
+    }
+}
+
+/// A node's line in `ublk status`: what it is, a mirror's or a leg's state, its counters.
+fn node_line(node: &Value, depth: usize) -> String {
     let mut line = format!(
         "{:indent$}{} {} {}",
         "",
@@ -700,7 +757,7 @@ fn print_node(node: &Value, depth: usize) {
         human_size(node["size"].as_u64().unwrap_or(0)),
         indent = depth * 2
     );
-    for key in ["path", "chunk", "direct", "backing"] {
+    for key in ["path", "chunk", "region", "direct", "backing"] {
         if let Some(v) = node.get(key) {
             line.push_str(&format!(
                 " {key}={}",
@@ -713,15 +770,63 @@ fn print_node(node: &Value, depth: usize) {
             line.push_str(&format!(" faults={f}"));
         }
     }
+    if let Some(m) = node.get("mirror") {
+        line.push_str(&format!(
+            " state={} in_sync={}/{} dirty_regions={} resync_left={}",
+            m["state"].as_str().unwrap_or("?"),
+            m["in_sync"],
+            m["legs"].as_array().map_or(0, Vec::len),
+            m["dirty_regions"],
+            m["resync"]["regions_left"],
+        ));
+        if let Some(rate) = m["rebuild_rate"].as_u64().filter(|&r| r > 0) {
+            line.push_str(&format!(" rate={}/s", approx_size(rate)));
+        }
+        if let Some(e) = m["last_error"].as_str() {
+            line.push_str(&format!(" last_error={e:?}"));
+        }
+    }
+    if let (Some(leg), Some(state)) = (node["leg"].as_u64(), node["state"].as_str()) {
+        line.push_str(&format!(" leg={leg} state={state}"));
+        let r = &node["rebuild"];
+        if let (Some(done), Some(total)) = (r["done_bytes"].as_u64(), r["total_bytes"].as_u64()) {
+            line.push_str(&format!(" rebuilt={:.1}%", percent(done, total)));
+        }
+    }
     let st = &node["stats"];
     line.push_str(&format!(
         "  reads={} writes={} flushes={} discards={} errors={}",
         st["reads"], st["writes"], st["flushes"], st["discards"], st["errors"]
     ));
-    println!("{line}");
-    for c in node["children"].as_array().into_iter().flatten() {
-        print_node(c, depth + 1);
+    line
+}
+
+/// `done` of `total` in percent; an empty whole counts as done.
+fn percent(done: u64, total: u64) -> f64 {
+    if total == 0 {
+        return 100.0;
     }
+    done.min(total) as f64 * 100.0 / total as f64
+}
+
+/// `n` bytes to a tenth of a unit: `1.4G`, `512K`, `100`.
+fn approx_size(n: u64) -> String {
+    const UNITS: [(&str, u64); 4] = [
+        ("T", 1 << 40),
+        ("G", 1 << 30),
+        ("M", 1 << 20),
+        ("K", 1 << 10),
+    ];
+    for (unit, size) in UNITS {
+        if n >= size {
+            return if n % size == 0 {
+                format!("{}{unit}", n / size)
+            } else {
+                format!("{:.1}{unit}", n as f64 / size as f64)
+            };
+        }
+    }
+    n.to_string()
 }
 
 fn human_size(n: u64) -> String {
@@ -771,4 +876,493 @@ fn features(as_json: bool) -> CliResult {
         }
     }
     Ok(())
+}
+
+fn fail(id: u32, node: &str) -> CliResult {
+    let reply = control::request(id, &json!({"cmd": "fail", "node": node}))?;
+    eprintln!(
+        "ublk: marked {node} faulty in mirror {}",
+        reply["mirror"].as_str().unwrap_or("?")
+    );
+    Ok(())
+}
+
+fn replace(id: u32, node: &str, expr: &str) -> CliResult {
+    let reply = control::request(id, &json!({"cmd": "replace", "node": node, "expr": expr}))?;
+    eprintln!(
+        "ublk: replaced {node} with {} in mirror {}; its rebuild has started",
+        reply["target"].as_str().unwrap_or(expr),
+        reply["mirror"].as_str().unwrap_or("?")
+    );
+    Ok(())
+}
+
+fn rebuild(id: u32, rate: u64) -> CliResult {
+    let reply = control::request(id, &json!({"cmd": "rebuild", "rate": rate}))?;
+    let mirrors: Vec<&str> = reply["mirrors"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(Value::as_str)
+        .collect();
+    let limit = match rate {
+        0 => "unlimited".to_string(),
+        r => format!("{}/s", approx_size(r)),
+    };
+    let which = if mirrors.len() == 1 {
+        "mirror"
+    } else {
+        "mirrors"
+    };
+    eprintln!(
+        "ublk: rebuild rate {limit} for {which} {}",
+        mirrors.join(", ")
+    );
+    Ok(())
+}
+
+/// What `ublk status --watch` follows of one mirror.
+#[derive(Debug, Clone, PartialEq)]
+struct MirrorProgress {
+    /// The mirror's address.
+    node: String,
+    /// `clean` or `degraded`.
+    state: String,
+    in_sync: u64,
+    legs: usize,
+    /// Its legs being rebuilt.
+    rebuilding: Vec<LegProgress>,
+    /// Dirty regions still to resync.
+    resync_left: u64,
+}
+
+/// A leg being rebuilt.
+#[derive(Debug, Clone, PartialEq)]
+struct LegProgress {
+    leg: u64,
+    /// The leg's address.
+    node: String,
+    done: u64,
+    total: u64,
+}
+
+impl MirrorProgress {
+    /// Nothing left to copy.
+    fn finished(&self) -> bool {
+        self.rebuilding.is_empty() && self.resync_left == 0
+    }
+
+    /// The line `status --watch` prints when stdout is not a terminal.
+    fn json(&self) -> Value {
+        let legs: Vec<Value> = self
+            .rebuilding
+            .iter()
+            .map(|l| {
+                json!({"leg": l.leg, "state": "rebuilding",
+                       "done_bytes": l.done, "total_bytes": l.total})
+            })
+            .collect();
+        json!({"node": self.node, "legs": legs, "resync_regions_left": self.resync_left})
+    }
+}
+
+/// Every mirror of a status tree, in pre-order.
+fn mirror_progress(node: &Value, out: &mut Vec<MirrorProgress>) {
+    let children = node["children"].as_array().map_or(&[][..], Vec::as_slice);
+    if let Some(m) = node.get("mirror") {
+        let rebuilding = children
+            .iter()
+            .filter(|c| c["state"] == "rebuilding")
+            .map(|c| LegProgress {
+                leg: c["leg"].as_u64().unwrap_or(0),
+                node: c["node"].as_str().unwrap_or("?").to_string(),
+                done: c["rebuild"]["done_bytes"].as_u64().unwrap_or(0),
+                total: c["rebuild"]["total_bytes"].as_u64().unwrap_or(0),
+            })
+            .collect();
+        out.push(MirrorProgress {
+            node: node["node"].as_str().unwrap_or("?").to_string(),
+            state: m["state"].as_str().unwrap_or("?").to_string(),
+            in_sync: m["in_sync"].as_u64().unwrap_or(0),
+            legs: m["legs"].as_array().map_or(0, Vec::len),
+            rebuilding,
+            resync_left: m["resync"]["regions_left"].as_u64().unwrap_or(0),
+        });
+    }
+    for c in children {
+        mirror_progress(c, out);
+    }
+}
+
+/// The terminal view of `status --watch`. It remembers each rebuild's previous sample, for
+/// its speed, and the most regions each resync had left, for its bar (the status tells how
+/// many are left, not how many there were).
+#[derive(Debug, Default)]
+struct Meter {
+    rebuilds: HashMap<String, (u64, Instant)>,
+    resyncs: HashMap<String, u64>,
+}
+
+/// Characters inside a progress bar's brackets.
+const BAR: usize = 20;
+
+impl Meter {
+    /// One line per rebuilding leg and per pending resync, sampled at `now`.
+    fn lines(&mut self, mirrors: &[MirrorProgress], now: Instant) -> Vec<String> {
+        let mut rows = Vec::new();
+        for m in mirrors {
+            if m.resync_left > 0 {
+                let most = self.resyncs.entry(m.node.clone()).or_default();
+                *most = (*most).max(m.resync_left);
+                let done = *most - m.resync_left;
+                rows.push((
+                    m.node.clone(),
+                    "resync",
+                    done,
+                    *most,
+                    format!("{} of {} regions left", m.resync_left, most),
+                ));
+            } else {
+                self.resyncs.remove(&m.node);
+            }
+            for l in &m.rebuilding {
+                let mut text = format!("{} of {}", approx_size(l.done), approx_size(l.total));
+                let before = self.rebuilds.insert(l.node.clone(), (l.done, now));
+                if let Some((done, then)) = before {
+                    let secs = now.saturating_duration_since(then).as_secs_f64();
+                    if l.done > done && secs > 0.0 {
+                        let speed = (l.done - done) as f64 / secs;
+                        let left = l.total.saturating_sub(l.done) as f64 / speed;
+                        text.push_str(&format!(
+                            "  {}/s  {} left",
+                            approx_size(speed as u64),
+                            duration_text(left as u64)
+                        ));
+                    }
+                }
+                rows.push((l.node.clone(), "rebuild", l.done, l.total, text));
+            }
+        }
+        // A rebuild that ended is forgotten: a later one on the same leg starts afresh.
+        self.rebuilds.retain(|node, _| {
+            mirrors
+                .iter()
+                .any(|m| m.rebuilding.iter().any(|l| &l.node == node))
+        });
+        let width = rows.iter().map(|r| r.0.len()).max().unwrap_or(0);
+        rows.into_iter()
+            .map(|(node, what, done, total, text)| {
+                format!(
+                    "{node:<width$}  {what:<7} {} {:5.1}%  {text}",
+                    bar(done, total),
+                    percent(done, total)
+                )
+            })
+            .collect()
+    }
+}
+
+/// A progress bar in /proc/mdstat's style: `[=====>..............]`.
+fn bar(done: u64, total: u64) -> String {
+    let filled = if total == 0 {
+        BAR
+    } else {
+        (u128::from(done.min(total)) * BAR as u128 / u128::from(total)) as usize
+    };
+    let filled = filled.min(BAR - 1);
+    format!("[{}>{}]", "=".repeat(filled), ".".repeat(BAR - 1 - filled))
+}
+
+/// `secs` as `45s`, `3m05s` or `2h07m`.
+fn duration_text(secs: u64) -> String {
+    match secs {
+        0..=59 => format!("{secs}s"),
+        60..=3599 => format!("{}m{:02}s", secs / 60, secs % 60),
+        _ => format!("{}h{:02}m", secs / 3600, secs % 3600 / 60),
+    }
+}
+
+/// Draws `lines` over the `drawn` lines drawn before: the cursor goes back up, each line is
+/// rewritten, and what is left below is cleared.
+fn redraw(out: &mut impl Write, lines: &[String], drawn: usize) -> std::io::Result<()> {
+    if drawn > 0 {
+        write!(out, "\x1b[{drawn}A")?;
+    }
+    for l in lines {
+        write!(out, "\r\x1b[2K{l}\n")?;
+    }
+    write!(out, "\r\x1b[J")?;
+    out.flush()
+}
+
+/// `ublk status ID --watch`: polls the device every second until no mirror has a leg to
+/// rebuild or regions to resync.
+fn watch_status(id: u32, as_json: bool) -> CliResult {
+    let tty = !as_json && std::io::stdout().is_terminal();
+    watch(id, tty, &mut std::io::stdout().lock())
+}
+
+/// [`watch_status`] writing to `out`: progress bars when `tty`, else JSON lines.
+fn watch(id: u32, tty: bool, out: &mut impl Write) -> CliResult {
+    let io_err = |e: std::io::Error| format!("stdout: {e}");
+    let mut meter = Meter::default();
+    let mut drawn = 0;
+    loop {
+        let reply = control::request(id, &json!({"cmd": "status"}))?;
+        let mut mirrors = Vec::new();
+        mirror_progress(&reply["tree"], &mut mirrors);
+        if tty {
+            let lines = meter.lines(&mirrors, Instant::now());
+            redraw(out, &lines, drawn).map_err(io_err)?;
+            drawn = lines.len();
+        } else {
+            for m in &mirrors {
+                writeln!(out, "{}", m.json()).map_err(io_err)?;
+            }
+            out.flush().map_err(io_err)?;
+        }
+        if mirrors.iter().all(MirrorProgress::finished) {
+            if tty {
+                if mirrors.is_empty() {
+                    writeln!(out, "device {id} has no mirror").map_err(io_err)?;
+                }
+                for m in &mirrors {
+                    writeln!(
+                        out,
+                        "mirror {}: {}, {} of {} legs in sync",
+                        m.node, m.state, m.in_sync, m.legs
+                    )
+                    .map_err(io_err)?;
+                }
+            }
+            return Ok(());
+        }
+        thread::sleep(Duration::from_secs(1));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    fn parse(args: &[&str]) -> Result<Cmd, clap::Error> {
+        Cli::try_parse_from(std::iter::once("ublk").chain(args.iter().copied())).map(|c| c.command)
+    }
+
+    #[test]
+    fn the_command_line_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn mirror_commands_parse() {
+        match parse(&["rebuild", "3", "--rate", "50M"]) {
+            Ok(Cmd::Rebuild { id: 3, rate }) => assert_eq!(rate, 50 << 20),
+            _ => panic!("rebuild --rate 50M"),
+        }
+        assert!(matches!(
+            parse(&["rebuild", "3", "--rate", "0"]),
+            Ok(Cmd::Rebuild { rate: 0, .. })
+        ));
+        assert!(parse(&["rebuild", "3", "--rate", "fast"]).is_err());
+        assert!(parse(&["rebuild", "3"]).is_err(), "--rate is required");
+        assert!(matches!(
+            parse(&["fail", "0", "/1"]),
+            Ok(Cmd::Fail { id: 0, node }) if node == "/1"
+        ));
+        assert!(matches!(
+            parse(&["replace", "0", "/0/1", "file:/dev/sdd"]),
+            Ok(Cmd::Replace { id: 0, node, expr }) if node == "/0/1" && expr == "file:/dev/sdd"
+        ));
+        assert!(parse(&["replace", "0", "/1"]).is_err(), "EXPR is required");
+        assert!(matches!(
+            parse(&["status", "2", "--watch"]),
+            Ok(Cmd::Status {
+                id: 2,
+                json: false,
+                watch: true
+            })
+        ));
+    }
+
+    #[test]
+    fn force_new_is_for_stacks_only() {
+        let add = |args: &[&str]| match parse(args) {
+            Ok(Cmd::Add(a)) => target_kind(&a),
+            _ => panic!("{args:?} parses"),
+        };
+        let stack = add(&["add", "stack", "mirror(file:/a,file:/b)", "--force-new"]);
+        assert_eq!(stack, Ok(TargetKind::Stack));
+        let err = add(&["add", "ram", "--force-new"]).expect_err("ram");
+        assert!(err.contains("--force-new applies to stacks only"), "{err}");
+        assert_eq!(add(&["add", "ram"]), Ok(TargetKind::Ram));
+    }
+
+    /// The status of `mirror(file:/a,file:/b)` with leg 1 half rebuilt.
+    fn sample() -> Value {
+        let leg = |i: u64, state: &str| {
+            json!({"node": format!("/{i}"), "kind": "file", "size": 2u64 << 30,
+                   "path": format!("/l{i}"), "stats": {}, "children": [],
+                   "leg": i, "state": state, "target": format!("file:/l{i}")})
+        };
+        let mut rebuilding = leg(1, "rebuilding");
+        rebuilding["rebuild"] = json!({"done_bytes": 1u64 << 29, "total_bytes": 1u64 << 30});
+        json!({"node": "/", "kind": "mirror", "size": 1u64 << 30, "region": 1 << 20,
+               "stats": {"reads": 1, "writes": 2, "flushes": 0, "discards": 0, "errors": 0},
+               "mirror": {"state": "degraded", "in_sync": 1, "dirty_regions": 4,
+                          "resync": {"regions_left": 0, "copied_bytes": 0},
+                          "rebuild_rate": 50u64 << 20, "last_error": null,
+                          "legs": [{}, {}]},
+               "children": [leg(0, "in_sync"), rebuilding]})
+    }
+
+    #[test]
+    fn status_lines_show_mirror_and_leg_states() {
+        let tree = sample();
+        let root = node_line(&tree, 0);
+        assert!(
+            root.starts_with(
+                "/ mirror 1G region=1048576 state=degraded in_sync=1/2 dirty_regions=4 \
+                 resync_left=0 rate=50M/s  reads=1"
+            ),
+            "{root}"
+        );
+        let leg = node_line(&tree["children"][1], 1);
+        assert!(
+            leg.starts_with("  /1 file 2G path=/l1 leg=1 state=rebuilding rebuilt=50.0%  "),
+            "{leg}"
+        );
+        let leg = node_line(&tree["children"][0], 1);
+        assert!(leg.contains(" leg=0 state=in_sync  reads="), "{leg}");
+    }
+
+    #[test]
+    fn watch_json_lines_follow_the_contract() {
+        let mut mirrors = Vec::new();
+        mirror_progress(&json!({"node": "/", "children": [sample()]}), &mut mirrors);
+        assert_eq!(mirrors.len(), 1);
+        assert!(!mirrors[0].finished());
+        assert_eq!(
+            mirrors[0].json(),
+            json!({"node": "/", "legs": [{"leg": 1, "state": "rebuilding",
+                   "done_bytes": 1u64 << 29, "total_bytes": 1u64 << 30}],
+                   "resync_regions_left": 0})
+        );
+        let mut clean = sample();
+        clean["children"][1]["state"] = json!("in_sync");
+        let mut mirrors = Vec::new();
+        mirror_progress(&clean, &mut mirrors);
+        assert!(mirrors[0].finished());
+    }
+
+    #[test]
+    fn progress_bars_with_speed_and_resync() {
+        let leg = |done| LegProgress {
+            leg: 1,
+            node: "/0/1".into(),
+            done,
+            total: 1 << 30,
+        };
+        let mut m = MirrorProgress {
+            node: "/0".into(),
+            state: "degraded".into(),
+            in_sync: 1,
+            legs: 2,
+            rebuilding: vec![leg(1 << 28)],
+            resync_left: 0,
+        };
+        let mut meter = Meter::default();
+        let t0 = Instant::now();
+        assert_eq!(
+            meter.lines(&[m.clone()], t0),
+            ["/0/1  rebuild [=====>..............]  25.0%  256M of 1G"]
+        );
+        m.rebuilding = vec![leg(1 << 29)];
+        assert_eq!(
+            meter.lines(&[m.clone()], t0 + Duration::from_secs(2)),
+            ["/0/1  rebuild [==========>.........]  50.0%  512M of 1G  128M/s  4s left"]
+        );
+        m.rebuilding.clear();
+        m.resync_left = 8;
+        assert_eq!(
+            meter.lines(&[m.clone()], t0),
+            ["/0  resync  [>...................]   0.0%  8 of 8 regions left"]
+        );
+        m.resync_left = 2;
+        assert_eq!(
+            meter.lines(&[m.clone()], t0),
+            ["/0  resync  [===============>....]  75.0%  2 of 8 regions left"]
+        );
+        m.resync_left = 0;
+        assert!(meter.lines(&[m], t0).is_empty());
+    }
+
+    #[test]
+    fn bars_sizes_and_durations() {
+        assert_eq!(bar(0, 10), "[>...................]");
+        assert_eq!(bar(10, 10), "[===================>]");
+        assert_eq!(bar(u64::MAX, u64::MAX), "[===================>]");
+        assert_eq!(bar(0, 0), "[===================>]");
+        assert_eq!(percent(1, 3), 100.0 / 3.0);
+        assert_eq!(percent(5, 0), 100.0);
+        assert_eq!(approx_size(1536 << 20), "1.5G");
+        assert_eq!(approx_size(50 << 20), "50M");
+        assert_eq!(approx_size(1000), "1000");
+        assert_eq!(duration_text(59), "59s");
+        assert_eq!(duration_text(185), "3m05s");
+        assert_eq!(duration_text(7620), "2h07m");
+    }
+
+    #[test]
+    fn redraw_goes_back_over_the_previous_frame() {
+        let mut out = Vec::new();
+        redraw(&mut out, &["a".into(), "b".into()], 0).expect("write");
+        redraw(&mut out, &["c".into()], 2).expect("write");
+        assert_eq!(
+            String::from_utf8(out).expect("utf-8"),
+            "\r\x1b[2Ka\n\r\x1b[2Kb\n\r\x1b[J\x1b[2A\r\x1b[2Kc\n\r\x1b[J"
+        );
+    }
+
+    #[test]
+    fn mirror_commands_over_a_control_socket() {
+        let dir = std::env::temp_dir().join(format!("ublk-cli-test-{}", std::process::id()));
+        std::env::set_var("UBLK_RUN_DIR", &dir);
+        let stack = stack::build("mirror(ram:4M,ram:4M)").expect("stack");
+        let state = ServerState::new(5, stack.expr, stack.desc, StatsRegistry::new());
+        let server = ControlServer::start(Arc::new(state)).expect("listen");
+
+        rebuild(5, 0).expect("no rate limit");
+        let mut out = Vec::new();
+        watch(5, false, &mut out).expect("the initial sync ends");
+        let text = String::from_utf8(out).expect("utf-8");
+        let last: Value = text
+            .lines()
+            .last()
+            .and_then(|l| serde_json::from_str(l).ok())
+            .expect("JSON lines");
+        assert_eq!(
+            last,
+            json!({"node": "/", "legs": [], "resync_regions_left": 0})
+        );
+
+        fail(5, "/1").expect("fail /1");
+        let err = fail(5, "/0").expect_err("the last in-sync leg");
+        assert!(err.contains("last in-sync leg"), "{err}");
+        let err = fail(5, "/7").expect_err("no such node");
+        assert!(err.starts_with("no node /7 in mirror("), "{err}");
+        let err = replace(5, "/0", "ram:4M").expect_err("in sync");
+        assert!(err.contains("fail it first"), "{err}");
+        replace(5, "/1", "ram:4M").expect("replace /1");
+        let mut out = Vec::new();
+        watch(5, true, &mut out).expect("the rebuild ends");
+        let text = String::from_utf8(out).expect("utf-8");
+        assert!(
+            text.ends_with("mirror /: clean, 2 of 2 legs in sync\n"),
+            "{text}"
+        );
+        drop(server);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 }

@@ -11,7 +11,9 @@
 //!   last in-sync leg is never failed.
 //! - **Reads** go to one leg that holds the range — in sync, or rebuilt past it — the one
 //!   with the fewest reads in flight, or the one a sequential stream is on. A failed read is
-//!   retried on another leg that holds the range, and the failing leg is failed.
+//!   retried on another leg that holds the range; the range is then rewritten on the failing
+//!   leg from that one (md's read-error correction), and a leg whose rewrite fails, or that
+//!   needed more than 20 of them, is failed.
 //! - **Flushes** reach every leg; flushes that arrive while one is in flight are served by
 //!   one more.
 //! - **A rebuild** (a new or replaced leg, a stale one at assembly, a new mirror's initial
@@ -455,6 +457,12 @@ impl Target for Mirror {
             .target()
             .dyn_read_at(s.layout.data_offset + offset, buf)
     }
+
+    /// Writes to every leg that holds the range, by the rules of a queue's write (bits
+    /// durable first, never into a region being copied). Not from the mirror's own thread.
+    fn write_at(&self, offset: u64, buf: &[u8]) -> io::Result<()> {
+        self.shared.direct_write(offset, buf)
+    }
 }
 
 impl MirrorHandle {
@@ -488,7 +496,12 @@ impl MirrorHandle {
             return Value::Null;
         };
         let state = leg.state();
-        let mut o = json!({ "leg": i, "state": state.name(), "target": leg.name() });
+        let mut o = json!({
+            "leg": i,
+            "state": state.name(),
+            "target": leg.name(),
+            "read_errors": leg.read_errors.load(SeqCst),
+        });
         if state == LegState::Rebuilding {
             o["rebuild"] = json!({
                 "done_bytes": leg.cursor.load(SeqCst),
@@ -521,6 +534,7 @@ impl MirrorHandle {
                 "copied_bytes": s.resync_bytes.load(SeqCst),
             },
             "rebuild_copied_bytes": s.rebuild_bytes.load(SeqCst),
+            "repaired_bytes": s.repaired_bytes.load(SeqCst),
             "rebuild_rate": meta.rate,
             "last_error": meta.last_error,
             "legs": (0..s.legs.len()).map(|i| self.leg_json(i)).collect::<Vec<_>>(),

@@ -29,6 +29,8 @@ enum Kind {
         leg: usize,
         /// Legs tried, as a bit mask.
         tried: u32,
+        /// Legs that failed it, to repair once another leg served it.
+        failed: u32,
         error: i32,
     },
     /// A write, discard or write-zeroes; a flush with the flushes it stands for.
@@ -62,6 +64,8 @@ pub struct MirrorQueue {
     reading: Vec<u32>,
     /// Where the last read ended, and on which leg: a sequential stream stays there.
     last: Option<(usize, u64)>,
+    /// Where the next tie-break starts.
+    turn: usize,
     flushing: bool,
     flush_wait: Vec<Io>,
 }
@@ -87,6 +91,7 @@ impl MirrorQueue {
             acks: Vec::new(),
             reading: vec![0; n],
             last: None,
+            turn: 0,
             flushing: false,
             flush_wait: Vec::new(),
         }
@@ -155,11 +160,14 @@ impl MirrorQueue {
                 return Some(leg);
             }
         }
-        let best = (0..n)
+        // Ties go round-robin, so even one read at a time spreads over the legs.
+        let order = (0..n).map(|k| (self.turn + k) % n);
+        let best = order
+            .clone()
             .filter(|&i| usable(i, false))
             .min_by_key(|&i| self.reading[i]);
         best.or_else(|| {
-            (0..n)
+            order
                 .filter(|&i| usable(i, true))
                 .min_by_key(|&i| self.reading[i])
         })
@@ -171,6 +179,7 @@ impl MirrorQueue {
         match req.io.sub(0, len, self.leg_offset(a)) {
             Ok(sub) => {
                 self.reading[leg] += 1;
+                self.turn = leg + 1;
                 self.last = Some((leg, a + u64::from(len)));
                 ctx.send(self.legs[leg], sub, token(key, leg));
             }
@@ -192,6 +201,7 @@ impl MirrorQueue {
             kind: Kind::Read {
                 leg,
                 tried: 1 << leg,
+                failed: 0,
                 error: -libc::EIO,
             },
         });
@@ -200,7 +210,9 @@ impl MirrorQueue {
 
     /// A write, discard or write-zeroes. `held`: its regions' counts are already taken.
     fn write(&mut self, io: Io, held: bool, ctx: &mut QueueCtx<'_>) {
-        let s = Arc::clone(&self.shared);
+        // Borrowed, not cloned: an `Arc` clone per request would bounce its count's cache
+        // line between the queues.
+        let s = &*self.shared;
         let (a, len) = (io.offset(), u64::from(io.len()));
         let b = a + len;
         let regions = s.layout.regions_of(a, len);
@@ -209,8 +221,8 @@ impl MirrorQueue {
                 s.regions[r as usize].inflight.fetch_add(1, SeqCst);
             }
         }
-        if self.conflicts(&regions, a, b) {
-            release(&s, regions);
+        if conflicts(s, &regions, a, b) {
+            release(s, regions);
             return self.blocked.push(io);
         }
         let mut all_dirty = true;
@@ -225,25 +237,29 @@ impl MirrorQueue {
             }
         }
         if !all_dirty && !s.mark_dirty(regions.clone()) {
+            if s.broken.load(SeqCst) {
+                release(s, regions);
+                return io.fail(libc::EIO);
+            }
             return self.held.push(io);
         }
-        let targets: Vec<usize> = (0..self.legs.len())
-            .filter(|&i| {
-                let leg = &s.legs[i];
-                match leg.state() {
-                    LegState::InSync => true,
-                    LegState::Rebuilding => b <= leg.cursor.load(SeqCst),
-                    _ => false,
-                }
-            })
-            .collect();
-        if targets.is_empty() {
-            release(&s, regions);
+        let mut targets = 0u32;
+        for (i, leg) in s.legs.iter().enumerate() {
+            let holds = match leg.state() {
+                LegState::InSync => true,
+                LegState::Rebuilding => b <= leg.cursor.load(SeqCst),
+                _ => false,
+            };
+            targets |= u32::from(holds) << i;
+        }
+        if targets == 0 {
+            release(s, regions);
             return io.fail(libc::EIO);
         }
+        let offset = s.layout.data_offset + a;
         let key = self.reqs.insert(Req {
             io,
-            left: targets.len() as u32,
+            left: targets.count_ones(),
             kind: Kind::Write {
                 regions,
                 ok: false,
@@ -252,30 +268,16 @@ impl MirrorQueue {
                 flushes: Vec::new(),
             },
         });
-        let offset = self.leg_offset(a);
-        for leg in targets {
-            let sub = self.reqs[key].io.sub(0, len as u32, offset);
-            match sub {
+        let mut refused = 0u32;
+        for leg in legs_of(targets) {
+            match self.reqs[key].io.sub(0, len as u32, offset) {
                 Ok(sub) => ctx.send(self.legs[leg], sub, token(key, leg)),
-                Err(_) => self.write_answer(key, leg, -libc::EINVAL),
+                Err(_) => refused |= 1 << leg,
             }
         }
-    }
-
-    /// Whether `[a, b)` must wait: its region is being copied, or a rebuild cursor lies
-    /// inside it (the leg holds part of it and not the rest).
-    fn conflicts(&self, regions: &Range<u64>, a: u64, b: u64) -> bool {
-        let s = &self.shared;
-        let syncing = s.syncing.load(SeqCst);
-        if syncing != NONE && regions.contains(&syncing) {
-            return true;
+        for leg in legs_of(refused) {
+            self.write_answer(key, leg, -libc::EINVAL);
         }
-        s.legs.iter().any(|leg| {
-            leg.state() == LegState::Rebuilding && {
-                let c = leg.cursor.load(SeqCst);
-                a < c && c < b
-            }
-        })
     }
 
     fn flush(&mut self, io: Io, ctx: &mut QueueCtx<'_>) {
@@ -287,7 +289,7 @@ impl MirrorQueue {
     }
 
     fn start_flush(&mut self, io: Io, flushes: Vec<Io>, ctx: &mut QueueCtx<'_>) {
-        let s = Arc::clone(&self.shared);
+        let s = &*self.shared;
         let targets: Vec<usize> = (0..self.legs.len())
             .filter(|&i| matches!(s.legs[i].state(), LegState::InSync | LegState::Rebuilding))
             .collect();
@@ -313,7 +315,7 @@ impl MirrorQueue {
 
     /// One leg answered a write (or flush) `key`.
     fn write_answer(&mut self, key: usize, leg: usize, res: i32) {
-        let s = Arc::clone(&self.shared);
+        let s = &*self.shared;
         let Some(req) = self.reqs.get_mut(key) else {
             return;
         };
@@ -360,7 +362,7 @@ impl MirrorQueue {
             return;
         };
         let is_flush = req.io.op() == Op::Flush;
-        release(&s, regions);
+        release(s, regions);
         let res = if ok {
             want
         } else {
@@ -384,9 +386,13 @@ impl MirrorQueue {
         let want = req.io.len() as i32;
         if done.result == want {
             let req = self.reqs.remove(key);
+            let (a, b) = (req.io.offset(), req.io.offset() + u64::from(want as u32));
+            if let Kind::Read { failed, .. } = req.kind {
+                self.repair_failed(failed, a, b);
+            }
             return req.io.complete(want);
         }
-        let s = Arc::clone(&self.shared);
+        let s = &*self.shared;
         let (a, b) = (req.io.offset(), req.io.offset() + u64::from(req.io.len()));
         let err = if done.result < 0 {
             done.result
@@ -394,15 +400,21 @@ impl MirrorQueue {
             -libc::EIO
         };
         let why = format!(
-            "read failed on leg {leg} ({}): {}",
+            "read of {a}..{b} failed on leg {leg} ({}): {}",
             s.legs[leg].name(),
             std::io::Error::from_raw_os_error(-err)
         );
-        s.fail_leg(leg, &why);
-        let Kind::Read { tried, error, .. } = &mut req.kind else {
+        let Kind::Read {
+            tried,
+            error,
+            failed,
+            ..
+        } = &mut req.kind
+        else {
             return;
         };
         *error = err;
+        *failed |= 1 << leg;
         let tried_now = *tried;
         let next = self.pick_read(a, b, tried_now);
         match (next, done.retry) {
@@ -419,8 +431,21 @@ impl MirrorQueue {
                 ctx.send(self.legs[next], retry, token(key, next));
             }
             _ => {
+                // No leg could serve it: the legs that failed stay (there is nothing to
+                // repair them from), and the error goes up.
                 let req = self.reqs.remove(key);
                 req.io.complete(err);
+                tracing::error!("mirror: {why}; no other leg holds {a}..{b}");
+            }
+        }
+    }
+
+    /// Legs in `failed` could not read `[a, b)`, which another leg served: rewrite it there.
+    fn repair_failed(&self, failed: u32, a: u64, b: u64) {
+        for leg in 0..self.legs.len() {
+            if failed & (1 << leg) != 0 {
+                let why = format!("read of {a}..{b} failed on leg {leg}");
+                self.shared.repair(leg, a, b, &why);
             }
         }
     }
@@ -463,6 +488,26 @@ fn answer(io: Io, res: i32, flushes: Vec<Io>) {
         }
     }
     io.complete(res);
+}
+
+/// Whether a write of `[a, b)` must wait: its region is being copied, or a rebuild cursor
+/// lies inside it (the leg holds part of it and not the rest).
+fn conflicts(s: &Shared, regions: &Range<u64>, a: u64, b: u64) -> bool {
+    let syncing = s.syncing.load(SeqCst);
+    if syncing != NONE && regions.contains(&syncing) {
+        return true;
+    }
+    s.legs.iter().any(|leg| {
+        leg.state() == LegState::Rebuilding && {
+            let c = leg.cursor.load(SeqCst);
+            a < c && c < b
+        }
+    })
+}
+
+/// The legs in a bit mask, lowest first.
+fn legs_of(mask: u32) -> impl Iterator<Item = usize> {
+    (0..32).filter(move |i| mask & (1 << i) != 0)
 }
 
 fn release(s: &Shared, regions: Range<u64>) {

@@ -68,7 +68,13 @@ pub(crate) struct Leg {
     pub(crate) target: Mutex<BoxTarget>,
     /// What the leg is (`file:/dev/sdb`), for messages.
     pub(crate) name: Mutex<String>,
+    /// Read errors repaired since the leg joined; past [`MAX_READ_ERRORS`] it is failed.
+    pub(crate) read_errors: AtomicU32,
 }
+
+/// Read errors a leg may have repaired before it is failed (md's default for
+/// `max_corrected_read_errors`).
+pub(crate) const MAX_READ_ERRORS: u32 = 20;
 
 impl std::fmt::Debug for Leg {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -135,6 +141,12 @@ pub(crate) struct Shared {
     /// Bytes copied by resyncs and by rebuilds since the mirror was assembled.
     pub(crate) resync_bytes: AtomicU64,
     pub(crate) rebuild_bytes: AtomicU64,
+    /// Ranges a leg failed to read, to rewrite there from another leg: `(leg, start, end)`.
+    repairs: Mutex<Vec<(usize, u64, u64)>>,
+    /// Bytes rewritten by repairs.
+    pub(crate) repaired_bytes: AtomicU64,
+    /// The bitmap could not be written to any in-sync leg.
+    pub(crate) broken: AtomicBool,
 }
 
 pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -166,6 +178,7 @@ impl Shared {
                     generation: AtomicU64::new(0),
                     target: Mutex::new(target),
                     name: Mutex::new(name),
+                    read_errors: AtomicU32::new(0),
                 })
                 .collect(),
             regions,
@@ -187,6 +200,9 @@ impl Shared {
             resync_left: AtomicU64::new(0),
             resync_bytes: AtomicU64::new(0),
             rebuild_bytes: AtomicU64::new(0),
+            repairs: Mutex::new(Vec::new()),
+            repaired_bytes: AtomicU64::new(0),
+            broken: AtomicBool::new(false),
         }
     }
 
@@ -253,6 +269,38 @@ impl Shared {
         meta.events
     }
 
+    /// Leg `i` failed to read `[a, b)` (another leg served it): rewrite the range there from
+    /// a leg that holds it, or fail the leg when that cannot be done.
+    pub(crate) fn repair(&self, i: usize, a: u64, b: u64, why: &str) {
+        let differs = self
+            .layout
+            .regions_of(a, b - a)
+            .any(|r| self.regions[r as usize].resync.load(SeqCst));
+        // The source of a pending resync is the copy every other leg gets: it cannot be
+        // repaired from one of them.
+        if self.legs[i].state() != LegState::InSync || differs && self.source() == Some(i) {
+            self.fail_leg(i, why);
+            return;
+        }
+        if self.legs[i].read_errors.fetch_add(1, SeqCst) >= MAX_READ_ERRORS {
+            self.fail_leg(
+                i,
+                &format!("{why} ({MAX_READ_ERRORS} read errors repaired)"),
+            );
+            return;
+        }
+        tracing::warn!("mirror: {why}; rewriting it from another leg");
+        let mut repairs = lock(&self.repairs);
+        if repairs.len() >= 64 {
+            drop(repairs);
+            self.fail_leg(i, &format!("{why} (too many repairs pending)"));
+            return;
+        }
+        repairs.push((i, a, b));
+        drop(repairs);
+        self.kick();
+    }
+
     /// Asks for the bits of `regions` to be made durable. True when all already are.
     pub(crate) fn mark_dirty(&self, regions: Range<u64>) -> bool {
         let mut meta = lock(&self.meta);
@@ -277,6 +325,100 @@ impl Shared {
         all
     }
 
+    /// A direct (synchronous, durable) write of `buf` at device byte `offset`, from any
+    /// thread but the mirror's own: the same rules as a queue's write — bits durable first,
+    /// never into a region being copied, every leg that holds the range, a failed leg failed
+    /// durably before the answer.
+    pub(crate) fn direct_write(&self, offset: u64, buf: &[u8]) -> std::io::Result<()> {
+        let len = buf.len() as u64;
+        let end = offset
+            .checked_add(len)
+            .filter(|&e| e <= self.layout.dev_size)
+            .ok_or_else(|| {
+                std::io::Error::new(
+                    std::io::ErrorKind::InvalidInput,
+                    "write past the end of the mirror",
+                )
+            })?;
+        let regions = self.layout.regions_of(offset, len);
+        let pause = || std::thread::sleep(Duration::from_micros(500));
+        loop {
+            for r in regions.clone() {
+                self.regions[r as usize].inflight.fetch_add(1, SeqCst);
+            }
+            let syncing = self.syncing.load(SeqCst);
+            let straddles = self.legs.iter().any(|l| {
+                l.state() == LegState::Rebuilding && {
+                    let c = l.cursor.load(SeqCst);
+                    offset < c && c < end
+                }
+            });
+            if (syncing != NONE && regions.contains(&syncing)) || straddles {
+                self.release(regions.clone());
+                pause();
+                continue;
+            }
+            if self.mark_dirty(regions.clone()) {
+                break;
+            }
+            // Wait for the daemon to make the bits durable, keeping the counts.
+            while !regions
+                .clone()
+                .all(|r| self.regions[r as usize].state.load(SeqCst) == DIRTY)
+            {
+                if self.broken.load(SeqCst) || self.stop.load(SeqCst) {
+                    self.release(regions.clone());
+                    return Err(std::io::Error::from_raw_os_error(libc::EIO));
+                }
+                pause();
+            }
+            // Re-check the copy window with the counts held.
+            self.release(regions.clone());
+        }
+        let mut ok = false;
+        let mut wait_for = 0;
+        for (i, leg) in self.legs.iter().enumerate() {
+            let holds = match leg.state() {
+                LegState::InSync => true,
+                LegState::Rebuilding => end <= leg.cursor.load(SeqCst),
+                _ => false,
+            };
+            if !holds {
+                continue;
+            }
+            match leg
+                .target()
+                .dyn_write_at(self.layout.data_offset + offset, buf)
+            {
+                Ok(()) => ok |= leg.state() == LegState::InSync,
+                Err(e) => {
+                    let why = leg_err("write", i, &leg.name(), &e);
+                    if let Some(g) = self.fail_leg(i, &why) {
+                        wait_for = wait_for.max(g);
+                    }
+                }
+            }
+        }
+        for r in regions.clone() {
+            self.regions[r as usize].touched.store(true, Relaxed);
+        }
+        self.release(regions);
+        while self.sb_durable.load(SeqCst) < wait_for && !self.stop.load(SeqCst) {
+            pause();
+        }
+        if ok {
+            Ok(())
+        } else {
+            Err(std::io::Error::from_raw_os_error(libc::EIO))
+        }
+    }
+
+    fn release(&self, regions: Range<u64>) {
+        for r in regions {
+            self.regions[r as usize].inflight.fetch_sub(1, SeqCst);
+        }
+    }
+
     /// Puts `target` in leg `i`'s place, to be rebuilt from the start.
     pub(crate) fn replace(&self, i: usize, target: BoxTarget, name: String) {
         let mut meta = lock(&self.meta);
@@ -284,6 +426,7 @@ impl Shared {
         *lock(&leg.target) = target;
         *lock(&leg.name) = name;
         leg.cursor.store(0, SeqCst);
+        leg.read_errors.store(0, SeqCst);
         leg.set_state(LegState::Rebuilding);
         leg.generation.fetch_add(1, SeqCst);
         self.generation.fetch_add(1, SeqCst);
@@ -413,6 +556,23 @@ impl Shared {
         progressed
     }
 
+    /// [`Shared::write_meta`], tracking whether the bitmap can be written at all: when no
+    /// in-sync leg takes it, writes into clean regions fail with `EIO` instead of waiting
+    /// (the array is broken) until a later attempt succeeds.
+    fn write_meta_checked(&self) -> bool {
+        let progressed = self.write_meta();
+        let meta = lock(&self.meta);
+        let stuck = meta.want.iter().zip(&meta.durable).any(|(w, d)| w > d);
+        drop(meta);
+        let was = self.broken.swap(stuck, SeqCst);
+        if stuck && !was {
+            tracing::error!(
+                "mirror: no in-sync leg takes the bitmap: writes to clean regions fail"
+            );
+        }
+        progressed || stuck != was
+    }
+
     /// Writes `buf` at `offset` of every active leg; a leg that fails is failed. True when at
     /// least one in-sync leg has it.
     fn write_all_legs(&self, offset: u64, buf: &[u8]) -> bool {
@@ -472,8 +632,18 @@ struct Job {
     targets: Vec<usize>,
     pos: u64,
     end: u64,
-    /// A rebuild (the targets' cursors move) or a resync.
-    rebuild: bool,
+    kind: JobKind,
+}
+
+/// What a copy is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum JobKind {
+    /// The targets' rebuild cursors move past the region.
+    Rebuild,
+    /// The region's resync flag clears.
+    Resync,
+    /// A range a leg failed to read is rewritten there.
+    Repair,
 }
 
 /// The daemon's loop state.
@@ -528,7 +698,7 @@ impl Daemon {
     fn run(&mut self) {
         let s = Arc::clone(&self.shared);
         while !s.stop.load(Acquire) {
-            if s.write_meta() {
+            if s.write_meta_checked() {
                 s.notify_queues();
             }
             let step = self.copy_step();
@@ -544,7 +714,10 @@ impl Daemon {
             let meta = lock(&s.meta);
             let busy = meta.sb_want > s.sb_durable.load(SeqCst)
                 || meta.want.iter().zip(&meta.durable).any(|(w, d)| w > d);
-            if !busy && !s.stop.load(Acquire) {
+            if s.broken.load(SeqCst) {
+                // Retry the metadata once a second, not in a tight loop.
+                let _ = s.wake.wait_timeout(meta, Duration::from_secs(1));
+            } else if !busy && !s.stop.load(Acquire) {
                 let _ = s.wake.wait_timeout(meta, wait);
             }
         }
@@ -577,6 +750,9 @@ impl Daemon {
     /// Picks the next region to copy: the lowest rebuild cursor first, then regions to
     /// resync.
     fn pick(&mut self) -> Option<Job> {
+        if let Some(job) = self.pick_repair() {
+            return Some(job);
+        }
         let s = &self.shared;
         let source = s.source()?;
         let layout = s.layout;
@@ -605,7 +781,7 @@ impl Daemon {
                 targets,
                 pos: low.max(bytes.start),
                 end: bytes.end,
-                rebuild: true,
+                kind: JobKind::Rebuild,
             });
         }
         // Rebuilding legs whose cursor reached the end are in sync now.
@@ -637,8 +813,39 @@ impl Daemon {
             targets,
             pos: bytes.start,
             end: bytes.end,
-            rebuild: false,
+            kind: JobKind::Resync,
         })
+    }
+
+    /// The next repair: the first region of the first range, from another in-sync leg (the
+    /// rest of the range stays queued).
+    fn pick_repair(&mut self) -> Option<Job> {
+        let s = &self.shared;
+        let mut repairs = lock(&s.repairs);
+        while let Some(&(leg, a, b)) = repairs.first() {
+            let source =
+                (0..s.legs.len()).find(|&j| j != leg && s.legs[j].state() == LegState::InSync);
+            let (Some(source), LegState::InSync) = (source, s.legs[leg].state()) else {
+                repairs.remove(0);
+                continue;
+            };
+            let region = a / s.layout.region_size;
+            let end = b.min(s.layout.region_bytes(region).end);
+            if end < b {
+                repairs[0].1 = end;
+            } else {
+                repairs.remove(0);
+            }
+            return Some(Job {
+                region,
+                source,
+                targets: vec![leg],
+                pos: a,
+                end,
+                kind: JobKind::Repair,
+            });
+        }
+        None
     }
 
     /// Rebuilding legs whose cursor reached the end become in sync.
@@ -705,10 +912,10 @@ impl Daemon {
             }
         }
         job.pos += n as u64;
-        let counter = if job.rebuild {
-            &s.rebuild_bytes
-        } else {
-            &s.resync_bytes
+        let counter = match job.kind {
+            JobKind::Rebuild => &s.rebuild_bytes,
+            JobKind::Resync => &s.resync_bytes,
+            JobKind::Repair => &s.repaired_bytes,
         };
         counter.fetch_add(n as u64, SeqCst);
         let rate = lock(&s.meta).rate;
@@ -734,20 +941,22 @@ impl Daemon {
             return;
         };
         let s = &self.shared;
+        let rebuild = job.kind == JobKind::Rebuild;
         for &t in &job.targets {
             let leg = &s.legs[t];
-            if job.rebuild && leg.state() == LegState::Rebuilding {
+            if rebuild && leg.state() == LegState::Rebuilding {
                 leg.cursor.store(job.end, SeqCst);
             }
         }
-        if s.regions[job.region as usize].resync.swap(false, SeqCst) {
+        if job.kind != JobKind::Repair && s.regions[job.region as usize].resync.swap(false, SeqCst)
+        {
             s.resync_left.fetch_sub(1, SeqCst);
         }
         s.syncing.store(NONE, SeqCst);
         s.notify_queues();
-        if job.rebuild && job.end >= s.layout.dev_size {
+        if rebuild && job.end >= s.layout.dev_size {
             self.finish_rebuilds();
-        } else if job.rebuild && self.last_save.elapsed() >= SAVE_EVERY {
+        } else if rebuild && self.last_save.elapsed() >= SAVE_EVERY {
             self.last_save = Instant::now();
             s.bump_events(&mut lock(&s.meta));
         }
