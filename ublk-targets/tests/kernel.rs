@@ -19,11 +19,12 @@
 //!   three-level stack; `faulty` nodes failing and delaying exactly the ops their rule
 //!   matches, at the root and deeper; `ublk status` and `ublk list` showing the tree; and
 //!   bad expressions refused with one error line.
-//! * `mirror_*` (in `kernel/mirror.rs`): the RAID-1 node. fio verification while a new mirror
-//!   syncs, in every buffer mode and over stripes; a leg failing under fio (`ublk fail`, a
-//!   `faulty` node, a device-mapper `error` table); `ublk replace` and the rebuild under fio;
-//!   the resync after `kill -9` of the server; no stale reads during a rebuild; flushes
-//!   reaching every leg; a leg of another mirror refused unless `--force-new`.
+//! * `mirror_*` (in `kernel/mirror.rs`): the RAID-1 node. fio verification on new mirrors
+//!   in every buffer mode and over stripes, the legs compared after; a leg failing under fio
+//!   (`ublk fail`, a `faulty` node, a device-mapper `error` table); `ublk replace` and the
+//!   rebuild under fio; the resync after `kill -9` of the server; no stale reads during a
+//!   rebuild; flushes reaching every leg; a leg of another mirror refused unless
+//!   `--force-new`.
 //!
 //! They need root and the ublk driver, so every test is `#[ignore]`d: a plain host
 //! `cargo test` lists them as ignored. Run them inside the test VM with

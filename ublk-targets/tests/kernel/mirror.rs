@@ -1,7 +1,7 @@
 //! `mirror_*`: the RAID-1 stack node on the real driver.
 //!
-//! fio verification on mirrors of files in every buffer mode, of three files, and of two
-//! stripes, with the new mirror's initial sync running beneath it; a leg failing while fio
+//! fio verification on new mirrors of files in every buffer mode, of three files, and of two
+//! stripes; a leg failing while fio
 //! verifies (`ublk fail`, a `faulty` node, a device-mapper `error` table under the leg); a
 //! replaced leg rebuilt under fio; the resync after `kill -9` of the server copying only the
 //! regions being written; reads during a rebuild never returning the replacement's stale
@@ -17,8 +17,8 @@ const LEG: u64 = 16 * MIB;
 /// Where the data area starts on legs of [`LEG`] bytes (status `mirror.data_offset`).
 const DATA_OFFSET: u64 = MIB;
 
-/// The fio runs on a new mirror, whose initial sync runs beneath the first: requests of
-/// any size 16 deep, then a mix of smaller reads and writes 32 deep.
+/// The fio runs on a new mirror: requests of any size 16 deep, then a mix of smaller reads
+/// and writes 32 deep.
 const MIRROR_FIO: [FioCase; 2] = [
     FioCase {
         rw: "randwrite",
@@ -77,8 +77,8 @@ fn mirror_of_3_files_default_mode_2_queues() {
     mirror_of_files(3, &["--queues", "2"]);
 }
 
-/// A new mirror of `legs` files, added with `options`: fio verifies while leg 0 is copied
-/// to the others; then every leg's data area equals the device's contents.
+/// A new mirror of `legs` files, added with `options`: fio verifies its data; once leg 0 is
+/// copied to the others, every leg's data area equals the device's contents.
 fn mirror_of_files(legs: usize, options: &[&str]) {
     let session = Session::start(&format!("mirror{legs}{}", options.join("")));
     let files = child_files(&session.scratch, &vec![LEG; legs]);
