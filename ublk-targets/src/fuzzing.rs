@@ -12,6 +12,7 @@ use std::sync::Arc;
 
 use ublk_zc::BoxTarget;
 
+use crate::compress::{Compress, CompressOptions};
 use crate::faulty::{FaultOps, FaultRule, FaultSwitch, Faulty};
 use crate::file::FileTarget;
 use crate::mirror::meta::LegState;
@@ -62,6 +63,20 @@ pub fn request_stream(data: &[u8]) {
         check_request_stream_in(mode, nested_stack(geo), geo, Semantics::STORES_DATA, rest);
     }
     mirror_stream(geo, rest);
+    check_request_stream(compress_over_ram(geo), geo, Semantics::STORES_DATA, rest);
+}
+
+/// A new compressed image over RAM with room for the logical size stored raw and a little
+/// more, so overwrites without flushes exercise the wait for space to come back.
+fn compress_over_ram(geo: Geometry) -> impl FnOnce() -> Compress {
+    move || {
+        let child: BoxTarget = Arc::new(Ram::new(geo.size * 2).expect("memfd"));
+        let opts = CompressOptions {
+            size: Some(geo.size),
+            algo: None,
+        };
+        Compress::open(child, &opts).expect("a new image on a blank child")
+    }
 }
 
 /// A 3-leg mirror whose legs fail and return between batches: the input byte after each

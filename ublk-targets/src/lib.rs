@@ -7,6 +7,8 @@
 //! - [`stripe::Stripe`]: RAID-0 over N children;
 //! - [`mirror::Mirror`]: RAID-1 over N children, with a persistent write-intent bitmap,
 //!   rebuild, resync and reassembly;
+//! - [`compress::Compress`]: stores a device compressed (lz4 or zstd) in its child, crash
+//!   consistent through a journal and map checkpoints;
 //! - [`faulty::Faulty`]: a pass-through node that fails or delays chosen operations on demand.
 //!
 //! Each target is a block backend ([`ublk_zc::Target`]), so targets own others as children:
@@ -29,6 +31,7 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
+pub mod compress;
 pub mod control;
 pub mod expr;
 pub mod faulty;

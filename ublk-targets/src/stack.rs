@@ -15,6 +15,8 @@ use std::time::Duration;
 use serde_json::{json, Map, Value};
 use ublk_zc::{BoxTarget, NodeStats};
 
+use crate::compress::format::Algo;
+use crate::compress::{Compress, CompressHandle, CompressOptions, Opened};
 use crate::expr::{self, Expr, ExprError, Leaf, LeafKind, Node, Param};
 use crate::faulty::{FaultOps, FaultRule, FaultSwitch, Faulty};
 use crate::file::FileTarget;
@@ -42,6 +44,8 @@ pub struct NodeDesc {
     pub fault: Option<Arc<FaultSwitch>>,
     /// For a mirror: its controls (status, fail, replace, rebuild rate).
     pub mirror: Option<MirrorHandle>,
+    /// For a compress node: its space accounting.
+    pub compress: Option<CompressHandle>,
     /// Its children, in order.
     pub children: Vec<NodeDesc>,
 }
@@ -66,7 +70,7 @@ impl std::fmt::Debug for Stack {
 }
 
 /// Node kinds the grammar knows, for error messages.
-const KINDS: &str = "stripe, mirror, faulty, file, ram, null";
+const KINDS: &str = "stripe, mirror, compress, faulty, file, ram, null";
 
 /// Choices that apply to the whole tree being built.
 #[derive(Debug, Clone, Default)]
@@ -106,6 +110,7 @@ fn node(e: &Expr, path: String, o: &BuildOptions) -> Result<(BoxTarget, NodeDesc
             "stripe" => stripe(n, path, o),
             "faulty" => faulty(n, path, o),
             "mirror" => mirror(n, path, o),
+            "compress" => compress(n, path, o),
             "file" | "ram" | "null" => long_leaf(n, path),
             other => Err(ExprError::new(
                 n.pos,
@@ -125,6 +130,7 @@ fn desc(kind: &'static str, target: &BoxTarget, pos: usize, path: String) -> Nod
         pos,
         fault: None,
         mirror: None,
+        compress: None,
         children: Vec::new(),
     }
 }
@@ -302,6 +308,40 @@ fn mirror(n: &Node, path: String, o: &BuildOptions) -> Result<(BoxTarget, NodeDe
     Ok((target, d))
 }
 
+/// `compress(CHILD, size=SIZE, algo=lz4|zstd[:LEVEL])`: a new image on a blank child (size
+/// required), or the one the child holds (size, if given, must match).
+fn compress(n: &Node, path: String, o: &BuildOptions) -> Result<(BoxTarget, NodeDesc), ExprError> {
+    n.check_keys(&["size", "algo"])?;
+    if n.children.len() != 1 {
+        return Err(ExprError::new(
+            n.pos,
+            format!("compress takes exactly 1 child, got {}", n.children.len()),
+        ));
+    }
+    let size = n.param("size").map(Param::size).transpose()?;
+    let algo = match n.param("algo") {
+        Some(p) => Some(
+            Algo::parse(&p.value).map_err(|e| ExprError::new(p.value_pos, format!("algo: {e}")))?,
+        ),
+        None => None,
+    };
+    let (mut targets, descs) = children(n, &path, o)?;
+    let opts = CompressOptions { size, algo };
+    let c = Compress::open(targets.remove(0), &opts).map_err(|e| ExprError::new(n.pos, e.0))?;
+    match c.opened() {
+        Opened::New => tracing::info!("compress at {path}: new image"),
+        Opened::Existing { replayed } => {
+            tracing::info!("compress at {path}: reopened; {replayed} journal records replayed")
+        }
+    }
+    let handle = c.handle();
+    let target: BoxTarget = Arc::new(c);
+    let mut d = desc("compress", &target, n.pos, path);
+    d.compress = Some(handle);
+    d.children = descs;
+    Ok((target, d))
+}
+
 fn faulty(n: &Node, path: String, o: &BuildOptions) -> Result<(BoxTarget, NodeDesc), ExprError> {
     n.check_keys(&["fail", "range", "every", "delay"])?;
     if n.children.len() != 1 {
@@ -407,6 +447,9 @@ impl NodeDesc {
         if let Some(m) = &self.mirror {
             o.insert("mirror".into(), m.status());
         }
+        if let Some(c) = &self.compress {
+            o.insert("compress".into(), c.status());
+        }
         let s = stats
             .iter()
             .find(|s| s.path == self.path)
@@ -471,6 +514,22 @@ mod tests {
         assert!(err("faulty(ram:1M,ram:1M)").contains("exactly 1 child"));
         assert!(err("stripe(file:/nonexistent/x,ram:1M)").starts_with("at column 13:"));
         assert!(err("faulty(ram:1M,fail=sideways)").contains("fail:"));
+    }
+
+    #[test]
+    fn compress_nodes_build_and_report_their_space() {
+        let s = build("compress(ram:1M,size=256K,algo=zstd:5)").expect("compress over RAM");
+        assert_eq!(s.desc.kind, "compress");
+        assert_eq!(s.desc.size, 256 << 10);
+        let st = s.desc.status(&[]);
+        assert_eq!(st["compress"]["algo"], "zstd:5");
+        assert_eq!(st["compress"]["logical_bytes"], 256 << 10);
+        assert_eq!(st["compress"]["stored_bytes"], 0);
+        assert!(st["compress"]["metadata_bytes"].as_u64().unwrap() > 0);
+        let err = |t: &str| build(t).expect_err(t).to_string();
+        assert!(err("compress(ram:1M)").contains("needs size="));
+        assert!(err("compress(ram:1M,ram:1M,size=64K)").contains("exactly 1 child"));
+        assert!(err("compress(ram:1M,size=64K,algo=gzip)").contains("algo:"));
     }
 
     #[test]

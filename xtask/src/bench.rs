@@ -7,10 +7,11 @@
 //! modules). Each round runs every test on every device, alternating devices
 //! run by run (the device order is rotated every round so no device always
 //! follows the same neighbour); the report gives the median of the rounds.
-//! The default 2 s measured + 1 s ramp per run keeps the full plan (822 runs)
-//! near 52 minutes of TCG time. Writes `target/bench/`:
-//! `report.md` (Markdown tables and the issue's bar checks), `raw.json`
-//! (every fio run, with fio's job report) and `iops.png`.
+//! The default 2 s measured + 1 s ramp per run keeps the full plan (858 runs
+//! and the rebuild rounds) near 57 minutes of TCG time. Writes
+//! `target/bench/`: `report.md` (Markdown tables and the issue's bar checks),
+//! `raw.json` (every fio run, with fio's job report, and every rebuild) and
+//! `iops.png`.
 //!
 //! Queues: every ublk device (ours and libublk's) gets 2 queues of depth 128
 //! and null_blk 2 submit queues of depth 128, so the 1-job and 2-job runs use
@@ -22,6 +23,22 @@
 //! are compared with md over the very same memory. They run only the tests
 //! of [`PAIR_TESTS`], over the first [`PAIR_SPAN_MIB`] MiB of the device (the
 //! brd pages they write stay allocated until the end).
+//!
+//! Mirrors: md raid1 (`mdadm --create`, internal bitmap, `--assume-clean`)
+//! and two ublk stacks `mirror(file:/dev/ram3,file:/dev/ram4,assume_clean=true)`
+//! (zero-copy and copy) share a second pair, [`MIRROR_PAIR`], the same way,
+//! and run the tests of [`MIRROR_TESTS`] over [`PAIR_SPAN_MIB`] MiB. Each keeps
+//! its metadata in memory while it runs and only writes it, so their
+//! superblocks and bitmaps overwriting each other's on the shared disks change
+//! nothing that is measured; block 0 of both disks is zeroed before each
+//! mirror is assembled, so that it starts a new mirror instead of taking up
+//! the one set up before it.
+//!
+//! Rebuilds: before any device is set up, each round times md raid1's initial
+//! resync (`mdadm --create` without `--assume-clean`) and the initial sync of
+//! `mirror(file:/dev/ram3,file:/dev/ram4)` (leg 1 copied from leg 0), each on
+//! freshly discarded 1 GiB disks, alternating like the fio runs
+//! ([`REBUILDS`]); the report gives MB/s and the ratio to md.
 
 mod report;
 mod script;
@@ -53,12 +70,16 @@ const BENCH_FILE: &str = "/dev/shm/ublk-bench.img";
 
 /// `brd` parameters, loaded once for the whole plan: `/dev/ram0` is the brd
 /// row, `/dev/ram1` and `/dev/ram2` the pair under md raid0 and the ublk
-/// stripes (1 GiB each: brd has one size for all its disks; pages are only
-/// allocated when written).
-const BRD_PARAMS: &str = "rd_nr=3 rd_size=1048576";
+/// stripes, `/dev/ram3` and `/dev/ram4` the legs of md raid1 and the ublk
+/// mirrors (1 GiB each: brd has one size for all its disks; pages are only
+/// allocated when written, and freed by a discard).
+const BRD_PARAMS: &str = "rd_nr=5 rd_size=1048576";
 
 /// The brd pair under the stripe rows.
 const BRD_PAIR: [&str; 2] = ["/dev/ram1", "/dev/ram2"];
+
+/// The brd pair under the mirror rows and the rebuilds.
+const MIRROR_PAIR: [&str; 2] = ["/dev/ram3", "/dev/ram4"];
 
 /// The stripe chunk of md raid0 and the ublk stripes, in KiB.
 const PAIR_CHUNK_KIB: u32 = 64;
@@ -76,6 +97,15 @@ const UBLK_STACK_QUEUES: &str = "--queues 2 --depth 128";
 /// md raid0 over [`BRD_PAIR`].
 pub const MD_RAID0: &str = "md-raid0";
 
+/// The tests the mirror rows run (the issue's mirror comparison).
+pub const MIRROR_TESTS: &[&str] = &["randread-4k-qd64", "randwrite-4k-qd64"];
+
+/// md raid1 over [`MIRROR_PAIR`].
+pub const MD_RAID1: &str = "md-raid1";
+
+/// The md device of [`MD_RAID1`] and of the md resync rounds.
+const MD_RAID1_DEV: &str = "/dev/md1";
+
 /// What a device is, for the ratio columns and the bar checks.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Role {
@@ -91,6 +121,8 @@ pub enum Role {
     UblkFile,
     /// `ublk add stack 'stripe(...)'` over the brd pair, compared with md raid0.
     UblkStripe,
+    /// `ublk add stack 'mirror(...)'` over the mirror pair, compared with md raid1.
+    UblkMirror,
 }
 
 /// How a device under test is created.
@@ -114,6 +146,12 @@ enum Setup {
     /// `ublk add stack '<tree>' <args> --queues 2 --depth 128`, the tree a
     /// stripe over [`BRD_PAIR`] with [`PAIR_CHUNK_KIB`] chunks.
     UblkStripe(&'static str),
+    /// md raid1 over [`MIRROR_PAIR`], created by mdadm with an internal bitmap
+    /// and without a resync.
+    MdRaid1,
+    /// `ublk add stack '<tree>' <args> --queues 2 --depth 128`, the tree a new
+    /// mirror over [`MIRROR_PAIR`] assumed clean.
+    UblkMirror(&'static str),
 }
 
 /// A device under test (the name must not contain dots or spaces).
@@ -145,6 +183,15 @@ impl Device {
                 "`ublk add stack '{}' {args} {UBLK_STACK_QUEUES}` ({PAIR_SPAN_MIB} MiB used)",
                 stripe_tree()
             ),
+            Setup::MdRaid1 => format!(
+                "`{}`, then idle ({PAIR_SPAN_MIB} MiB used)",
+                md_raid1_command(true)
+            ),
+            Setup::UblkMirror(args) => format!(
+                "`ublk add stack '{}' {args} {UBLK_STACK_QUEUES}` on legs whose block 0 was \
+                 zeroed ({PAIR_SPAN_MIB} MiB used)",
+                mirror_tree(true)
+            ),
         }
     }
 
@@ -153,26 +200,34 @@ impl Device {
     }
 
     fn needs_brd(&self) -> bool {
-        matches!(self.setup, Setup::Brd(_)) || self.over_brd_pair()
+        matches!(self.setup, Setup::Brd(_)) || self.pair_tests().is_some()
     }
 
     fn needs_mdadm(&self) -> bool {
-        matches!(self.setup, Setup::MdRaid0)
+        matches!(self.setup, Setup::MdRaid0 | Setup::MdRaid1)
     }
 
-    /// Whether the device stripes over [`BRD_PAIR`].
-    fn over_brd_pair(&self) -> bool {
-        matches!(self.setup, Setup::MdRaid0 | Setup::UblkStripe(_))
+    /// For a device over a brd pair (stripes over [`BRD_PAIR`], mirrors over
+    /// [`MIRROR_PAIR`]): the only tests it runs.
+    fn pair_tests(&self) -> Option<&'static [&'static str]> {
+        match self.setup {
+            Setup::MdRaid0 | Setup::UblkStripe(_) => Some(PAIR_TESTS),
+            Setup::MdRaid1 | Setup::UblkMirror(_) => Some(MIRROR_TESTS),
+            _ => None,
+        }
     }
 
     /// Whether the device runs `test`.
     pub fn runs(&self, test: &Test) -> bool {
-        !self.over_brd_pair() || PAIR_TESTS.contains(&test.name)
+        match self.pair_tests() {
+            Some(tests) => tests.contains(&test.name),
+            None => true,
+        }
     }
 
     /// MiB of the device that fio addresses.
     fn span_mib(&self) -> u32 {
-        if self.over_brd_pair() {
+        if self.pair_tests().is_some() {
             PAIR_SPAN_MIB
         } else {
             DEVICE_MIB
@@ -194,6 +249,33 @@ fn stripe_tree() -> String {
     format!(
         "stripe(file:{},file:{},chunk={PAIR_CHUNK_KIB}K)",
         BRD_PAIR[0], BRD_PAIR[1]
+    )
+}
+
+/// The mdadm command line creating md raid1 over [`MIRROR_PAIR`] (version
+/// 1.2 superblock and internal bitmap, as mdadm makes them by default); with
+/// `assume_clean` it starts in sync, else it resyncs leg 1 from leg 0.
+fn md_raid1_command(assume_clean: bool) -> String {
+    format!(
+        "mdadm --create {MD_RAID1_DEV} --level=1 --raid-devices=2 --bitmap=internal{} --run {} {}",
+        if assume_clean { " --assume-clean" } else { "" },
+        MIRROR_PAIR[0],
+        MIRROR_PAIR[1]
+    )
+}
+
+/// The stack expression of a new mirror over [`MIRROR_PAIR`]; without
+/// `assume_clean` its leg 1 is rebuilt from leg 0.
+fn mirror_tree(assume_clean: bool) -> String {
+    format!(
+        "mirror(file:{},file:{}{})",
+        MIRROR_PAIR[0],
+        MIRROR_PAIR[1],
+        if assume_clean {
+            ",assume_clean=true"
+        } else {
+            ""
+        }
     )
 }
 
@@ -385,6 +467,77 @@ pub const DEVICES: &[Device] = &[
         setup: Setup::UblkStripe("--buffer-mode zero-copy --batch"),
         quick: false,
     },
+    // md first, as for the stripes.
+    Device {
+        name: MD_RAID1,
+        role: Role::Kernel,
+        setup: Setup::MdRaid1,
+        quick: false,
+    },
+    Device {
+        name: "ublk-mirror-zc",
+        role: Role::UblkMirror,
+        setup: Setup::UblkMirror("--buffer-mode zero-copy"),
+        quick: false,
+    },
+    Device {
+        name: "ublk-mirror-copy",
+        role: Role::UblkMirror,
+        setup: Setup::UblkMirror("--buffer-mode copy"),
+        quick: false,
+    },
+];
+
+/// A rebuild measurement: how fast leg 1 of a new two-leg mirror over
+/// [`MIRROR_PAIR`] becomes a copy of leg 0 (the name must not contain dots or
+/// spaces).
+pub struct Rebuild {
+    pub name: &'static str,
+    kind: RebuildKind,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum RebuildKind {
+    /// md raid1's initial resync, unthrottled (`speed_limit_max`).
+    Md,
+    /// A new ublk mirror's initial sync (no rate limit by default).
+    Mirror,
+}
+
+impl Rebuild {
+    /// How the rebuild is started and timed, for the report.
+    pub fn describe(&self) -> String {
+        match self.kind {
+            RebuildKind::Md => format!(
+                "`{}` with `speed_limit_max` raised to {MD_SPEED_LIMIT_KIB} KiB/s, \
+                 timed until `sync_action` is idle; bytes: the array size",
+                md_raid1_command(false)
+            ),
+            RebuildKind::Mirror => format!(
+                "`ublk add stack '{}' {UBLK_STACK_QUEUES}`, timed until `ublk status --json` \
+                 shows both legs in sync; bytes: `rebuild_copied_bytes`",
+                mirror_tree(false)
+            ),
+        }
+    }
+}
+
+/// md resync's ceiling for the rebuild rounds, in KiB/s (the default, 200000,
+/// would cap md below what it can do).
+const MD_SPEED_LIMIT_KIB: u32 = 10_000_000;
+
+/// The reference of the rebuild rows.
+pub const MD_RESYNC: &str = "md-raid1-resync";
+
+pub const REBUILDS: &[Rebuild] = &[
+    Rebuild {
+        name: MD_RESYNC,
+        kind: RebuildKind::Md,
+    },
+    Rebuild {
+        name: "ublk-mirror-rebuild",
+        kind: RebuildKind::Mirror,
+    },
 ];
 
 impl Role {
@@ -394,6 +547,7 @@ impl Role {
             Role::UblkRam => Some("brd"),
             Role::UblkFile => Some("loop"),
             Role::UblkStripe => Some(MD_RAID0),
+            Role::UblkMirror => Some(MD_RAID1),
             _ => None,
         }
     }
@@ -469,13 +623,15 @@ pub struct Options {
     pub ramp: u32,
     /// Only the `quick` devices and tests, 1 job.
     pub quick: bool,
-    /// Keep only devices whose name contains one of these.
+    /// Keep only devices (and rebuilds) whose name contains one of these.
     pub filter: Vec<String>,
 }
 
 /// What one benchmark invocation runs.
 pub struct Plan {
     pub devices: Vec<&'static Device>,
+    /// Timed before the devices are set up, `rounds` times each.
+    pub rebuilds: Vec<&'static Rebuild>,
     pub tests: Vec<&'static Test>,
     pub jobs: Vec<u32>,
     pub rounds: u32,
@@ -492,18 +648,33 @@ const RUN_OVERHEAD_SECS: f64 = 0.7;
 /// Boot, device setup (1 GiB tmpfs file) and teardown.
 const SETUP_SECS: u64 = 90;
 
+/// Guest seconds per rebuild round of one row (1 GiB under TCG: md's resync
+/// took 9 s, the mirror's 19 s; plus setup, teardown and the discards).
+const REBUILD_ROUND_SECS: u64 = 30;
+
 impl Plan {
     /// The plan of `opts`, less the libublk rows when libublk-null could not
-    /// be built and md raid0 when there is no mdadm.
+    /// be built and the md rows when there is no mdadm.
     pub fn new(opts: &Options, libublk_available: bool, mdadm_available: bool) -> Result<Plan> {
         let mut notes = Vec::new();
+        let wanted =
+            |name: &str| opts.filter.is_empty() || opts.filter.iter().any(|f| name.contains(f));
         let mut devices: Vec<&Device> = DEVICES
             .iter()
             .filter(|d| !opts.quick || d.quick)
-            .filter(|d| opts.filter.is_empty() || opts.filter.iter().any(|f| d.name.contains(f)))
+            .filter(|d| wanted(d.name))
             .collect();
-        if devices.is_empty() {
-            let names: Vec<&str> = DEVICES.iter().map(|d| d.name).collect();
+        // The rebuilds are not part of --quick.
+        let mut rebuilds: Vec<&Rebuild> = REBUILDS
+            .iter()
+            .filter(|r| !opts.quick && wanted(r.name))
+            .collect();
+        if devices.is_empty() && rebuilds.is_empty() {
+            let names: Vec<&str> = DEVICES
+                .iter()
+                .map(|d| d.name)
+                .chain(REBUILDS.iter().map(|r| r.name))
+                .collect();
             bail!(
                 "--filter {} matches no device; devices: {}",
                 opts.filter.join(","),
@@ -518,11 +689,13 @@ impl Plan {
                     .to_string(),
             );
         }
-        if !mdadm_available && devices.iter().any(|d| d.needs_mdadm()) {
+        let md_rebuild = rebuilds.iter().any(|r| r.kind == RebuildKind::Md);
+        if !mdadm_available && (md_rebuild || devices.iter().any(|d| d.needs_mdadm())) {
             devices.retain(|d| !d.needs_mdadm());
+            rebuilds.retain(|r| r.kind != RebuildKind::Md);
             notes.push(
                 "mdadm is not installed (apt-get install --no-install-recommends mdadm), \
-                 so the md-raid0 row and the stripes' ratios to it are missing."
+                 so the md rows and the stripes' and mirrors' ratios to them are missing."
                     .to_string(),
             );
         }
@@ -530,6 +703,7 @@ impl Plan {
         let jobs = if opts.quick { vec![1] } else { vec![1, 2] };
         Ok(Plan {
             devices,
+            rebuilds,
             tests,
             jobs,
             rounds: opts.rounds,
@@ -552,7 +726,9 @@ impl Plan {
     /// Expected guest time.
     pub fn estimate(&self) -> Duration {
         let per_run = f64::from(self.runtime + self.ramp) + RUN_OVERHEAD_SECS;
-        Duration::from_secs_f64(self.runs() as f64 * per_run) + Duration::from_secs(SETUP_SECS)
+        let rebuilds = self.rebuilds.len() as u64 * u64::from(self.rounds) * REBUILD_ROUND_SECS;
+        Duration::from_secs_f64(self.runs() as f64 * per_run)
+            + Duration::from_secs(SETUP_SECS + rebuilds)
     }
 
     fn uses_file(&self) -> bool {
@@ -560,7 +736,7 @@ impl Plan {
     }
 
     fn uses_brd(&self) -> bool {
-        self.devices.iter().any(|d| d.needs_brd())
+        !self.rebuilds.is_empty() || self.devices.iter().any(|d| d.needs_brd())
     }
 
     pub fn uses_libublk(&self) -> bool {
@@ -569,6 +745,7 @@ impl Plan {
 
     pub fn uses_mdadm(&self) -> bool {
         self.devices.iter().any(|d| d.needs_mdadm())
+            || self.rebuilds.iter().any(|r| r.kind == RebuildKind::Md)
     }
 }
 
@@ -637,6 +814,75 @@ impl Results {
     }
 }
 
+/// One timed rebuild round.
+#[derive(Clone, Debug, PartialEq)]
+pub struct RebuildSample {
+    pub name: String,
+    pub round: u32,
+    /// Bytes the rebuild copied.
+    pub bytes: u64,
+    /// Seconds from the start of the setup until the legs were in sync.
+    pub secs: f64,
+}
+
+impl RebuildSample {
+    /// Parses the text after `XTASK-BENCH-REBUILD`: `NAME ROUND BYTES T0 T1`,
+    /// the times in seconds of uptime.
+    fn parse(text: &str) -> Option<RebuildSample> {
+        let parts: Vec<&str> = text.split_whitespace().collect();
+        let [name, round, bytes, t0, t1] = parts[..] else {
+            return None;
+        };
+        let (t0, t1): (f64, f64) = (t0.parse().ok()?, t1.parse().ok()?);
+        Some(RebuildSample {
+            name: name.to_string(),
+            round: round.parse().ok()?,
+            bytes: bytes.parse().ok()?,
+            secs: t1 - t0,
+        })
+    }
+
+    /// Throughput in MB/s (10^6 bytes per second).
+    pub fn mb_per_s(&self) -> f64 {
+        if self.secs > 0.0 {
+            self.bytes as f64 / self.secs / 1e6
+        } else {
+            f64::NAN
+        }
+    }
+}
+
+/// The rounds of one rebuild row.
+#[derive(Clone, Debug, PartialEq)]
+pub struct RebuildStats {
+    pub rounds: usize,
+    /// Bytes copied (the median of the rounds; every round copies the same).
+    pub bytes: f64,
+    pub secs: f64,
+    /// MB/s: min, median, max.
+    pub mb_per_s: [f64; 3],
+}
+
+impl RebuildStats {
+    /// The statistics of `name`'s samples, `None` when none completed.
+    pub fn of(samples: &[RebuildSample], name: &str) -> Option<RebuildStats> {
+        let mine: Vec<&RebuildSample> = samples.iter().filter(|s| s.name == name).collect();
+        if mine.is_empty() {
+            return None;
+        }
+        let of = |f: fn(&RebuildSample) -> f64| mine.iter().map(|s| f(s)).collect::<Vec<f64>>();
+        let rates = of(RebuildSample::mb_per_s);
+        let min = rates.iter().copied().fold(f64::INFINITY, f64::min);
+        let max = rates.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+        Some(RebuildStats {
+            rounds: mine.len(),
+            bytes: fio::median(&of(|s| s.bytes as f64)),
+            secs: fio::median(&of(|s| s.secs)),
+            mb_per_s: [min, fio::median(&rates), max],
+        })
+    }
+}
+
 /// Builds the libublk null server (standalone crate `benches/libublk-null`,
 /// needs libclang for bindgen); installs libclang when root and the first
 /// build fails. Returns the binary, or `None` (with a warning) when it
@@ -694,6 +940,9 @@ struct Markers {
     skipped: Vec<String>,
     failed: Vec<String>,
     notes: Vec<String>,
+    /// `XTASK-BENCH-REBUILD` lines that do not parse.
+    bad_rebuilds: Vec<String>,
+    rebuilds: Vec<RebuildSample>,
 }
 
 impl Markers {
@@ -712,6 +961,14 @@ impl Markers {
             skipped: values("XTASK-BENCH-SKIP"),
             failed: values("XTASK-BENCH-FAIL"),
             notes: values("XTASK-BENCH-NOTE"),
+            bad_rebuilds: values("XTASK-BENCH-REBUILD")
+                .into_iter()
+                .filter(|l| RebuildSample::parse(l).is_none())
+                .collect(),
+            rebuilds: values("XTASK-BENCH-REBUILD")
+                .iter()
+                .filter_map(|l| RebuildSample::parse(l))
+                .collect(),
         }
     }
 }
@@ -721,7 +978,7 @@ pub fn bench(ws: &Workspace, vm: &VmOpts, plan: &Plan, libublk: Option<PathBuf>)
     let est = plan.estimate();
     eprintln!(
         "xtask: bench plan: {} devices × {} tests × {} job counts × {} rounds = {} fio runs \
-         of {}+{} s, about {} min",
+         of {}+{} s, {} rebuild rows × {} rounds, about {} min",
         plan.devices.len(),
         plan.tests.len(),
         plan.jobs.len(),
@@ -729,6 +986,8 @@ pub fn bench(ws: &Workspace, vm: &VmOpts, plan: &Plan, libublk: Option<PathBuf>)
         plan.runs(),
         plan.ramp,
         plan.runtime,
+        plan.rebuilds.len(),
+        plan.rounds,
         est.as_secs().div_ceil(60)
     );
     let mut extra_bins = Vec::new();
@@ -789,22 +1048,41 @@ pub fn bench(ws: &Workspace, vm: &VmOpts, plan: &Plan, libublk: Option<PathBuf>)
         markers
             .failed
             .iter()
-            .map(|f| format!("**fio run {f} failed.**")),
+            .map(|f| format!("**run {f} failed.**")),
     );
+    notes.extend(
+        markers
+            .bad_rebuilds
+            .iter()
+            .map(|l| format!("**unreadable rebuild result: {l}**")),
+    );
+    let rebuilds: Vec<(&Rebuild, Option<RebuildStats>)> = plan
+        .rebuilds
+        .iter()
+        .map(|r| (*r, RebuildStats::of(&markers.rebuilds, r.name)))
+        .collect();
 
     let dir = ws.target.join("bench");
     fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
     let png = dir.join("iops.png");
     let _ = fs::remove_file(&png);
-    match draw_chart(plan, &results, &env, &png) {
-        Ok(()) => {}
-        Err(e) => {
+    // A plan of rebuilds alone has no IOPS to draw.
+    if !plan.devices.is_empty() {
+        if let Err(e) = draw_chart(plan, &results, &env, &png) {
             eprintln!("xtask: warning: no chart: {e:#}");
             notes.push(format!("No chart was drawn: {e:#}."));
         }
     }
     let bars = report::bars(&results);
-    let md = report::markdown(plan, &results, &bars, &env, &notes, png.is_file());
+    let md = report::markdown(
+        plan,
+        &results,
+        &rebuilds,
+        &bars,
+        &env,
+        &notes,
+        png.is_file(),
+    );
     let report_path = dir.join("report.md");
     fs::write(&report_path, &md).with_context(|| format!("writing {}", report_path.display()))?;
 
@@ -827,6 +1105,10 @@ pub fn bench(ws: &Workspace, vm: &VmOpts, plan: &Plan, libublk: Option<PathBuf>)
                 "bs": t.bs,
                 "iodepth": t.iodepth,
             })).collect::<Vec<_>>(),
+            "rebuilds": plan.rebuilds.iter().map(|r| json!({
+                "name": r.name,
+                "setup": r.describe(),
+            })).collect::<Vec<_>>(),
             "jobs": plan.jobs,
             "rounds": plan.rounds,
             "runtime_s": plan.runtime,
@@ -845,6 +1127,14 @@ pub fn bench(ws: &Workspace, vm: &VmOpts, plan: &Plan, libublk: Option<PathBuf>)
             "lat_p99_us": s.result.lat_p99_us,
             "fio": s.fio_job,
         })).collect::<Vec<_>>(),
+        "rebuilds": report::rebuilds_json(&rebuilds),
+        "rebuild_samples": markers.rebuilds.iter().map(|s| json!({
+            "name": s.name,
+            "round": s.round,
+            "bytes": s.bytes,
+            "secs": s.secs,
+            "mb_per_s": s.mb_per_s(),
+        })).collect::<Vec<_>>(),
     });
     let raw_path = dir.join("raw.json");
     let raw_text = serde_json::to_string_pretty(&raw).context("serializing raw results")?;
@@ -852,7 +1142,7 @@ pub fn bench(ws: &Workspace, vm: &VmOpts, plan: &Plan, libublk: Option<PathBuf>)
 
     println!("\n{md}");
     println!(
-        "xtask: wrote {}, {}{} ({} fio runs in {:.0} s)",
+        "xtask: wrote {}, {}{} ({} fio runs and {} rebuilds in {:.0} s)",
         report_path.display(),
         raw_path.display(),
         if png.is_file() {
@@ -861,12 +1151,19 @@ pub fn bench(ws: &Workspace, vm: &VmOpts, plan: &Plan, libublk: Option<PathBuf>)
             String::new()
         },
         samples.len(),
+        markers.rebuilds.len(),
         wall.as_secs_f64()
     );
     if outcome.code != 0 {
         bail!("the benchmark script failed (exit status {})", outcome.code);
     }
-    if !markers.skipped.is_empty() || !markers.failed.is_empty() || samples.is_empty() {
+    let expected_rebuilds = plan.rebuilds.len() * plan.rounds as usize;
+    if !markers.skipped.is_empty()
+        || !markers.failed.is_empty()
+        || !markers.bad_rebuilds.is_empty()
+        || samples.len() < plan.runs()
+        || markers.rebuilds.len() < expected_rebuilds
+    {
         bail!("some benchmark runs did not complete (see the report)");
     }
     Ok(())
@@ -981,7 +1278,11 @@ mod tests {
         for name in report::BAR_DEVICES {
             assert!(DEVICES.iter().any(|d| d.name == *name), "{name}");
         }
-        for name in report::BAR_TESTS.iter().chain(PAIR_TESTS) {
+        for name in report::BAR_TESTS
+            .iter()
+            .chain(PAIR_TESTS)
+            .chain(MIRROR_TESTS)
+        {
             assert!(TESTS.iter().any(|t| t.name == *name), "{name}");
         }
     }
@@ -989,25 +1290,40 @@ mod tests {
     #[test]
     fn plans() {
         let full = Plan::new(&opts(false, &[]), true, true).expect("full plan");
-        let pair_rows = DEVICES.iter().filter(|d| d.over_brd_pair()).count();
-        assert_eq!(pair_rows, 4);
+        let stripe_rows = DEVICES
+            .iter()
+            .filter(|d| d.pair_tests() == Some(PAIR_TESTS))
+            .count();
+        let mirror_rows = DEVICES
+            .iter()
+            .filter(|d| d.pair_tests() == Some(MIRROR_TESTS))
+            .count();
+        assert_eq!((stripe_rows, mirror_rows), (4, 3));
+        let other_rows = DEVICES.len() - stripe_rows - mirror_rows;
         assert_eq!(
             full.runs(),
-            ((DEVICES.len() - pair_rows) * TESTS.len() + pair_rows * PAIR_TESTS.len()) * 2 * 3
+            (other_rows * TESTS.len()
+                + stripe_rows * PAIR_TESTS.len()
+                + mirror_rows * MIRROR_TESTS.len())
+                * 2
+                * 3
         );
-        // The default run must fit in ~53 minutes of guest time.
+        assert_eq!(full.rebuilds.len(), REBUILDS.len());
+        // The default run must fit in ~58 minutes of guest time.
         assert!(
-            full.estimate() < Duration::from_secs(53 * 60),
+            full.estimate() < Duration::from_secs(58 * 60),
             "{:?}",
             full.estimate()
         );
         let quick = Plan::new(&opts(true, &[]), true, true).expect("quick plan");
         assert_eq!(quick.jobs, vec![1]);
         assert!(quick.runs() < 60);
+        assert!(quick.rebuilds.is_empty());
         assert!(!quick.uses_mdadm());
         let no_lib = Plan::new(&opts(false, &["null"]), false, true).expect("filtered plan");
         assert!(no_lib.devices.iter().all(|d| d.name.contains("null")));
         assert!(no_lib.devices.iter().all(|d| d.role != Role::LibublkNull));
+        assert!(no_lib.rebuilds.is_empty());
         assert_eq!(no_lib.notes.len(), 1);
         assert!(Plan::new(&opts(false, &["nothing-matches"]), true, true).is_err());
         let stripes =
@@ -1026,7 +1342,57 @@ mod tests {
         assert_eq!(stripes.runs(), 4 * PAIR_TESTS.len() * 2 * 3);
         let no_md = Plan::new(&opts(false, &["stripe", "md"]), true, false).expect("no mdadm");
         assert!(no_md.devices.iter().all(|d| d.role == Role::UblkStripe));
+        assert!(no_md.rebuilds.is_empty());
         assert_eq!(no_md.notes.len(), 1);
+    }
+
+    #[test]
+    fn mirror_plan() {
+        let mirrors =
+            Plan::new(&opts(false, &[MD_RAID1, "ublk-mirror"]), true, true).expect("mirrors");
+        let names: Vec<&str> = mirrors.devices.iter().map(|d| d.name).collect();
+        assert_eq!(names, [MD_RAID1, "ublk-mirror-zc", "ublk-mirror-copy"]);
+        let rebuilds: Vec<&str> = mirrors.rebuilds.iter().map(|r| r.name).collect();
+        assert_eq!(rebuilds, [MD_RESYNC, "ublk-mirror-rebuild"]);
+        assert!(mirrors.uses_brd() && mirrors.uses_mdadm());
+        assert_eq!(mirrors.runs(), 3 * MIRROR_TESTS.len() * 2 * 3);
+        // The rebuilds alone: no fio run, but brd and mdadm.
+        let only = Plan::new(&opts(false, &["resync", "rebuild"]), true, true).expect("rebuilds");
+        assert!(only.devices.is_empty());
+        assert_eq!(only.rebuilds.len(), 2);
+        assert_eq!(only.runs(), 0);
+        assert!(only.uses_brd() && only.uses_mdadm());
+        let no_md = Plan::new(&opts(false, &["mirror", "md-raid1"]), true, false).expect("no md");
+        assert!(no_md.devices.iter().all(|d| d.role == Role::UblkMirror));
+        let rebuilds: Vec<&str> = no_md.rebuilds.iter().map(|r| r.name).collect();
+        assert_eq!(rebuilds, ["ublk-mirror-rebuild"]);
+        assert_eq!(no_md.notes.len(), 1);
+    }
+
+    #[test]
+    fn rebuild_samples() {
+        let s = RebuildSample::parse("ublk-mirror-rebuild 2 1072693248 54.50 73.70")
+            .expect("a marker line");
+        assert_eq!(
+            (s.name.as_str(), s.round, s.bytes),
+            ("ublk-mirror-rebuild", 2, 1072693248)
+        );
+        assert!((s.secs - 19.2).abs() < 1e-9);
+        assert!((s.mb_per_s() - 1072693248.0 / 19.2 / 1e6).abs() < 1e-9);
+        assert_eq!(RebuildSample::parse("x 1 2 3"), None);
+        assert_eq!(RebuildSample::parse("x one 2 3 4"), None);
+        let sample = |round, secs| RebuildSample {
+            name: "m".into(),
+            round,
+            bytes: 100_000_000,
+            secs,
+        };
+        let samples = [sample(1, 2.0), sample(2, 1.0), sample(3, 4.0)];
+        let st = RebuildStats::of(&samples, "m").expect("three rounds");
+        assert_eq!(st.rounds, 3);
+        assert_eq!(st.secs, 2.0);
+        assert_eq!(st.mb_per_s, [25.0, 50.0, 100.0]);
+        assert_eq!(RebuildStats::of(&samples, "other"), None);
     }
 
     #[test]

@@ -16,8 +16,9 @@
 //! * `cargo xtask bench [--rounds 3] [--runtime 2] [--quick] [--filter A,B]
 //!   [--mem 10G] [--no-build]` — fio on ublk null (every buffer mode, SQPOLL
 //!   on/off), the libublk null server, null_blk, brd, loop, the RAM and
-//!   file targets, and ublk stripes vs md raid0 over two brd disks, in one
-//!   boot; writes `target/bench/{report.md,raw.json,iops.png}`.
+//!   file targets, ublk stripes vs md raid0 and ublk mirrors vs md raid1
+//!   over brd disks (I/O and rebuild throughput), in one boot; writes
+//!   `target/bench/{report.md,raw.json,iops.png}`.
 //!
 //! Environment variables are listed in the usage text (`cargo xtask help`).
 
@@ -57,11 +58,12 @@ commands:
          [--runtime SECS (2, after 1 s ramp)] [--quick] [--filter NAME,...]
          fio on ublk null (every buffer mode, SQPOLL on/off, batch), libublk
          null, null_blk, brd, loop, ublk ram and file, ublk stripes vs md
-         raid0 over two brd disks, in one boot (about 52 min under TCG;
-         --quick: 7 devices, 4k randread, 1 job, about 4 min; --filter:
-         devices whose name contains one of the NAMEs, e.g.
-         md-raid0,ublk-stripe); writes target/bench/report.md, raw.json
-         and iops.png
+         raid0 and ublk mirrors vs md raid1 over brd disks, plus the
+         mirror's rebuild vs md's resync of a 1 GiB leg, in one boot (about
+         57 min under TCG; --quick: 7 devices, 4k randread, 1 job, about
+         4 min; --filter: devices and rebuilds whose name contains one of
+         the NAMEs, e.g. md-raid0,ublk-stripe or md-raid1,ublk-mirror);
+         writes target/bench/report.md, raw.json and iops.png
 
 environment:
   XTASK_VM_TIMEOUT=SECS    kill the VM after SECS (default 2100; bench: from its plan)
@@ -79,8 +81,10 @@ const DEFAULT_MEM: &str = "4G";
 
 /// Default guest memory of `bench`: brd, the three RAM target rows and the
 /// loop/file target's tmpfs file each hold up to 1 GiB at the same time, the
-/// brd pair under the stripe rows up to 512 MiB, and fio's output goes to
-/// the guest's RAM-backed root (6G ran out of memory).
+/// brd pair under the stripe rows up to 512 MiB, the pair under the mirror
+/// rows up to 1 GiB (512 MiB on each leg; the rebuilds before them fill one
+/// 1 GiB leg and discard it), and fio's output goes to the guest's
+/// RAM-backed root (6G ran out of memory).
 const BENCH_MEM: &str = "10G";
 
 /// Default VM timeout (35 minutes).
@@ -263,8 +267,8 @@ fn bench_cmd(a: &Args) -> Result<i32> {
     }
     let opts = bench::Options {
         rounds: a.rounds,
-        // 2 s measured + 1 s ramp keeps the full plan (822 runs) near
-        // 52 minutes of TCG time.
+        // 2 s measured + 1 s ramp keeps the full plan (858 runs and the
+        // rebuilds) near 57 minutes of TCG time.
         runtime: a.runtime.unwrap_or(2),
         ramp: 1,
         quick: a.quick,

@@ -378,6 +378,7 @@ fn leaf_desc(kind: &'static str, target: &BoxTarget) -> NodeDesc {
         pos: 0,
         fault: None,
         mirror: None,
+        compress: None,
         children: Vec::new(),
     }
 }

@@ -1,7 +1,10 @@
 //! The benchmark's Markdown report and the issue's bar checks, computed from
 //! the medians.
 
-use super::{Plan, Results, Role, DEVICES, LIBUBLK, MD_RAID0, NULL_BLK, PAIR_TESTS};
+use super::{
+    Plan, Rebuild, RebuildStats, Results, Role, DEVICES, LIBUBLK, MD_RAID0, MD_RAID1, MD_RESYNC,
+    MIRROR_TESTS, NULL_BLK, PAIR_TESTS,
+};
 use crate::fio::{markdown_table, num};
 use serde_json::{json, Value};
 use std::fmt::Write as _;
@@ -18,9 +21,20 @@ pub struct Environment {
 }
 
 /// Tests the bar checks read.
-pub const BAR_TESTS: &[&str] = &["randread-4k-qd64", "randread-4k-qd1", "seqread-128k-qd16"];
+pub const BAR_TESTS: &[&str] = &[
+    "randread-4k-qd64",
+    "randread-4k-qd1",
+    "seqread-128k-qd16",
+    "randwrite-4k-qd64",
+];
 /// Devices the bar checks name.
-pub const BAR_DEVICES: &[&str] = &["ublk-null-zc", "ublk-null-copy", "ublk-ram", "brd"];
+pub const BAR_DEVICES: &[&str] = &[
+    "ublk-null-zc",
+    "ublk-null-copy",
+    "ublk-ram",
+    "brd",
+    MD_RAID1,
+];
 
 /// One bar from the issue: `lhs` IOPS / `rhs` IOPS must be at least `need`.
 pub struct Bar {
@@ -94,7 +108,7 @@ fn one(results: &Results, device: &str, test: &str, jobs: u32) -> Option<(String
 
 /// The issue's bars (all on 1-job medians).
 pub fn bars(r: &Results) -> Vec<Bar> {
-    let [qd64, qd1, seq] = [BAR_TESTS[0], BAR_TESTS[1], BAR_TESTS[2]];
+    let [qd64, qd1, seq, write64] = [BAR_TESTS[0], BAR_TESTS[1], BAR_TESTS[2], BAR_TESTS[3]];
     vec![
         Bar {
             what: "ublk null (best mode) vs libublk (best mode), 4k randread qd64, 1 job",
@@ -124,6 +138,18 @@ pub fn bars(r: &Results) -> Vec<Bar> {
             what: "ublk RAM (best mode) vs brd, 4k randread qd64, 1 job",
             lhs: best(r, Role::UblkRam, qd64, 1),
             rhs: one(r, BAR_DEVICES[3], qd64, 1),
+            need: 0.8,
+        },
+        Bar {
+            what: "ublk mirror (best mode) vs md raid1, 4k randread qd64, 1 job",
+            lhs: best(r, Role::UblkMirror, qd64, 1),
+            rhs: one(r, BAR_DEVICES[4], qd64, 1),
+            need: 1.0,
+        },
+        Bar {
+            what: "ublk mirror (best mode) vs md raid1, 4k randwrite qd64, 1 job",
+            lhs: best(r, Role::UblkMirror, write64, 1),
+            rhs: one(r, BAR_DEVICES[4], write64, 1),
             need: 0.8,
         },
     ]
@@ -157,8 +183,39 @@ pub fn medians_json(plan: &Plan, r: &Results) -> Vec<Value> {
     out
 }
 
+/// The rebuild rows for `raw.json`, with their ratio to md's resync.
+pub fn rebuilds_json(rows: &[(&Rebuild, Option<RebuildStats>)]) -> Vec<Value> {
+    let md = md_rate(rows);
+    rows.iter()
+        .map(|(r, st)| {
+            json!({
+                "name": r.name,
+                "rounds": st.as_ref().map(|s| s.rounds),
+                "bytes": st.as_ref().map(|s| s.bytes),
+                "secs": st.as_ref().map(|s| s.secs),
+                "mb_per_s": st.as_ref().map(|s| s.mb_per_s),
+                "x_md": rebuild_ratio(st.as_ref(), md),
+            })
+        })
+        .collect()
+}
+
+/// md resync's median MB/s, when measured.
+fn md_rate(rows: &[(&Rebuild, Option<RebuildStats>)]) -> Option<f64> {
+    rows.iter()
+        .find(|(r, _)| r.name == MD_RESYNC)
+        .and_then(|(_, st)| st.as_ref())
+        .map(|s| s.mb_per_s[1])
+}
+
+fn rebuild_ratio(st: Option<&RebuildStats>, md: Option<f64>) -> Option<f64> {
+    let md = md.filter(|m| *m > 0.0)?;
+    Some(st?.mb_per_s[1] / md)
+}
+
 /// IOPS ratios of a row: to null_blk, to libublk (null servers only), to
-/// its kernel peer (RAM → brd, file → loop, stripe → md raid0).
+/// its kernel peer (RAM → brd, file → loop, stripe → md raid0, mirror → md
+/// raid1).
 fn ratios(
     r: &Results,
     device: &str,
@@ -190,6 +247,7 @@ fn jobs_text(jobs: u32) -> String {
 pub fn markdown(
     plan: &Plan,
     r: &Results,
+    rebuilds: &[(&Rebuild, Option<RebuildStats>)],
     bars: &[Bar],
     env: &Environment,
     notes: &[String],
@@ -283,8 +341,10 @@ pub fn markdown(
         md,
         "× null_blk: IOPS / null_blk's; × libublk: IOPS / {LIBUBLK}'s (null servers only); \
          × kernel peer: ublk-ram / brd, ublk-file-* / loop, ublk-stripe-* / {MD_RAID0} \
-         (the stripe rows run {} only).\n",
-        PAIR_TESTS.join(", ")
+         (the stripe rows run {} only), ublk-mirror-* / {MD_RAID1} (the mirror rows run {} \
+         only).\n",
+        PAIR_TESTS.join(", "),
+        MIRROR_TESTS.join(", ")
     );
     for t in &plan.tests {
         for &jobs in &plan.jobs {
@@ -325,6 +385,61 @@ pub fn markdown(
             ));
             md.push('\n');
         }
+    }
+
+    if !rebuilds.is_empty() {
+        let _ = writeln!(md, "## Rebuild throughput\n");
+        let _ = writeln!(
+            md,
+            "Time until leg 1 of a new two-leg mirror over two freshly discarded 1 GiB brd \
+             disks is a copy of leg 0, from the start of the setup command, polled every \
+             0.25 s; one round of each row per round, alternating. MB/s = 10^6 bytes/s; \
+             × md: median MB/s / {MD_RESYNC}'s.\n"
+        );
+        let md_rate = md_rate(rebuilds);
+        let rows: Vec<Vec<String>> = rebuilds
+            .iter()
+            .map(|(rb, st)| match st {
+                Some(s) => vec![
+                    rb.name.to_string(),
+                    num(s.bytes / f64::from(1u32 << 20), 0),
+                    num(s.secs, 2),
+                    num(s.mb_per_s[1], 1),
+                    format!("{}–{}", num(s.mb_per_s[0], 1), num(s.mb_per_s[2], 1)),
+                    ratio_cell(rebuild_ratio(Some(s), md_rate)),
+                    s.rounds.to_string(),
+                ],
+                None => vec![
+                    rb.name.to_string(),
+                    "-".into(),
+                    "-".into(),
+                    "-".into(),
+                    "-".into(),
+                    "-".into(),
+                    "0".into(),
+                ],
+            })
+            .collect();
+        md.push_str(&markdown_table(
+            &[
+                "rebuild",
+                "MiB copied",
+                "seconds",
+                "MB/s",
+                "MB/s min–max",
+                "× md",
+                "rounds",
+            ],
+            1,
+            &rows,
+        ));
+        md.push('\n');
+        let rows: Vec<Vec<String>> = rebuilds
+            .iter()
+            .map(|(rb, _)| vec![rb.name.to_string(), rb.describe()])
+            .collect();
+        md.push_str(&markdown_table(&["rebuild", "set up with"], 2, &rows));
+        md.push('\n');
     }
 
     let _ = writeln!(md, "## Devices\n");
@@ -419,7 +534,7 @@ mod tests {
             fio: "fio-3".into(),
             wall: Duration::from_secs(1),
         };
-        let md = markdown(&plan, &r, &bars(&r), &env, &["a note".into()], true);
+        let md = markdown(&plan, &r, &[], &bars(&r), &env, &["a note".into()], true);
         assert!(md.contains("### 4k random read, iodepth 64, 1 job"));
         assert!(md.contains("| ublk-null-copy |"));
         let row = |device: &str| -> Vec<String> {
@@ -471,8 +586,63 @@ mod tests {
             fio: "fio-3".into(),
             wall: Duration::from_secs(1),
         };
-        let md = markdown(&plan, &r, &bars(&r), &env, &[], false);
+        let md = markdown(&plan, &r, &[], &bars(&r), &env, &[], false);
         assert!(md.contains("ublk-stripe-* / md-raid0"), "{md}");
         assert!(md.contains("mdadm --build /dev/md0"), "{md}");
+    }
+
+    #[test]
+    fn mirrors_are_compared_with_md_raid1() {
+        let opts = Options {
+            rounds: 3,
+            runtime: 2,
+            ramp: 1,
+            quick: false,
+            filter: vec![MD_RAID1.into(), "ublk-mirror".into()],
+        };
+        let plan = Plan::new(&opts, true, true).expect("plan");
+        let r = results(&[
+            (MD_RAID1, "randread-4k-qd64", 100.0),
+            ("ublk-mirror-zc", "randread-4k-qd64", 110.0),
+            ("ublk-mirror-copy", "randread-4k-qd64", 60.0),
+            (MD_RAID1, "randwrite-4k-qd64", 100.0),
+            ("ublk-mirror-zc", "randwrite-4k-qd64", 70.0),
+        ]);
+        let b = bars(&r);
+        assert_eq!(b[5].lhs, Some(("ublk-mirror-zc".to_string(), 110.0)));
+        assert_eq!(b[5].pass(), Some(true)); // 1.10 ≥ 1.0
+        assert_eq!(b[6].pass(), Some(false)); // 0.70 < 0.8
+        let stats = |mb: [f64; 3]| RebuildStats {
+            rounds: 3,
+            bytes: f64::from(1022u32 << 20),
+            secs: 10.0,
+            mb_per_s: mb,
+        };
+        let rebuilds: Vec<(&Rebuild, Option<RebuildStats>)> = vec![
+            (plan.rebuilds[0], Some(stats([100.0, 120.0, 130.0]))),
+            (plan.rebuilds[1], Some(stats([50.0, 60.0, 61.0]))),
+        ];
+        let env = Environment {
+            mode: "test".into(),
+            kernel: "k".into(),
+            cpus: "2".into(),
+            fio: "fio-3".into(),
+            wall: Duration::from_secs(1),
+        };
+        let md = markdown(&plan, &r, &rebuilds, &b, &env, &[], false);
+        assert!(md.contains("ublk-mirror-* / md-raid1"), "{md}");
+        assert!(md.contains("## Rebuild throughput"), "{md}");
+        let row = md
+            .lines()
+            .find(|l| l.starts_with("| ublk-mirror-rebuild "))
+            .unwrap_or_else(|| panic!("no rebuild row in\n{md}"));
+        let cells: Vec<&str> = row.split('|').map(str::trim).collect();
+        assert_eq!(
+            cells[2..8],
+            ["1022", "10.00", "60.0", "50.0–61.0", "0.50", "3"]
+        );
+        let json = rebuilds_json(&rebuilds);
+        assert_eq!(json[1]["x_md"], json!(0.5));
+        assert_eq!(json[0]["x_md"], json!(1.0));
     }
 }

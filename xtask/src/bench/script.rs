@@ -2,8 +2,9 @@
 //! teardown, as one POSIX `sh` payload (busybox in the VM).
 
 use super::{
-    md_build_command, stripe_tree, Plan, Setup, BENCH_FILE, BRD_PAIR, BRD_PARAMS, DEVICE_MIB,
-    LIBUBLK_QUEUES, UBLK_QUEUES, UBLK_STACK_QUEUES,
+    md_build_command, md_raid1_command, mirror_tree, stripe_tree, Plan, RebuildKind, Setup,
+    BENCH_FILE, BRD_PAIR, BRD_PARAMS, DEVICE_MIB, LIBUBLK_QUEUES, MD_RAID1_DEV, MD_SPEED_LIMIT_KIB,
+    MIRROR_PAIR, UBLK_QUEUES, UBLK_STACK_QUEUES,
 };
 use crate::scripts::prelude;
 use std::fmt::Write as _;
@@ -77,6 +78,62 @@ loop_add() {
     wait_blk "$LOOP_DEV" || return 1
     echo "XTASK-BENCH-NOTE loop: $LOOP_DEV over $1, direct I/O (sysfs loop/dio): $(cat "/sys/block/${LOOP_DEV#/dev/}/loop/dio" 2>/dev/null || echo unknown)"
 }
+
+# md_modules: loads md-mod and raid1 unless loaded.
+md_modules() {
+    { [ -d /sys/module/md_mod ] || load_mod md-mod; } &&
+    { [ -d /sys/module/raid1 ] || load_mod raid1; }
+}
+
+# md_idle MD: waits (up to 600 s) until /dev/MD runs no resync or recovery;
+# polls with the shell's own `read`, so the wait costs no process.
+md_idle() {
+    _i=0
+    while :; do
+        _action=""
+        read -r _action <"/sys/block/$1/md/sync_action" || return 1
+        [ "$_action" = idle ] && return 0
+        [ "$_i" -ge 2400 ] && { echo "md $1 still runs $_action after 600 s" >&2; return 1; }
+        sleep 0.25
+        _i=$((_i + 1))
+    done
+}
+
+# mirror_in_sync ID: waits (up to 600 s) until every leg of the two-leg mirror
+# at the root of ublk device ID is in sync; sets MIRROR_COPIED to its
+# rebuild_copied_bytes.
+mirror_in_sync() {
+    _i=0
+    while :; do
+        _status=$(ublk status "$1" --json) || return 1
+        case $_status in
+        *'"in_sync":2,'*)
+            MIRROR_COPIED=$(printf '%s\n' "$_status" | sed -n 's/.*"rebuild_copied_bytes":\([0-9][0-9]*\).*/\1/p')
+            return 0
+            ;;
+        esac
+        [ "$_i" -ge 2400 ] && { echo "mirror $1 not in sync after 600 s: $_status" >&2; return 1; }
+        sleep 0.25
+        _i=$((_i + 1))
+    done
+}
+
+# zero_block0 DEV...: zeroes the first 4 KiB (where a mirror's superblock is)
+# so that the next assembly makes a new mirror.
+zero_block0() {
+    for _d in "$@"; do
+        dd if=/dev/zero of="$_d" bs=4096 count=1 conv=fsync 2>/dev/null || return 1
+    done
+}
+
+# discard DEV...: frees every brd page of the disks (they read zeroes after).
+discard() {
+    for _d in "$@"; do
+        blkdiscard "$_d" || dd if=/dev/zero of="$_d" bs=1M count=4 conv=fsync 2>/dev/null || return 1
+    done
+}
+
+uptime_s() { read -r _up _ </proc/uptime; echo "$_up"; }
 "#;
 
 /// The benchmark script.
@@ -113,6 +170,7 @@ fi
 "#
         );
     }
+    rebuild_rounds(&mut s, plan);
     for (i, d) in plan.devices.iter().enumerate() {
         let (setup, teardown) = match &d.setup {
             Setup::Ublk(args) => (
@@ -158,6 +216,26 @@ fi
                     BRD_PAIR[0],
                     BRD_PAIR[1],
                     stripe_tree()
+                ),
+                ":".to_string(),
+            ),
+            Setup::MdRaid1 => (
+                format!(
+                    "wait_blk {a} && wait_blk {b} && md_modules && {} && DEV={MD_RAID1_DEV} && \
+                     wait_blk \"$DEV\" && md_idle {md}",
+                    md_raid1_command(true),
+                    a = MIRROR_PAIR[0],
+                    b = MIRROR_PAIR[1],
+                    md = md_name(),
+                ),
+                format!("mdadm --stop {MD_RAID1_DEV}; rmmod raid1 md_mod 2>/dev/null"),
+            ),
+            Setup::UblkMirror(args) => (
+                format!(
+                    r#"wait_blk {a} && wait_blk {b} && zero_block0 {a} {b} && ublk_add u{i} stack '{}' {args} {UBLK_STACK_QUEUES} && DEV=$u{i}_dev && UBLK_IDS="$UBLK_IDS $u{i}_id""#,
+                    mirror_tree(true),
+                    a = MIRROR_PAIR[0],
+                    b = MIRROR_PAIR[1],
                 ),
                 ":".to_string(),
             ),
@@ -237,6 +315,90 @@ fi
     s
 }
 
+/// The name of [`MD_RAID1_DEV`] under `/sys/block`.
+fn md_name() -> &'static str {
+    MD_RAID1_DEV.trim_start_matches("/dev/")
+}
+
+/// The rebuild rounds: each times one new mirror over [`MIRROR_PAIR`] until
+/// its leg 1 is in sync, on freshly discarded disks (blank, and no memory
+/// left allocated by the previous round), and prints
+/// `XTASK-BENCH-REBUILD NAME ROUND BYTES T0 T1`. The rows alternate, their
+/// order rotated every round; the disks are discarded again at the end, for
+/// the devices set up after.
+fn rebuild_rounds(s: &mut String, plan: &Plan) {
+    if plan.rebuilds.is_empty() {
+        return;
+    }
+    let (a, b) = (MIRROR_PAIR[0], MIRROR_PAIR[1]);
+    let _ = write!(
+        s,
+        r#"
+echo "== bench: rebuilds"
+wait_blk {a} && wait_blk {b} || echo "bench: no brd disks for the rebuilds" >&2
+"#
+    );
+    if plan.uses_mdadm() {
+        let _ = write!(
+            s,
+            r#"if md_modules; then
+    echo {MD_SPEED_LIMIT_KIB} >/proc/sys/dev/raid/speed_limit_max
+    TEARDOWN="rmmod raid1 md_mod 2>/dev/null; $TEARDOWN"
+else
+    echo "bench: loading md failed" >&2
+fi
+"#
+        );
+    }
+    let n = plan.rebuilds.len();
+    for round in 1..=plan.rounds {
+        for step in 0..n {
+            let rb = plan.rebuilds[(step + round as usize - 1) % n];
+            let lbl = format!("{}.r{round}", rb.name);
+            let run = match rb.kind {
+                RebuildKind::Md => format!(
+                    r#"T0=$(uptime_s) && {} >/dev/null && md_idle {md} && T1=$(uptime_s) &&
+        read -r KIB </sys/block/{md}/md/component_size &&
+        echo "XTASK-BENCH-REBUILD {name} {round} $((KIB * 1024)) $T0 $T1"
+    OK=$?
+    mdadm --stop {MD_RAID1_DEV} >/dev/null 2>&1"#,
+                    md_raid1_command(false),
+                    md = md_name(),
+                    name = rb.name,
+                ),
+                RebuildKind::Mirror => format!(
+                    r#"T0=$(uptime_s) && ublk_add rb stack '{}' {UBLK_STACK_QUEUES} >/dev/null &&
+        mirror_in_sync "$rb_id" && T1=$(uptime_s) &&
+        echo "XTASK-BENCH-REBUILD {name} {round} $MIRROR_COPIED $T0 $T1"
+    OK=$?
+    [ -n "$rb_id" ] && ublk del "$rb_id""#,
+                    mirror_tree(false),
+                    name = rb.name,
+                ),
+            };
+            let _ = write!(
+                s,
+                r#"
+echo "== bench rebuild round {round}/{rounds}: {name}"
+rb_id=""
+if discard {a} {b}; then
+    {run}
+    [ "$OK" -eq 0 ] || echo "XTASK-BENCH-FAIL {lbl}"
+else
+    echo "XTASK-BENCH-FAIL {lbl}"
+fi
+"#,
+                rounds = plan.rounds,
+                name = rb.name,
+            );
+        }
+    }
+    let _ = writeln!(
+        s,
+        r#"discard {a} {b} || echo "bench: discarding {a} {b} failed" >&2"#
+    );
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -297,5 +459,55 @@ mod tests {
         let at = |what: &str| s.find(what).unwrap_or_else(|| panic!("{what}"));
         assert!(at("load_mod brd") < at("setting up md-raid0"));
         assert!(at("setting up md-raid0") < at("setting up ublk-stripe-zc"));
+    }
+
+    #[test]
+    fn mirror_rows_and_rebuilds_share_one_pair() {
+        let opts = Options {
+            rounds: 3,
+            runtime: 2,
+            ramp: 1,
+            quick: false,
+            filter: vec!["md-raid1".into(), "ublk-mirror".into()],
+        };
+        let plan = Plan::new(&opts, true, true).expect("plan");
+        let s = script(&plan);
+        assert!(s.contains("load_mod brd rd_nr=5 rd_size=1048576"));
+        assert!(s.contains(
+            "mdadm --create /dev/md1 --level=1 --raid-devices=2 --bitmap=internal \
+             --assume-clean --run /dev/ram3 /dev/ram4"
+        ));
+        assert!(s.contains(
+            "zero_block0 /dev/ram3 /dev/ram4 && ublk_add u1 stack \
+             'mirror(file:/dev/ram3,file:/dev/ram4,assume_clean=true)' --buffer-mode zero-copy"
+        ));
+        // Two tests, two job counts, three rounds, over 512 MiB.
+        for name in ["md-raid1", "ublk-mirror-zc", "ublk-mirror-copy"] {
+            let runs = s.matches(&format!("run_fio {name}.")).count();
+            assert_eq!(runs, 2 * 2 * 3, "{name}");
+        }
+        assert!(!s.contains("run_fio md-raid1.seqread"));
+        assert!(s.contains("--size=512M"));
+        // Three rounds of each rebuild, without --assume-clean / assume_clean.
+        for round in 1..=3 {
+            for name in ["md-raid1-resync", "ublk-mirror-rebuild"] {
+                let marker = format!("XTASK-BENCH-REBUILD {name} {round} ");
+                assert_eq!(s.matches(&marker).count(), 1, "{marker}");
+            }
+        }
+        assert!(s.contains(
+            "mdadm --create /dev/md1 --level=1 --raid-devices=2 --bitmap=internal --run \
+             /dev/ram3 /dev/ram4 >/dev/null && md_idle md1"
+        ));
+        assert!(s.contains("ublk_add rb stack 'mirror(file:/dev/ram3,file:/dev/ram4)'"));
+        // The rounds alternate, rotated: md first in round 1, the mirror first in round 2.
+        let at = |what: &str| s.find(what).unwrap_or_else(|| panic!("{what}"));
+        assert!(at("round 1/3: md-raid1-resync") < at("round 1/3: ublk-mirror-rebuild"));
+        assert!(at("round 2/3: ublk-mirror-rebuild") < at("round 2/3: md-raid1-resync"));
+        // The rebuilds run on discarded disks before any device is set up.
+        assert!(at("load_mod brd") < at("== bench: rebuilds"));
+        assert!(at("round 3/3: md-raid1-resync") < at("setting up md-raid1"));
+        assert!(at("setting up md-raid1") < at("setting up ublk-mirror-zc"));
+        assert!(s.contains("speed_limit_max"));
     }
 }

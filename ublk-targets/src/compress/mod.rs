@@ -1,0 +1,444 @@
+//! A compressing node: a logical device of `size` bytes stored compressed in its child, crash
+//! consistent across a `kill -9` at any moment.
+//!
+//! The child holds two superblock copies, two map checkpoints, a journal and a data area
+//! ([`format`] has the layout and every encoding). Each 4 KiB logical block maps to one
+//! extent of the data area (or to nothing, for a block of zeroes), compressed with lz4 or
+//! zstd, or raw when compression does not pay.
+//!
+//! - **Reads** decompress one extent per block. An extent whose checksum does not match is
+//!   `EIO`, never garbage.
+//! - **Writes** are copy-on-write: each block is compressed into a newly allocated extent;
+//!   once the child has it, the block's map entry (an atomic, shared by every queue) points
+//!   to it. The old extent stays allocated until a commit makes the new mapping durable. A
+//!   request that covers part of a block merges it with the block's current content.
+//! - **FLUSH** commits: it flushes the child (every extent installed so far is durable), then
+//!   writes the map entries changed since the last commit to the journal with FUA; then the
+//!   extents they replaced are free. Flushes arriving while a commit runs share the next one.
+//!   A **FUA** write is a write followed by a commit.
+//! - **Discard and write-zeroes** set the map entries to zero, freeing the extents at the
+//!   next commit (the space is reused; the child is not yet punched).
+//! - When the journal has no room for a commit's records, the commit **checkpoints** instead:
+//!   the whole map goes to the inactive checkpoint area, the child is flushed, and the other
+//!   superblock copy is written with FUA, pointing to it; the journal starts over.
+//!
+//! Opening ([`Compress::open`]) makes a new image on a blank child (both superblock copies
+//! zero), or loads the newer valid superblock, its map checkpoint (every block must check),
+//! and replays the journal up to its first torn or stale block. It then writes a checkpoint
+//! whose journal sequence starts past anything the journal area may hold, so a tail left by a
+//! crash can never be replayed later.
+//!
+//! A metadata write that fails leaves the image as the last commit made it, but the device
+//! fails every later write and flush (reads go on): the in-memory state can no longer be
+//! trusted to match the child.
+
+mod codec;
+pub mod format;
+mod queue;
+mod shared;
+
+use std::io;
+use std::sync::atomic::Ordering::SeqCst;
+use std::sync::Arc;
+
+use serde_json::{json, Value};
+use ublk_zc::{BoxTarget, OpenCtx, Target};
+
+use format::{
+    decode_journal_block, decode_map_block, encode_map_block, Algo, Extent, FormatError, Layout,
+    Superblock, BLOCK, BLOCK_BYTES, ENTRIES_PER_BLOCK,
+};
+pub use queue::CompressQueue;
+use shared::{lock, Alloc, Shared};
+
+/// How an image is opened.
+#[derive(Debug, Clone, Default)]
+pub struct CompressOptions {
+    /// The logical size: required for a new image; for an existing one it must match.
+    pub size: Option<u64>,
+    /// The algorithm for new extents (default lz4 for a new image; an existing image keeps
+    /// its own unless one is given, and its old extents stay readable either way).
+    pub algo: Option<Algo>,
+}
+
+/// Why an image could not be opened or checked.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct CompressError(pub String);
+
+fn err(msg: impl Into<String>) -> CompressError {
+    CompressError(msg.into())
+}
+
+/// How opening went.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Opened {
+    /// A blank child: a new image.
+    New,
+    /// An existing image, with this many journal records replayed over its checkpoint.
+    Existing {
+        /// Records replayed from the journal.
+        replayed: u64,
+    },
+}
+
+/// A compressing node over one child.
+#[derive(Debug)]
+pub struct Compress {
+    shared: Arc<Shared>,
+    opened: Opened,
+}
+
+/// A running compressed image's status, for the control socket.
+#[derive(Debug, Clone)]
+pub struct CompressHandle {
+    shared: Arc<Shared>,
+}
+
+/// Byte offset on the child of the superblock copy generation `generation` is written to:
+/// the copies alternate, so a torn write leaves the previous generation intact.
+pub(crate) fn superblock_offset(generation: u64) -> u64 {
+    (generation % 2) * BLOCK_BYTES
+}
+
+/// An image as read from its child: the superblock in force, the map after journal replay,
+/// and how many records the journal held.
+#[derive(Debug)]
+pub(crate) struct Loaded {
+    pub(crate) sb: Superblock,
+    pub(crate) map: Vec<u64>,
+    pub(crate) replayed: u64,
+}
+
+impl Compress {
+    /// Opens the image on `child`: a new one on a blank child (`opts.size` required), else
+    /// the one it holds.
+    pub fn open(child: BoxTarget, opts: &CompressOptions) -> Result<Compress, CompressError> {
+        let child_size = child
+            .dyn_size()
+            .ok_or_else(|| err("the child has no known size"))?;
+        let copies = read_superblocks(&child)?;
+        let blank = copies.iter().all(|c| *c == Err(FormatError::Blank));
+        let (sb, map, opened) = if blank {
+            let size = opts
+                .size
+                .ok_or_else(|| err("a new compressed image needs size="))?;
+            let layout = Layout::new(size, child_size).map_err(|e| err(e.to_string()))?;
+            let uuid = crate::mirror::meta::new_uuid()
+                .map_err(|e| err(format!("cannot make a UUID: {e}")))?;
+            let sb = Superblock {
+                uuid,
+                size,
+                algo: opts.algo.unwrap_or(Algo::Lz4),
+                generation: 0,
+                active_map: 1,
+                checkpoint_seq: 0,
+                layout,
+            };
+            let map = vec![0; (size / BLOCK_BYTES) as usize];
+            (sb, map, Opened::New)
+        } else {
+            let loaded = load(&child, copies)?;
+            let mut sb = loaded.sb;
+            if let Some(size) = opts.size {
+                if size != sb.size {
+                    return Err(err(format!(
+                        "the image holds {} logical bytes, not {size}",
+                        sb.size
+                    )));
+                }
+            }
+            if sb.layout.end() > child_size {
+                return Err(err(format!(
+                    "the image needs {} bytes of child, the child holds {child_size}",
+                    sb.layout.end()
+                )));
+            }
+            if let Some(algo) = opts.algo {
+                sb.algo = algo;
+            }
+            let opened = Opened::Existing {
+                replayed: loaded.replayed,
+            };
+            (sb, loaded.map, opened)
+        };
+        let mut alloc = Alloc::new(sb.layout.data_sectors);
+        for (lba, entry) in map.iter().enumerate() {
+            if let Ok(Some(e)) = Extent::decode(*entry) {
+                if !alloc.claim(&e) {
+                    return Err(err(format!(
+                        "block {lba}'s extent overlaps another or lies outside the data area"
+                    )));
+                }
+            }
+        }
+        let sb = checkpoint_direct(&child, &sb, &map)?;
+        let shared = Shared::new(child, &sb, map, alloc);
+        Ok(Compress {
+            shared: Arc::new(shared),
+            opened,
+        })
+    }
+
+    /// How opening went.
+    pub fn opened(&self) -> &Opened {
+        &self.opened
+    }
+
+    /// The status of the running image.
+    pub fn handle(&self) -> CompressHandle {
+        CompressHandle {
+            shared: Arc::clone(&self.shared),
+        }
+    }
+}
+
+/// Reads and decodes both superblock copies.
+fn read_superblocks(
+    child: &BoxTarget,
+) -> Result<Vec<Result<Superblock, FormatError>>, CompressError> {
+    let mut buf = vec![0u8; 2 * BLOCK];
+    child
+        .dyn_read_at(0, &mut buf)
+        .map_err(|e| err(format!("cannot read the superblocks: {e}")))?;
+    Ok(vec![
+        Superblock::decode(&buf[..BLOCK]),
+        Superblock::decode(&buf[BLOCK..]),
+    ])
+}
+
+/// Loads an existing image: the newer valid superblock, its map checkpoint, the journal.
+pub(crate) fn load(
+    child: &BoxTarget,
+    copies: Vec<Result<Superblock, FormatError>>,
+) -> Result<Loaded, CompressError> {
+    let sb = copies
+        .iter()
+        .filter_map(|c| c.as_ref().ok())
+        .max_by_key(|sb| sb.generation)
+        .cloned()
+        .ok_or_else(|| {
+            let why: Vec<String> = copies
+                .iter()
+                .map(|c| match c {
+                    Ok(_) => "valid".into(),
+                    Err(e) => e.to_string(),
+                })
+                .collect();
+            err(format!(
+                "no valid superblock (copy A: {}; copy B: {})",
+                why[0], why[1]
+            ))
+        })?;
+    let blocks = sb.blocks();
+    let layout = sb.layout;
+    let valid = |lba: u64, entry: u64| -> Result<(), CompressError> {
+        match Extent::decode(entry) {
+            Ok(None) => Ok(()),
+            Ok(Some(e)) if layout.holds(&e) => Ok(()),
+            Ok(Some(e)) => Err(err(format!(
+                "block {lba}'s extent {e:?} lies outside the data area"
+            ))),
+            Err(e) => Err(err(format!("block {lba}: {e}"))),
+        }
+    };
+    let mut map = Vec::with_capacity(blocks as usize);
+    let mut buf = vec![0u8; BLOCK];
+    for index in 0..layout.map_blocks {
+        child
+            .dyn_read_at(layout.map_block_offset(sb.active_map, index), &mut buf)
+            .map_err(|e| err(format!("cannot read map block {index}: {e}")))?;
+        let entries = decode_map_block(index, sb.generation, &buf)
+            .map_err(|e| err(format!("map checkpoint block {index} is damaged: {e}")))?;
+        for (i, entry) in entries.into_iter().enumerate() {
+            let lba = index * ENTRIES_PER_BLOCK + i as u64;
+            if lba < blocks {
+                valid(lba, entry)?;
+                map.push(entry);
+            } else if entry != 0 {
+                return Err(err(format!("map entry past the last block ({lba})")));
+            }
+        }
+    }
+    let mut replayed = 0;
+    for pos in 0..layout.journal_blocks {
+        child
+            .dyn_read_at(layout.journal_offset(pos), &mut buf)
+            .map_err(|e| err(format!("cannot read journal block {pos}: {e}")))?;
+        let Ok(records) = decode_journal_block(sb.checkpoint_seq + pos, &sb.uuid, &buf) else {
+            break;
+        };
+        for (lba, entry) in records {
+            if lba >= blocks {
+                return Err(err(format!("journal block {pos} names block {lba}")));
+            }
+            valid(lba, entry)?;
+            map[lba as usize] = entry;
+            replayed += 1;
+        }
+    }
+    Ok(Loaded { sb, map, replayed })
+}
+
+/// Writes `map` as a new checkpoint and the superblock pointing to it, with direct access
+/// (each write durable before the next). The new journal's sequence numbers start past
+/// every block the journal area may hold. Returns the superblock now in force.
+fn checkpoint_direct(
+    child: &BoxTarget,
+    sb: &Superblock,
+    map: &[u64],
+) -> Result<Superblock, CompressError> {
+    let mut next = sb.clone();
+    next.generation += 1;
+    next.active_map = 1 - sb.active_map;
+    next.checkpoint_seq = sb.checkpoint_seq + sb.layout.journal_blocks;
+    let layout = sb.layout;
+    const CHUNK: u64 = 256;
+    let mut first = 0;
+    while first < layout.map_blocks {
+        let n = (layout.map_blocks - first).min(CHUNK);
+        let mut buf = vec![0u8; n as usize * BLOCK];
+        for i in 0..n {
+            let index = first + i;
+            let a = (index * ENTRIES_PER_BLOCK) as usize;
+            let b = (a + ENTRIES_PER_BLOCK as usize).min(map.len());
+            let out = &mut buf[i as usize * BLOCK..(i as usize + 1) * BLOCK];
+            encode_map_block(index, next.generation, &map[a.min(b)..b], out)
+                .map_err(|e| err(e.to_string()))?;
+        }
+        child
+            .dyn_write_at(layout.map_block_offset(next.active_map, first), &buf)
+            .map_err(|e| err(format!("cannot write the map checkpoint: {e}")))?;
+        first += n;
+    }
+    let mut buf = vec![0u8; BLOCK];
+    next.encode(&mut buf).map_err(|e| err(e.to_string()))?;
+    child
+        .dyn_write_at(superblock_offset(next.generation), &buf)
+        .map_err(|e| err(format!("cannot write the superblock: {e}")))?;
+    Ok(next)
+}
+
+impl Target for Compress {
+    type Queue = CompressQueue;
+
+    fn open_queue(&self, ctx: &mut OpenCtx<'_>) -> io::Result<CompressQueue> {
+        let child = ctx.open_child(&*self.shared.child)?;
+        Ok(CompressQueue::new(Arc::clone(&self.shared), child))
+    }
+
+    fn size(&self) -> Option<u64> {
+        Some(self.shared.size)
+    }
+
+    /// It compresses the request bytes itself, with the copy methods only.
+    fn copies_data(&self) -> bool {
+        true
+    }
+}
+
+impl CompressHandle {
+    /// The logical size.
+    pub fn logical_bytes(&self) -> u64 {
+        self.shared.size
+    }
+
+    /// Bytes the live map's extents store, headers included.
+    pub fn stored_bytes(&self) -> u64 {
+        self.shared.stored_bytes.load(SeqCst)
+    }
+
+    /// Bytes of the data area allocated, extents waiting for a commit included.
+    pub fn allocated_bytes(&self) -> u64 {
+        self.shared.allocated_bytes()
+    }
+
+    /// The node's fields for `ublk status`.
+    pub fn status(&self) -> Value {
+        let s = &self.shared;
+        let stored = self.stored_bytes();
+        let data = s.nonzero_blocks.load(SeqCst) * BLOCK_BYTES;
+        let ratio = if stored == 0 {
+            0.0
+        } else {
+            data as f64 / stored as f64
+        };
+        let sb = lock(&s.commit).sb.clone();
+        json!({
+            "uuid": crate::mirror::meta::uuid_string(&s.uuid),
+            "algo": sb.algo.to_string(),
+            "logical_bytes": s.size,
+            "data_bytes": data,
+            "stored_bytes": stored,
+            "allocated_bytes": self.allocated_bytes(),
+            "ratio": ratio,
+            "metadata_bytes": s.layout.data,
+            "data_area_bytes": s.layout.data_sectors * format::SECTOR,
+            "generation": sb.generation,
+            "broken": s.broken.load(SeqCst),
+        })
+    }
+}
+
+/// What [`check`] found in an image.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Report {
+    /// The logical size.
+    pub logical_bytes: u64,
+    /// Blocks with an extent.
+    pub extents: u64,
+    /// Bytes those extents store.
+    pub stored_bytes: u64,
+    /// Journal records replayed over the checkpoint.
+    pub replayed: u64,
+    /// What is wrong; empty for a clean image.
+    pub damage: Vec<String>,
+}
+
+impl Report {
+    /// Whether the image checked clean.
+    pub fn is_clean(&self) -> bool {
+        self.damage.is_empty()
+    }
+}
+
+/// Verifies the image on `child` without a device: the superblocks, every map checkpoint
+/// block, the journal replay, every extent's header, checksum and decompression, that no
+/// two extents overlap and that each lies in the data area. An image that cannot be loaded
+/// at all is an `Err`; damage found past that is listed in the report.
+pub fn check(child: &BoxTarget) -> Result<Report, CompressError> {
+    let loaded = load(child, read_superblocks(child)?)?;
+    let sb = &loaded.sb;
+    let mut report = Report {
+        logical_bytes: sb.size,
+        replayed: loaded.replayed,
+        ..Report::default()
+    };
+    let mut alloc = Alloc::new(sb.layout.data_sectors);
+    let mut codec = codec::Codec::new(sb.algo);
+    let mut buf = vec![0u8; format::MAX_EXTENT.next_multiple_of(format::SECTOR as usize)];
+    let mut out = vec![0u8; BLOCK];
+    for (lba, entry) in loaded.map.iter().enumerate() {
+        let Ok(Some(e)) = Extent::decode(*entry) else {
+            continue;
+        };
+        report.extents += 1;
+        report.stored_bytes += u64::from(e.len);
+        if !alloc.claim(&e) {
+            report
+                .damage
+                .push(format!("block {lba}: its extent overlaps another"));
+            continue;
+        }
+        let bytes = &mut buf[..(e.sectors() * format::SECTOR) as usize];
+        let read = child.dyn_read_at(sb.layout.sector_offset(e.sector), bytes);
+        if let Err(why) = read {
+            report
+                .damage
+                .push(format!("block {lba}: cannot read: {why}"));
+        } else if let Err(why) = codec.decompress(lba as u64, &e, bytes, &mut out) {
+            report.damage.push(format!("block {lba}: {why}"));
+        }
+    }
+    Ok(report)
+}

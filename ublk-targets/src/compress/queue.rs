@@ -1,0 +1,890 @@
+//! One queue of a compressed device: reads decompress one extent per 4 KiB block; writes
+//! compress each block into a new extent (copy-on-write: nothing the durable map references
+//! is overwritten) and install it once it is on the child; FLUSH commits the changed map
+//! entries to the journal, or checkpoints the whole map when the journal is full.
+
+use std::ops::Range;
+use std::sync::atomic::Ordering::SeqCst;
+use std::sync::Arc;
+
+use slab::Slab;
+use ublk_core::sys::UBLK_IO_F_FUA;
+use ublk_zc::{BlockIo, Bounce, Child, Completion, Io, IoFlags, Op, QueueCtx, QueueTarget};
+
+use super::codec::Codec;
+use super::format::{
+    block_part, blocks_of, encode_journal_block, encode_map_block, Extent, Record, BLOCK,
+    BLOCK_BYTES, ENTRIES_PER_BLOCK, MAX_EXTENT, RECORDS_PER_BLOCK, SECTOR,
+};
+use super::shared::{lock, Shared, WAKE};
+
+/// Tokens of the commit's child requests carry this bit (request tokens are `key << 16 | part`).
+const COMMIT: u64 = 1 << 62;
+/// Times a read retries an extent that failed its check because the block was rewritten
+/// meanwhile.
+const READ_RETRIES: u8 = 4;
+/// Map blocks per checkpoint write.
+const MAP_CHUNK: u64 = 256;
+
+#[derive(Debug)]
+struct Req {
+    io: Io,
+    left: u32,
+    error: Option<i32>,
+    kind: Kind,
+}
+
+#[derive(Debug)]
+enum Kind {
+    Read(Vec<ReadPart>),
+    Write(WriteReq),
+}
+
+/// One block of a read: where its bytes go in the request.
+#[derive(Debug)]
+struct ReadPart {
+    lba: u64,
+    entry: u64,
+    /// Offset in the request.
+    at: usize,
+    /// The bytes of the block the request wants.
+    range: Range<usize>,
+    tries: u8,
+}
+
+#[derive(Debug)]
+struct WriteReq {
+    blocks: Vec<WriteBlock>,
+    /// Blocks whose busy bit this request holds.
+    busy: Vec<u64>,
+    /// Extents allocated for it (freed again if the write fails).
+    allocated: Vec<Extent>,
+    writing: bool,
+}
+
+#[derive(Debug)]
+struct WriteBlock {
+    lba: u64,
+    at: usize,
+    range: Range<usize>,
+    /// For a block the request covers in part: its current content, once read.
+    old: Option<Vec<u8>>,
+    entry: u64,
+}
+
+/// What [`CompressQueue::prepare_extents`] made of a write.
+enum Prepared {
+    Failed(i32),
+    /// No room until a commit releases the extents overwrites freed.
+    NoSpace,
+    Writes(Vec<(BlockIo, Bounce)>),
+}
+
+/// The commit this queue runs.
+#[derive(Debug)]
+struct CommitRun {
+    n: u64,
+    records: Vec<Record>,
+    covered: u64,
+    stage: Stage,
+    left: u32,
+    ok: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Stage {
+    /// Flushing the child: the extents the records name become durable.
+    DataFlush,
+    /// Writing the journal blocks (FUA).
+    Journal,
+    /// Writing the whole map to the inactive checkpoint area.
+    Map,
+    /// Flushing the child: the new checkpoint and the extents it names become durable.
+    MapFlush,
+    /// Writing the superblock that points to the new checkpoint (FUA).
+    Superblock,
+}
+
+/// One queue of a [`super::Compress`].
+#[derive(Debug)]
+pub struct CompressQueue {
+    s: Arc<Shared>,
+    child: Child,
+    codec: Codec,
+    reqs: Slab<Req>,
+    registered: bool,
+    /// Writes waiting for a busy bit of a block another write holds.
+    blocked: Vec<Io>,
+    /// Answers waiting for commit `need`: `(io, need, result)`.
+    waiting: Vec<(Io, u64, i32)>,
+    /// Writes (by key) waiting for commit `need` to release space.
+    no_space: Vec<(usize, u64)>,
+    commit: Option<CommitRun>,
+}
+
+fn token(key: usize, part: usize) -> u64 {
+    (key as u64) << 16 | part as u64
+}
+
+impl CompressQueue {
+    pub(crate) fn new(s: Arc<Shared>, child: Child) -> Self {
+        let codec = Codec::new(s.algo);
+        CompressQueue {
+            s,
+            child,
+            codec,
+            reqs: Slab::new(),
+            registered: false,
+            blocked: Vec::new(),
+            waiting: Vec::new(),
+            no_space: Vec::new(),
+            commit: None,
+        }
+    }
+
+    /// Sends a request of this node's own to the child.
+    fn child_io(&mut self, req: BlockIo, buf: Bounce, tok: u64, ctx: &mut QueueCtx<'_>) -> bool {
+        match ctx.bounce_io(req, buf) {
+            Ok(sub) => {
+                ctx.send(self.child, sub, tok);
+                true
+            }
+            Err(e) => {
+                tracing::error!("compress: cannot build a child request: {e}");
+                false
+            }
+        }
+    }
+
+    fn extent_read(&mut self, e: &Extent, tok: u64, ctx: &mut QueueCtx<'_>) -> bool {
+        let len = e.sectors() * SECTOR;
+        let Ok(buf) = Bounce::new(len as usize) else {
+            return false;
+        };
+        let req = BlockIo {
+            op: Op::Read,
+            offset: self.s.layout.sector_offset(e.sector),
+            len: len as u32,
+            flags: IoFlags::default(),
+        };
+        self.child_io(req, buf, tok, ctx)
+    }
+
+    // ---- reads ----
+
+    fn read(&mut self, mut io: Io, ctx: &mut QueueCtx<'_>) {
+        let (offset, len) = (io.offset(), u64::from(io.len()));
+        let mut parts = Vec::new();
+        for lba in blocks_of(offset, len) {
+            let range = block_part(lba, offset, len);
+            let at = (lba * BLOCK_BYTES + range.start as u64 - offset) as usize;
+            let entry = match self.s.map.get(lba as usize) {
+                Some(e) => e.load(SeqCst),
+                None => return io.fail(libc::EINVAL),
+            };
+            if entry == 0 {
+                if io.zero_data(at, range.len()).is_err() {
+                    return io.fail(libc::EIO);
+                }
+            } else {
+                parts.push(ReadPart {
+                    lba,
+                    entry,
+                    at,
+                    range,
+                    tries: 0,
+                });
+            }
+        }
+        if parts.is_empty() {
+            return io.complete_ok();
+        }
+        let n = parts.len();
+        let key = self.reqs.insert(Req {
+            io,
+            left: n as u32,
+            error: None,
+            kind: Kind::Read(parts),
+        });
+        for i in 0..n {
+            self.issue_read_part(key, i, ctx);
+        }
+    }
+
+    fn issue_read_part(&mut self, key: usize, i: usize, ctx: &mut QueueCtx<'_>) {
+        let entry = match &self.reqs[key].kind {
+            Kind::Read(parts) => parts[i].entry,
+            Kind::Write(_) => return,
+        };
+        let sent = match Extent::decode(entry) {
+            Ok(Some(e)) if self.s.layout.holds(&e) => self.extent_read(&e, token(key, i), ctx),
+            _ => false,
+        };
+        if !sent {
+            self.part_done(key, Some(-libc::EIO), ctx);
+        }
+    }
+
+    fn read_done(&mut self, key: usize, i: usize, done: Completion, ctx: &mut QueueCtx<'_>) {
+        let Some(Req {
+            io,
+            kind: Kind::Read(parts),
+            ..
+        }) = self.reqs.get_mut(key)
+        else {
+            return;
+        };
+        let part = &mut parts[i];
+        let mut block = [0u8; BLOCK];
+        let checked = match (Extent::decode(part.entry), &done.bounce) {
+            (Ok(Some(e)), Some(buf)) if done.result == (e.sectors() * SECTOR) as i32 => self
+                .codec
+                .decompress(part.lba, &e, buf.as_slice(), &mut block)
+                .map_err(|e| e.to_string()),
+            _ => Err(format!("child read failed ({})", done.result)),
+        };
+        match checked {
+            Ok(()) => {
+                let res = io.copy_data_from(part.at, &block[part.range.clone()]);
+                self.part_done(key, res.err().map(|_| -libc::EIO), ctx);
+            }
+            Err(why) => {
+                // The block may have been rewritten and its old extent reused since the map
+                // was read: read what the map says now.
+                let now = self.s.map[part.lba as usize].load(SeqCst);
+                if now != part.entry && part.tries < READ_RETRIES {
+                    part.tries += 1;
+                    part.entry = now;
+                    if now == 0 {
+                        let res = io.zero_data(part.at, part.range.len());
+                        self.part_done(key, res.err().map(|_| -libc::EIO), ctx);
+                    } else {
+                        self.issue_read_part(key, i, ctx);
+                    }
+                } else {
+                    tracing::error!("compress: block {}: {why}", part.lba);
+                    self.part_done(key, Some(-libc::EIO), ctx);
+                }
+            }
+        }
+    }
+
+    /// One child request of request `key` ended.
+    fn part_done(&mut self, key: usize, error: Option<i32>, ctx: &mut QueueCtx<'_>) {
+        let Some(req) = self.reqs.get_mut(key) else {
+            return;
+        };
+        if let Some(e) = error {
+            req.error.get_or_insert(e);
+        }
+        req.left -= 1;
+        if req.left > 0 {
+            return;
+        }
+        match &req.kind {
+            Kind::Read(_) => {
+                let req = self.reqs.remove(key);
+                match req.error {
+                    Some(e) => req.io.complete(e),
+                    None => req.io.complete_ok(),
+                }
+            }
+            Kind::Write(w) if !w.writing && req.error.is_none() => self.write_stage(key, ctx),
+            Kind::Write(_) => self.finish_write(key, ctx),
+        }
+    }
+
+    // ---- writes, discards, write-zeroes ----
+
+    fn write(&mut self, io: Io, ctx: &mut QueueCtx<'_>) {
+        if self.s.broken.load(SeqCst) {
+            return io.fail(libc::EIO);
+        }
+        let (offset, len) = (io.offset(), u64::from(io.len()));
+        if offset
+            .checked_add(len)
+            .map_or(true, |end| end > self.s.size)
+        {
+            return io.fail(libc::EINVAL);
+        }
+        let mut blocks = Vec::new();
+        let mut busy = Vec::new();
+        for lba in blocks_of(offset, len) {
+            let range = block_part(lba, offset, len);
+            let at = (lba * BLOCK_BYTES + range.start as u64 - offset) as usize;
+            // Every block a write touches is held until its new extent is installed: a
+            // read-modify-write of the block would otherwise put back stale bytes around
+            // its own range over a concurrent write's.
+            if !self.s.busy.set(lba) {
+                for l in busy {
+                    self.s.busy.clear(l);
+                }
+                self.s.busy_waiting.store(true, SeqCst);
+                return self.blocked.push(io);
+            }
+            busy.push(lba);
+            blocks.push(WriteBlock {
+                lba,
+                at,
+                range,
+                old: None,
+                entry: 0,
+            });
+        }
+        let key = self.reqs.insert(Req {
+            io,
+            left: 1,
+            error: None,
+            kind: Kind::Write(WriteReq {
+                blocks,
+                busy,
+                allocated: Vec::new(),
+                writing: false,
+            }),
+        });
+        // Read the current content of the blocks covered in part.
+        let mut reads = Vec::new();
+        if let Some(Req {
+            kind: Kind::Write(w),
+            left,
+            ..
+        }) = self.reqs.get_mut(key)
+        {
+            for (i, b) in w.blocks.iter_mut().enumerate() {
+                if b.range.len() == BLOCK {
+                    continue;
+                }
+                let entry = self.s.map[b.lba as usize].load(SeqCst);
+                match Extent::decode(entry) {
+                    Ok(Some(e)) => {
+                        b.entry = entry;
+                        *left += 1;
+                        reads.push((i, e));
+                    }
+                    _ => b.old = Some(vec![0; BLOCK]),
+                }
+            }
+        }
+        for (i, e) in reads {
+            let sent = self.s.layout.holds(&e) && self.extent_read(&e, token(key, i), ctx);
+            if !sent {
+                self.part_done(key, Some(-libc::EIO), ctx);
+            }
+        }
+        self.part_done(key, None, ctx);
+    }
+
+    fn rmw_read_done(&mut self, key: usize, i: usize, done: Completion, ctx: &mut QueueCtx<'_>) {
+        let Some(Req {
+            kind: Kind::Write(w),
+            ..
+        }) = self.reqs.get_mut(key)
+        else {
+            return;
+        };
+        let b = &mut w.blocks[i];
+        let mut block = vec![0u8; BLOCK];
+        let checked = match (Extent::decode(b.entry), &done.bounce) {
+            (Ok(Some(e)), Some(buf)) if done.result == (e.sectors() * SECTOR) as i32 => self
+                .codec
+                .decompress(b.lba, &e, buf.as_slice(), &mut block)
+                .is_ok(),
+            _ => false,
+        };
+        if checked {
+            b.old = Some(block);
+            self.part_done(key, None, ctx);
+        } else {
+            tracing::error!("compress: block {}: cannot read it to merge a write", b.lba);
+            self.part_done(key, Some(-libc::EIO), ctx);
+        }
+    }
+
+    /// Every block's new content is known: compress, allocate, write the extents.
+    fn write_stage(&mut self, key: usize, ctx: &mut QueueCtx<'_>) {
+        match self.prepare_extents(key) {
+            Prepared::Failed(e) => {
+                if let Some(req) = self.reqs.get_mut(key) {
+                    req.error.get_or_insert(e);
+                }
+                self.finish_write(key, ctx);
+            }
+            Prepared::NoSpace => {
+                let need = self.request_commit(ctx);
+                self.no_space.push((key, need));
+            }
+            Prepared::Writes(writes) => {
+                if let Some(req) = self.reqs.get_mut(key) {
+                    req.left = writes.len() as u32 + 1;
+                }
+                for (req, buf) in writes {
+                    if !self.child_io(req, buf, token(key, 0), ctx) {
+                        self.part_done(key, Some(-libc::EIO), ctx);
+                    }
+                }
+                self.part_done(key, None, ctx);
+            }
+        }
+    }
+
+    /// Builds the new content of request `key`'s blocks, compresses them and allocates their
+    /// extents: the child writes to make, one per run of adjacent extents.
+    fn prepare_extents(&mut self, key: usize) -> Prepared {
+        let Some(Req {
+            io,
+            kind: Kind::Write(w),
+            ..
+        }) = self.reqs.get_mut(key)
+        else {
+            return Prepared::Failed(-libc::EIO);
+        };
+        let op = io.op();
+        // (block index, extent bytes, kind) of the blocks that need an extent.
+        let mut extents = Vec::new();
+        let mut block = vec![0u8; BLOCK];
+        for (i, b) in w.blocks.iter_mut().enumerate() {
+            match &b.old {
+                Some(old) => block.copy_from_slice(old),
+                None => block.fill(0),
+            }
+            let dst = &mut block[b.range.clone()];
+            if op == Op::Write {
+                if io.copy_data_to(b.at, dst).is_err() {
+                    return Prepared::Failed(-libc::EIO);
+                }
+            } else {
+                dst.fill(0);
+            }
+            let mut out = vec![0u8; MAX_EXTENT];
+            match self.codec.compress(b.lba, &block, &mut out) {
+                Ok(None) => b.entry = 0,
+                Ok(Some((kind, len))) => {
+                    out.truncate(len);
+                    extents.push((i, out, kind));
+                }
+                Err(_) => return Prepared::Failed(-libc::EIO),
+            }
+        }
+        // Allocate every extent under one lock.
+        let mut placed = Vec::with_capacity(extents.len());
+        {
+            let mut alloc = lock(&self.s.alloc);
+            for (_, bytes, kind) in &extents {
+                let len = bytes.len() as u32;
+                match alloc.alloc(u64::from(len).div_ceil(SECTOR)) {
+                    Some(sector) => placed.push(Extent {
+                        sector,
+                        len,
+                        kind: *kind,
+                    }),
+                    None => break,
+                }
+            }
+            if placed.len() < extents.len() {
+                for e in &placed {
+                    alloc.free(e);
+                }
+                // Space comes back when a commit releases what overwrites freed.
+                let can_wait = alloc.has_pending() || lock(&self.s.commit).running;
+                return if can_wait {
+                    Prepared::NoSpace
+                } else {
+                    Prepared::Failed(-libc::ENOSPC)
+                };
+            }
+        }
+        for ((i, _, _), e) in extents.iter().zip(&placed) {
+            w.blocks[*i].entry = e.encode().unwrap_or(0);
+        }
+        w.allocated.clone_from(&placed);
+        w.writing = true;
+        // One child write per run of adjacent extents (at most 128 KiB each).
+        let mut order: Vec<usize> = (0..placed.len()).collect();
+        order.sort_by_key(|&j| placed[j].sector);
+        let mut runs: Vec<(u64, u64, Vec<usize>)> = Vec::new();
+        for j in order {
+            let span = placed[j].span();
+            match runs.last_mut() {
+                Some((start, end, members)) if *end == span.start && span.end - *start <= 256 => {
+                    *end = span.end;
+                    members.push(j);
+                }
+                _ => runs.push((span.start, span.end, vec![j])),
+            }
+        }
+        let layout = self.s.layout;
+        let mut writes = Vec::with_capacity(runs.len());
+        for (start, end, members) in runs {
+            let bytes = (end - start) * SECTOR;
+            let Ok(mut buf) = Bounce::new(bytes as usize) else {
+                return Prepared::Failed(-libc::ENOMEM);
+            };
+            for &j in &members {
+                let at = ((placed[j].sector - start) * SECTOR) as usize;
+                let data = &extents[j].1;
+                buf.as_mut_slice()[at..at + data.len()].copy_from_slice(data);
+            }
+            let req = BlockIo {
+                op: Op::Write,
+                offset: layout.sector_offset(start),
+                len: bytes as u32,
+                flags: IoFlags::default(),
+            };
+            writes.push((req, buf));
+        }
+        Prepared::Writes(writes)
+    }
+
+    /// The extents are on the child (or the write failed): install them and answer.
+    fn finish_write(&mut self, key: usize, ctx: &mut QueueCtx<'_>) {
+        let req = self.reqs.remove(key);
+        let Kind::Write(w) = req.kind else {
+            return;
+        };
+        if let Some(e) = req.error {
+            let mut alloc = lock(&self.s.alloc);
+            for x in &w.allocated {
+                alloc.free(x);
+            }
+            drop(alloc);
+            self.release_busy(&w.busy, ctx);
+            return req.io.complete(e);
+        }
+        for b in &w.blocks {
+            self.s.install(b.lba, b.entry);
+        }
+        self.release_busy(&w.busy, ctx);
+        if req.io.op() == Op::Write && req.io.flags().fua() {
+            let need = self.request_commit(ctx);
+            let res = req.io.len() as i32;
+            self.waiting.push((req.io, need, res));
+            self.answer_waiting();
+        } else {
+            req.io.complete_ok();
+        }
+    }
+
+    fn release_busy(&mut self, lbas: &[u64], ctx: &mut QueueCtx<'_>) {
+        if lbas.is_empty() {
+            return;
+        }
+        for &l in lbas {
+            self.s.busy.clear(l);
+        }
+        if self.s.busy_waiting.swap(false, SeqCst) {
+            self.s.wake_all();
+        }
+        self.retry_blocked(ctx);
+    }
+
+    fn retry_blocked(&mut self, ctx: &mut QueueCtx<'_>) {
+        for io in std::mem::take(&mut self.blocked) {
+            self.write(io, ctx);
+        }
+    }
+
+    // ---- commits ----
+
+    /// The number of a commit that starts after now; starts it here if none is running.
+    fn request_commit(&mut self, ctx: &mut QueueCtx<'_>) -> u64 {
+        let mut c = lock(&self.s.commit);
+        let need = c.started + 1;
+        if c.running {
+            c.requested = c.requested.max(need);
+            return need;
+        }
+        c.running = true;
+        c.started = need;
+        drop(c);
+        self.start_commit(need, ctx);
+        need
+    }
+
+    fn flush(&mut self, io: Io, ctx: &mut QueueCtx<'_>) {
+        if self.s.broken.load(SeqCst) {
+            return io.fail(libc::EIO);
+        }
+        let need = self.request_commit(ctx);
+        self.waiting.push((io, need, 0));
+        self.answer_waiting();
+    }
+
+    fn start_commit(&mut self, n: u64, ctx: &mut QueueCtx<'_>) {
+        let (records, covered) = self.s.snapshot();
+        let room = {
+            let c = lock(&self.s.commit);
+            let need = records.len().div_ceil(RECORDS_PER_BLOCK) as u64;
+            c.journal_pos + need <= self.s.layout.journal_blocks
+        };
+        self.commit = Some(CommitRun {
+            n,
+            records,
+            covered,
+            stage: if room { Stage::DataFlush } else { Stage::Map },
+            left: 0,
+            ok: true,
+        });
+        if room {
+            self.commit_flush(ctx);
+        } else {
+            self.commit_map(ctx);
+        }
+    }
+
+    fn commit_send(&mut self, req: BlockIo, buf: Bounce, ctx: &mut QueueCtx<'_>) {
+        let Some(run) = self.commit.as_mut() else {
+            return;
+        };
+        run.left += 1;
+        let tok = COMMIT | run.n;
+        if !self.child_io(req, buf, tok, ctx) {
+            self.commit_step(false, ctx);
+        }
+    }
+
+    fn commit_flush(&mut self, ctx: &mut QueueCtx<'_>) {
+        let req = BlockIo {
+            op: Op::Flush,
+            offset: 0,
+            len: 0,
+            flags: IoFlags::default(),
+        };
+        match Bounce::new(0) {
+            Ok(buf) => self.commit_send(req, buf, ctx),
+            Err(_) => self.commit_failed(ctx),
+        }
+    }
+
+    fn commit_journal(&mut self, ctx: &mut QueueCtx<'_>) {
+        let Some(run) = self.commit.as_ref() else {
+            return;
+        };
+        if run.records.is_empty() {
+            return self.commit_finished(ctx);
+        }
+        let (pos, seq) = {
+            let c = lock(&self.s.commit);
+            (c.journal_pos, c.sb.checkpoint_seq + c.journal_pos)
+        };
+        let chunks: Vec<&[Record]> = run.records.chunks(RECORDS_PER_BLOCK).collect();
+        let Ok(mut buf) = Bounce::new(chunks.len() * BLOCK) else {
+            return self.commit_failed(ctx);
+        };
+        for (i, chunk) in chunks.iter().enumerate() {
+            let out = &mut buf.as_mut_slice()[i * BLOCK..(i + 1) * BLOCK];
+            if encode_journal_block(seq + i as u64, &self.s.uuid, chunk, out).is_err() {
+                return self.commit_failed(ctx);
+            }
+        }
+        let req = BlockIo {
+            op: Op::Write,
+            offset: self.s.layout.journal_offset(pos),
+            len: (chunks.len() * BLOCK) as u32,
+            flags: IoFlags(UBLK_IO_F_FUA),
+        };
+        self.commit_send(req, buf, ctx);
+    }
+
+    fn commit_map(&mut self, ctx: &mut QueueCtx<'_>) {
+        let (generation, which) = {
+            let c = lock(&self.s.commit);
+            (c.sb.generation + 1, 1 - c.sb.active_map)
+        };
+        let blocks = self.s.map_blocks();
+        let layout = self.s.layout;
+        let mut first = 0;
+        while first < blocks {
+            let n = (blocks - first).min(MAP_CHUNK);
+            let Ok(mut buf) = Bounce::new((n as usize) * BLOCK) else {
+                return self.commit_failed(ctx);
+            };
+            for i in 0..n {
+                let index = first + i;
+                let entries = self
+                    .s
+                    .map_entries(index * ENTRIES_PER_BLOCK, ENTRIES_PER_BLOCK);
+                let out = &mut buf.as_mut_slice()[(i as usize) * BLOCK..(i as usize + 1) * BLOCK];
+                if encode_map_block(index, generation, &entries, out).is_err() {
+                    return self.commit_failed(ctx);
+                }
+            }
+            let req = BlockIo {
+                op: Op::Write,
+                offset: layout.map_block_offset(which, first),
+                len: (n as usize * BLOCK) as u32,
+                flags: IoFlags::default(),
+            };
+            self.commit_send(req, buf, ctx);
+            first += n;
+        }
+    }
+
+    fn commit_superblock(&mut self, ctx: &mut QueueCtx<'_>) {
+        let sb = {
+            let c = lock(&self.s.commit);
+            let mut sb = c.sb.clone();
+            sb.generation += 1;
+            sb.active_map = 1 - sb.active_map;
+            sb.checkpoint_seq += c.journal_pos;
+            sb
+        };
+        let Ok(mut buf) = Bounce::new(BLOCK) else {
+            return self.commit_failed(ctx);
+        };
+        if sb.encode(buf.as_mut_slice()).is_err() {
+            return self.commit_failed(ctx);
+        }
+        let req = BlockIo {
+            op: Op::Write,
+            offset: super::superblock_offset(sb.generation),
+            len: BLOCK as u32,
+            flags: IoFlags(UBLK_IO_F_FUA),
+        };
+        self.commit_send(req, buf, ctx);
+    }
+
+    /// A child request of the commit ended.
+    fn commit_step(&mut self, ok: bool, ctx: &mut QueueCtx<'_>) {
+        let Some(run) = self.commit.as_mut() else {
+            return;
+        };
+        run.ok &= ok;
+        run.left -= 1;
+        if run.left > 0 {
+            return;
+        }
+        if !run.ok {
+            return self.commit_failed(ctx);
+        }
+        match run.stage {
+            Stage::DataFlush => {
+                run.stage = Stage::Journal;
+                self.commit_journal(ctx);
+            }
+            Stage::Journal => {
+                let blocks = run.records.len().div_ceil(RECORDS_PER_BLOCK) as u64;
+                lock(&self.s.commit).journal_pos += blocks;
+                self.commit_finished(ctx);
+            }
+            Stage::Map => {
+                run.stage = Stage::MapFlush;
+                self.commit_flush(ctx);
+            }
+            Stage::MapFlush => {
+                run.stage = Stage::Superblock;
+                self.commit_superblock(ctx);
+            }
+            Stage::Superblock => {
+                {
+                    let mut c = lock(&self.s.commit);
+                    c.sb.generation += 1;
+                    c.sb.active_map = 1 - c.sb.active_map;
+                    c.sb.checkpoint_seq += c.journal_pos;
+                    c.journal_pos = 0;
+                }
+                self.commit_finished(ctx);
+            }
+        }
+    }
+
+    fn commit_failed(&mut self, ctx: &mut QueueCtx<'_>) {
+        tracing::error!("compress: a metadata write failed; writes and flushes fail from now on");
+        self.s.broken.store(true, SeqCst);
+        self.commit_finished(ctx);
+    }
+
+    fn commit_finished(&mut self, ctx: &mut QueueCtx<'_>) {
+        let Some(run) = self.commit.take() else {
+            return;
+        };
+        if !self.s.broken.load(SeqCst) {
+            lock(&self.s.alloc).release(run.covered);
+        }
+        self.s.done.store(run.n, SeqCst);
+        let next = {
+            let mut c = lock(&self.s.commit);
+            if c.requested > c.started {
+                c.started += 1;
+                Some(c.started)
+            } else {
+                c.running = false;
+                None
+            }
+        };
+        self.s.wake_all();
+        self.answer_waiting();
+        self.retry_no_space(ctx);
+        if let Some(n) = next {
+            self.start_commit(n, ctx);
+        }
+    }
+
+    /// Answers what waited for a commit that is done.
+    fn answer_waiting(&mut self) {
+        let done = self.s.done.load(SeqCst);
+        let broken = self.s.broken.load(SeqCst);
+        let (ready, still): (Vec<_>, Vec<_>) = std::mem::take(&mut self.waiting)
+            .into_iter()
+            .partition(|w| w.1 <= done);
+        self.waiting = still;
+        for (io, _, res) in ready {
+            if broken {
+                io.fail(libc::EIO);
+            } else {
+                io.complete(res);
+            }
+        }
+    }
+
+    fn retry_no_space(&mut self, ctx: &mut QueueCtx<'_>) {
+        let done = self.s.done.load(SeqCst);
+        let (ready, still): (Vec<_>, Vec<_>) = std::mem::take(&mut self.no_space)
+            .into_iter()
+            .partition(|w| w.1 <= done);
+        self.no_space = still;
+        for (key, _) in ready {
+            self.write_stage(key, ctx);
+        }
+    }
+}
+
+impl QueueTarget for CompressQueue {
+    fn submit(&mut self, io: Io, ctx: &mut QueueCtx<'_>) {
+        if !self.registered {
+            self.registered = true;
+            self.s.register(ctx.notifier());
+        }
+        match io.op() {
+            Op::Read => self.read(io, ctx),
+            Op::Write | Op::Discard | Op::WriteZeroes => self.write(io, ctx),
+            Op::Flush => self.flush(io, ctx),
+            _ => io.fail(libc::EOPNOTSUPP),
+        }
+    }
+
+    fn complete(&mut self, done: Completion, ctx: &mut QueueCtx<'_>) {
+        if done.token == WAKE {
+            self.answer_waiting();
+            self.retry_no_space(ctx);
+            self.retry_blocked(ctx);
+            return;
+        }
+        if done.token & COMMIT != 0 {
+            return self.commit_step(done.result >= 0, ctx);
+        }
+        let key = (done.token >> 16) as usize;
+        let part = (done.token & 0xffff) as usize;
+        let Some(req) = self.reqs.get(key) else {
+            tracing::error!(token = done.token, "compress: answer for no request");
+            return;
+        };
+        match &req.kind {
+            Kind::Read(_) => self.read_done(key, part, done, ctx),
+            Kind::Write(w) if !w.writing => self.rmw_read_done(key, part, done, ctx),
+            Kind::Write(_) => {
+                let err = (done.result < 0).then_some(done.result);
+                self.part_done(key, err, ctx);
+            }
+        }
+    }
+}

@@ -1,0 +1,477 @@
+//! The compressing target on the simulated queue over a RAM child: data round trips, space
+//! accounting, reopening, and crash consistency — the child's bytes copied at many points
+//! while writes and flushes run must each open as an image where every flushed block reads
+//! back and no block reads anything but one of its old or new contents.
+
+use std::io;
+use std::sync::{Arc, Mutex};
+
+use ublk_core::sim::SimQueue;
+use ublk_core::{sys, Geometry};
+use ublk_targets::compress::format::Algo;
+use ublk_targets::compress::{Compress, CompressOptions, Opened};
+use ublk_targets::ram::Ram;
+use ublk_zc::{BoxTarget, Io, OpenCtx, QueueCtx, QueueTarget, Target};
+
+const SIZE: u64 = 256 << 10;
+const CHILD: u64 = 1 << 20;
+const BLOCK: usize = 4096;
+
+fn geo() -> Geometry {
+    Geometry {
+        size: SIZE,
+        logical_block_size: 512,
+        max_io: 128 << 10,
+    }
+}
+
+fn opts(algo: Algo) -> CompressOptions {
+    CompressOptions {
+        size: Some(SIZE),
+        algo: Some(algo),
+    }
+}
+
+fn open(child: &Ram, o: &CompressOptions) -> Compress {
+    Compress::open(Arc::new(child.clone()) as BoxTarget, o).expect("open the image")
+}
+
+/// Text-like bytes that compress well.
+fn compressible(seed: u64, len: usize) -> Vec<u8> {
+    let words = [&b"block "[..], b"device ", b"compress ", b"ublk ", b"zstd "];
+    let mut out = Vec::with_capacity(len);
+    let mut i = seed;
+    while out.len() < len {
+        out.extend_from_slice(words[(i % 5) as usize]);
+        out.extend_from_slice(format!("{} ", i % 97).as_bytes());
+        i = i.wrapping_mul(6364136223846793005).wrapping_add(1);
+    }
+    out.truncate(len);
+    out
+}
+
+/// Bytes that do not compress.
+fn random(seed: u64, len: usize) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9e3779b97f4a7c15) | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+#[test]
+fn data_round_trips_for_every_kind_of_block_and_both_algorithms() {
+    for algo in [Algo::Lz4, Algo::Zstd(3)] {
+        let child = Ram::new(CHILD).expect("memfd");
+        let c = open(&child, &opts(algo));
+        assert_eq!(c.opened(), &Opened::New);
+        let h = c.handle();
+        let mut q = SimQueue::new(&c, geo(), 8).expect("sim queue");
+        let text = compressible(1, 64 << 10);
+        let noise = random(2, 32 << 10);
+        assert_eq!(q.write(0, &text), Ok(64 << 10));
+        assert_eq!(q.write(64 << 10, &noise), Ok(32 << 10));
+        assert_eq!(q.write(96 << 10, &[0; 16 << 10]), Ok(16 << 10));
+        assert_eq!(q.read(0, 64 << 10).expect("read"), text);
+        assert_eq!(q.read(64 << 10, 32 << 10).expect("read"), noise);
+        assert_eq!(q.read(96 << 10, 32 << 10).expect("read"), vec![0; 32 << 10]);
+        let st = h.status();
+        assert_eq!(st["algo"], algo.to_string());
+        // 16 compressible blocks and 8 raw ones (4096 + 16 bytes each); zero blocks are free.
+        let stored = st["stored_bytes"].as_u64().expect("stored");
+        assert!(stored < 8 * 4112 + 16 * 2048, "{st}");
+        assert!(stored >= 8 * 4112, "{st}");
+        assert!(st["ratio"].as_f64().expect("ratio") > 1.4, "{st}");
+        assert_eq!(st["data_bytes"], 24 * 4096);
+    }
+}
+
+#[test]
+fn unaligned_requests_merge_with_the_blocks_they_cover_in_part() {
+    let child = Ram::new(CHILD).expect("memfd");
+    let c = open(&child, &opts(Algo::Lz4));
+    let mut q = SimQueue::new(&c, geo(), 8).expect("sim queue");
+    let mut model = vec![0u8; SIZE as usize];
+    let base = compressible(3, 32 << 10);
+    assert_eq!(q.write(0, &base), Ok(32 << 10));
+    model[..base.len()].copy_from_slice(&base);
+    for (i, (off, len)) in [
+        (512u64, 1024usize),
+        (3584, 1024),
+        (7680, 9216),
+        (20480, 512),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let data = random(10 + i as u64, len);
+        assert_eq!(q.write(off, &data), Ok(len as i32));
+        model[off as usize..off as usize + len].copy_from_slice(&data);
+    }
+    assert_eq!(q.read(0, 64 << 10).expect("read"), model[..64 << 10]);
+    assert_eq!(q.read(1536, 3072).expect("read"), model[1536..4608]);
+    // A partial discard and write-zeroes zero exactly their range.
+    assert_eq!(q.op(sys::UBLK_IO_OP_DISCARD, 0, 1024, 2048), Ok(0));
+    assert_eq!(
+        q.op(sys::UBLK_IO_OP_WRITE_ZEROES, 0, 8192 + 512, 4096),
+        Ok(0)
+    );
+    model[1024..3072].fill(0);
+    model[8704..12800].fill(0);
+    assert_eq!(q.read(0, 64 << 10).expect("read"), model[..64 << 10]);
+    // Two partial writes of one block in flight together keep both.
+    let (a, b) = (random(40, 512), random(41, 512));
+    let desc = |sector: u64| ublk_core::io::IoDesc {
+        op_flags: u32::from(sys::UBLK_IO_OP_WRITE),
+        nr_sectors: 1,
+        start_sector: sector,
+        addr: 0,
+    };
+    q.deliver(0, desc(80), &a).expect("tag 0");
+    q.deliver(1, desc(83), &b).expect("tag 1");
+    let mut others = Vec::new();
+    for tag in [0, 1] {
+        let done = match others
+            .iter()
+            .position(|c: &ublk_core::sim::Commit| c.tag == tag)
+        {
+            Some(i) => others.swap_remove(i),
+            None => q
+                .wait_for(tag, std::time::Duration::from_secs(5), &mut others)
+                .expect("answered"),
+        };
+        assert_eq!(done.result, 512);
+    }
+    model[80 * 512..81 * 512].copy_from_slice(&a);
+    model[83 * 512..84 * 512].copy_from_slice(&b);
+    assert_eq!(q.read(40960, 4096).expect("read"), model[40960..45056]);
+    // A whole-block write and a partial write of the same block in flight together: the
+    // bytes only the whole-block write covers hold it (found by the request-stream fuzzer:
+    // the partial write's merge put the block's older bytes back).
+    let (whole, part) = (random(50, 8192), random(51, 512));
+    let write = |sector: u64, n: u32| ublk_core::io::IoDesc {
+        op_flags: u32::from(sys::UBLK_IO_OP_WRITE),
+        nr_sectors: n,
+        start_sector: sector,
+        addr: 0,
+    };
+    q.deliver(0, write(96, 16), &whole).expect("tag 0");
+    q.deliver(1, write(96, 1), &part).expect("tag 1");
+    let mut others = Vec::new();
+    for tag in [0, 1] {
+        if !others.iter().any(|c: &ublk_core::sim::Commit| c.tag == tag) {
+            q.wait_for(tag, std::time::Duration::from_secs(5), &mut others)
+                .expect("answered");
+        }
+    }
+    let back = q.read(96 * 512, 8192).expect("read");
+    assert!(back[512..] == whole[512..], "the whole-block write's bytes");
+}
+
+#[test]
+fn overwrites_reuse_space_and_discard_frees_it() {
+    // A child with room for the logical size stored raw plus a little: overwriting it many
+    // times without a flush works only if the space the overwrites free comes back.
+    let child = Ram::new(512 << 10).expect("memfd");
+    let c = open(&child, &opts(Algo::Lz4));
+    let h = c.handle();
+    let mut q = SimQueue::new(&c, geo(), 8).expect("sim queue");
+    for round in 0..12u64 {
+        for chunk in 0..2u64 {
+            let data = random(round * 2 + chunk, 128 << 10);
+            assert_eq!(
+                q.write(chunk * (128 << 10), &data),
+                Ok(128 << 10),
+                "round {round}"
+            );
+        }
+        if round % 4 == 3 {
+            assert_eq!(q.op(sys::UBLK_IO_OP_FLUSH, 0, 0, 0), Ok(0));
+        }
+    }
+    assert_eq!(q.read(0, 128 << 10).expect("read"), random(22, 128 << 10));
+    assert_eq!(q.op(sys::UBLK_IO_OP_FLUSH, 0, 0, 0), Ok(0));
+    let raw = 64 * 9 * 512;
+    assert_eq!(
+        h.allocated_bytes(),
+        raw,
+        "after a flush only live extents stay"
+    );
+    assert_eq!(h.stored_bytes(), 64 * 4112);
+    assert_eq!(q.op(sys::UBLK_IO_OP_DISCARD, 0, 0, 128 << 10), Ok(0));
+    assert_eq!(
+        q.op(sys::UBLK_IO_OP_WRITE_ZEROES, 0, 128 << 10, 64 << 10),
+        Ok(0)
+    );
+    assert_eq!(q.op(sys::UBLK_IO_OP_FLUSH, 0, 0, 0), Ok(0));
+    assert_eq!(h.allocated_bytes(), 16 * 9 * 512);
+    assert_eq!(h.stored_bytes(), 16 * 4112);
+    assert_eq!(q.read(0, 4096).expect("read"), vec![0; 4096]);
+}
+
+#[test]
+fn reopening_finds_what_was_flushed_and_refuses_a_wrong_size() {
+    let child = Ram::new(CHILD).expect("memfd");
+    let data = compressible(7, 128 << 10);
+    {
+        let c = open(&child, &opts(Algo::Zstd(5)));
+        let mut q = SimQueue::new(&c, geo(), 8).expect("sim queue");
+        assert_eq!(q.write(128 << 10, &data), Ok(128 << 10));
+        assert_eq!(q.op(sys::UBLK_IO_OP_FLUSH, 0, 0, 0), Ok(0));
+        // Enough commits to go round the journal and checkpoint.
+        for i in 0..20u64 {
+            let block = random(i, 4096);
+            let flags = sys::UBLK_IO_F_FUA;
+            let tag = q.free_tag().expect("free tag");
+            let desc = ublk_core::io::IoDesc {
+                op_flags: u32::from(sys::UBLK_IO_OP_WRITE) | flags,
+                nr_sectors: 8,
+                start_sector: 8 * i,
+                addr: 0,
+            };
+            q.deliver(tag, desc, &block).expect("deliver");
+            let done = q
+                .wait_for(tag, std::time::Duration::from_secs(5), &mut Vec::new())
+                .expect("FUA write answered");
+            assert_eq!(done.result, 4096);
+        }
+    }
+    let wrong = CompressOptions {
+        size: Some(SIZE * 2),
+        algo: None,
+    };
+    let e = Compress::open(Arc::new(child.clone()) as BoxTarget, &wrong).expect_err("size");
+    assert!(e.0.contains("logical bytes"), "{e}");
+    let c = open(&child, &CompressOptions::default());
+    assert!(matches!(c.opened(), Opened::Existing { .. }));
+    assert_eq!(c.handle().status()["algo"], "zstd:5");
+    let mut q = SimQueue::new(&c, geo(), 8).expect("sim queue");
+    assert!(q.read(128 << 10, 128 << 10).expect("read") == data);
+    for i in 0..16u64 {
+        assert_eq!(q.read(i * 4096, 4096).expect("read"), random(i, 4096));
+    }
+}
+
+#[test]
+fn a_damaged_image_is_refused_with_a_clear_error() {
+    let child = Ram::new(CHILD).expect("memfd");
+    drop(open(&child, &opts(Algo::Lz4)));
+    // Reopened: both superblock copies are valid now (generations 1 and 2).
+    drop(open(&child, &CompressOptions::default()));
+    let mut sb = vec![0u8; 2 * BLOCK];
+    child.read_at(0, &mut sb).expect("read");
+    let garbage = random(5, 2 * BLOCK);
+    child.write_at(0, &garbage).expect("damage");
+    let e = Compress::open(
+        Arc::new(child.clone()) as BoxTarget,
+        &CompressOptions::default(),
+    )
+    .expect_err("no superblock");
+    assert!(e.0.contains("no valid superblock"), "{e}");
+    // One copy torn: the other is used.
+    child.write_at(0, &sb).expect("restore");
+    child
+        .write_at(BLOCK as u64 + 100, &[1, 2, 3])
+        .expect("tear copy B");
+    drop(open(&child, &CompressOptions::default()));
+}
+
+/// What a crash at some point may leave: for each block, the contents it may read back.
+type Allowed = Vec<Vec<Vec<u8>>>;
+
+/// A RAM child that copies its bytes (and the model's allowed contents at that moment)
+/// before every `every`-th request it serves.
+#[derive(Clone)]
+struct Tap {
+    ram: Ram,
+    every: u64,
+    state: Arc<Mutex<TapState>>,
+}
+
+struct TapState {
+    ops: u64,
+    allowed: Allowed,
+    snapshots: Vec<(Vec<u8>, Allowed)>,
+}
+
+struct TapQueue {
+    tap: Tap,
+    ram: Ram,
+}
+
+impl Target for Tap {
+    type Queue = TapQueue;
+    fn open_queue(&self, ctx: &mut OpenCtx<'_>) -> io::Result<TapQueue> {
+        Ok(TapQueue {
+            tap: self.clone(),
+            ram: self.ram.open_queue(ctx)?,
+        })
+    }
+    fn size(&self) -> Option<u64> {
+        self.ram.size()
+    }
+    fn copies_data(&self) -> bool {
+        true
+    }
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+        self.ram.read_at(offset, buf)
+    }
+    fn write_at(&self, offset: u64, buf: &[u8]) -> io::Result<()> {
+        self.ram.write_at(offset, buf)
+    }
+}
+
+impl QueueTarget for TapQueue {
+    fn submit(&mut self, io: Io, ctx: &mut QueueCtx<'_>) {
+        let mut st = self.tap.state.lock().expect("tap state");
+        st.ops += 1;
+        if st.ops % self.tap.every == 0 {
+            let mut bytes = vec![0u8; self.ram.size().unwrap_or(0) as usize];
+            self.ram.read_at(0, &mut bytes).expect("copy the child");
+            let allowed = st.allowed.clone();
+            st.snapshots.push((bytes, allowed));
+        }
+        drop(st);
+        self.ram.submit(io, ctx);
+    }
+}
+
+#[test]
+fn every_crash_point_opens_clean_with_flushed_blocks_intact() {
+    const BLOCKS: usize = (SIZE / 4096) as usize;
+    // A child whose data area is little more than the logical size stored raw: extents are
+    // reused soon after they are freed, and writes wait for commits to release space.
+    const TIGHT: u64 = 512 << 10;
+    let tap = Tap {
+        ram: Ram::new(TIGHT).expect("memfd"),
+        every: 2,
+        state: Arc::new(Mutex::new(TapState {
+            ops: 0,
+            allowed: vec![vec![vec![0; BLOCK]]; BLOCKS],
+            snapshots: Vec::new(),
+        })),
+    };
+    let c = Compress::open(Arc::new(tap.clone()) as BoxTarget, &opts(Algo::Lz4)).expect("open");
+    let mut q = SimQueue::new(&c, geo(), 8).expect("sim queue");
+    let mut current = vec![0u8; SIZE as usize];
+    let mut rng = 12345u64;
+    let mut next = |n: u64| {
+        rng ^= rng << 13;
+        rng ^= rng >> 7;
+        rng ^= rng << 17;
+        rng % n
+    };
+    let state = Arc::clone(&tap.state);
+    for step in 0..400u64 {
+        let kind = next(20);
+        if kind == 0 {
+            assert_eq!(q.op(sys::UBLK_IO_OP_FLUSH, 0, 0, 0), Ok(0), "step {step}");
+            let mut st = state.lock().expect("tap state");
+            for (b, allowed) in st.allowed.iter_mut().enumerate() {
+                *allowed = vec![current[b * BLOCK..(b + 1) * BLOCK].to_vec()];
+            }
+            continue;
+        }
+        // A write (some FUA), a discard or write-zeroes, aligned or not.
+        let sector = next(SIZE / 512 - 1);
+        let sectors = (1 + next(24)).min(SIZE / 512 - sector);
+        let (off, len) = (sector * 512, (sectors * 512) as usize);
+        let data = match kind {
+            1..=4 => compressible(step, len),
+            5..=15 => random(step, len),
+            16 => vec![0; len],
+            _ => Vec::new(),
+        };
+        let mut after = current.clone();
+        if data.is_empty() {
+            after[off as usize..off as usize + len].fill(0);
+        } else {
+            after[off as usize..off as usize + len].copy_from_slice(&data);
+        }
+        let blocks = off as usize / BLOCK..(off as usize + len).div_ceil(BLOCK);
+        {
+            let mut st = state.lock().expect("tap state");
+            for b in blocks.clone() {
+                st.allowed[b].push(after[b * BLOCK..(b + 1) * BLOCK].to_vec());
+            }
+        }
+        let fua = kind == 4;
+        let result = if data.is_empty() {
+            let op = if kind % 2 == 0 {
+                sys::UBLK_IO_OP_DISCARD
+            } else {
+                sys::UBLK_IO_OP_WRITE_ZEROES
+            };
+            q.op(op, 0, off, len as u32)
+        } else if fua {
+            let desc = ublk_core::io::IoDesc {
+                op_flags: u32::from(sys::UBLK_IO_OP_WRITE) | sys::UBLK_IO_F_FUA,
+                nr_sectors: sectors as u32,
+                start_sector: sector,
+                addr: 0,
+            };
+            let tag = q.free_tag().expect("free tag");
+            q.deliver(tag, desc, &data).expect("deliver");
+            q.wait_for(tag, std::time::Duration::from_secs(5), &mut Vec::new())
+                .map(|c| c.result)
+                .map_err(|_| -libc::ETIMEDOUT)
+        } else {
+            q.write(off, &data)
+        };
+        assert!(result.is_ok(), "step {step}: {result:?}");
+        current = after;
+        if fua {
+            let mut st = state.lock().expect("tap state");
+            for b in blocks {
+                st.allowed[b] = vec![current[b * BLOCK..(b + 1) * BLOCK].to_vec()];
+            }
+        }
+    }
+    drop(q);
+    drop(c);
+    let snapshots = std::mem::take(&mut state.lock().expect("tap state").snapshots);
+    assert!(snapshots.len() > 100, "{} snapshots", snapshots.len());
+    for (i, (bytes, allowed)) in snapshots.iter().enumerate() {
+        let copy = Ram::new(TIGHT).expect("memfd");
+        copy.write_at(0, bytes).expect("copy");
+        let c = Compress::open(Arc::new(copy) as BoxTarget, &CompressOptions::default())
+            .unwrap_or_else(|e| panic!("snapshot {i} does not open: {e}"));
+        let mut q = SimQueue::new(&c, geo(), 8).expect("sim queue");
+        for (b, ok) in allowed.iter().enumerate() {
+            let got = q
+                .read((b * BLOCK) as u64, BLOCK as u32)
+                .unwrap_or_else(|e| panic!("snapshot {i}: block {b} fails to read: {e}"));
+            assert!(
+                ok.contains(&got),
+                "snapshot {i}: block {b} reads none of its {} allowed contents",
+                ok.len()
+            );
+        }
+    }
+}
+
+#[test]
+fn check_reports_a_clean_image_and_a_damaged_extent() {
+    let child = Ram::new(CHILD).expect("memfd");
+    {
+        let c = open(&child, &opts(Algo::Lz4));
+        let mut q = SimQueue::new(&c, geo(), 8).expect("sim queue");
+        assert_eq!(q.write(0, &compressible(9, 64 << 10)), Ok(64 << 10));
+        assert_eq!(q.op(sys::UBLK_IO_OP_FLUSH, 0, 0, 0), Ok(0));
+    }
+    let target: BoxTarget = Arc::new(child.clone());
+    let report = ublk_targets::compress::check(&target).expect("loads");
+    assert!(report.is_clean(), "{report:?}");
+    assert_eq!(report.extents, 16);
+    // Flip a byte in the data area: the extent there no longer checks.
+    let data = 32 << 10;
+    let mut b = [0u8; 1];
+    child.read_at(data + 40, &mut b).expect("read");
+    child.write_at(data + 40, &[b[0] ^ 0xff]).expect("damage");
+    let report = ublk_targets::compress::check(&target).expect("loads");
+    assert_eq!(report.damage.len(), 1, "{report:?}");
+}
