@@ -21,6 +21,7 @@ use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicU8, Ordering::*}
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
+use nix::sys::signal::{pthread_sigmask, SigSet, SigmaskHow};
 use ublk_zc::{BoxTarget, Notifier};
 
 use super::meta::{
@@ -659,10 +660,17 @@ struct Daemon {
 }
 
 /// Starts the mirror's thread.
+///
+/// It blocks every signal: a mirror is assembled before the device blocks SIGINT and SIGTERM
+/// to take them from a signalfd, so this thread would otherwise be the one the kernel
+/// delivers them to, and their default action would kill the server without a clean stop.
 pub(crate) fn spawn(shared: Arc<Shared>) -> std::io::Result<std::thread::JoinHandle<()>> {
     std::thread::Builder::new()
         .name("ublk-mirror".into())
         .spawn(move || {
+            if let Err(e) = pthread_sigmask(SigmaskHow::SIG_BLOCK, Some(&SigSet::all()), None) {
+                tracing::error!("mirror: cannot block signals in its thread: {e}");
+            }
             let now = Instant::now();
             let mut d = Daemon {
                 shared,
