@@ -398,8 +398,8 @@ fn initial_sync_copies_large_regions_piece_by_piece() {
         (1..3).all(|i| h.leg_state(i) == Some(LegState::InSync))
     });
     let first = data_area(&rams[0], &h);
-    for leg in 1..3 {
-        let other = data_area(&rams[leg], &h);
+    for (leg, r) in rams.iter().enumerate().skip(1) {
+        let other = data_area(r, &h);
         let differs = first.iter().zip(&other).position(|(a, b)| a != b);
         assert_eq!(differs, None, "leg {leg} differs from leg 0 at this byte");
     }
