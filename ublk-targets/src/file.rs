@@ -76,20 +76,6 @@ impl FileTarget {
         })
     }
 
-    /// Checks that `[offset, offset + len)` lies inside the device.
-    fn check_range(&self, offset: u64, len: usize) -> io::Result<()> {
-        match offset.checked_add(len as u64) {
-            Some(end) if end <= self.size => Ok(()),
-            _ => Err(io::Error::new(
-                io::ErrorKind::InvalidInput,
-                format!(
-                    "{len} bytes at {offset} lie past the end ({} bytes)",
-                    self.size
-                ),
-            )),
-        }
-    }
-
     /// The device size in bytes.
     pub fn size(&self) -> u64 {
         self.size
@@ -125,7 +111,7 @@ impl Target for FileTarget {
     /// `pread`; with `O_DIRECT`, straight into a page-aligned buffer or through one (offset
     /// and length must then be multiples of the file's logical block size).
     fn read_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
-        self.check_range(offset, buf.len())?;
+        crate::check_range(offset, buf.len(), self.size)?;
         if self.direct && !aligned(buf) {
             let mut bounce = Bounce::new(buf.len())?;
             self.file.read_exact_at(bounce.as_mut_slice(), offset)?;
@@ -138,7 +124,7 @@ impl Target for FileTarget {
 
     /// `pwrite` then `fdatasync`; with `O_DIRECT`, through a page-aligned buffer.
     fn write_at(&self, offset: u64, buf: &[u8]) -> io::Result<()> {
-        self.check_range(offset, buf.len())?;
+        crate::check_range(offset, buf.len(), self.size)?;
         if self.direct && !aligned(buf) {
             let mut bounce = Bounce::new(buf.len())?;
             bounce.as_mut_slice().copy_from_slice(buf);

@@ -275,7 +275,7 @@ impl Target for Stripe {
 
     /// Reads each chunk's piece from its child.
     fn read_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
-        self.check_range(offset, buf.len())?;
+        crate::check_range(offset, buf.len(), self.size)?;
         for e in self.layout.map(offset, buf.len() as u64) {
             let piece = &mut buf[e.at as usize..(e.at + e.len) as usize];
             self.children[e.child as usize].dyn_read_at(e.child_offset, piece)?;
@@ -285,27 +285,12 @@ impl Target for Stripe {
 
     /// Writes each chunk's piece to its child.
     fn write_at(&self, offset: u64, buf: &[u8]) -> io::Result<()> {
-        self.check_range(offset, buf.len())?;
+        crate::check_range(offset, buf.len(), self.size)?;
         for e in self.layout.map(offset, buf.len() as u64) {
             let piece = &buf[e.at as usize..(e.at + e.len) as usize];
             self.children[e.child as usize].dyn_write_at(e.child_offset, piece)?;
         }
         Ok(())
-    }
-}
-
-impl Stripe {
-    fn check_range(&self, offset: u64, len: usize) -> io::Result<()> {
-        match offset.checked_add(len as u64) {
-            Some(end) if end <= self.size => Ok(()),
-            _ => Err(io::Error::new(
-                io::ErrorKind::InvalidInput,
-                format!(
-                    "{len} bytes at {offset} lie past the end ({} bytes)",
-                    self.size
-                ),
-            )),
-        }
     }
 }
 
