@@ -98,6 +98,18 @@ impl TargetKind {
     }
 }
 
+/// Checks that a direct access of `len` bytes at `offset` lies inside a target of `size`
+/// bytes.
+pub(crate) fn check_range(offset: u64, len: usize, size: u64) -> std::io::Result<()> {
+    match offset.checked_add(len as u64) {
+        Some(end) if end <= size => Ok(()),
+        _ => Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            format!("{len} bytes at {offset} lie past the end ({size} bytes)"),
+        )),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -110,17 +122,5 @@ mod tests {
         }
         assert_eq!(TargetKind::from_name("bogus"), None);
         assert_eq!(TargetKind::from_server_flags(0), None);
-    }
-}
-
-/// Checks that a direct access of `len` bytes at `offset` lies inside a target of `size`
-/// bytes.
-pub(crate) fn check_range(offset: u64, len: usize, size: u64) -> std::io::Result<()> {
-    match offset.checked_add(len as u64) {
-        Some(end) if end <= size => Ok(()),
-        _ => Err(std::io::Error::new(
-            std::io::ErrorKind::InvalidInput,
-            format!("{len} bytes at {offset} lie past the end ({size} bytes)"),
-        )),
     }
 }
