@@ -25,10 +25,10 @@
 //! | 32 | 8 | logical size in bytes (a multiple of 4096) |
 //! | 40 | 4 | algorithm: 1 lz4, 2 zstd |
 //! | 44 | 4 | zstd level (i32; 0 for lz4) |
-//! | 48 | 8 | generation (bumped by every superblock write) |
+//! | 48 | 8 | generation (bumped by every superblock write; below 2^62) |
 //! | 56 | 4 | active map: 0 = A, 1 = B |
 //! | 60 | 4 | reserved |
-//! | 64 | 8 | checkpoint sequence: the journal sequence number the next journal block after this checkpoint carries |
+//! | 64 | 8 | checkpoint sequence: the journal sequence number the next journal block after this checkpoint carries (below 2^62) |
 //! | 72 | 8 × 7 | layout: map A, map B, map blocks, journal, journal blocks, data, data sectors |
 //! | 128 | 3968 | reserved (zero) |
 //!
@@ -79,6 +79,9 @@ pub const MAX_EXTENT: usize = BLOCK + EXTENT_HEADER;
 pub const DEFAULT_JOURNAL_BLOCKS: u64 = 1024;
 /// The fewest journal blocks an image has.
 pub const MIN_JOURNAL_BLOCKS: u64 = 4;
+/// The generation and the checkpoint sequence stay below this (2^62), so the arithmetic on
+/// them never overflows: a commit per microsecond would take 146,000 years to reach it.
+pub const MAX_COUNTER: u64 = 1 << 62;
 
 const SB_VERSION: usize = 8;
 const SB_CRC: usize = 12;
@@ -533,6 +536,12 @@ impl Superblock {
         }
         if self.active_map > 1 {
             return invalid(format!("active map {}", self.active_map));
+        }
+        if self.generation >= MAX_COUNTER || self.checkpoint_seq >= MAX_COUNTER {
+            return invalid(format!(
+                "generation {} or checkpoint sequence {} past 2^62",
+                self.generation, self.checkpoint_seq
+            ));
         }
         self.layout.validate(self.size)
     }
