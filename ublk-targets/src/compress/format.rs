@@ -347,6 +347,20 @@ impl Layout {
         Ok(layout)
     }
 
+    /// A child size for `size` logical bytes with room for every block stored raw, so the
+    /// image can never run out of space: the metadata of [`Layout::new`] with the default
+    /// journal, and 9 sectors per block. `None` if it does not fit a `u64`.
+    pub fn child_size_for(size: u64) -> Option<u64> {
+        let blocks = size / BLOCK_BYTES;
+        let map_bytes = blocks
+            .div_ceil(ENTRIES_PER_BLOCK)
+            .checked_mul(BLOCK_BYTES)?;
+        let raw = (MAX_EXTENT as u64).div_ceil(SECTOR) * SECTOR;
+        (2 * BLOCK_BYTES + DEFAULT_JOURNAL_BLOCKS * BLOCK_BYTES)
+            .checked_add(map_bytes.checked_mul(2)?)?
+            .checked_add(blocks.checked_mul(raw)?)
+    }
+
     /// Checks that the areas lie in order, aligned, without overlap, and that the map has an
     /// entry for every logical block of `size`.
     pub fn validate(&self, size: u64) -> Result<(), FormatError> {
@@ -873,6 +887,14 @@ mod tests {
                 prop_assert!(l.map_block_offset(1, last) + BLOCK_BYTES <= l.journal);
                 prop_assert!(l.journal_offset(l.journal_blocks) == l.data);
             }
+        }
+
+        #[test]
+        fn the_suggested_child_holds_every_block_raw(blocks in 1u64..1 << 30) {
+            let size = blocks * BLOCK_BYTES;
+            let child = Layout::child_size_for(size).expect("fits");
+            let l = Layout::new(size, child).expect("a valid layout");
+            prop_assert!(l.data_sectors >= blocks * (MAX_EXTENT as u64).div_ceil(SECTOR));
         }
 
         #[test]
