@@ -588,3 +588,40 @@ fn ublk_check_reports_damage_with_its_exit_code() {
     assert!(out.contains("expected compress:PATH"), "{out}");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn freed_space_is_punched_in_the_child_after_the_commit() {
+    let child = Ram::new(CHILD).expect("memfd");
+    let c = open(&child, &opts(Algo::Lz4));
+    let h = c.handle();
+    let mut q = SimQueue::new(&c, geo(), 8).expect("sim queue");
+    let empty = child.written_pages();
+    // 32 raw extents: 32 × 9 sectors, 36 whole child pages.
+    let noise = random(7, 128 << 10);
+    assert_eq!(q.write(0, &noise), Ok(128 << 10));
+    assert_eq!(q.op(sys::UBLK_IO_OP_FLUSH, 0, 0, 0), Ok(0));
+    let full = child.written_pages();
+    assert!(full >= empty + 36, "{empty} -> {full}");
+    // Discarded, but not yet committed: the durable map still names the extents.
+    assert_eq!(q.op(sys::UBLK_IO_OP_DISCARD, 0, 0, 128 << 10), Ok(0));
+    assert_eq!(child.written_pages(), full);
+    assert_eq!(q.op(sys::UBLK_IO_OP_FLUSH, 0, 0, 0), Ok(0));
+    // The commit's journal block is one more page; the 36 data pages are gone.
+    let after = child.written_pages();
+    assert!(after <= full + 1 - 36, "{full} -> {after}");
+    assert_eq!(h.allocated_bytes(), 0);
+    // Overwrites free their old extents' pages the same way, and the data stays right.
+    let text = compressible(8, 64 << 10);
+    assert_eq!(q.write(0, &noise[..64 << 10]), Ok(64 << 10));
+    assert_eq!(q.op(sys::UBLK_IO_OP_FLUSH, 0, 0, 0), Ok(0));
+    let raw = child.written_pages();
+    assert_eq!(q.write(0, &text), Ok(64 << 10));
+    assert_eq!(q.op(sys::UBLK_IO_OP_FLUSH, 0, 0, 0), Ok(0));
+    let compressed = child.written_pages();
+    assert!(compressed + 8 <= raw, "{raw} -> {compressed}");
+    assert_eq!(q.read(0, 64 << 10).expect("read"), text);
+    drop(q);
+    let target: BoxTarget = Arc::new(child.clone());
+    let report = ublk_targets::compress::check(&target).expect("readable");
+    assert!(report.is_clean(), "{report}");
+}

@@ -17,7 +17,14 @@
 //!   extents they replaced are free. Flushes arriving while a commit runs share the next one.
 //!   A **FUA** write is a write followed by a commit.
 //! - **Discard and write-zeroes** set the map entries to zero, freeing the extents at the
-//!   next commit (the space is reused; the child is not yet punched).
+//!   next commit.
+//! - **Hole punching**: once a commit has made frees durable (overwrites' old extents,
+//!   discarded blocks), every whole 4 KiB child page left entirely free is discarded in the
+//!   child with a Discard request of the node's own, sent through the queue like its other
+//!   child I/O — so it reaches whatever the child is (a file punches a hole, RAM frees the
+//!   page, a mirror discards on every leg) without blocking the queue thread, as a direct
+//!   `fallocate` would. The pages stay allocated until the discard ends, so no new extent
+//!   lands there first. A child that answers `EOPNOTSUPP` is not asked again.
 //! - When the journal has no room for a commit's records, the commit **checkpoints** instead:
 //!   the whole map goes to the inactive checkpoint area, the child is flushed, and the other
 //!   superblock copy is written with FUA, pointing to it; the journal starts over.
