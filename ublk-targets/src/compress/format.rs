@@ -737,6 +737,33 @@ pub fn reseal_superblock(buf: &mut [u8]) {
     }
 }
 
+/// Recomputes the checksum of the metadata block or extent that starts at `buf[0]`, known by
+/// its magic, whatever its fields hold (for the fuzzer, so that mutated structures get past
+/// their checksum to the checks behind it). Returns whether there was one.
+pub fn reseal(buf: &mut [u8]) -> bool {
+    let at = match buf.get(..4) {
+        Some(m) if m == &MAGIC[..4] && buf.get(..8) == Some(&MAGIC[..]) => SB_CRC,
+        Some(m) if m == MAP_MAGIC => 12,
+        Some(m) if m == JOURNAL_MAGIC => 20,
+        Some(m) if m == EXTENT_MAGIC && buf.len() >= EXTENT_HEADER => {
+            let payload = usize::from(u16::from_le_bytes([buf[8], buf[9]]));
+            let Some(ext) = buf.get_mut(..(EXTENT_HEADER + payload).min(MAX_EXTENT)) else {
+                return false;
+            };
+            let crc = block_crc(ext, 12);
+            put_u32(ext, 12, crc);
+            return true;
+        }
+        _ => return false,
+    };
+    let Some(block) = buf.get_mut(..BLOCK) else {
+        return false;
+    };
+    let crc = block_crc(block, at);
+    put_u32(block, at, crc);
+    true
+}
+
 fn get_u32(b: &[u8], at: usize) -> u32 {
     let mut v = [0; 4];
     v.copy_from_slice(&b[at..at + 4]);

@@ -198,7 +198,10 @@ impl Compress {
     }
 }
 
-/// Reads and decodes both superblock copies.
+/// Reads and decodes both superblock copies. A copy whose generation belongs in the other
+/// copy's place was not written by this format (writes alternate: even generations in A,
+/// odd in B), and is refused: honouring it would let the next write replace the copy in
+/// force.
 fn read_superblocks(
     child: &BoxTarget,
 ) -> Result<Vec<Result<Superblock, FormatError>>, CompressError> {
@@ -206,10 +209,20 @@ fn read_superblocks(
     child
         .dyn_read_at(0, &mut buf)
         .map_err(|e| err(format!("cannot read the superblocks: {e}")))?;
-    Ok(vec![
-        Superblock::decode(&buf[..BLOCK]),
-        Superblock::decode(&buf[BLOCK..]),
-    ])
+    Ok(buf
+        .chunks(BLOCK)
+        .enumerate()
+        .map(|(copy, block)| {
+            let sb = Superblock::decode(block)?;
+            if superblock_offset(sb.generation) != copy as u64 * BLOCK_BYTES {
+                return Err(FormatError::Invalid(format!(
+                    "generation {} does not belong in this copy",
+                    sb.generation
+                )));
+            }
+            Ok(sb)
+        })
+        .collect())
 }
 
 /// The superblock in force: the valid copy with the higher generation.
