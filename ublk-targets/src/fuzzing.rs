@@ -66,7 +66,19 @@ pub fn request_stream(data: &[u8]) {
         check_request_stream_in(mode, nested_stack(geo), geo, Semantics::STORES_DATA, rest);
     }
     mirror_stream(geo, rest);
-    check_request_stream(compress_over_ram(geo), geo, Semantics::STORES_DATA, rest);
+    for mode in [
+        BufferMode::Copy,
+        BufferMode::Registered,
+        BufferMode::UserCopy,
+    ] {
+        check_request_stream_in(
+            mode,
+            compress_over_ram(geo),
+            geo,
+            Semantics::STORES_DATA,
+            rest,
+        );
+    }
 }
 
 /// A new compressed image over RAM with room for the logical size stored raw and a little
