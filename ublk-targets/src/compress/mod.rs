@@ -2,7 +2,7 @@
 //! consistent across a `kill -9` at any moment.
 //!
 //! The child holds two superblock copies, two map checkpoints, a journal and a data area
-//! ([`format`] has the layout and every encoding). Each 4 KiB logical block maps to one
+//! ([`format`](mod@format) has the layout and every encoding). Each 4 KiB logical block maps to one
 //! extent of the data area (or to nothing, for a block of zeroes), compressed with lz4 or
 //! zstd, or raw when compression does not pay.
 //!
