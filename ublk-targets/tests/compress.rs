@@ -569,16 +569,25 @@ fn ublk_check_reports_damage_with_its_exit_code() {
     );
     flip(&path, map + 100);
 
-    // One superblock copy torn: the other serves, and the image is clean.
+    // The copy in force (A, generation 2) damaged after commits were journaled under it:
+    // not what a crash leaves, and falling back to B would lose those commits.
     flip(&path, 200);
     let (code, out) = ublk(&["check", &spec]);
-    assert_eq!(code, 0, "{out}");
+    assert_eq!(code, 1, "{out}");
     assert!(out.contains("superblock A: checksum mismatch"), "{out}");
-    // Both: nothing to go by.
+    assert!(out.contains("a newer superblock copy was damaged"), "{out}");
+    flip(&path, 200);
+    // The older copy torn: the newer one serves, and the image is clean.
     flip(&path, BLOCK as u64 + 200);
     let (code, out) = ublk(&["check", &spec]);
-    assert_eq!(code, 1, "{out}");
+    assert_eq!(code, 0, "{out}");
     assert!(out.contains("superblock B: checksum mismatch"), "{out}");
+    assert!(out.contains("in force: copy A (generation 2)"), "{out}");
+    // Both: nothing to go by.
+    flip(&path, 200);
+    let (code, out) = ublk(&["check", &spec]);
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("superblock A: checksum mismatch"), "{out}");
     assert!(out.contains("damage: no valid superblock"), "{out}");
 
     let (code, out) = ublk(&["check", &format!("compress:{}/none", dir.display())]);
