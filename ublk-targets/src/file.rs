@@ -64,6 +64,20 @@ impl FileTarget {
         })
     }
 
+    /// Opens `path` read-only, for direct access ([`Target::read_at`]) by a tool that must
+    /// not change it (`ublk check`). Its queues are not meant to serve: a write through
+    /// one fails with `EBADF`.
+    pub fn open_read_only(path: &Path) -> io::Result<Self> {
+        let mut file = File::open(path)?;
+        // A block device's metadata says 0 bytes; seeking to its end gives its size.
+        let size = std::io::Seek::seek(&mut file, std::io::SeekFrom::End(0))?;
+        Ok(FileTarget {
+            file: Arc::new(file),
+            size,
+            direct: false,
+        })
+    }
+
     /// Serves an already open file of at least `size` bytes.
     pub fn from_file(file: File, size: u64) -> io::Result<Self> {
         if file.metadata()?.len() < size {

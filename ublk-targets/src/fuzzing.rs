@@ -5,13 +5,16 @@ use ublk_core::check::{
     check_request_stream, check_request_stream_in, check_request_stream_with, Semantics,
 };
 use ublk_core::params::{max_queues, DeviceParams, MAX_DEPTH, MAX_IO_BYTES};
+use ublk_core::sim::SimQueue;
+use ublk_core::sys;
 use ublk_core::BufferMode;
 use ublk_core::{parse_size, Geometry};
 
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
-use ublk_zc::BoxTarget;
+use ublk_zc::{BoxTarget, Target};
 
+use crate::compress::format::{self as cformat, Algo};
 use crate::compress::{Compress, CompressOptions};
 use crate::faulty::{FaultOps, FaultRule, FaultSwitch, Faulty};
 use crate::file::FileTarget;
@@ -63,7 +66,19 @@ pub fn request_stream(data: &[u8]) {
         check_request_stream_in(mode, nested_stack(geo), geo, Semantics::STORES_DATA, rest);
     }
     mirror_stream(geo, rest);
-    check_request_stream(compress_over_ram(geo), geo, Semantics::STORES_DATA, rest);
+    for mode in [
+        BufferMode::Copy,
+        BufferMode::Registered,
+        BufferMode::UserCopy,
+    ] {
+        check_request_stream_in(
+            mode,
+            compress_over_ram(geo),
+            geo,
+            Semantics::STORES_DATA,
+            rest,
+        );
+    }
 }
 
 /// A new compressed image over RAM with room for the logical size stored raw and a little
@@ -322,4 +337,146 @@ fn check_layout(l: &Layout, x: u64, y: u64) {
         assert!(range.start == 0 || !touches(range.start - 1));
         assert!(!touches(range.end));
     }
+}
+
+/// The child of the `compress_image` fuzzer: small, so every input is cheap.
+pub const COMPRESS_CHILD: u64 = 128 << 10;
+/// The logical size of its base image.
+const COMPRESS_SIZE: u64 = 64 << 10;
+
+/// `compress_image`: arbitrary bytes as a compressed image's child. Checking it
+/// ([`crate::compress::check`]) and opening it never panic; an image that checks clean
+/// opens and reads back without error; an image that opens serves requests — what it
+/// writes and flushes reads back, also after it is opened again.
+///
+/// The first byte steers. Bit 0 set: the rest of the input is the child's first bytes (the
+/// rest of the child zero). Clear: the rest is patches over a base image that has zstd,
+/// lz4, raw and zero blocks, a checkpoint, a journal and an uncommitted write — each patch
+/// a 2-byte offset in units of 2 bytes, a length byte, and that many bytes to write there.
+/// Bit 1 reseals every checksum afterwards, so changed structures reach the checks behind
+/// their checksums. Bits 2..8 pick the block the requests write.
+pub fn compress_image(data: &[u8]) {
+    let Some((&mode, rest)) = data.split_first() else {
+        return;
+    };
+    let mut image = vec![0u8; COMPRESS_CHILD as usize];
+    if mode & 1 != 0 {
+        let n = rest.len().min(image.len());
+        image[..n].copy_from_slice(&rest[..n]);
+    } else {
+        image.copy_from_slice(base_image());
+        let mut patches = rest;
+        while let [lo, hi, len, tail @ ..] = patches {
+            let at = usize::from(u16::from_le_bytes([*lo, *hi])) * 2;
+            let n = usize::from(*len).min(tail.len()).min(image.len() - at);
+            image[at..at + n].copy_from_slice(&tail[..n]);
+            patches = &tail[n.min(tail.len())..];
+            if n < usize::from(*len) {
+                break;
+            }
+        }
+    }
+    if mode & 2 != 0 {
+        for at in (0..image.len()).step_by(cformat::SECTOR as usize) {
+            cformat::reseal(&mut image[at..]);
+        }
+    }
+    let ram = Ram::new(COMPRESS_CHILD).expect("memfd");
+    ram.write_at(0, &image).expect("the image fits the child");
+    let child: BoxTarget = Arc::new(ram.clone());
+    let report = crate::compress::check(&child).expect("a RAM child reads");
+    let opened = Compress::open(Arc::clone(&child), &CompressOptions::default());
+    let c = match opened {
+        Ok(c) => c,
+        Err(e) => {
+            assert!(
+                !report.is_clean(),
+                "checks clean but does not open: {e}\n{report}"
+            );
+            return;
+        }
+    };
+    let size = c.handle().logical_bytes();
+    let geo = Geometry {
+        size,
+        logical_block_size: 512,
+        max_io: 128 << 10,
+    };
+    let blocks = size / 4096;
+    let mut q = SimQueue::new(&c, geo, 8).expect("simulated queue");
+    for lba in (0..blocks.min(32)).chain(blocks.saturating_sub(4)..blocks) {
+        let read = q.read(lba * 4096, 4096);
+        assert!(
+            read.is_ok() || !report.is_clean(),
+            "block {lba} of a clean image fails to read: {read:?}"
+        );
+    }
+    let lba = u64::from(mode >> 2) % blocks;
+    let block: Vec<u8> = (0..4096u32).map(|i| (i % 251) as u8 ^ mode).collect();
+    let flushed =
+        q.write(lba * 4096, &block) == Ok(4096) && q.op(sys::UBLK_IO_OP_FLUSH, 0, 0, 0) == Ok(0);
+    if flushed {
+        assert_eq!(q.read(lba * 4096, 4096).as_deref(), Ok(&block[..]));
+    }
+    let _ = q.op(
+        sys::UBLK_IO_OP_DISCARD,
+        0,
+        ((lba + 1) % blocks) * 4096,
+        4096,
+    );
+    let _ = q.write(512, &block[..1024]);
+    let _ = q.op(sys::UBLK_IO_OP_FLUSH, 0, 0, 0);
+    drop(q);
+    drop(c);
+    let again = Compress::open(child, &CompressOptions::default());
+    let c = match again {
+        Ok(c) => c,
+        Err(e) => panic!("an image this build opened and flushed does not reopen: {e}"),
+    };
+    if flushed && lba != 0 && lba != (lba + 1) % blocks {
+        let mut q = SimQueue::new(&c, geo, 8).expect("simulated queue");
+        assert_eq!(q.read(lba * 4096, 4096).as_deref(), Ok(&block[..]));
+    }
+}
+
+/// The base image of `compress_image`, made once: see there.
+fn base_image() -> &'static [u8] {
+    static IMAGE: OnceLock<Vec<u8>> = OnceLock::new();
+    IMAGE.get_or_init(|| {
+        let ram = Ram::new(COMPRESS_CHILD).expect("memfd");
+        let geo = Geometry {
+            size: COMPRESS_SIZE,
+            logical_block_size: 512,
+            max_io: 128 << 10,
+        };
+        let text: Vec<u8> = (0..8 * 4096u32)
+            .map(|i| b"compressed image "[(i % 17) as usize] ^ (i / 4096) as u8)
+            .collect();
+        let noise: Vec<u8> = (0..4096u32)
+            .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+            .collect();
+        let open = |size, algo| {
+            let child: BoxTarget = Arc::new(ram.clone());
+            let opts = CompressOptions { size, algo };
+            Compress::open(child, &opts).expect("the base image opens")
+        };
+        {
+            let c = open(Some(COMPRESS_SIZE), Some(Algo::Zstd(3)));
+            let mut q = SimQueue::new(&c, geo, 8).expect("simulated queue");
+            assert_eq!(q.write(0, &text[..4 * 4096]), Ok(4 * 4096));
+            assert_eq!(q.op(sys::UBLK_IO_OP_FLUSH, 0, 0, 0), Ok(0));
+        }
+        {
+            let c = open(None, Some(Algo::Lz4));
+            let mut q = SimQueue::new(&c, geo, 8).expect("simulated queue");
+            assert_eq!(q.write(4 * 4096, &text[4 * 4096..]), Ok(4 * 4096));
+            assert_eq!(q.write(8 * 4096, &noise), Ok(4096));
+            assert_eq!(q.write(2 * 4096, &noise), Ok(4096));
+            assert_eq!(q.op(sys::UBLK_IO_OP_FLUSH, 0, 0, 0), Ok(0));
+            assert_eq!(q.write(12 * 4096, &text[..4096]), Ok(4096));
+        }
+        let mut image = vec![0u8; COMPRESS_CHILD as usize];
+        ram.read_at(0, &mut image).expect("read the base image");
+        image
+    })
 }

@@ -56,15 +56,19 @@ pub enum TargetKind {
     File,
     /// A tree from a stack expression ([`stack::build`]).
     Stack,
+    /// [`compress::Compress`] over a file: the short form of the stack
+    /// `compress(file:FILE,size=SIZE)`.
+    Compress,
 }
 
 impl TargetKind {
     /// Every kind, in the order the help text lists them.
-    pub const ALL: [TargetKind; 4] = [
+    pub const ALL: [TargetKind; 5] = [
         TargetKind::Null,
         TargetKind::Ram,
         TargetKind::File,
         TargetKind::Stack,
+        TargetKind::Compress,
     ];
 
     /// The name used on the command line.
@@ -74,6 +78,7 @@ impl TargetKind {
             TargetKind::Ram => "ram",
             TargetKind::File => "file",
             TargetKind::Stack => "stack",
+            TargetKind::Compress => "compress",
         }
     }
 
@@ -84,7 +89,14 @@ impl TargetKind {
             TargetKind::Ram => 2,
             TargetKind::File => 3,
             TargetKind::Stack => 4,
+            TargetKind::Compress => 5,
         }
+    }
+
+    /// Whether the device's size comes from the tree built (a stack's, or the image's of a
+    /// compressed device) rather than from `--size`.
+    pub fn sized_by_tree(self) -> bool {
+        matches!(self, TargetKind::Stack | TargetKind::Compress)
     }
 
     /// The kind a command-line name stands for.

@@ -61,6 +61,14 @@ impl PageMap {
         }
     }
 
+    /// The number of pages set.
+    fn count(&self) -> u64 {
+        self.0
+            .iter()
+            .map(|w| u64::from(w.load(Ordering::Acquire).count_ones()))
+            .sum()
+    }
+
     /// Marks every page of `[offset, offset + len)` as written.
     fn mark(&self, offset: u64, len: u64) {
         if len > 0 {
@@ -119,6 +127,12 @@ impl Ram {
         let written = PageMap::new(size);
         mark_data_ranges(&file, size, &written)?;
         Ok(Ram(Arc::new(Memory { file, map, written })))
+    }
+
+    /// The 4 KiB pages that may hold data: written, and not freed since by a discard or
+    /// write-zeroes covering them whole.
+    pub fn written_pages(&self) -> u64 {
+        self.0.written.count()
     }
 
     /// Answers a read: pages ever written are copied from memory, the others are zero-filled

@@ -475,3 +475,193 @@ fn check_reports_a_clean_image_and_a_damaged_extent() {
     let report = ublk_targets::compress::check(&target).expect("loads");
     assert_eq!(report.damage.len(), 1, "{report:?}");
 }
+
+/// Runs the `ublk` binary with `args`: its exit code and its stdout and stderr.
+fn ublk(args: &[&str]) -> (i32, String) {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_ublk"))
+        .args(args)
+        .output()
+        .expect("run ublk");
+    let text =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    (out.status.code().expect("exited"), text)
+}
+
+/// Flips the bits of the byte at `at` of the file.
+fn flip(path: &std::path::Path, at: u64) {
+    use std::os::unix::fs::FileExt;
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+        .expect("open image");
+    let mut b = [0u8];
+    f.read_exact_at(&mut b, at).expect("read");
+    f.write_all_at(&[!b[0]], at).expect("write");
+}
+
+#[test]
+fn ublk_check_reports_damage_with_its_exit_code() {
+    use ublk_targets::compress::format::Superblock;
+    use ublk_targets::file::FileTarget;
+    let dir = std::env::temp_dir().join(format!("ublk-check-test-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let path = dir.join("image");
+    let file = FileTarget::open(&path, Some(CHILD), false).expect("image file");
+    drop(Compress::open(Arc::new(file.clone()) as BoxTarget, &opts(Algo::Lz4)).expect("new"));
+    {
+        // Reopened, so that both superblock copies are valid.
+        let c = Compress::open(Arc::new(file) as BoxTarget, &CompressOptions::default())
+            .expect("reopen");
+        let mut q = SimQueue::new(&c, geo(), 8).expect("sim queue");
+        assert_eq!(q.write(0, &compressible(9, 64 << 10)), Ok(64 << 10));
+        assert_eq!(q.op(sys::UBLK_IO_OP_FLUSH, 0, 0, 0), Ok(0));
+    }
+    let spec = format!("compress:{}", path.display());
+    let (code, out) = ublk(&["check", &spec]);
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains(": clean\n"), "{out}");
+    assert!(out.contains("extents: 16 checked, 0 damaged"), "{out}");
+    assert!(
+        out.contains("journal: 16 records replayed from 1 blocks"),
+        "{out}"
+    );
+    let (code, out) = ublk(&["fsck", &spec, "--json"]);
+    assert_eq!(code, 0, "{out}");
+    let v: serde_json::Value = serde_json::from_str(&out).expect("JSON");
+    assert_eq!(v["clean"], true);
+    assert_eq!(v["extents"], 16);
+
+    // Where things are, from the superblock in force.
+    let image = std::fs::read(&path).expect("read image");
+    let copies = [
+        Superblock::decode(&image[..BLOCK]),
+        Superblock::decode(&image[BLOCK..2 * BLOCK]),
+    ];
+    let sb = copies
+        .iter()
+        .filter_map(|c| c.as_ref().ok())
+        .max_by_key(|sb| sb.generation)
+        .expect("a valid superblock")
+        .clone();
+    let map = sb.layout.map_block_offset(sb.active_map, 0);
+
+    // A byte of block 0's extent (the first in the data area).
+    flip(&path, sb.layout.data + 40);
+    let (code, out) = ublk(&["check", &spec]);
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("DAMAGED: 1 problem(s)"), "{out}");
+    assert!(out.contains("extents: 16 checked, 1 damaged"), "{out}");
+    assert!(
+        out.contains("damage: block 0: extent at data sector 0")
+            && out.contains("checksum mismatch"),
+        "{out}"
+    );
+    flip(&path, sb.layout.data + 40);
+
+    // A byte of the map checkpoint in force.
+    flip(&path, map + 100);
+    let (code, out) = ublk(&["check", &spec]);
+    assert_eq!(code, 1, "{out}");
+    assert!(
+        out.contains("damage: map checkpoint block 0 is damaged: checksum mismatch"),
+        "{out}"
+    );
+    flip(&path, map + 100);
+
+    // The copy in force (A, generation 2) damaged after commits were journaled under it:
+    // not what a crash leaves, and falling back to B would lose those commits.
+    flip(&path, 200);
+    let (code, out) = ublk(&["check", &spec]);
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("superblock A: checksum mismatch"), "{out}");
+    assert!(out.contains("a newer superblock copy was damaged"), "{out}");
+    flip(&path, 200);
+    // The older copy torn: the newer one serves, and the image is clean.
+    flip(&path, BLOCK as u64 + 200);
+    let (code, out) = ublk(&["check", &spec]);
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("superblock B: checksum mismatch"), "{out}");
+    assert!(out.contains("in force: copy A (generation 2)"), "{out}");
+    // Both: nothing to go by.
+    flip(&path, 200);
+    let (code, out) = ublk(&["check", &spec]);
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("superblock A: checksum mismatch"), "{out}");
+    assert!(out.contains("damage: no valid superblock"), "{out}");
+
+    let (code, out) = ublk(&["check", &format!("compress:{}/none", dir.display())]);
+    assert_eq!(code, 2, "{out}");
+    let (code, out) = ublk(&["check", "stripe:/x"]);
+    assert_eq!(code, 2, "{out}");
+    assert!(out.contains("expected compress:PATH"), "{out}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn freed_space_is_punched_in_the_child_after_the_commit() {
+    let child = Ram::new(CHILD).expect("memfd");
+    let c = open(&child, &opts(Algo::Lz4));
+    let h = c.handle();
+    let mut q = SimQueue::new(&c, geo(), 8).expect("sim queue");
+    let empty = child.written_pages();
+    // 32 raw extents: 32 × 9 sectors, 36 whole child pages.
+    let noise = random(7, 128 << 10);
+    assert_eq!(q.write(0, &noise), Ok(128 << 10));
+    assert_eq!(q.op(sys::UBLK_IO_OP_FLUSH, 0, 0, 0), Ok(0));
+    let full = child.written_pages();
+    assert!(full >= empty + 36, "{empty} -> {full}");
+    // Discarded, but not yet committed: the durable map still names the extents.
+    assert_eq!(q.op(sys::UBLK_IO_OP_DISCARD, 0, 0, 128 << 10), Ok(0));
+    assert_eq!(child.written_pages(), full);
+    assert_eq!(q.op(sys::UBLK_IO_OP_FLUSH, 0, 0, 0), Ok(0));
+    // The commit's journal block is one more page; the 36 data pages are gone.
+    let after = child.written_pages();
+    assert!(after <= full + 1 - 36, "{full} -> {after}");
+    assert_eq!(h.allocated_bytes(), 0);
+    // Overwrites free their old extents' pages the same way, and the data stays right.
+    let text = compressible(8, 64 << 10);
+    assert_eq!(q.write(0, &noise[..64 << 10]), Ok(64 << 10));
+    assert_eq!(q.op(sys::UBLK_IO_OP_FLUSH, 0, 0, 0), Ok(0));
+    let raw = child.written_pages();
+    assert_eq!(q.write(0, &text), Ok(64 << 10));
+    assert_eq!(q.op(sys::UBLK_IO_OP_FLUSH, 0, 0, 0), Ok(0));
+    let compressed = child.written_pages();
+    assert!(compressed + 8 <= raw, "{raw} -> {compressed}");
+    assert_eq!(q.read(0, 64 << 10).expect("read"), text);
+    drop(q);
+    let target: BoxTarget = Arc::new(child.clone());
+    let report = ublk_targets::compress::check(&target).expect("readable");
+    assert!(report.is_clean(), "{report}");
+}
+
+#[test]
+fn discard_shrinks_a_file_child() {
+    use std::os::unix::fs::MetadataExt;
+    use ublk_targets::file::FileTarget;
+    let dir = std::env::temp_dir().join(format!("ublk-punch-test-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let path = dir.join("image");
+    let file = FileTarget::open(&path, Some(CHILD), false).expect("image file");
+    let c = Compress::open(Arc::new(file) as BoxTarget, &opts(Algo::Lz4)).expect("new image");
+    let mut q = SimQueue::new(&c, geo(), 8).expect("sim queue");
+    let allocated = || std::fs::metadata(&path).expect("stat").blocks() * 512;
+    assert_eq!(q.write(0, &random(3, 128 << 10)), Ok(128 << 10));
+    assert_eq!(q.op(sys::UBLK_IO_OP_FLUSH, 0, 0, 0), Ok(0));
+    let full = allocated();
+    assert_eq!(q.op(sys::UBLK_IO_OP_DISCARD, 0, 0, 128 << 10), Ok(0));
+    assert_eq!(q.op(sys::UBLK_IO_OP_FLUSH, 0, 0, 0), Ok(0));
+    // The discards to the file are asynchronous: wait for them to land.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while allocated() + (128 << 10) > full && std::time::Instant::now() < deadline {
+        assert_eq!(q.read(0, 4096).expect("read"), vec![0; 4096]);
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    let after = allocated();
+    assert!(
+        after + (128 << 10) <= full,
+        "the file's allocated bytes went from {full} to {after}"
+    );
+    drop(q);
+    let _ = std::fs::remove_dir_all(&dir);
+}

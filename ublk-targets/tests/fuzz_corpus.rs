@@ -47,6 +47,91 @@ fn mirror_meta_corpus_replays_clean() {
     }
 }
 
+#[test]
+fn compress_image_corpus_replays_clean() {
+    for (path, data) in corpus("compress_image") {
+        let result = std::panic::catch_unwind(|| ublk_targets::fuzzing::compress_image(&data));
+        assert!(result.is_ok(), "{} fails", path.display());
+    }
+}
+
+/// Writes the hand-made seeds of `fuzz/corpus/compress_image`: run with `--ignored` after a
+/// format change. Each is the steering byte and patches over the base image (see
+/// `fuzzing::compress_image`), or a raw child.
+#[test]
+#[ignore = "writes into the source tree"]
+fn write_compress_image_seeds() {
+    // The base image's layout: 64 KiB logical on a 128 KiB child.
+    const MAP_A: usize = 8192;
+    const MAP_B: usize = 12288;
+    const JOURNAL: usize = 16384;
+    const DATA: usize = 32768;
+    let patch = |at: usize, bytes: &[u8]| {
+        let mut v = ((at / 2) as u16).to_le_bytes().to_vec();
+        v.push(bytes.len() as u8);
+        v.extend_from_slice(bytes);
+        v
+    };
+    let with = |mode: u8, patches: &[Vec<u8>]| {
+        let mut v = vec![mode];
+        for p in patches {
+            v.extend_from_slice(p);
+        }
+        v
+    };
+    let seeds: [(&str, Vec<u8>); 13] = [
+        ("base", with(0, &[])),
+        ("base-resealed", with(2 | 4 << 2, &[])),
+        ("blank", vec![1]),
+        ("empty", vec![]),
+        ("superblock-a-torn", with(0, &[patch(200, &[0xff])])),
+        (
+            "both-superblocks-torn",
+            with(0, &[patch(200, &[0xff]), patch(4096 + 200, &[0xff])]),
+        ),
+        (
+            "superblock-size-forged",
+            with(
+                2,
+                &[
+                    patch(32, &(1u64 << 40).to_le_bytes()),
+                    patch(4096 + 32, &(1u64 << 40).to_le_bytes()),
+                ],
+            ),
+        ),
+        ("map-a-flipped", with(0, &[patch(MAP_A + 64, &[0x5a; 8])])),
+        ("map-b-flipped", with(0, &[patch(MAP_B + 64, &[0x5a; 8])])),
+        (
+            "map-entries-forged",
+            with(
+                2,
+                &[
+                    patch(MAP_A + 16, &[1, 0, 0, 0, 0, 0x10, 0x40, 0]),
+                    patch(MAP_B + 16, &[1, 0, 0, 0, 0, 0x10, 0x40, 0]),
+                ],
+            ),
+        ),
+        ("journal-torn", with(0, &[patch(JOURNAL + 40, &[0xee; 16])])),
+        (
+            "journal-record-forged",
+            with(
+                2 | 9 << 2,
+                &[patch(
+                    JOURNAL + 24,
+                    &[3, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0x20, 0x20, 0],
+                )],
+            ),
+        ),
+        ("extent-flipped", with(4 << 2, &[patch(DATA + 20, &[0; 4])])),
+    ];
+    let dir =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../fuzz/corpus/compress_image");
+    std::fs::create_dir_all(&dir).expect("corpus directory");
+    for (name, data) in seeds {
+        std::fs::write(dir.join(name), data).expect("seed written");
+    }
+}
+
 /// Writes the hand-made seeds of `fuzz/corpus/mirror_meta`: run with `--ignored` after a
 /// format change. Each is the fuzz target's steering byte followed by a block.
 #[test]

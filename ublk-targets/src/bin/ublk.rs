@@ -2,6 +2,7 @@
 
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader, IsTerminal, Write};
+use std::os::unix::fs::FileTypeExt;
 use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
 use std::process::{Command, ExitCode, Stdio};
@@ -16,6 +17,8 @@ use ublk_core::{
     feature_names, parse_size, BoxTarget, BufferMode, ControlDevice, DeviceBuilder, DeviceInfo,
     StatsRegistry,
 };
+use ublk_targets::compress;
+use ublk_targets::compress::format::{Algo, Layout};
 use ublk_targets::control::{self, ControlServer, ServerState};
 use ublk_targets::faulty::FaultOps;
 use ublk_targets::file::FileTarget;
@@ -93,6 +96,17 @@ enum Cmd {
         /// The new leg: a leaf or any stack expression, e.g. file:/dev/sdd.
         expr: String,
     },
+    /// Verify a compressed image offline, without a device and without writing to it:
+    /// superblocks, map checkpoint, journal replay, every extent, space accounting. Exits 0
+    /// when the image is clean, 1 when it is damaged, 2 when it cannot be read.
+    #[command(visible_alias = "fsck")]
+    Check {
+        /// The image: compress:PATH (a file or block device).
+        image: String,
+        /// Print the report as JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Limit the copying of rebuilds and resyncs, for every mirror of the device.
     Rebuild {
         /// Device id.
@@ -144,11 +158,13 @@ fn parse_range(text: &str) -> Result<(u64, u64), String> {
 
 #[derive(Args, Clone)]
 struct AddArgs {
-    /// Target: null, ram, file, or stack followed by a stack expression.
+    /// Target: null, ram, file, compress (over --path), or stack followed by a stack
+    /// expression.
     target: String,
     /// stack: the tree, e.g. 'stripe(file:/dev/sdb,file:/dev/sdc,chunk=128K)'.
     expr: Option<String>,
-    /// Size in bytes, with an optional K, M, G or T suffix [default: 1G; file: the file's size].
+    /// Size in bytes, with an optional K, M, G or T suffix [default: 1G; file: the file's size;
+    /// compress: the logical size, needed only for a new image].
     #[arg(long, value_parser = parse_size_arg)]
     size: Option<u64>,
     /// Number of queues (one thread each).
@@ -169,12 +185,17 @@ struct AddArgs {
     /// ram: keep the data in this file (e.g. under /dev/shm) instead of an anonymous memfd.
     #[arg(long)]
     backing: Option<PathBuf>,
-    /// file: the backing file (created with --size if missing, grown if smaller).
+    /// file: the backing file (created with --size if missing, grown if smaller). compress:
+    /// the image (created sparse if missing, with room for every block stored raw).
     #[arg(long)]
     path: Option<PathBuf>,
-    /// file: open the backing file with O_DIRECT (bypass the page cache).
+    /// file, compress: open the backing file with O_DIRECT (bypass the page cache).
     #[arg(long)]
     direct: bool,
+    /// compress: the algorithm of new extents, lz4, zstd or zstd:LEVEL [default: lz4 for a
+    /// new image; an existing one keeps its own].
+    #[arg(long, value_parser = parse_algo)]
+    algo: Option<Algo>,
     /// How data moves between kernel and server: copy, registered (tag buffers registered
     /// with io_uring), zero-copy (kernel AUTO_BUF_REG; null and file targets),
     /// manual-zero-copy (REGISTER_IO_BUF per request; null and file) or user-copy (the
@@ -225,6 +246,10 @@ fn parse_buffer_mode(text: &str) -> Result<BufferMode, String> {
     })
 }
 
+fn parse_algo(text: &str) -> Result<Algo, String> {
+    Algo::parse(text)
+}
+
 fn parse_size_arg(text: &str) -> Result<u64, String> {
     parse_size(text).map_err(|e| e.to_string())
 }
@@ -234,6 +259,7 @@ type CliResult<T = ()> = Result<T, String>;
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
+        Cmd::Check { image, json } => return check(&image, json),
         Cmd::Add(args) => add(args),
         Cmd::Del { id, all } => del(id, all),
         Cmd::List { json } => list(json),
@@ -254,6 +280,71 @@ fn main() -> ExitCode {
     }
 }
 
+/// `ublk check compress:PATH`: the image opened read-only, checked, and its report printed;
+/// the exit code says clean (0), damaged (1) or unreadable (2).
+fn check(image: &str, as_json: bool) -> ExitCode {
+    let unreadable = |msg: String| {
+        eprintln!("ublk: error: {msg}");
+        ExitCode::from(2)
+    };
+    let path = match image.split_once(':') {
+        Some(("compress", path)) if !path.is_empty() => path,
+        _ => return unreadable(format!("{image:?}: expected compress:PATH")),
+    };
+    let file = match FileTarget::open_read_only(std::path::Path::new(path)) {
+        Ok(file) => file,
+        Err(e) => return unreadable(format!("{path}: {e}")),
+    };
+    let child: BoxTarget = Arc::new(file);
+    let report = match compress::check(&child) {
+        Ok(report) => report,
+        Err(e) => return unreadable(format!("{path}: {e}")),
+    };
+    if as_json {
+        println!("{}", report_json(path, &report));
+    } else {
+        print!("{path}: {report}");
+    }
+    if report.is_clean() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    }
+}
+
+fn report_json(path: &str, r: &compress::Report) -> Value {
+    let sb = r.superblock.as_ref().map(|sb| {
+        json!({
+            "generation": sb.generation,
+            "algo": sb.algo.to_string(),
+            "active_map": if sb.active_map == 0 { "A" } else { "B" },
+            "checkpoint_seq": sb.checkpoint_seq,
+            "map_blocks": sb.layout.map_blocks,
+            "journal_blocks": sb.layout.journal_blocks,
+            "data_offset": sb.layout.data,
+        })
+    });
+    json!({
+        "path": path,
+        "clean": r.is_clean(),
+        "child_bytes": r.child_bytes,
+        "superblock_a": r.copies[0],
+        "superblock_b": r.copies[1],
+        "superblock": sb,
+        "logical_bytes": r.logical_bytes,
+        "map_blocks_checked": r.map_blocks,
+        "journal_blocks_replayed": r.journal_blocks,
+        "journal_records_replayed": r.replayed,
+        "journal_end": r.journal_end,
+        "extents": r.extents,
+        "damaged_extents": r.damaged_extents,
+        "stored_bytes": r.stored_bytes,
+        "allocated_bytes": r.allocated_bytes,
+        "data_area_bytes": r.data_area_bytes,
+        "damage": r.damage,
+    })
+}
+
 fn init_logging() {
     let filter = tracing_subscriber::EnvFilter::try_from_env("UBLK_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
@@ -264,10 +355,10 @@ fn init_logging() {
 }
 
 /// The device size: `--size`, else the backing file's size for `file`, else 1 GiB (a stack's
-/// comes from its tree when it is built).
+/// and a compressed image's come from the tree when it is built).
 fn device_size(args: &AddArgs, kind: TargetKind) -> CliResult<u64> {
     match (args.size, kind, &args.path) {
-        (Some(size), _, _) if kind != TargetKind::Stack => Ok(size),
+        (Some(size), _, _) if !kind.sized_by_tree() => Ok(size),
         (None, TargetKind::File, Some(path)) => std::fs::metadata(path)
             .map(|m| m.len())
             .map_err(|e| format!("{}: {e} (give --size to create it)", path.display())),
@@ -294,7 +385,7 @@ fn builder(args: &AddArgs, kind: TargetKind) -> CliResult<DeviceBuilder> {
     }
     match kind {
         TargetKind::Ram => b = b.discard(true).write_zeroes(true),
-        TargetKind::File | TargetKind::Stack => {
+        TargetKind::File | TargetKind::Stack | TargetKind::Compress => {
             b = b
                 .discard(true)
                 .write_zeroes(true)
@@ -339,11 +430,15 @@ fn target_kind(args: &AddArgs) -> CliResult<TargetKind> {
     if args.backing.is_some() && kind != TargetKind::Ram {
         return Err("--backing applies to the ram target only".into());
     }
-    if (args.path.is_some() || args.direct) && kind != TargetKind::File {
-        return Err("--path and --direct apply to the file target only".into());
+    let on_file = matches!(kind, TargetKind::File | TargetKind::Compress);
+    if (args.path.is_some() || args.direct) && !on_file {
+        return Err("--path and --direct apply to the file and compress targets only".into());
     }
-    if kind == TargetKind::File && args.path.is_none() {
-        return Err("the file target needs --path FILE".into());
+    if on_file && args.path.is_none() {
+        return Err(format!("the {} target needs --path FILE", kind.name()));
+    }
+    if args.algo.is_some() && kind != TargetKind::Compress {
+        return Err("--algo applies to the compress target only".into());
     }
     match (kind, &args.expr) {
         (TargetKind::Stack, None) => {
@@ -415,6 +510,11 @@ fn tree(args: &AddArgs, kind: TargetKind, size: u64) -> CliResult<(BoxTarget, No
             d.fields.insert("direct".into(), json!(args.direct));
             (t, d, "file".into())
         }
+        TargetKind::Compress => {
+            let text = compress_expr(args)?;
+            let s = stack::build(&text).map_err(|e| format!("compress: {}", e.msg))?;
+            (s.target, s.desc, s.expr)
+        }
         TargetKind::Stack => {
             let text = args.expr.as_deref().expect("checked in add");
             let options = BuildOptions {
@@ -426,6 +526,68 @@ fn tree(args: &AddArgs, kind: TargetKind, size: u64) -> CliResult<(BoxTarget, No
         }
         _ => return Err(format!("target {} cannot be served", kind.name())),
     })
+}
+
+/// The stack expression `ublk add compress` stands for: `compress(file:FILE,size=SIZE,
+/// algo=ALGO)`. A missing FILE is created sparse, with room for every block stored raw (it
+/// takes space only as extents are written); an empty one is grown to that size.
+fn compress_expr(args: &AddArgs) -> CliResult<String> {
+    let path = args.path.as_deref().expect("checked in add");
+    let text = path.to_str().unwrap_or_default();
+    if text.is_empty() || text.contains([',', '(', ')']) || text.trim() != text {
+        return Err(format!(
+            "{}: the path must be UTF-8 without ',', '(' or ')' or spaces at its ends",
+            path.display()
+        ));
+    }
+    let len = match std::fs::metadata(path) {
+        Ok(m) if m.file_type().is_block_device() => None,
+        Ok(m) => Some(m.len()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Some(0),
+        Err(e) => return Err(format!("{}: {e}", path.display())),
+    };
+    if len == Some(0) {
+        let size = args.size.ok_or_else(|| {
+            format!(
+                "{}: no image there: give --size to make a new one",
+                path.display()
+            )
+        })?;
+        let child =
+            Layout::child_size_for(size).ok_or_else(|| format!("--size {size} is too large"))?;
+        Layout::new(size, child).map_err(|e| format!("--size {size}: {e}"))?;
+        let file = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(path)
+            .and_then(|f| f.set_len(child).map(|()| f))
+            .map_err(|e| format!("{}: {e}", path.display()))?;
+        drop(file);
+    }
+    let mut expr = if args.direct {
+        format!("compress(file(path={text},direct=true)")
+    } else {
+        format!("compress(file:{text}")
+    };
+    if let Some(size) = args.size {
+        expr.push_str(&format!(",size={}", exact_size(size)));
+    }
+    if let Some(algo) = args.algo {
+        expr.push_str(&format!(",algo={algo}"));
+    }
+    expr.push(')');
+    Ok(expr)
+}
+
+/// `n` bytes in the largest binary unit that divides it: `10G`, `1536K`, `1000`.
+fn exact_size(n: u64) -> String {
+    for (unit, shift) in [("T", 40), ("G", 30), ("M", 20), ("K", 10)] {
+        if n != 0 && n % (1 << shift) == 0 {
+            return format!("{}{unit}", n >> shift);
+        }
+    }
+    n.to_string()
 }
 
 /// Chooses the buffer mode for `desc`: what was asked for, if the tree can serve it (a
@@ -468,8 +630,9 @@ fn serve(
     let (target, desc, expr) = tree(args, kind, size)?;
     let mode = choose_mode(args, kind, &desc)?;
     let mut builder = builder.buffer_mode(mode);
-    if kind == TargetKind::Stack {
-        // A stack's size is its tree's; --size may only confirm it.
+    if kind.sized_by_tree() {
+        // A stack's size is its tree's; --size may only confirm it (a compressed image
+        // checked it against the image's own when it opened).
         if let Some(size) = args.size.filter(|&s| s != desc.size) {
             return Err(format!(
                 "--size {size} differs from the size of the tree, {} bytes: drop --size",
@@ -1200,6 +1363,72 @@ mod tests {
         assert_eq!(add(&["add", "ram"]), Ok(TargetKind::Ram));
     }
 
+    #[test]
+    fn add_compress_is_the_short_form_of_a_compress_stack_over_a_file() {
+        let args = |list: &[&str]| match parse(list) {
+            Ok(Cmd::Add(a)) => a,
+            _ => panic!("{list:?} parses"),
+        };
+        let dir = std::env::temp_dir().join(format!("ublk-cli-compress-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        let image = dir.join("image");
+        let path = image.to_str().expect("UTF-8 path");
+
+        let err = target_kind(&args(&["add", "ram", "--algo", "lz4"])).expect_err("ram");
+        assert!(
+            err.contains("--algo applies to the compress target only"),
+            "{err}"
+        );
+        let err = target_kind(&args(&["add", "compress"])).expect_err("no path");
+        assert!(
+            err.contains("the compress target needs --path FILE"),
+            "{err}"
+        );
+        assert!(parse(&["add", "compress", "--path", path, "--algo", "gzip"]).is_err());
+
+        let fresh = args(&["add", "compress", "--path", path]);
+        assert_eq!(target_kind(&fresh), Ok(TargetKind::Compress));
+        let err = compress_expr(&fresh).expect_err("no --size for a new image");
+        assert!(err.contains("give --size to make a new one"), "{err}");
+        assert!(!image.exists(), "nothing created without a size");
+
+        let new = args(&[
+            "add", "compress", "--path", path, "--size", "1M", "--algo", "zstd:5",
+        ]);
+        assert_eq!(
+            compress_expr(&new),
+            Ok(format!("compress(file:{path},size=1M,algo=zstd:5)"))
+        );
+        let child = Layout::child_size_for(1 << 20).expect("fits");
+        assert_eq!(std::fs::metadata(&image).expect("created").len(), child);
+        let (target, desc, expr) = tree(&new, TargetKind::Compress, 0).expect("a new image");
+        assert_eq!((desc.kind, desc.size), ("compress", 1 << 20));
+        assert_eq!(expr, format!("compress(file:{path},size=1M,algo=zstd:5)"));
+        assert_eq!(
+            choose_mode(&new, TargetKind::Compress, &desc),
+            Ok(BufferMode::Copy)
+        );
+        drop((target, desc));
+
+        // Reopened without --size: the image knows its size and algorithm.
+        let again = args(&["add", "compress", "--path", path]);
+        let (_, desc, expr) = tree(&again, TargetKind::Compress, 0).expect("reopened");
+        assert_eq!(desc.size, 1 << 20);
+        assert_eq!(expr, format!("compress(file:{path})"));
+        let status = desc.compress.as_ref().expect("a compress node").status();
+        assert_eq!(status["algo"], "zstd:5");
+        let wrong = args(&["add", "compress", "--path", path, "--size", "2M"]);
+        let err = match tree(&wrong, TargetKind::Compress, 0) {
+            Ok(_) => panic!("the image is 1M"),
+            Err(e) => e,
+        };
+        assert!(
+            err.starts_with("compress: ") && err.contains("holds 1048576 logical bytes"),
+            "{err}"
+        );
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
     /// The status of `mirror(file:/a,file:/b)` with leg 1 half rebuilt.
     fn sample() -> Value {
         let leg = |i: u64, state: &str| {
@@ -1310,6 +1539,9 @@ mod tests {
         assert_eq!(approx_size(1536 << 20), "1.5G");
         assert_eq!(approx_size(50 << 20), "50M");
         assert_eq!(approx_size(1000), "1000");
+        assert_eq!(exact_size(10 << 30), "10G");
+        assert_eq!(exact_size(1536 << 10), "1536K");
+        assert_eq!(exact_size(1000), "1000");
         assert_eq!(duration_text(59), "59s");
         assert_eq!(duration_text(185), "3m05s");
         assert_eq!(duration_text(7620), "2h07m");

@@ -19,6 +19,10 @@ impl std::fmt::Debug for Codec {
     }
 }
 
+/// The largest zstd window decompression accepts (128 KiB): far above the 4 KiB a block's
+/// frame needs, far below what a hostile image could otherwise make it allocate.
+const ZSTD_WINDOW_LOG_MAX: u32 = 17;
+
 /// A compressed payload is kept only below this size; otherwise the block is stored raw.
 const KEEP_BELOW: usize = BLOCK - EXTENT_HEADER;
 
@@ -101,7 +105,12 @@ impl Codec {
             Kind::Lz4 => lz4_flex::block::decompress_into(payload, out).unwrap_or(0),
             Kind::Zstd => {
                 if self.zstd_d.is_none() {
-                    self.zstd_d = zstd::bulk::Decompressor::new().ok();
+                    self.zstd_d = zstd::bulk::Decompressor::new().ok().and_then(|mut d| {
+                        // A frame of one block never needs a larger window; a forged frame
+                        // asking for one (zstd's default limit is 128 MiB) is refused.
+                        d.window_log_max(ZSTD_WINDOW_LOG_MAX).ok()?;
+                        Some(d)
+                    });
                 }
                 let d = self.zstd_d.as_mut();
                 match d.map(|d| d.decompress_to_buffer(payload, out)) {

@@ -25,10 +25,10 @@
 //! | 32 | 8 | logical size in bytes (a multiple of 4096) |
 //! | 40 | 4 | algorithm: 1 lz4, 2 zstd |
 //! | 44 | 4 | zstd level (i32; 0 for lz4) |
-//! | 48 | 8 | generation (bumped by every superblock write) |
+//! | 48 | 8 | generation (bumped by every superblock write; below 2^62) |
 //! | 56 | 4 | active map: 0 = A, 1 = B |
 //! | 60 | 4 | reserved |
-//! | 64 | 8 | checkpoint sequence: the journal sequence number the next journal block after this checkpoint carries |
+//! | 64 | 8 | checkpoint sequence: the journal sequence number the next journal block after this checkpoint carries (below 2^62) |
 //! | 72 | 8 × 7 | layout: map A, map B, map blocks, journal, journal blocks, data, data sectors |
 //! | 128 | 3968 | reserved (zero) |
 //!
@@ -79,6 +79,9 @@ pub const MAX_EXTENT: usize = BLOCK + EXTENT_HEADER;
 pub const DEFAULT_JOURNAL_BLOCKS: u64 = 1024;
 /// The fewest journal blocks an image has.
 pub const MIN_JOURNAL_BLOCKS: u64 = 4;
+/// The generation and the checkpoint sequence stay below this (2^62), so the arithmetic on
+/// them never overflows: a commit per microsecond would take 146,000 years to reach it.
+pub const MAX_COUNTER: u64 = 1 << 62;
 
 const SB_VERSION: usize = 8;
 const SB_CRC: usize = 12;
@@ -344,6 +347,20 @@ impl Layout {
         Ok(layout)
     }
 
+    /// A child size for `size` logical bytes with room for every block stored raw, so the
+    /// image can never run out of space: the metadata of [`Layout::new`] with the default
+    /// journal, and 9 sectors per block. `None` if it does not fit a `u64`.
+    pub fn child_size_for(size: u64) -> Option<u64> {
+        let blocks = size / BLOCK_BYTES;
+        let map_bytes = blocks
+            .div_ceil(ENTRIES_PER_BLOCK)
+            .checked_mul(BLOCK_BYTES)?;
+        let raw = (MAX_EXTENT as u64).div_ceil(SECTOR) * SECTOR;
+        (2 * BLOCK_BYTES + DEFAULT_JOURNAL_BLOCKS * BLOCK_BYTES)
+            .checked_add(map_bytes.checked_mul(2)?)?
+            .checked_add(blocks.checked_mul(raw)?)
+    }
+
     /// Checks that the areas lie in order, aligned, without overlap, and that the map has an
     /// entry for every logical block of `size`.
     pub fn validate(&self, size: u64) -> Result<(), FormatError> {
@@ -534,6 +551,12 @@ impl Superblock {
         if self.active_map > 1 {
             return invalid(format!("active map {}", self.active_map));
         }
+        if self.generation >= MAX_COUNTER || self.checkpoint_seq >= MAX_COUNTER {
+            return invalid(format!(
+                "generation {} or checkpoint sequence {} past 2^62",
+                self.generation, self.checkpoint_seq
+            ));
+        }
         self.layout.validate(self.size)
     }
 
@@ -650,6 +673,14 @@ pub fn decode_journal_block(
         .collect())
 }
 
+/// The sequence number of a journal block of image `uuid` that checks, whatever sequence
+/// it was expected to carry; `None` for anything else.
+pub fn journal_block_seq(uuid: &[u8; 16], buf: &[u8]) -> Option<u64> {
+    let block = buf.get(..BLOCK)?;
+    let ours = block[..4] == JOURNAL_MAGIC && block[16..20] == uuid[..4];
+    (ours && get_u32(block, 20) == block_crc(block, 20)).then(|| get_u64(block, 8))
+}
+
 /// Writes the header of an extent for logical block `lba` whose payload (of `kind`) already
 /// lies in `buf[EXTENT_HEADER..EXTENT_HEADER + payload_len]`; returns the stored length.
 pub fn seal_extent(
@@ -712,6 +743,33 @@ pub fn reseal_superblock(buf: &mut [u8]) {
         let crc = block_crc(block, SB_CRC);
         put_u32(block, SB_CRC, crc);
     }
+}
+
+/// Recomputes the checksum of the metadata block or extent that starts at `buf[0]`, known by
+/// its magic, whatever its fields hold (for the fuzzer, so that mutated structures get past
+/// their checksum to the checks behind it). Returns whether there was one.
+pub fn reseal(buf: &mut [u8]) -> bool {
+    let at = match buf.get(..4) {
+        Some(m) if m == &MAGIC[..4] && buf.get(..8) == Some(&MAGIC[..]) => SB_CRC,
+        Some(m) if m == MAP_MAGIC => 12,
+        Some(m) if m == JOURNAL_MAGIC => 20,
+        Some(m) if m == EXTENT_MAGIC && buf.len() >= EXTENT_HEADER => {
+            let payload = usize::from(u16::from_le_bytes([buf[8], buf[9]]));
+            let Some(ext) = buf.get_mut(..(EXTENT_HEADER + payload).min(MAX_EXTENT)) else {
+                return false;
+            };
+            let crc = block_crc(ext, 12);
+            put_u32(ext, 12, crc);
+            return true;
+        }
+        _ => return false,
+    };
+    let Some(block) = buf.get_mut(..BLOCK) else {
+        return false;
+    };
+    let crc = block_crc(block, at);
+    put_u32(block, at, crc);
+    true
 }
 
 fn get_u32(b: &[u8], at: usize) -> u32 {
@@ -864,6 +922,14 @@ mod tests {
                 prop_assert!(l.map_block_offset(1, last) + BLOCK_BYTES <= l.journal);
                 prop_assert!(l.journal_offset(l.journal_blocks) == l.data);
             }
+        }
+
+        #[test]
+        fn the_suggested_child_holds_every_block_raw(blocks in 1u64..1 << 30) {
+            let size = blocks * BLOCK_BYTES;
+            let child = Layout::child_size_for(size).expect("fits");
+            let l = Layout::new(size, child).expect("a valid layout");
+            prop_assert!(l.data_sectors >= blocks * (MAX_EXTENT as u64).div_ceil(SECTOR));
         }
 
         #[test]

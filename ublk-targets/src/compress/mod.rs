@@ -2,7 +2,7 @@
 //! consistent across a `kill -9` at any moment.
 //!
 //! The child holds two superblock copies, two map checkpoints, a journal and a data area
-//! ([`format`] has the layout and every encoding). Each 4 KiB logical block maps to one
+//! ([`format`](mod@format) has the layout and every encoding). Each 4 KiB logical block maps to one
 //! extent of the data area (or to nothing, for a block of zeroes), compressed with lz4 or
 //! zstd, or raw when compression does not pay.
 //!
@@ -17,7 +17,14 @@
 //!   extents they replaced are free. Flushes arriving while a commit runs share the next one.
 //!   A **FUA** write is a write followed by a commit.
 //! - **Discard and write-zeroes** set the map entries to zero, freeing the extents at the
-//!   next commit (the space is reused; the child is not yet punched).
+//!   next commit.
+//! - **Hole punching**: once a commit has made frees durable (overwrites' old extents,
+//!   discarded blocks), every whole 4 KiB child page left entirely free is discarded in the
+//!   child with a Discard request of the node's own, sent through the queue like its other
+//!   child I/O — so it reaches whatever the child is (a file punches a hole, RAM frees the
+//!   page, a mirror discards on every leg) without blocking the queue thread, as a direct
+//!   `fallocate` would. The pages stay allocated until the discard ends, so no new extent
+//!   lands there first. A child that answers `EOPNOTSUPP` is not asked again.
 //! - When the journal has no room for a commit's records, the commit **checkpoints** instead:
 //!   the whole map goes to the inactive checkpoint area, the child is flushed, and the other
 //!   superblock copy is written with FUA, pointing to it; the journal starts over.
@@ -108,6 +115,10 @@ pub(crate) struct Loaded {
     pub(crate) sb: Superblock,
     pub(crate) map: Vec<u64>,
     pub(crate) replayed: u64,
+    /// Journal blocks replayed.
+    pub(crate) journal_blocks: u64,
+    /// Why replay stopped before the end of the journal area, if it did.
+    pub(crate) journal_end: Option<FormatError>,
 }
 
 impl Compress {
@@ -148,12 +159,6 @@ impl Compress {
                     )));
                 }
             }
-            if sb.layout.end() > child_size {
-                return Err(err(format!(
-                    "the image needs {} bytes of child, the child holds {child_size}",
-                    sb.layout.end()
-                )));
-            }
             if let Some(algo) = opts.algo {
                 sb.algo = algo;
             }
@@ -193,7 +198,10 @@ impl Compress {
     }
 }
 
-/// Reads and decodes both superblock copies.
+/// Reads and decodes both superblock copies. A copy whose generation belongs in the other
+/// copy's place was not written by this format (writes alternate: even generations in A,
+/// odd in B), and is refused: honouring it would let the next write replace the copy in
+/// force.
 fn read_superblocks(
     child: &BoxTarget,
 ) -> Result<Vec<Result<Superblock, FormatError>>, CompressError> {
@@ -201,18 +209,25 @@ fn read_superblocks(
     child
         .dyn_read_at(0, &mut buf)
         .map_err(|e| err(format!("cannot read the superblocks: {e}")))?;
-    Ok(vec![
-        Superblock::decode(&buf[..BLOCK]),
-        Superblock::decode(&buf[BLOCK..]),
-    ])
+    Ok(buf
+        .chunks(BLOCK)
+        .enumerate()
+        .map(|(copy, block)| {
+            let sb = Superblock::decode(block)?;
+            if superblock_offset(sb.generation) != copy as u64 * BLOCK_BYTES {
+                return Err(FormatError::Invalid(format!(
+                    "generation {} does not belong in this copy",
+                    sb.generation
+                )));
+            }
+            Ok(sb)
+        })
+        .collect())
 }
 
-/// Loads an existing image: the newer valid superblock, its map checkpoint, the journal.
-pub(crate) fn load(
-    child: &BoxTarget,
-    copies: Vec<Result<Superblock, FormatError>>,
-) -> Result<Loaded, CompressError> {
-    let sb = copies
+/// The superblock in force: the valid copy with the higher generation.
+fn newest(copies: &[Result<Superblock, FormatError>]) -> Result<Superblock, CompressError> {
+    copies
         .iter()
         .filter_map(|c| c.as_ref().ok())
         .max_by_key(|sb| sb.generation)
@@ -227,9 +242,29 @@ pub(crate) fn load(
                 .collect();
             err(format!(
                 "no valid superblock (copy A: {}; copy B: {})",
-                why[0], why[1]
+                why.first().map_or("missing", String::as_str),
+                why.get(1).map_or("missing", String::as_str)
             ))
-        })?;
+        })
+}
+
+/// Loads an existing image: the newer valid superblock, its map checkpoint, the journal.
+/// Nothing is allocated for the map before the superblock's layout is known to fit the
+/// child, so a forged superblock cannot make it huge.
+pub(crate) fn load(
+    child: &BoxTarget,
+    copies: Vec<Result<Superblock, FormatError>>,
+) -> Result<Loaded, CompressError> {
+    let sb = newest(&copies)?;
+    let child_size = child
+        .dyn_size()
+        .ok_or_else(|| err("the child has no known size"))?;
+    if sb.layout.end() > child_size {
+        return Err(err(format!(
+            "the image needs {} bytes of child, the child holds {child_size} (truncated?)",
+            sb.layout.end()
+        )));
+    }
     let blocks = sb.blocks();
     let layout = sb.layout;
     let valid = |lba: u64, entry: u64| -> Result<(), CompressError> {
@@ -261,13 +296,21 @@ pub(crate) fn load(
         }
     }
     let mut replayed = 0;
+    let mut journal_blocks = 0;
+    let mut journal_end = None;
     for pos in 0..layout.journal_blocks {
         child
             .dyn_read_at(layout.journal_offset(pos), &mut buf)
             .map_err(|e| err(format!("cannot read journal block {pos}: {e}")))?;
-        let Ok(records) = decode_journal_block(sb.checkpoint_seq + pos, &sb.uuid, &buf) else {
-            break;
+        let records = match decode_journal_block(sb.checkpoint_seq + pos, &sb.uuid, &buf) {
+            Ok(records) => records,
+            Err(why) => {
+                journal_end = Some(why);
+                newer_journal(child, &sb, pos, &mut buf)?;
+                break;
+            }
         };
+        journal_blocks += 1;
         for (lba, entry) in records {
             if lba >= blocks {
                 return Err(err(format!("journal block {pos} names block {lba}")));
@@ -277,7 +320,48 @@ pub(crate) fn load(
             replayed += 1;
         }
     }
-    Ok(Loaded { sb, map, replayed })
+    Ok(Loaded {
+        sb,
+        map,
+        replayed,
+        journal_blocks,
+        journal_end,
+    })
+}
+
+/// Refuses an image whose journal, from position `from` on, holds a block written under a
+/// newer superblock than `sb`: one whose sequence number is past what `sb` expects there.
+///
+/// Sequence numbers only grow, so a block left from an earlier pass always carries less than
+/// the in-force superblock expects at its position, and a superblock torn by a crash was
+/// never followed by journal writes (commits wait for it). A higher one means the newer
+/// superblock copy became durable and was damaged later: falling back to the older copy
+/// would silently lose every commit since, and the extents those commits freed may hold
+/// other blocks' data now.
+fn newer_journal(
+    child: &BoxTarget,
+    sb: &Superblock,
+    from: u64,
+    buf: &mut [u8],
+) -> Result<(), CompressError> {
+    for pos in from..sb.layout.journal_blocks {
+        child
+            .dyn_read_at(sb.layout.journal_offset(pos), buf)
+            .map_err(|e| err(format!("cannot read journal block {pos}: {e}")))?;
+        let expected = sb.checkpoint_seq + pos;
+        match format::journal_block_seq(&sb.uuid, buf) {
+            Some(seq) if seq > expected => {
+                return Err(err(format!(
+                    "journal block {pos} carries sequence {seq}, past the {expected} the \
+                     superblock in force (generation {}) expects: a newer superblock copy \
+                     was damaged, and the commits since this one would be lost",
+                    sb.generation
+                )))
+            }
+            _ => {}
+        }
+    }
+    Ok(())
 }
 
 /// Writes `map` as a new checkpoint and the superblock pointing to it, with direct access
@@ -383,14 +467,33 @@ impl CompressHandle {
 /// What [`check`] found in an image.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Report {
+    /// The child's size in bytes.
+    pub child_bytes: u64,
+    /// What each superblock copy (A, B) holds: `valid, generation N` or why it was refused.
+    pub copies: [String; 2],
+    /// The superblock in force (the valid copy with the higher generation), if any.
+    pub superblock: Option<Superblock>,
     /// The logical size.
     pub logical_bytes: u64,
-    /// Blocks with an extent.
-    pub extents: u64,
-    /// Bytes those extents store.
-    pub stored_bytes: u64,
+    /// Map checkpoint blocks that checked.
+    pub map_blocks: u64,
+    /// Journal blocks replayed over the checkpoint.
+    pub journal_blocks: u64,
     /// Journal records replayed over the checkpoint.
     pub replayed: u64,
+    /// Why the replay stopped before the end of the journal area (normal: the end of what
+    /// was committed, or a write torn by a crash).
+    pub journal_end: Option<String>,
+    /// Blocks with an extent.
+    pub extents: u64,
+    /// Extents that failed their check.
+    pub damaged_extents: u64,
+    /// Bytes those extents store, headers included.
+    pub stored_bytes: u64,
+    /// Bytes of the data area the extents occupy (whole sectors).
+    pub allocated_bytes: u64,
+    /// Bytes in the data area.
+    pub data_area_bytes: u64,
     /// What is wrong; empty for a clean image.
     pub damage: Vec<String>,
 }
@@ -402,18 +505,149 @@ impl Report {
     }
 }
 
-/// Verifies the image on `child` without a device: the superblocks, every map checkpoint
-/// block, the journal replay, every extent's header, checksum and decompression, that no
-/// two extents overlap and that each lies in the data area. An image that cannot be loaded
-/// at all is an `Err`; damage found past that is listed in the report.
+/// At most this many damage lines are printed; the count says how many more there are.
+const DAMAGE_LINES: usize = 50;
+
+impl std::fmt::Display for Report {
+    /// The report `ublk check` prints: a verdict, then one line per part of the image.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.is_clean() {
+            writeln!(f, "clean")?;
+        } else {
+            writeln!(f, "DAMAGED: {} problem(s)", self.damage.len())?;
+        }
+        for (name, copy) in ["A", "B"].iter().zip(&self.copies) {
+            writeln!(f, "superblock {name}: {copy}")?;
+        }
+        let Some(sb) = &self.superblock else {
+            return self.damage_lines(f);
+        };
+        let l = &sb.layout;
+        writeln!(
+            f,
+            "in force: copy {} (generation {}), uuid {}, algo {}, logical size {} bytes \
+             ({} blocks), child {} bytes",
+            ["A", "B"][(sb.generation % 2) as usize],
+            sb.generation,
+            crate::mirror::meta::uuid_string(&sb.uuid),
+            sb.algo,
+            sb.size,
+            sb.blocks(),
+            self.child_bytes
+        )?;
+        writeln!(
+            f,
+            "layout: map A at {}, map B at {} ({} blocks each), journal at {} ({} blocks), \
+             data at {} ({} bytes)",
+            l.map_a,
+            l.map_b,
+            l.map_blocks,
+            l.journal,
+            l.journal_blocks,
+            l.data,
+            self.data_area_bytes
+        )?;
+        writeln!(
+            f,
+            "map: checkpoint {}, {} of {} blocks check",
+            ["A", "B"][sb.active_map.min(1) as usize],
+            self.map_blocks,
+            l.map_blocks
+        )?;
+        write!(
+            f,
+            "journal: {} records replayed from {} blocks (sequence {}..)",
+            self.replayed, self.journal_blocks, sb.checkpoint_seq
+        )?;
+        match &self.journal_end {
+            Some(why) => writeln!(f, "; replay stopped at the next block: {why}")?,
+            None => writeln!(f)?,
+        }
+        writeln!(
+            f,
+            "extents: {} checked, {} damaged",
+            self.extents, self.damaged_extents
+        )?;
+        let ratio = if self.stored_bytes == 0 {
+            0.0
+        } else {
+            (self.extents * BLOCK_BYTES) as f64 / self.stored_bytes as f64
+        };
+        writeln!(
+            f,
+            "space: {} bytes stored ({} allocated) of a {}-byte data area, {} free; \
+             ratio {ratio:.2}",
+            self.stored_bytes,
+            self.allocated_bytes,
+            self.data_area_bytes,
+            self.data_area_bytes.saturating_sub(self.allocated_bytes)
+        )?;
+        self.damage_lines(f)
+    }
+}
+
+impl Report {
+    fn damage_lines(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        for d in self.damage.iter().take(DAMAGE_LINES) {
+            writeln!(f, "damage: {d}")?;
+        }
+        if self.damage.len() > DAMAGE_LINES {
+            writeln!(
+                f,
+                "damage: ... and {} more",
+                self.damage.len() - DAMAGE_LINES
+            )?;
+        }
+        Ok(())
+    }
+}
+
+/// Verifies the image on `child` without a device and without writing to it: the
+/// superblocks, every map checkpoint block, the journal replay, every extent's header,
+/// checksum and decompression, that no two extents overlap and that each lies in the data
+/// area, and that the child holds the whole layout. Damage is listed in the report; an
+/// image that cannot be loaded (no valid superblock, a damaged checkpoint) is a report with
+/// that damage and what could be read. `Err` only when the child cannot be read at all.
 pub fn check(child: &BoxTarget) -> Result<Report, CompressError> {
-    let loaded = load(child, read_superblocks(child)?)?;
-    let sb = &loaded.sb;
+    let child_bytes = child
+        .dyn_size()
+        .ok_or_else(|| err("the child has no known size"))?;
+    let copies = read_superblocks(child)?;
     let mut report = Report {
-        logical_bytes: sb.size,
-        replayed: loaded.replayed,
+        child_bytes,
         ..Report::default()
     };
+    for (out, copy) in report.copies.iter_mut().zip(&copies) {
+        *out = match copy {
+            Ok(sb) => format!("valid, generation {}", sb.generation),
+            Err(e) => e.to_string(),
+        };
+    }
+    if let Ok(sb) = newest(&copies) {
+        report.logical_bytes = sb.size;
+        report.data_area_bytes = sb.layout.data_sectors * format::SECTOR;
+        report.superblock = Some(sb);
+    }
+    let loaded = match load(child, copies) {
+        Ok(loaded) => loaded,
+        Err(e) => {
+            report.damage.push(e.0);
+            return Ok(report);
+        }
+    };
+    let sb = &loaded.sb;
+    report.map_blocks = sb.layout.map_blocks;
+    report.journal_blocks = loaded.journal_blocks;
+    report.replayed = loaded.replayed;
+    report.journal_end = loaded.journal_end.map(|e| {
+        match e {
+            FormatError::Blank | FormatError::Magic => "no journal block there",
+            FormatError::Invalid(_) => "a block of an earlier pass through the journal",
+            FormatError::Checksum => "checksum mismatch (a write torn by a crash)",
+            _ => "not a journal block",
+        }
+        .to_string()
+    });
     let mut alloc = Alloc::new(sb.layout.data_sectors);
     let mut codec = codec::Codec::new(sb.algo);
     let mut buf = vec![0u8; format::MAX_EXTENT.next_multiple_of(format::SECTOR as usize)];
@@ -425,6 +659,7 @@ pub fn check(child: &BoxTarget) -> Result<Report, CompressError> {
         report.extents += 1;
         report.stored_bytes += u64::from(e.len);
         if !alloc.claim(&e) {
+            report.damaged_extents += 1;
             report
                 .damage
                 .push(format!("block {lba}: its extent overlaps another"));
@@ -432,13 +667,21 @@ pub fn check(child: &BoxTarget) -> Result<Report, CompressError> {
         }
         let bytes = &mut buf[..(e.sectors() * format::SECTOR) as usize];
         let read = child.dyn_read_at(sb.layout.sector_offset(e.sector), bytes);
-        if let Err(why) = read {
-            report
-                .damage
-                .push(format!("block {lba}: cannot read: {why}"));
-        } else if let Err(why) = codec.decompress(lba as u64, &e, bytes, &mut out) {
-            report.damage.push(format!("block {lba}: {why}"));
+        let why = match read {
+            Err(why) => Some(format!("cannot read: {why}")),
+            Ok(()) => codec
+                .decompress(lba as u64, &e, bytes, &mut out)
+                .err()
+                .map(|why| why.to_string()),
+        };
+        if let Some(why) = why {
+            report.damaged_extents += 1;
+            report.damage.push(format!(
+                "block {lba}: extent at data sector {} ({} bytes): {why}",
+                e.sector, e.len
+            ));
         }
     }
+    report.allocated_bytes = alloc.allocated * format::SECTOR;
     Ok(report)
 }

@@ -20,6 +20,8 @@ use super::shared::{lock, Shared, WAKE};
 
 /// Tokens of the commit's child requests carry this bit (request tokens are `key << 16 | part`).
 const COMMIT: u64 = 1 << 62;
+/// Tokens of the discards that punch freed space carry this bit, and the key of the run.
+const PUNCH: u64 = 1 << 61;
 /// Times a read retries an extent that failed its check because the block was rewritten
 /// meanwhile.
 const READ_RETRIES: u8 = 4;
@@ -120,6 +122,8 @@ pub struct CompressQueue {
     /// Writes (by key) waiting for commit `need` to release space.
     no_space: Vec<(usize, u64)>,
     commit: Option<CommitRun>,
+    /// Runs of data-area sectors being discarded in the child, by token key.
+    punches: Slab<Range<u64>>,
 }
 
 fn token(key: usize, part: usize) -> u64 {
@@ -139,6 +143,7 @@ impl CompressQueue {
             waiting: Vec::new(),
             no_space: Vec::new(),
             commit: None,
+            punches: Slab::new(),
         }
     }
 
@@ -798,7 +803,11 @@ impl CompressQueue {
             return;
         };
         if !self.s.broken.load(SeqCst) {
-            lock(&self.s.alloc).release(run.covered);
+            let punch = !self.s.no_punch.load(SeqCst);
+            let runs = lock(&self.s.alloc).release(run.covered, punch);
+            for r in runs {
+                self.punch(r, ctx);
+            }
         }
         self.s.done.store(run.n, SeqCst);
         let next = {
@@ -817,6 +826,37 @@ impl CompressQueue {
         if let Some(n) = next {
             self.start_commit(n, ctx);
         }
+    }
+
+    /// Discards a run of whole child pages that a commit left free. Only now, with the
+    /// commit durable, does no map the child may be opened with reference them; the run
+    /// stays allocated until the discard ends, so no new extent lands there first.
+    fn punch(&mut self, run: Range<u64>, ctx: &mut QueueCtx<'_>) {
+        let req = BlockIo {
+            op: Op::Discard,
+            offset: self.s.layout.sector_offset(run.start),
+            len: ((run.end - run.start) * SECTOR) as u32,
+            flags: IoFlags::default(),
+        };
+        let key = self.punches.insert(run);
+        let sent = Bounce::new(0).is_ok_and(|buf| self.child_io(req, buf, PUNCH | key as u64, ctx));
+        if !sent {
+            self.punch_done(key, 0);
+        }
+    }
+
+    /// A discard [`CompressQueue::punch`] sent ended: its sectors are free again.
+    fn punch_done(&mut self, key: usize, result: i32) {
+        let Some(run) = self.punches.try_remove(key) else {
+            return;
+        };
+        if result == -libc::EOPNOTSUPP {
+            tracing::info!("compress: the child cannot discard; freed space is reused only");
+            self.s.no_punch.store(true, SeqCst);
+        } else if result < 0 {
+            tracing::debug!("compress: discarding sectors {run:?} of the child: {result}");
+        }
+        lock(&self.s.alloc).punched(&run);
     }
 
     /// Answers what waited for a commit that is done.
@@ -871,6 +911,9 @@ impl QueueTarget for CompressQueue {
         }
         if done.token & COMMIT != 0 {
             return self.commit_step(done.result >= 0, ctx);
+        }
+        if done.token & PUNCH != 0 {
+            return self.punch_done((done.token & !PUNCH) as usize, done.result);
         }
         let key = (done.token >> 16) as usize;
         let part = (done.token & 0xffff) as usize;

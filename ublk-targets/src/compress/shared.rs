@@ -15,6 +15,7 @@
 //!   overwrite completion to queue the old extents for release;
 //! - the commit's bookkeeping is a `Mutex` taken only by flushes and FUA writes.
 
+use std::ops::Range;
 use std::sync::atomic::Ordering::SeqCst;
 use std::sync::atomic::{AtomicBool, AtomicU64};
 use std::sync::{Mutex, MutexGuard};
@@ -24,6 +25,13 @@ use ublk_zc::{BoxTarget, Notifier};
 use super::format::{
     Algo, Extent, Layout, Record, Superblock, BLOCK_BYTES, ENTRIES_PER_BLOCK, SECTOR,
 };
+
+/// Sectors in a child page: the unit of hole punching. The data area starts on a 4 KiB
+/// boundary of the child (every area before it is whole 4 KiB blocks), so a run of sectors
+/// starting at a multiple of this is a run of whole child pages.
+pub(crate) const PAGE_SECTORS: u64 = BLOCK_BYTES / SECTOR;
+/// The longest run one discard to the child covers: 1 MiB.
+pub(crate) const PUNCH_MAX_SECTORS: u64 = (1 << 20) / SECTOR;
 
 /// Takes a lock even if a holder panicked (the data stays consistent: every critical section
 /// is a few field updates).
@@ -80,6 +88,8 @@ pub(crate) struct Alloc {
     /// `(epoch, extent)`: freed by an overwrite; reusable once the commit that covers the
     /// epoch is durable (the durable map no longer references it then).
     pending: Vec<(u64, Extent)>,
+    /// Sectors kept allocated while the child discards them.
+    punching: u64,
 }
 
 impl Alloc {
@@ -90,6 +100,7 @@ impl Alloc {
             cursor: 0,
             allocated: 0,
             pending: Vec::new(),
+            punching: 0,
         }
     }
 
@@ -162,20 +173,60 @@ impl Alloc {
         self.pending.push((epoch, e));
     }
 
-    /// Frees the pending extents of epochs up to `epoch`.
-    pub(crate) fn release(&mut self, epoch: u64) {
+    /// Frees the pending extents of epochs up to `epoch`. Returns the runs of whole child
+    /// pages (4 KiB, [`PAGE_SECTORS`] sectors) this left entirely free, as sector ranges of
+    /// at most [`PUNCH_MAX_SECTORS`]: they stay allocated, so that no write lands there
+    /// before the child has discarded them, until [`Alloc::punched`] gives them back.
+    /// Without `punch`, nothing is kept back and no run is returned.
+    pub(crate) fn release(&mut self, epoch: u64, punch: bool) -> Vec<Range<u64>> {
         let pending = std::mem::take(&mut self.pending);
+        let mut pages = Vec::new();
         for (ep, e) in pending {
             if ep <= epoch {
                 self.free(&e);
+                let span = e.span();
+                if punch {
+                    pages.extend(span.start / PAGE_SECTORS..span.end.div_ceil(PAGE_SECTORS));
+                }
             } else {
                 self.pending.push((ep, e));
             }
         }
+        pages.sort_unstable();
+        pages.dedup();
+        let mut runs: Vec<Range<u64>> = Vec::new();
+        for page in pages {
+            let start = page * PAGE_SECTORS;
+            let end = start + PAGE_SECTORS;
+            if end > self.sectors || (start..end).any(|s| self.is_used(s)) {
+                continue;
+            }
+            self.mark(start, PAGE_SECTORS, true);
+            self.punching += PAGE_SECTORS;
+            match runs.last_mut() {
+                Some(run) if run.end == start && end - run.start <= PUNCH_MAX_SECTORS => {
+                    run.end = end;
+                }
+                _ => runs.push(start..end),
+            }
+        }
+        runs
     }
 
+    /// The child has discarded (or failed to discard) a run [`Alloc::release`] returned:
+    /// its sectors are free.
+    pub(crate) fn punched(&mut self, run: &Range<u64>) {
+        if run.start < run.end && run.end <= self.sectors {
+            let n = run.end - run.start;
+            self.mark(run.start, n, false);
+            self.punching = self.punching.saturating_sub(n);
+        }
+    }
+
+    /// Whether space will come back without more frees: extents wait for a commit, or
+    /// runs for their discard.
     pub(crate) fn has_pending(&self) -> bool {
-        !self.pending.is_empty()
+        !self.pending.is_empty() || self.punching > 0
     }
 }
 
@@ -215,6 +266,8 @@ pub(crate) struct Shared {
     pub(crate) notifiers: Mutex<Vec<Notifier>>,
     /// Some queue has writes parked on a busy bit.
     pub(crate) busy_waiting: AtomicBool,
+    /// The child refused a discard (`EOPNOTSUPP`): free space is no longer punched.
+    pub(crate) no_punch: AtomicBool,
     /// Logical blocks with an extent, and the bytes their extents store.
     pub(crate) nonzero_blocks: AtomicU64,
     pub(crate) stored_bytes: AtomicU64,
@@ -266,6 +319,7 @@ impl Shared {
             broken: AtomicBool::new(false),
             notifiers: Mutex::new(Vec::new()),
             busy_waiting: AtomicBool::new(false),
+            no_punch: AtomicBool::new(false),
             nonzero_blocks: AtomicU64::new(nonzero),
             stored_bytes: AtomicU64::new(stored),
         }
@@ -346,5 +400,52 @@ impl Shared {
     /// Bytes of the child the data area has allocated (pending releases included).
     pub(crate) fn allocated_bytes(&self) -> u64 {
         lock(&self.alloc).allocated * SECTOR
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::compress::format::Kind;
+
+    fn extent(sector: u64, sectors: u64) -> Extent {
+        Extent {
+            sector,
+            len: (sectors * SECTOR) as u32,
+            kind: Kind::Lz4,
+        }
+    }
+
+    #[test]
+    fn release_punches_only_whole_pages_left_free_and_keeps_them_until_punched() {
+        let mut a = Alloc::new(64);
+        // Sectors 0..6 and 6..15 share page 0 (sectors 0..8); 15..24 ends page 2 whole.
+        let (x, y, z) = (extent(0, 6), extent(6, 9), extent(15, 9));
+        for e in [&x, &y, &z] {
+            assert!(a.claim(e));
+        }
+        a.defer(1, x);
+        assert_eq!(
+            a.release(1, true),
+            Vec::<Range<u64>>::new(),
+            "page 0 is shared"
+        );
+        assert_eq!(a.allocated, 18);
+        a.defer(2, y);
+        a.defer(2, z);
+        assert_eq!(a.release(2, true), vec![0..24]);
+        assert!(a.has_pending(), "space comes back when the discard ends");
+        // Kept until the discard ends: nothing can be allocated over it.
+        assert_eq!(a.alloc(40), Some(24));
+        assert_eq!(a.alloc(1), None);
+        a.punched(&(0..24));
+        assert_eq!(a.alloc(24), Some(0));
+        // Without punching, the space is free at once.
+        let mut b = Alloc::new(64);
+        assert!(b.claim(&extent(8, 8)));
+        b.defer(1, extent(8, 8));
+        assert!(b.release(1, false).is_empty());
+        assert_eq!(b.allocated, 0);
+        assert!(!b.has_pending());
     }
 }
