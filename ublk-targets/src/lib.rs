@@ -39,6 +39,7 @@ pub mod file;
 pub mod fuzzing;
 pub mod mirror;
 pub mod null;
+mod ondisk;
 pub mod ram;
 pub mod stack;
 pub mod stripe;

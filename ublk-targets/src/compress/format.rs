@@ -51,6 +51,7 @@
 //! payload length u16, kind u8, reserved u8, CRC32C u32 of header and payload with this
 //! field zeroed} followed by the payload, starting on a sector boundary.
 
+use crate::ondisk::{block_crc, get_u32, get_u64, put_u32, put_u64};
 use std::ops::Range;
 
 /// The superblock's magic.
@@ -730,13 +731,6 @@ pub fn open_extent<'a>(lba: u64, e: &Extent, buf: &'a [u8]) -> Result<&'a [u8], 
     Ok(&ext[EXTENT_HEADER..])
 }
 
-/// The CRC32C of `block` with its 4-byte checksum field at `crc_at` taken as zero.
-fn block_crc(block: &[u8], crc_at: usize) -> u32 {
-    let crc = crc32c::crc32c(&block[..crc_at]);
-    let crc = crc32c::crc32c_append(crc, &[0; 4]);
-    crc32c::crc32c_append(crc, &block[crc_at + 4..])
-}
-
 /// Recomputes a superblock's checksum whatever its fields hold (for the fuzzer).
 pub fn reseal_superblock(buf: &mut [u8]) {
     if let Some(block) = buf.get_mut(..BLOCK) {
@@ -770,26 +764,6 @@ pub fn reseal(buf: &mut [u8]) -> bool {
     let crc = block_crc(block, at);
     put_u32(block, at, crc);
     true
-}
-
-fn get_u32(b: &[u8], at: usize) -> u32 {
-    let mut v = [0; 4];
-    v.copy_from_slice(&b[at..at + 4]);
-    u32::from_le_bytes(v)
-}
-
-fn get_u64(b: &[u8], at: usize) -> u64 {
-    let mut v = [0; 8];
-    v.copy_from_slice(&b[at..at + 8]);
-    u64::from_le_bytes(v)
-}
-
-fn put_u32(b: &mut [u8], at: usize, v: u32) {
-    b[at..at + 4].copy_from_slice(&v.to_le_bytes());
-}
-
-fn put_u64(b: &mut [u8], at: usize, v: u64) {
-    b[at..at + 8].copy_from_slice(&v.to_le_bytes());
 }
 
 #[cfg(test)]

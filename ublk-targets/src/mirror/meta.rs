@@ -37,6 +37,7 @@
 //! first 4 bytes of the array UUID, CRC32C u32) followed by 4080 bytes of bits, bit `i` being
 //! `bits[i / 8] >> (i % 8) & 1`.
 
+use crate::ondisk::{block_crc, get_u32, get_u64, put_u32, put_u64};
 use std::ops::Range;
 
 /// The superblock's magic, at byte 0 of every leg.
@@ -537,13 +538,6 @@ pub fn uuid_string(uuid: &[u8; 16]) -> String {
     s
 }
 
-/// The CRC32C of `block` with its 4-byte checksum field at `crc_at` taken as zero.
-fn block_crc(block: &[u8], crc_at: usize) -> u32 {
-    let crc = crc32c::crc32c(&block[..crc_at]);
-    let crc = crc32c::crc32c_append(crc, &[0; 4]);
-    crc32c::crc32c_append(crc, &block[crc_at + 4..])
-}
-
 /// Recomputes the checksum of the superblock in `buf[..BLOCK]`, whatever its fields hold, so
 /// the fuzzer can reach the field checks behind it.
 pub(crate) fn reseal_superblock(buf: &mut [u8]) {
@@ -559,26 +553,6 @@ pub(crate) fn reseal_bitmap_block(buf: &mut [u8]) {
         let crc = block_crc(block, BM_CRC);
         put_u32(block, BM_CRC, crc);
     }
-}
-
-fn get_u32(b: &[u8], at: usize) -> u32 {
-    let mut v = [0; 4];
-    v.copy_from_slice(&b[at..at + 4]);
-    u32::from_le_bytes(v)
-}
-
-fn get_u64(b: &[u8], at: usize) -> u64 {
-    let mut v = [0; 8];
-    v.copy_from_slice(&b[at..at + 8]);
-    u64::from_le_bytes(v)
-}
-
-fn put_u32(b: &mut [u8], at: usize, v: u32) {
-    b[at..at + 4].copy_from_slice(&v.to_le_bytes());
-}
-
-fn put_u64(b: &mut [u8], at: usize, v: u64) {
-    b[at..at + 8].copy_from_slice(&v.to_le_bytes());
 }
 
 #[cfg(test)]
