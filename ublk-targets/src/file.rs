@@ -136,11 +136,11 @@ impl Target for FileTarget {
         false
     }
 
-    /// `pread`; with `O_DIRECT`, through a page-aligned buffer (offset and length must then
-    /// be multiples of the file's logical block size).
+    /// `pread`; with `O_DIRECT`, straight into a page-aligned buffer or through one (offset
+    /// and length must then be multiples of the file's logical block size).
     fn read_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
         self.check_range(offset, buf.len())?;
-        if self.direct {
+        if self.direct && !aligned(buf) {
             let mut bounce = Bounce::new(buf.len())?;
             self.file.read_exact_at(bounce.as_mut_slice(), offset)?;
             buf.copy_from_slice(bounce.as_slice());
@@ -153,7 +153,7 @@ impl Target for FileTarget {
     /// `pwrite` then `fdatasync`; with `O_DIRECT`, through a page-aligned buffer.
     fn write_at(&self, offset: u64, buf: &[u8]) -> io::Result<()> {
         self.check_range(offset, buf.len())?;
-        if self.direct {
+        if self.direct && !aligned(buf) {
             let mut bounce = Bounce::new(buf.len())?;
             bounce.as_mut_slice().copy_from_slice(buf);
             self.file.write_all_at(bounce.as_slice(), offset)?;
@@ -162,6 +162,12 @@ impl Target for FileTarget {
         }
         self.file.sync_data()
     }
+}
+
+/// Whether `buf` can go to an `O_DIRECT` file as it is: page-aligned address and length.
+fn aligned(buf: &[u8]) -> bool {
+    const PAGE: usize = 4096;
+    (buf.as_ptr() as usize) % PAGE == 0 && buf.len() % PAGE == 0
 }
 
 /// One queue of a [`FileTarget`].

@@ -19,6 +19,12 @@
 //!   three-level stack; `faulty` nodes failing and delaying exactly the ops their rule
 //!   matches, at the root and deeper; `ublk status` and `ublk list` showing the tree; and
 //!   bad expressions refused with one error line.
+//! * `mirror_*` (in `kernel/mirror.rs`): the RAID-1 node. fio verification on new mirrors
+//!   in every buffer mode and over stripes, the legs compared after; a leg failing under fio
+//!   (`ublk fail`, a `faulty` node, a device-mapper `error` table); `ublk replace` and the
+//!   rebuild under fio; the resync after `kill -9` of the server; no stale reads during a
+//!   rebuild; flushes reaching every leg; a leg of another mirror refused unless
+//!   `--force-new`.
 //!
 //! They need root and the ublk driver, so every test is `#[ignore]`d: a plain host
 //! `cargo test` lists them as ignored. Run them inside the test VM with
@@ -29,8 +35,8 @@
 //! ```
 //!
 //! which runs this binary as `kernel-tests --ignored --test-threads=1` with `UBLK_BIN`
-//! pointing at the `ublk` binary and fio, e2fsprogs, util-linux and busybox on `PATH`, and
-//! kernel modules such as brd at `/lib/modules/NAME.ko`.
+//! pointing at the `ublk` binary and fio, e2fsprogs, util-linux, dmsetup and busybox on
+//! `PATH`, and kernel modules such as brd, loop and dm-mod at `/lib/modules/NAME.ko`.
 //! The VM emulates its CPU in software, so data sizes are kept small.
 //!
 //! Each test starts from and ends with a clean slate (`ublk del --all`), so one failing
@@ -443,36 +449,65 @@ fn fio_moved_expected_bytes(case: &FioCase, verify: bool, written: u64, read: u6
 /// Runs fio with `args` in `dir` and returns its JSON report; panics with fio's output
 /// if it fails, times out, reports a job error or prints no JSON.
 fn run_fio(args: &[String], dir: &Path, context: &str) -> (Value, Output) {
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    let cmdline = command_line("fio", &args);
-    let mut fio = Spawned::new("fio", &args, Some(dir));
-    let Some(output) = fio.wait_timeout(FIO_TIMEOUT) else {
-        let output = fio.kill();
-        panic!(
-            "{context}: still running after {FIO_TIMEOUT:?}, killed\n{}",
-            describe(&cmdline, &output)
-        );
-    };
-    let fail = |why: &str| -> ! { panic!("{context}: {why}\n{}", describe(&cmdline, &output)) };
-    if !output.status.success() {
-        fail("fio failed");
+    FioRun::start(args, dir).finish(context)
+}
+
+/// fio running in the background, for tests that act on the device meanwhile.
+struct FioRun {
+    cmdline: String,
+    fio: Spawned,
+}
+
+impl FioRun {
+    /// Starts fio with `args` in `dir`.
+    fn start(args: &[String], dir: &Path) -> FioRun {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        FioRun {
+            cmdline: command_line("fio", &args),
+            fio: Spawned::new("fio", &args, Some(dir)),
+        }
     }
-    // fio may print notes before the report; the report is the outermost JSON object.
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    let report: Value = match stdout
-        .find('{')
-        .map(|start| serde_json::from_str(&stdout[start..]))
-    {
-        Some(Ok(report)) => report,
-        Some(Err(e)) => fail(&format!("fio's JSON report does not parse: {e}")),
-        None => fail("fio printed no JSON report"),
-    };
-    match report["jobs"][0]["error"].as_i64() {
-        Some(0) => {}
-        Some(error) => fail(&format!("fio job reports error {error}")),
-        None => fail("fio's report has no jobs[0].error"),
+
+    fn is_running(&mut self) -> bool {
+        self.fio.is_running()
     }
-    (report, output)
+
+    /// Kills fio and describes what it printed, for a panic message.
+    fn kill(&mut self) -> String {
+        describe(&self.cmdline, &self.fio.kill())
+    }
+
+    /// Waits for fio and returns its JSON report; panics with fio's output if it fails,
+    /// times out, reports a job error or prints no JSON.
+    fn finish(mut self, context: &str) -> (Value, Output) {
+        let cmdline = self.cmdline.clone();
+        let Some(output) = self.fio.wait_timeout(FIO_TIMEOUT) else {
+            panic!(
+                "{context}: still running after {FIO_TIMEOUT:?}, killed\n{}",
+                self.kill()
+            );
+        };
+        let fail = |why: &str| -> ! { panic!("{context}: {why}\n{}", describe(&cmdline, &output)) };
+        if !output.status.success() {
+            fail("fio failed");
+        }
+        // fio may print notes before the report; the report is the outermost JSON object.
+        let stdout = String::from_utf8_lossy(&output.stdout);
+        let report: Value = match stdout
+            .find('{')
+            .map(|start| serde_json::from_str(&stdout[start..]))
+        {
+            Some(Ok(report)) => report,
+            Some(Err(e)) => fail(&format!("fio's JSON report does not parse: {e}")),
+            None => fail("fio printed no JSON report"),
+        };
+        match report["jobs"][0]["error"].as_i64() {
+            Some(0) => {}
+            Some(error) => fail(&format!("fio job reports error {error}")),
+            None => fail("fio's report has no jobs[0].error"),
+        }
+        (report, output)
+    }
 }
 
 // ---------------------------------------------------------------------------------------
@@ -2113,6 +2148,13 @@ fn unload_module(name: &str) -> bool {
         .status()
         .is_ok_and(|s| s.success())
 }
+
+// ---------------------------------------------------------------------------------------
+// mirrors
+// ---------------------------------------------------------------------------------------
+
+#[path = "kernel/mirror.rs"]
+mod mirror;
 
 // ---------------------------------------------------------------------------------------
 // test session

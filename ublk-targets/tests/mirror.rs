@@ -375,3 +375,33 @@ fn direct_access_writes_every_leg_with_its_bits_set() {
         "past the end"
     );
 }
+
+#[test]
+fn initial_sync_copies_large_regions_piece_by_piece() {
+    let rams = [ram(), ram(), ram()];
+    // Past the metadata area (1 MiB for these legs), so leg 0 is still blank.
+    for (i, chunk) in (1 << 20..LEG).step_by(1 << 20).enumerate() {
+        rams[0]
+            .write_at(chunk, &pattern(i as u8, 1 << 20))
+            .expect("seed leg 0");
+    }
+    let m = Mirror::assemble(
+        legs(&rams),
+        &MirrorOptions {
+            region: Some(4 << 20),
+            ..MirrorOptions::default()
+        },
+    )
+    .expect("new mirror");
+    let h = m.handle();
+    wait_until("the initial sync", || {
+        (1..3).all(|i| h.leg_state(i) == Some(LegState::InSync))
+    });
+    let first = data_area(&rams[0], &h);
+    for (leg, r) in rams.iter().enumerate().skip(1) {
+        let other = data_area(r, &h);
+        let differs = first.iter().zip(&other).position(|(a, b)| a != b);
+        assert_eq!(differs, None, "leg {leg} differs from leg 0 at this byte");
+    }
+    assert_eq!(h.copied().1, h.layout().dev_size);
+}

@@ -14,6 +14,7 @@ const PACKAGES: &[&str] = &[
     "e2fsprogs",
     "xz-utils",
     "util-linux",
+    "dmsetup",
 ];
 
 /// Executables that must be present (checked by name on PATH + sbin dirs).
@@ -26,6 +27,8 @@ const TOOLS: &[&str] = &[
     "e2fsck",
     "xz",
     "blkdiscard",
+    "losetup",
+    "dmsetup",
     "ldd",
 ];
 

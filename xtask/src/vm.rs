@@ -10,7 +10,7 @@
 //!   Other modules are at `/lib/modules/<name>.ko` for `insmod` on demand.
 //! * `PATH=/bin`; `/bin` holds busybox applets, the workspace release
 //!   binaries (`/bin/ublk`, ...), `fio`, `mkfs.ext4`, `mke2fs`, `e2fsck`,
-//!   `blkdiscard` and a few optional tools, plus payload-specific binaries
+//!   `blkdiscard`, `losetup`, `dmsetup` and a few optional tools, plus payload-specific binaries
 //!   (e.g. `/bin/kernel-tests`).
 //! * Env: `UBLK_BIN=/bin/ublk`, `HOME=/tmp`, `RUST_BACKTRACE=1`,
 //!   `XTASK_VM=1`, plus `RUST_LOG` when set on the host.
@@ -41,8 +41,17 @@ const INIT_BANNER: &str = "xtask-init: kernel";
 /// The marker `/init` prints after the payload finished.
 pub const EXIT_MARKER: &str = "XTASK-EXIT-STATUS=";
 
-/// Host tools copied into the guest's `/bin` (all required).
-const REQUIRED_TOOLS: &[&str] = &["fio", "mke2fs", "mkfs.ext4", "e2fsck", "blkdiscard"];
+/// Host tools copied into the guest's `/bin` (all required; the mirror's kernel tests put a
+/// loop device and a device-mapper table under a leg).
+const REQUIRED_TOOLS: &[&str] = &[
+    "fio",
+    "mke2fs",
+    "mkfs.ext4",
+    "e2fsck",
+    "blkdiscard",
+    "losetup",
+    "dmsetup",
+];
 
 /// Host tools copied into the guest's `/bin` when the host has them.
 const OPTIONAL_TOOLS: &[&str] = &[
@@ -52,10 +61,8 @@ const OPTIONAL_TOOLS: &[&str] = &[
     "resize2fs",
     "debugfs",
     "blockdev",
-    "losetup",
     "lsblk",
     "findmnt",
-    "dmsetup",
     "mdadm",
     "mkfs.xfs",
     "xfs_repair",
