@@ -218,7 +218,7 @@ impl Device {
                 mirror_tree(true)
             ),
             Setup::Zram(algo) => format!(
-                "`insmod zram.ko num_devices=1`, `echo {algo} >comp_algorithm`, `echo \
+                "`insmod lz4hc_compress.ko` (zram needs it), `insmod zram.ko num_devices=1`, `echo {algo} >comp_algorithm`, `echo \
                  {DEVICE_MIB}M >disksize` (as `zramctl --find --size {DEVICE_MIB}M --algorithm \
                  {algo}`), filled like the compress rows ({COMPRESS_SPAN_MIB} MiB used)"
             ),

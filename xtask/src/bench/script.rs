@@ -226,7 +226,7 @@ fi
             Setup::Brd(dev) => (format!(r#"DEV={dev} && wait_blk "$DEV""#), ":".to_string()),
             Setup::Zram(algo) => (
                 format!(
-                    r#"load_mod zram num_devices=1 && echo {algo} >/sys/block/zram0/comp_algorithm && echo {DEVICE_MIB}M >/sys/block/zram0/disksize && DEV=/dev/zram0 && wait_blk "$DEV""#
+                    r#"{{ [ -d /sys/module/lz4hc_compress ] || load_mod lz4hc_compress; }} && load_mod zram num_devices=1 && echo {algo} >/sys/block/zram0/comp_algorithm && echo {DEVICE_MIB}M >/sys/block/zram0/disksize && DEV=/dev/zram0 && wait_blk "$DEV""#
                 ),
                 "echo 1 >/sys/block/zram0/reset; rmmod zram".to_string(),
             ),
