@@ -597,16 +597,25 @@ fn ublk_check_reports_damage_with_its_exit_code() {
     );
     flip(&path, map + 100);
 
-    // One superblock copy torn: the other serves, and the image is clean.
+    // The copy in force (A, generation 2) damaged after commits were journaled under it:
+    // not what a crash leaves, and falling back to B would lose those commits.
     flip(&path, 200);
     let (code, out) = ublk(&["check", &spec]);
-    assert_eq!(code, 0, "{out}");
+    assert_eq!(code, 1, "{out}");
     assert!(out.contains("superblock A: checksum mismatch"), "{out}");
-    // Both: nothing to go by.
+    assert!(out.contains("a newer superblock copy was damaged"), "{out}");
+    flip(&path, 200);
+    // The older copy torn: the newer one serves, and the image is clean.
     flip(&path, BLOCK as u64 + 200);
     let (code, out) = ublk(&["check", &spec]);
-    assert_eq!(code, 1, "{out}");
+    assert_eq!(code, 0, "{out}");
     assert!(out.contains("superblock B: checksum mismatch"), "{out}");
+    assert!(out.contains("in force: copy A (generation 2)"), "{out}");
+    // Both: nothing to go by.
+    flip(&path, 200);
+    let (code, out) = ublk(&["check", &spec]);
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("superblock A: checksum mismatch"), "{out}");
     assert!(out.contains("damage: no valid superblock"), "{out}");
 
     let (code, out) = ublk(&["check", &format!("compress:{}/none", dir.display())]);
@@ -652,4 +661,35 @@ fn freed_space_is_punched_in_the_child_after_the_commit() {
     let target: BoxTarget = Arc::new(child.clone());
     let report = ublk_targets::compress::check(&target).expect("readable");
     assert!(report.is_clean(), "{report}");
+}
+
+#[test]
+fn discard_shrinks_a_file_child() {
+    use std::os::unix::fs::MetadataExt;
+    use ublk_targets::file::FileTarget;
+    let dir = std::env::temp_dir().join(format!("ublk-punch-test-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let path = dir.join("image");
+    let file = FileTarget::open(&path, Some(CHILD), false).expect("image file");
+    let c = Compress::open(Arc::new(file) as BoxTarget, &opts(Algo::Lz4)).expect("new image");
+    let mut q = SimQueue::new(&c, geo(), 8).expect("sim queue");
+    let allocated = || std::fs::metadata(&path).expect("stat").blocks() * 512;
+    assert_eq!(q.write(0, &random(3, 128 << 10)), Ok(128 << 10));
+    assert_eq!(q.op(sys::UBLK_IO_OP_FLUSH, 0, 0, 0), Ok(0));
+    let full = allocated();
+    assert_eq!(q.op(sys::UBLK_IO_OP_DISCARD, 0, 0, 128 << 10), Ok(0));
+    assert_eq!(q.op(sys::UBLK_IO_OP_FLUSH, 0, 0, 0), Ok(0));
+    // The discards to the file are asynchronous: wait for them to land.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while allocated() + (128 << 10) > full && std::time::Instant::now() < deadline {
+        assert_eq!(q.read(0, 4096).expect("read"), vec![0; 4096]);
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    let after = allocated();
+    assert!(
+        after + (128 << 10) <= full,
+        "the file's allocated bytes went from {full} to {after}"
+    );
+    drop(q);
+    let _ = std::fs::remove_dir_all(&dir);
 }

@@ -673,6 +673,14 @@ pub fn decode_journal_block(
         .collect())
 }
 
+/// The sequence number of a journal block of image `uuid` that checks, whatever sequence
+/// it was expected to carry; `None` for anything else.
+pub fn journal_block_seq(uuid: &[u8; 16], buf: &[u8]) -> Option<u64> {
+    let block = buf.get(..BLOCK)?;
+    let ours = block[..4] == JOURNAL_MAGIC && block[16..20] == uuid[..4];
+    (ours && get_u32(block, 20) == block_crc(block, 20)).then(|| get_u64(block, 8))
+}
+
 /// Writes the header of an extent for logical block `lba` whose payload (of `kind`) already
 /// lies in `buf[EXTENT_HEADER..EXTENT_HEADER + payload_len]`; returns the stored length.
 pub fn seal_extent(

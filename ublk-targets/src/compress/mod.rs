@@ -306,6 +306,7 @@ pub(crate) fn load(
             Ok(records) => records,
             Err(why) => {
                 journal_end = Some(why);
+                newer_journal(child, &sb, pos, &mut buf)?;
                 break;
             }
         };
@@ -326,6 +327,41 @@ pub(crate) fn load(
         journal_blocks,
         journal_end,
     })
+}
+
+/// Refuses an image whose journal, from position `from` on, holds a block written under a
+/// newer superblock than `sb`: one whose sequence number is past what `sb` expects there.
+///
+/// Sequence numbers only grow, so a block left from an earlier pass always carries less than
+/// the in-force superblock expects at its position, and a superblock torn by a crash was
+/// never followed by journal writes (commits wait for it). A higher one means the newer
+/// superblock copy became durable and was damaged later: falling back to the older copy
+/// would silently lose every commit since, and the extents those commits freed may hold
+/// other blocks' data now.
+fn newer_journal(
+    child: &BoxTarget,
+    sb: &Superblock,
+    from: u64,
+    buf: &mut [u8],
+) -> Result<(), CompressError> {
+    for pos in from..sb.layout.journal_blocks {
+        child
+            .dyn_read_at(sb.layout.journal_offset(pos), buf)
+            .map_err(|e| err(format!("cannot read journal block {pos}: {e}")))?;
+        let expected = sb.checkpoint_seq + pos;
+        match format::journal_block_seq(&sb.uuid, buf) {
+            Some(seq) if seq > expected => {
+                return Err(err(format!(
+                    "journal block {pos} carries sequence {seq}, past the {expected} the \
+                     superblock in force (generation {}) expects: a newer superblock copy \
+                     was damaged, and the commits since this one would be lost",
+                    sb.generation
+                )))
+            }
+            _ => {}
+        }
+    }
+    Ok(())
 }
 
 /// Writes `map` as a new checkpoint and the superblock pointing to it, with direct access
