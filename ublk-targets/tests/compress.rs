@@ -256,6 +256,34 @@ fn reopening_finds_what_was_flushed_and_refuses_a_wrong_size() {
     }
 }
 
+/// A clean stop (the target dropped once its queues are gone) keeps the writes completed
+/// since the last flush: the kernel sends none when `ublk del` removes the device.
+#[test]
+fn a_clean_stop_keeps_writes_that_were_never_flushed() {
+    let child = Ram::new(CHILD).expect("memfd");
+    let data = compressible(11, 64 << 10);
+    {
+        let c = open(&child, &opts(Algo::Lz4));
+        let mut q = SimQueue::new(&c, geo(), 8).expect("sim queue");
+        assert_eq!(q.write(0, &data), Ok(64 << 10));
+        assert_eq!(q.op(sys::UBLK_IO_OP_FLUSH, 0, 0, 0), Ok(0));
+        assert_eq!(q.write(64 << 10, &data), Ok(64 << 10));
+        assert_eq!(q.op(sys::UBLK_IO_OP_DISCARD, 0, 0, 4096), Ok(0));
+    }
+    let c = open(&child, &CompressOptions::default());
+    let mut q = SimQueue::new(&c, geo(), 8).expect("sim queue");
+    let mut first = data.clone();
+    first[..4096].fill(0);
+    assert!(
+        q.read(0, 64 << 10).expect("read") == first,
+        "flushed, then discarded"
+    );
+    assert!(
+        q.read(64 << 10, 64 << 10).expect("read") == data,
+        "never flushed"
+    );
+}
+
 #[test]
 fn a_damaged_image_is_refused_with_a_clear_error() {
     let child = Ram::new(CHILD).expect("memfd");

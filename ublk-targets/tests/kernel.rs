@@ -25,6 +25,11 @@
 //!   rebuild under fio; the resync after `kill -9` of the server; no stale reads during a
 //!   rebuild; flushes reaching every leg; a leg of another mirror refused unless
 //!   `--force-new`.
+//! * `compress_*` (in `kernel/compress.rs`): the compressing node. fio verification with
+//!   compressible and random data, lz4 and zstd, and the ratio in `ublk status`; ext4 with
+//!   fsck and a remount; discard punching the image file; `kill -9` during fio with fsyncs,
+//!   then `ublk check` and the fsync'ed data read back; compression over a mirror, reopened
+//!   and degraded.
 //!
 //! They need root and the ublk driver, so every test is `#[ignore]`d: a plain host
 //! `cargo test` lists them as ignored. Run them inside the test VM with
@@ -2155,6 +2160,13 @@ fn unload_module(name: &str) -> bool {
 
 #[path = "kernel/mirror.rs"]
 mod mirror;
+
+// ---------------------------------------------------------------------------------------
+// compressed devices
+// ---------------------------------------------------------------------------------------
+
+#[path = "kernel/compress.rs"]
+mod compress;
 
 // ---------------------------------------------------------------------------------------
 // test session

@@ -7,8 +7,8 @@
 //! modules). Each round runs every test on every device, alternating devices
 //! run by run (the device order is rotated every round so no device always
 //! follows the same neighbour); the report gives the median of the rounds.
-//! The default 2 s measured + 1 s ramp per run keeps the full plan (858 runs
-//! and the rebuild rounds) near 57 minutes of TCG time. Writes
+//! The default 2 s measured + 1 s ramp per run keeps the full plan (894 runs
+//! and the rebuild rounds) near 60 minutes of TCG time. Writes
 //! `target/bench/`: `report.md` (Markdown tables and the issue's bar checks),
 //! `raw.json` (every fio run, with fio's job report, and every rebuild) and
 //! `iops.png`.
@@ -33,6 +33,13 @@
 //! nothing that is measured; block 0 of both disks is zeroed before each
 //! mirror is assembled, so that it starts a new mirror instead of taking up
 //! the one set up before it.
+//!
+//! Compression: zram with lz4 (`/dev/zram0`, 1 GiB) and `ublk add compress`
+//! with lz4 and with zstd over sparse files on tmpfs, of the same logical size,
+//! run the tests of [`COMPRESS_TESTS`] over [`COMPRESS_SPAN_MIB`] MiB with
+//! half-compressible data ([`COMPRESS_DATA`]). Each is first filled with the
+//! same data (the same fio job and seed), after which the script prints its
+//! compression as a note: zram's `mm_stat`, our `ublk status` fields.
 //!
 //! Rebuilds: before any device is set up, each round times md raid1's initial
 //! resync (`mdadm --create` without `--assume-clean`) and the initial sync of
@@ -106,6 +113,20 @@ pub const MD_RAID1: &str = "md-raid1";
 /// The md device of [`MD_RAID1`] and of the md resync rounds.
 const MD_RAID1_DEV: &str = "/dev/md1";
 
+/// The tests the compression rows run (the issue's zram comparison).
+pub const COMPRESS_TESTS: &[&str] = &["randread-4k-qd64", "randwrite-4k-qd64"];
+
+/// MiB of the compression rows that fio addresses (and the fill writes).
+const COMPRESS_SPAN_MIB: u32 = 256;
+
+/// fio's data for the compression rows: every 4 KiB half random, half zeroes,
+/// refilled for every write, from a fixed seed.
+const COMPRESS_DATA: &str = "--buffer_compress_percentage=50 --buffer_compress_chunk=4k \
+                             --refill_buffers --randseed=11";
+
+/// zram with lz4, the compression rows' reference.
+pub const ZRAM_LZ4: &str = "zram-lz4";
+
 /// What a device is, for the ratio columns and the bar checks.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Role {
@@ -123,6 +144,8 @@ pub enum Role {
     UblkStripe,
     /// `ublk add stack 'mirror(...)'` over the mirror pair, compared with md raid1.
     UblkMirror,
+    /// `ublk add compress` over a tmpfs file, compared with zram.
+    UblkCompress,
 }
 
 /// How a device under test is created.
@@ -152,6 +175,8 @@ enum Setup {
     /// `ublk add stack '<tree>' <args> --queues 2 --depth 128`, the tree a new
     /// mirror over [`MIRROR_PAIR`] assumed clean.
     UblkMirror(&'static str),
+    /// zram (one device of [`DEVICE_MIB`] MiB) compressing with `algo`.
+    Zram(&'static str),
 }
 
 /// A device under test (the name must not contain dots or spaces).
@@ -192,7 +217,17 @@ impl Device {
                  zeroed ({PAIR_SPAN_MIB} MiB used)",
                 mirror_tree(true)
             ),
+            Setup::Zram(algo) => format!(
+                "`insmod lz4hc_compress.ko` (zram needs it), `insmod zram.ko num_devices=1`, `echo {algo} >comp_algorithm`, `echo \
+                 {DEVICE_MIB}M >disksize` (as `zramctl --find --size {DEVICE_MIB}M --algorithm \
+                 {algo}`), filled like the compress rows ({COMPRESS_SPAN_MIB} MiB used)"
+            ),
         }
+    }
+
+    /// Whether the device is filled with [`COMPRESS_DATA`] and runs with it.
+    fn compresses(&self) -> bool {
+        matches!(self.setup, Setup::Zram(_)) || self.role == Role::UblkCompress
     }
 
     fn needs_file(&self) -> bool {
@@ -219,7 +254,12 @@ impl Device {
 
     /// Whether the device runs `test`.
     pub fn runs(&self, test: &Test) -> bool {
-        match self.pair_tests() {
+        let only = if self.compresses() {
+            Some(COMPRESS_TESTS)
+        } else {
+            self.pair_tests()
+        };
+        match only {
             Some(tests) => tests.contains(&test.name),
             None => true,
         }
@@ -229,6 +269,8 @@ impl Device {
     fn span_mib(&self) -> u32 {
         if self.pair_tests().is_some() {
             PAIR_SPAN_MIB
+        } else if self.compresses() {
+            COMPRESS_SPAN_MIB
         } else {
             DEVICE_MIB
         }
@@ -486,6 +528,24 @@ pub const DEVICES: &[Device] = &[
         setup: Setup::UblkMirror("--buffer-mode copy"),
         quick: false,
     },
+    Device {
+        name: ZRAM_LZ4,
+        role: Role::Kernel,
+        setup: Setup::Zram("lz4"),
+        quick: false,
+    },
+    Device {
+        name: "ublk-compress-lz4",
+        role: Role::UblkCompress,
+        setup: Setup::Ublk("compress --path /dev/shm/ublk-compress-lz4.img --algo lz4"),
+        quick: false,
+    },
+    Device {
+        name: "ublk-compress-zstd",
+        role: Role::UblkCompress,
+        setup: Setup::Ublk("compress --path /dev/shm/ublk-compress-zstd.img --algo zstd"),
+        quick: false,
+    },
 ];
 
 /// A rebuild measurement: how fast leg 1 of a new two-leg mirror over
@@ -548,6 +608,7 @@ impl Role {
             Role::UblkFile => Some("loop"),
             Role::UblkStripe => Some(MD_RAID0),
             Role::UblkMirror => Some(MD_RAID1),
+            Role::UblkCompress => Some(ZRAM_LZ4),
             _ => None,
         }
     }
@@ -1298,20 +1359,22 @@ mod tests {
             .iter()
             .filter(|d| d.pair_tests() == Some(MIRROR_TESTS))
             .count();
-        assert_eq!((stripe_rows, mirror_rows), (4, 3));
-        let other_rows = DEVICES.len() - stripe_rows - mirror_rows;
+        let compress_rows = DEVICES.iter().filter(|d| d.compresses()).count();
+        assert_eq!((stripe_rows, mirror_rows, compress_rows), (4, 3, 3));
+        let other_rows = DEVICES.len() - stripe_rows - mirror_rows - compress_rows;
         assert_eq!(
             full.runs(),
             (other_rows * TESTS.len()
                 + stripe_rows * PAIR_TESTS.len()
-                + mirror_rows * MIRROR_TESTS.len())
+                + mirror_rows * MIRROR_TESTS.len()
+                + compress_rows * COMPRESS_TESTS.len())
                 * 2
                 * 3
         );
         assert_eq!(full.rebuilds.len(), REBUILDS.len());
-        // The default run must fit in ~58 minutes of guest time.
+        // The default run must fit in ~60 minutes of guest time.
         assert!(
-            full.estimate() < Duration::from_secs(58 * 60),
+            full.estimate() < Duration::from_secs(60 * 60),
             "{:?}",
             full.estimate()
         );

@@ -267,8 +267,8 @@ fn bench_cmd(a: &Args) -> Result<i32> {
     }
     let opts = bench::Options {
         rounds: a.rounds,
-        // 2 s measured + 1 s ramp keeps the full plan (858 runs and the
-        // rebuilds) near 57 minutes of TCG time.
+        // 2 s measured + 1 s ramp keeps the full plan (894 runs and the
+        // rebuilds) near 60 minutes of TCG time.
         runtime: a.runtime.unwrap_or(2),
         ramp: 1,
         quick: a.quick,

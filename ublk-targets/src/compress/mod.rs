@@ -403,6 +403,33 @@ fn checkpoint_direct(
     Ok(next)
 }
 
+impl Drop for Compress {
+    /// A clean stop (`ublk del`, SIGTERM): the kernel sends no FLUSH when it removes the
+    /// device, so the writes completed since the last commit are made durable here, with a
+    /// checkpoint of the live map written directly. The queues are gone by now; every extent
+    /// the live map references is on the child and none of them has been reused (an extent
+    /// an overwrite frees waits for a commit). `kill -9` skips this: then only what was
+    /// flushed survives, as promised.
+    fn drop(&mut self) {
+        let s = &self.shared;
+        if s.broken.load(SeqCst) {
+            return;
+        }
+        let mut commit = lock(&s.commit);
+        if !commit.running && !s.dirty.any() {
+            return;
+        }
+        let map = s.map_entries(0, s.blocks());
+        match checkpoint_direct(&s.child, &commit.sb, &map) {
+            Ok(sb) => {
+                commit.sb = sb;
+                commit.journal_pos = 0;
+            }
+            Err(e) => tracing::error!("compress: the writes since the last flush are lost: {e}"),
+        }
+    }
+}
+
 impl Target for Compress {
     type Queue = CompressQueue;
 

@@ -62,6 +62,11 @@ impl Bits {
         }
     }
 
+    /// Whether any bit is set.
+    pub(crate) fn any(&self) -> bool {
+        self.0.iter().any(|w| w.load(SeqCst) != 0)
+    }
+
     /// Clears every bit and returns the indexes that were set.
     pub(crate) fn take_all(&self) -> Vec<u64> {
         let mut out = Vec::new();

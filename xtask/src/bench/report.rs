@@ -3,7 +3,7 @@
 
 use super::{
     Plan, Rebuild, RebuildStats, Results, Role, DEVICES, LIBUBLK, MD_RAID0, MD_RAID1, MD_RESYNC,
-    MIRROR_TESTS, NULL_BLK, PAIR_TESTS,
+    MIRROR_TESTS, NULL_BLK, PAIR_TESTS, ZRAM_LZ4,
 };
 use crate::fio::{markdown_table, num};
 use serde_json::{json, Value};
@@ -34,6 +34,8 @@ pub const BAR_DEVICES: &[&str] = &[
     "ublk-ram",
     "brd",
     MD_RAID1,
+    "ublk-compress-lz4",
+    ZRAM_LZ4,
 ];
 
 /// One bar from the issue: `lhs` IOPS / `rhs` IOPS must be at least `need`.
@@ -150,6 +152,18 @@ pub fn bars(r: &Results) -> Vec<Bar> {
             what: "ublk mirror (best mode) vs md raid1, 4k randwrite qd64, 1 job",
             lhs: best(r, Role::UblkMirror, write64, 1),
             rhs: one(r, BAR_DEVICES[4], write64, 1),
+            need: 0.8,
+        },
+        Bar {
+            what: "ublk compress lz4 vs zram lz4, 4k randread qd64, 1 job",
+            lhs: one(r, BAR_DEVICES[5], qd64, 1),
+            rhs: one(r, BAR_DEVICES[6], qd64, 1),
+            need: 0.8,
+        },
+        Bar {
+            what: "ublk compress lz4 vs zram lz4, 4k randwrite qd64, 1 job",
+            lhs: one(r, BAR_DEVICES[5], write64, 1),
+            rhs: one(r, BAR_DEVICES[6], write64, 1),
             need: 0.8,
         },
     ]
@@ -342,9 +356,11 @@ pub fn markdown(
         "× null_blk: IOPS / null_blk's; × libublk: IOPS / {LIBUBLK}'s (null servers only); \
          × kernel peer: ublk-ram / brd, ublk-file-* / loop, ublk-stripe-* / {MD_RAID0} \
          (the stripe rows run {} only), ublk-mirror-* / {MD_RAID1} (the mirror rows run {} \
-         only).\n",
+         only), ublk-compress-* / {ZRAM_LZ4} (the compression rows run {} only, with \
+         half-compressible data; their compression ratios are in the notes).\n",
         PAIR_TESTS.join(", "),
-        MIRROR_TESTS.join(", ")
+        MIRROR_TESTS.join(", "),
+        super::COMPRESS_TESTS.join(", ")
     );
     for t in &plan.tests {
         for &jobs in &plan.jobs {

@@ -2,9 +2,9 @@
 //! teardown, as one POSIX `sh` payload (busybox in the VM).
 
 use super::{
-    md_build_command, md_raid1_command, mirror_tree, stripe_tree, Plan, RebuildKind, Setup,
-    BENCH_FILE, BRD_PAIR, BRD_PARAMS, DEVICE_MIB, LIBUBLK_QUEUES, MD_RAID1_DEV, MD_SPEED_LIMIT_KIB,
-    MIRROR_PAIR, UBLK_QUEUES, UBLK_STACK_QUEUES,
+    md_build_command, md_raid1_command, mirror_tree, stripe_tree, Plan, RebuildKind, Role, Setup,
+    BENCH_FILE, BRD_PAIR, BRD_PARAMS, COMPRESS_DATA, COMPRESS_SPAN_MIB, DEVICE_MIB, LIBUBLK_QUEUES,
+    MD_RAID1_DEV, MD_SPEED_LIMIT_KIB, MIRROR_PAIR, UBLK_QUEUES, UBLK_STACK_QUEUES,
 };
 use crate::scripts::prelude;
 use std::fmt::Write as _;
@@ -134,12 +134,38 @@ discard() {
 }
 
 uptime_s() { read -r _up _ </proc/uptime; echo "$_up"; }
+
+# compress_fill NAME DEV: writes the compression rows' data over their span,
+# fsync'ed, so that every row holds the same bytes before its reads.
+compress_fill() {
+    fio --name=fill --filename="$2" --ioengine=io_uring --direct=1 --rw=write --bs=1M \
+        --iodepth=16 --size="$COMPRESS_SPAN_MIB"M --end_fsync=1 $COMPRESS_DATA >/dev/null || return 1
+}
+
+# zram_ratio NAME: prints zram0's mm_stat (orig_data_size compr_data_size
+# mem_used_total ...) as a note.
+zram_ratio() {
+    read -r _orig _compr _used _ </sys/block/zram0/mm_stat || return 1
+    echo "XTASK-BENCH-NOTE compression of $1 after the fill: orig_data_size $_orig, compr_data_size $_compr, mem_used_total $_used (mm_stat); ratio $(awk "BEGIN {printf \"%.3f\", $_orig / $_compr}"), by memory used $(awk "BEGIN {printf \"%.3f\", $_orig / $_used}")"
+}
+
+# ublk_ratio NAME ID: prints the compress node's status fields as a note.
+ublk_ratio() {
+    _st=$(ublk status "$2" --json) || return 1
+    _field() { printf '%s\n' "$_st" | sed -n "s/.*\"$1\":\([0-9.]*\).*/\1/p"; }
+    _data=$(_field data_bytes); _stored=$(_field stored_bytes); _alloc=$(_field allocated_bytes)
+    echo "XTASK-BENCH-NOTE compression of $1 after the fill: data_bytes $_data, stored_bytes $_stored, allocated_bytes $_alloc (ublk status); ratio $(awk "BEGIN {printf \"%.3f\", $_data / $_stored}"), by space allocated $(awk "BEGIN {printf \"%.3f\", $_data / $_alloc}")"
+}
 "#;
 
 /// The benchmark script.
 pub fn script(plan: &Plan) -> String {
     let mut s = prelude();
     s.push_str(SH_HELPERS);
+    let _ = writeln!(
+        s,
+        "COMPRESS_SPAN_MIB={COMPRESS_SPAN_MIB}\nCOMPRESS_DATA=\"{COMPRESS_DATA}\""
+    );
     s.push_str(
         r#"
 echo "XTASK-BENCH-KERNEL $(uname -r)"
@@ -198,6 +224,12 @@ fi
                 format!("losetup -d $DEV_{i}; rmmod loop 2>/dev/null"),
             ),
             Setup::Brd(dev) => (format!(r#"DEV={dev} && wait_blk "$DEV""#), ":".to_string()),
+            Setup::Zram(algo) => (
+                format!(
+                    r#"{{ [ -d /sys/module/lz4hc_compress ] || load_mod lz4hc_compress; }} && load_mod zram num_devices=1 && echo {algo} >/sys/block/zram0/comp_algorithm && echo {DEVICE_MIB}M >/sys/block/zram0/disksize && DEV=/dev/zram0 && wait_blk "$DEV""#
+                ),
+                "echo 1 >/sys/block/zram0/reset; rmmod zram".to_string(),
+            ),
             Setup::MdRaid0 => (
                 format!(
                     "wait_blk {} && wait_blk {} && \
@@ -239,6 +271,16 @@ fi
                 ),
                 ":".to_string(),
             ),
+        };
+        let setup = if d.compresses() {
+            let ratio = match (&d.setup, d.role) {
+                (Setup::Zram(_), _) => format!("zram_ratio {}", d.name),
+                (Setup::Ublk(_), Role::UblkCompress) => format!("ublk_ratio {} $u{i}_id", d.name),
+                _ => unreachable!("a compression row is zram or ublk compress"),
+            };
+            format!(r#"{setup} && compress_fill {} "$DEV" && {ratio}"#, d.name)
+        } else {
+            setup
         };
         let _ = write!(
             s,
@@ -287,6 +329,9 @@ fi
                     let span = d.span_mib();
                     if t.rw.starts_with("rand") {
                         args.push_str(" --randrepeat=0 --norandommap");
+                    }
+                    if d.compresses() {
+                        let _ = write!(args, " {COMPRESS_DATA}");
                     }
                     if t.rw.starts_with("rand") || jobs == 1 {
                         let _ = write!(args, " --size={span}M");
@@ -459,6 +504,43 @@ mod tests {
         let at = |what: &str| s.find(what).unwrap_or_else(|| panic!("{what}"));
         assert!(at("load_mod brd") < at("setting up md-raid0"));
         assert!(at("setting up md-raid0") < at("setting up ublk-stripe-zc"));
+    }
+
+    #[test]
+    fn compression_rows_are_filled_alike_and_report_their_ratio() {
+        let opts = Options {
+            rounds: 3,
+            runtime: 2,
+            ramp: 1,
+            quick: false,
+            filter: vec!["zram".into(), "ublk-compress".into()],
+        };
+        let plan = Plan::new(&opts, true, true).expect("plan");
+        let s = script(&plan);
+        assert!(s.contains(
+            "load_mod zram num_devices=1 && echo lz4 >/sys/block/zram0/comp_algorithm && \
+             echo 1024M >/sys/block/zram0/disksize"
+        ));
+        assert!(s.contains("compress_fill zram-lz4 \"$DEV\" && zram_ratio zram-lz4"));
+        assert!(s.contains(
+            "ublk_add u1 compress --path /dev/shm/ublk-compress-lz4.img --algo lz4 --size 1G"
+        ));
+        assert!(s.contains(
+            "compress_fill ublk-compress-zstd \"$DEV\" && ublk_ratio ublk-compress-zstd $u2_id"
+        ));
+        for name in ["zram-lz4", "ublk-compress-lz4", "ublk-compress-zstd"] {
+            let runs = s.matches(&format!("run_fio {name}.")).count();
+            assert_eq!(runs, 2 * 2 * 3, "{name}");
+        }
+        assert_eq!(
+            s.matches(
+                "--buffer_compress_percentage=50 --buffer_compress_chunk=4k --refill_buffers \
+                 --randseed=11 --size=256M"
+            )
+            .count(),
+            3 * 2 * 2 * 3
+        );
+        assert!(!s.contains("run_fio zram-lz4.seqread"));
     }
 
     #[test]

@@ -1,0 +1,182 @@
+//! The compressing target's block path against raw `lz4_flex` on the same 4 KiB blocks.
+//!
+//! The blocks are fio's `buffer_compress_percentage=50`: each 4 KiB half random bytes, half
+//! zeroes ([`BLOCKS`] different ones, cycled through). Each criterion iteration is one block,
+//! so the throughput line is bytes of logical data per second. Rows, per direction:
+//!
+//! - `lz4_flex`: `lz4_flex::block::compress_into` / `decompress_into` of the block into a
+//!   reused buffer, nothing else: what the codec alone can do;
+//! - `ublk-compress-lz4`: a 4 KiB write / read of `compress(ram, algo=lz4)` on the simulated
+//!   kernel queue, in batches of 64 as in the `userspace` bench: the simulated kernel's copy of
+//!   the data, the engine, the target's block path (compression into a newly allocated extent
+//!   with its header and CRC32C, the write to the RAM child, the map update; for a read the
+//!   map lookup, the RAM child's read, the checksum and decompression) and the completion.
+//!   Writes overwrite the same blocks, so space comes back only through the commits the
+//!   target starts itself when it runs short (no FLUSH is sent).
+//!
+//! ```text
+//! cargo bench -p ublk-benches --bench compress -- --warm-up-time 1 --measurement-time 3
+//! ```
+
+use std::hint::black_box;
+use std::time::{Duration, Instant};
+
+use criterion::{criterion_group, criterion_main, Criterion, Throughput};
+use ublk_core::io::IoDesc;
+use ublk_core::sim::SimQueue;
+use ublk_core::{sys, Geometry, Target};
+use ublk_targets::compress::format::{Algo, Layout};
+use ublk_targets::compress::{Compress, CompressOptions};
+use ublk_targets::ram::Ram;
+use ublk_zc::BoxTarget;
+
+/// Different blocks cycled through (4 MiB: the logical size of the target's image).
+const BLOCKS: usize = 1024;
+
+const BLOCK: usize = 4096;
+
+/// Requests in flight per batch: one per tag.
+const BATCH: u16 = 64;
+
+const SIZE: u64 = (BLOCKS * BLOCK) as u64;
+
+const GEO: Geometry = Geometry {
+    size: SIZE,
+    logical_block_size: 512,
+    max_io: 512 << 10,
+};
+
+/// `BLOCKS` blocks, each half random bytes and half zeroes.
+fn blocks() -> Vec<Vec<u8>> {
+    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+    (0..BLOCKS)
+        .map(|_| {
+            let mut b = vec![0u8; BLOCK];
+            for byte in &mut b[..BLOCK / 2] {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                *byte = x as u8;
+            }
+            b
+        })
+        .collect()
+}
+
+fn desc(op: u8, block: usize) -> IoDesc {
+    IoDesc {
+        op_flags: u32::from(op),
+        nr_sectors: (BLOCK / 512) as u32,
+        start_sector: (block * BLOCK / 512) as u64,
+        addr: 0,
+    }
+}
+
+/// Runs `n` I/Os of `op` through the blocks from `*next` on, in batches of [`BATCH`];
+/// returns the time they took.
+fn run_ios<T: Target>(
+    q: &mut SimQueue<T>,
+    op: u8,
+    data: &[Vec<u8>],
+    next: &mut usize,
+    mut n: u64,
+) -> Duration {
+    let mut results = Vec::with_capacity(usize::from(BATCH));
+    let start = Instant::now();
+    while n > 0 {
+        let batch = n.min(u64::from(BATCH)) as u16;
+        for tag in 0..batch {
+            let block = *next % BLOCKS;
+            *next += 1;
+            let write_data = if op == sys::UBLK_IO_OP_WRITE {
+                &data[block][..]
+            } else {
+                &[]
+            };
+            q.deliver(tag, desc(op, block), write_data)
+                .expect("every tag is free: the previous batch was fully collected");
+        }
+        collect(q, usize::from(batch), &mut results);
+        black_box(&results);
+        n -= u64::from(batch);
+    }
+    start.elapsed()
+}
+
+/// Collects the results of the `n` requests in service into `out`, waiting for any that
+/// did not complete inline (a write short of space waits for the commit it started).
+fn collect<T: Target>(q: &mut SimQueue<T>, n: usize, out: &mut Vec<(u16, i32)>) {
+    out.clear();
+    q.results_into(out);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while out.len() < n {
+        assert!(
+            Instant::now() < deadline,
+            "requests did not complete in 10 s"
+        );
+        std::thread::yield_now();
+        q.results_into(out);
+    }
+    for &(tag, result) in out.iter() {
+        assert_eq!(result, BLOCK as i32, "tag {tag}");
+    }
+}
+
+fn compress(c: &mut Criterion) {
+    let data = blocks();
+    let child_size = Layout::child_size_for(SIZE).expect("a child size");
+    let ram = Ram::new(child_size).expect("RAM child");
+    let opts = CompressOptions {
+        size: Some(SIZE),
+        algo: Some(Algo::Lz4),
+    };
+    let target = Compress::open(std::sync::Arc::new(ram) as BoxTarget, &opts).expect("image");
+    let mut q = SimQueue::new(&target, GEO, BATCH).expect("simulated queue");
+    // Every block written once: the reads decompress, the writes overwrite.
+    let mut next = 0;
+    run_ios(
+        &mut q,
+        sys::UBLK_IO_OP_WRITE,
+        &data,
+        &mut next,
+        BLOCKS as u64,
+    );
+    let packed: Vec<Vec<u8>> = data.iter().map(|b| lz4_flex::block::compress(b)).collect();
+
+    let mut group = c.benchmark_group("compress-4k");
+    group.throughput(Throughput::Bytes(BLOCK as u64));
+    let mut out = vec![0u8; lz4_flex::block::get_maximum_output_size(BLOCK)];
+    group.bench_function("lz4_flex", |b| {
+        let mut i = 0;
+        b.iter(|| {
+            i = (i + 1) % BLOCKS;
+            let n = lz4_flex::block::compress_into(black_box(&data[i]), &mut out)
+                .expect("room for any block");
+            black_box(n)
+        })
+    });
+    group.bench_function("ublk-compress-lz4", |b| {
+        b.iter_custom(|iters| run_ios(&mut q, sys::UBLK_IO_OP_WRITE, &data, &mut next, iters))
+    });
+    group.finish();
+
+    let mut group = c.benchmark_group("decompress-4k");
+    group.throughput(Throughput::Bytes(BLOCK as u64));
+    let mut block = vec![0u8; BLOCK];
+    group.bench_function("lz4_flex", |b| {
+        let mut i = 0;
+        b.iter(|| {
+            i = (i + 1) % BLOCKS;
+            let n = lz4_flex::block::decompress_into(black_box(&packed[i]), &mut block)
+                .expect("a block we compressed");
+            black_box(n)
+        })
+    });
+    group.bench_function("ublk-compress-lz4", |b| {
+        b.iter_custom(|iters| run_ios(&mut q, sys::UBLK_IO_OP_READ, &data, &mut next, iters))
+    });
+    group.finish();
+}
+
+criterion_group!(benches, compress);
+criterion_main!(benches);
