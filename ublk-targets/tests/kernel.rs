@@ -1166,6 +1166,38 @@ fn completed_ios(path: &str) -> u64 {
 }
 
 #[track_caller]
+/// Runs fio with `args` from `scratch` until it has done some I/O on `path`, kills `dev`'s
+/// server with SIGKILL in the middle, waits for fio to end, and cleans the device up.
+fn kill_server_during_fio(dev: &Value, path: &str, args: &[&str], scratch: &std::path::Path) {
+    let ios_before = completed_ios(path);
+    let mut fio = Spawned::new("fio", args, Some(scratch));
+    let going = wait_until(Duration::from_secs(60), || {
+        completed_ios(path) > ios_before + 512 || !fio.is_running()
+    });
+    assert!(
+        going && fio.is_running(),
+        "fio did not get going on {path}\n{}",
+        describe(&command_line("fio", args), &fio.kill())
+    );
+    let pid = server_pid(dev);
+    run("kill", &["-KILL", &pid.to_string()]);
+    assert!(
+        wait_until(Duration::from_secs(30), || process_gone(pid)),
+        "server {pid} still running 30 s after SIGKILL: {}",
+        process_status(pid)
+    );
+    if fio.wait_timeout(Duration::from_secs(60)).is_none() {
+        panic!(
+            "fio still running 60 s after its server was killed\n{}",
+            describe(&command_line("fio", args), &fio.kill())
+        );
+    }
+    if listed_entry(&list(), dev_id(dev)).is_some() {
+        del(dev);
+    }
+    assert_device_gone(dev, "after kill -9 of its server and `ublk del`");
+}
+
 fn assert_device_gone(dev: &Value, when: &str) {
     let path = dev_path(dev);
     assert!(

@@ -687,33 +687,7 @@ fn mirror_resyncs_only_the_dirty_regions_after_kill_9() {
         "--time_based",
         "--runtime=60",
     ];
-    let ios_before = completed_ios(&path);
-    let mut fio = Spawned::new("fio", &fio_args, Some(&session.scratch));
-    let going = wait_until(Duration::from_secs(60), || {
-        completed_ios(&path) > ios_before + 512 || !fio.is_running()
-    });
-    assert!(
-        going && fio.is_running(),
-        "fio did not get going on {path}\n{}",
-        describe(&command_line("fio", &fio_args), &fio.kill())
-    );
-    let pid = server_pid(&dev);
-    run("kill", &["-KILL", &pid.to_string()]);
-    assert!(
-        wait_until(Duration::from_secs(30), || process_gone(pid)),
-        "server {pid} still running 30 s after SIGKILL: {}",
-        process_status(pid)
-    );
-    if fio.wait_timeout(Duration::from_secs(60)).is_none() {
-        panic!(
-            "fio still running 60 s after its server was killed\n{}",
-            describe(&command_line("fio", &fio_args), &fio.kill())
-        );
-    }
-    if listed_entry(&list(), dev_id(&dev)).is_some() {
-        del(&dev);
-    }
-    assert_device_gone(&dev, "after kill -9 of its server and `ublk del`");
+    kill_server_during_fio(&dev, &path, &fio_args, &session.scratch);
 
     let again = add_stack(&expr, &[]);
     let status = wait_for_sync(&again);
