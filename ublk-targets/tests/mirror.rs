@@ -33,6 +33,15 @@ fn opts() -> MirrorOptions {
     }
 }
 
+/// A new mirror over `legs` whose legs are taken as equal (no initial sync).
+fn clean_mirror(legs: Vec<(BoxTarget, String)>) -> Mirror {
+    let opts = MirrorOptions {
+        assume_clean: true,
+        ..opts()
+    };
+    Mirror::assemble(legs, &opts).expect("new mirror")
+}
+
 fn geo(m: &Mirror) -> Geometry {
     Geometry {
         size: m.size().expect("a mirror knows its size"),
@@ -105,14 +114,7 @@ fn new_mirror_syncs_then_writes_reach_every_leg() {
 #[test]
 fn failed_leg_is_left_out_and_a_replacement_is_rebuilt() {
     let rams = [ram(), ram()];
-    let m = Mirror::assemble(
-        legs(&rams),
-        &MirrorOptions {
-            assume_clean: true,
-            ..opts()
-        },
-    )
-    .expect("new mirror");
+    let m = clean_mirror(legs(&rams));
     let h = m.handle();
     let mut q = SimQueue::new(&m, geo(&m), 8).expect("sim queue");
     assert_eq!(q.write(0, &pattern(1, 4096)), Ok(4096));
@@ -144,14 +146,7 @@ fn failed_leg_is_left_out_and_a_replacement_is_rebuilt() {
 #[test]
 fn reassembly_resyncs_dirty_regions_only_and_refuses_foreign_legs() {
     let rams = [ram(), ram()];
-    let m = Mirror::assemble(
-        legs(&rams),
-        &MirrorOptions {
-            assume_clean: true,
-            ..opts()
-        },
-    )
-    .expect("new mirror");
+    let m = clean_mirror(legs(&rams));
     let h = m.handle();
     {
         let mut q = SimQueue::new(&m, geo(&m), 8).expect("sim queue");
@@ -228,14 +223,7 @@ fn read_errors_are_served_by_another_leg_and_repaired() {
         (Arc::new(rams[0].clone()), "ram0".into()),
         (Arc::new(faulty), "faulty".into()),
     ];
-    let m = Mirror::assemble(
-        legs,
-        &MirrorOptions {
-            assume_clean: true,
-            ..opts()
-        },
-    )
-    .expect("new mirror");
+    let m = clean_mirror(legs);
     let h = m.handle();
     let mut q = SimQueue::new(&m, geo(&m), 8).expect("sim queue");
     let data = pattern(9, 65536);
@@ -270,14 +258,7 @@ fn read_errors_are_served_by_another_leg_and_repaired() {
 #[test]
 fn a_rebuild_resumes_where_it_stopped() {
     let rams = [ram(), ram()];
-    let m = Mirror::assemble(
-        legs(&rams),
-        &MirrorOptions {
-            assume_clean: true,
-            ..opts()
-        },
-    )
-    .expect("new mirror");
+    let m = clean_mirror(legs(&rams));
     let h = m.handle();
     h.fail(1).expect("fail leg 1");
     h.set_rate(2 << 20);
@@ -318,14 +299,7 @@ fn writes_fail_instead_of_hanging_when_no_leg_takes_the_bitmap() {
     let (s0, s1) = (f0.switch(), f1.switch());
     let legs: Vec<(BoxTarget, String)> =
         vec![(Arc::new(f0), "leg0".into()), (Arc::new(f1), "leg1".into())];
-    let m = Mirror::assemble(
-        legs,
-        &MirrorOptions {
-            assume_clean: true,
-            ..opts()
-        },
-    )
-    .expect("new mirror");
+    let m = clean_mirror(legs);
     let h = m.handle();
     let mut q = SimQueue::new(&m, geo(&m), 8).expect("sim queue");
     let fail_writes = Some(FaultRule {
@@ -353,14 +327,7 @@ fn writes_fail_instead_of_hanging_when_no_leg_takes_the_bitmap() {
 #[test]
 fn direct_access_writes_every_leg_with_its_bits_set() {
     let rams = [ram(), ram()];
-    let m = Mirror::assemble(
-        legs(&rams),
-        &MirrorOptions {
-            assume_clean: true,
-            ..opts()
-        },
-    )
-    .expect("new mirror");
+    let m = clean_mirror(legs(&rams));
     let h = m.handle();
     let data = pattern(5, 8192);
     m.write_at(3 * REGION - 4096, &data).expect("direct write");

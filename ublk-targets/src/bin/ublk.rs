@@ -973,14 +973,16 @@ fn percent(done: u64, total: u64) -> f64 {
     done.min(total) as f64 * 100.0 / total as f64
 }
 
+/// Binary size units, largest first.
+const UNITS: [(&str, u64); 4] = [
+    ("T", 1 << 40),
+    ("G", 1 << 30),
+    ("M", 1 << 20),
+    ("K", 1 << 10),
+];
+
 /// `n` bytes to a tenth of a unit: `1.4G`, `512K`, `100`.
 fn approx_size(n: u64) -> String {
-    const UNITS: [(&str, u64); 4] = [
-        ("T", 1 << 40),
-        ("G", 1 << 30),
-        ("M", 1 << 20),
-        ("K", 1 << 10),
-    ];
     for (unit, size) in UNITS {
         if n >= size {
             return if n % size == 0 {
@@ -994,12 +996,6 @@ fn approx_size(n: u64) -> String {
 }
 
 fn human_size(n: u64) -> String {
-    const UNITS: [(&str, u64); 4] = [
-        ("T", 1 << 40),
-        ("G", 1 << 30),
-        ("M", 1 << 20),
-        ("K", 1 << 10),
-    ];
     for (unit, size) in UNITS {
         if n >= size && n % size == 0 {
             return format!("{}{unit}", n / size);

@@ -9,7 +9,7 @@ use slab::Slab;
 use ublk_zc::{Child, Completion, Io, Op, QueueCtx, QueueTarget};
 
 use super::meta::LegState;
-use super::shared::{Shared, DIRTY, NONE, WAKE};
+use super::shared::{Shared, DIRTY, WAKE};
 
 /// Bits of a token that name the leg; the rest is the request's slab key.
 const LEG_BITS: u32 = 5;
@@ -136,11 +136,7 @@ impl MirrorQueue {
     fn holds(&self, i: usize, a: u64, b: u64, fallback: bool) -> bool {
         let s = &self.shared;
         let leg = &s.legs[i];
-        let ok = match leg.state() {
-            LegState::InSync => true,
-            LegState::Rebuilding => b <= leg.cursor.load(SeqCst),
-            _ => false,
-        };
+        let ok = leg.holds(b);
         if !ok || fallback || s.resync_left.load(SeqCst) == 0 {
             return ok;
         }
@@ -221,8 +217,8 @@ impl MirrorQueue {
                 s.regions[r as usize].inflight.fetch_add(1, SeqCst);
             }
         }
-        if conflicts(s, &regions, a, b) {
-            release(s, regions);
+        if s.must_wait(&regions, a, b) {
+            s.release(regions);
             return self.blocked.push(io);
         }
         let mut all_dirty = true;
@@ -238,22 +234,17 @@ impl MirrorQueue {
         }
         if !all_dirty && !s.mark_dirty(regions.clone()) {
             if s.broken.load(SeqCst) {
-                release(s, regions);
+                s.release(regions);
                 return io.fail(libc::EIO);
             }
             return self.held.push(io);
         }
         let mut targets = 0u32;
         for (i, leg) in s.legs.iter().enumerate() {
-            let holds = match leg.state() {
-                LegState::InSync => true,
-                LegState::Rebuilding => b <= leg.cursor.load(SeqCst),
-                _ => false,
-            };
-            targets |= u32::from(holds) << i;
+            targets |= u32::from(leg.holds(b)) << i;
         }
         if targets == 0 {
-            release(s, regions);
+            s.release(regions);
             return io.fail(libc::EIO);
         }
         let offset = s.layout.data_offset + a;
@@ -362,7 +353,7 @@ impl MirrorQueue {
             return;
         };
         let is_flush = req.io.op() == Op::Flush;
-        release(s, regions);
+        s.release(regions);
         let res = if ok {
             want
         } else {
@@ -490,30 +481,9 @@ fn answer(io: Io, res: i32, flushes: Vec<Io>) {
     io.complete(res);
 }
 
-/// Whether a write of `[a, b)` must wait: its region is being copied, or a rebuild cursor
-/// lies inside it (the leg holds part of it and not the rest).
-fn conflicts(s: &Shared, regions: &Range<u64>, a: u64, b: u64) -> bool {
-    let syncing = s.syncing.load(SeqCst);
-    if syncing != NONE && regions.contains(&syncing) {
-        return true;
-    }
-    s.legs.iter().any(|leg| {
-        leg.state() == LegState::Rebuilding && {
-            let c = leg.cursor.load(SeqCst);
-            a < c && c < b
-        }
-    })
-}
-
 /// The legs in a bit mask, lowest first.
 fn legs_of(mask: u32) -> impl Iterator<Item = usize> {
     (0..32).filter(move |i| mask & (1 << i) != 0)
-}
-
-fn release(s: &Shared, regions: Range<u64>) {
-    for r in regions {
-        s.regions[r as usize].inflight.fetch_sub(1, SeqCst);
-    }
 }
 
 fn token(key: usize, leg: usize) -> u64 {

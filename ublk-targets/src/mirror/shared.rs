@@ -98,6 +98,15 @@ impl Leg {
         self.state.store(state.to_u32() as u8, Release);
     }
 
+    /// Whether the leg holds device bytes up to `end`: in sync, or rebuilt past `end`.
+    pub(crate) fn holds(&self, end: u64) -> bool {
+        match self.state() {
+            LegState::InSync => true,
+            LegState::Rebuilding => end <= self.cursor.load(SeqCst),
+            _ => false,
+        }
+    }
+
     pub(crate) fn target(&self) -> BoxTarget {
         lock(&self.target).clone()
     }
@@ -349,14 +358,7 @@ impl Shared {
             for r in regions.clone() {
                 self.regions[r as usize].inflight.fetch_add(1, SeqCst);
             }
-            let syncing = self.syncing.load(SeqCst);
-            let straddles = self.legs.iter().any(|l| {
-                l.state() == LegState::Rebuilding && {
-                    let c = l.cursor.load(SeqCst);
-                    offset < c && c < end
-                }
-            });
-            if (syncing != NONE && regions.contains(&syncing)) || straddles {
+            if self.must_wait(&regions, offset, end) {
                 self.release(regions.clone());
                 pause();
                 continue;
@@ -381,12 +383,7 @@ impl Shared {
         let mut ok = false;
         let mut wait_for = 0;
         for (i, leg) in self.legs.iter().enumerate() {
-            let holds = match leg.state() {
-                LegState::InSync => true,
-                LegState::Rebuilding => end <= leg.cursor.load(SeqCst),
-                _ => false,
-            };
-            if !holds {
+            if !leg.holds(end) {
                 continue;
             }
             match leg
@@ -416,7 +413,23 @@ impl Shared {
         }
     }
 
-    fn release(&self, regions: Range<u64>) {
+    /// Whether a write of `[a, b)`, its regions' counts taken, must wait: its region is being
+    /// copied, or a rebuild cursor lies inside it (the leg holds part of it and not the rest).
+    pub(crate) fn must_wait(&self, regions: &Range<u64>, a: u64, b: u64) -> bool {
+        let syncing = self.syncing.load(SeqCst);
+        if syncing != NONE && regions.contains(&syncing) {
+            return true;
+        }
+        self.legs.iter().any(|leg| {
+            leg.state() == LegState::Rebuilding && {
+                let c = leg.cursor.load(SeqCst);
+                a < c && c < b
+            }
+        })
+    }
+
+    /// Gives back the in-flight counts of `regions`.
+    pub(crate) fn release(&self, regions: Range<u64>) {
         for r in regions {
             self.regions[r as usize].inflight.fetch_sub(1, SeqCst);
         }
