@@ -47,7 +47,7 @@
 //! freshly discarded 1 GiB disks, alternating like the fio runs
 //! ([`REBUILDS`]); the report gives MB/s and the ratio to md.
 
-mod report;
+pub mod report;
 mod script;
 
 use crate::chart;
@@ -186,6 +186,9 @@ pub struct Device {
     setup: Setup,
     /// Part of the `--quick` subset.
     quick: bool,
+    /// Part of the default (headline) plan; the others run with `--all` or when a
+    /// `--filter` names them.
+    headline: bool,
 }
 
 impl Device {
@@ -332,96 +335,119 @@ pub const DEVICES: &[Device] = &[
         role: Role::UblkNull,
         setup: Setup::Ublk("null --buffer-mode copy"),
         quick: true,
+        headline: true,
     },
     Device {
         name: "ublk-null-copy-sqpoll",
         role: Role::UblkNull,
         setup: Setup::Ublk("null --buffer-mode copy --sqpoll"),
         quick: false,
+        headline: false,
     },
     Device {
         name: "ublk-null-reg",
         role: Role::UblkNull,
         setup: Setup::Ublk("null --buffer-mode registered"),
         quick: false,
+        headline: false,
     },
     Device {
         name: "ublk-null-reg-sqpoll",
         role: Role::UblkNull,
         setup: Setup::Ublk("null --buffer-mode registered --sqpoll"),
         quick: false,
+        headline: false,
     },
     Device {
         name: "ublk-null-zc",
         role: Role::UblkNull,
         setup: Setup::Ublk("null --buffer-mode zero-copy"),
         quick: true,
+        headline: true,
     },
     Device {
         name: "ublk-null-zc-sqpoll",
         role: Role::UblkNull,
         setup: Setup::Ublk("null --buffer-mode zero-copy --sqpoll"),
         quick: false,
+        headline: false,
     },
     Device {
         name: "ublk-null-zc-defer",
         role: Role::UblkNull,
         setup: Setup::Ublk("null --buffer-mode zero-copy --defer-taskrun"),
         quick: false,
+        headline: false,
     },
     Device {
         name: "ublk-null-mzc",
         role: Role::UblkNull,
         setup: Setup::Ublk("null --buffer-mode manual-zero-copy"),
         quick: false,
+        headline: false,
     },
     Device {
         name: "ublk-null-uc",
         role: Role::UblkNull,
         setup: Setup::Ublk("null --buffer-mode user-copy"),
         quick: false,
+        headline: true,
     },
     Device {
         name: "ublk-null-uc-sqpoll",
         role: Role::UblkNull,
         setup: Setup::Ublk("null --buffer-mode user-copy --sqpoll"),
         quick: false,
+        headline: false,
     },
     Device {
         name: "ublk-null-batch-sqpoll",
         role: Role::UblkNull,
         setup: Setup::Ublk("null --buffer-mode copy --batch --sqpoll"),
         quick: false,
+        headline: false,
     },
     Device {
         name: "ublk-null-batch",
         role: Role::UblkNull,
         setup: Setup::Ublk("null --buffer-mode copy --batch"),
         quick: false,
+        headline: true,
     },
     Device {
         name: "ublk-null-batch-uc",
         role: Role::UblkNull,
         setup: Setup::Ublk("null --buffer-mode user-copy --batch"),
         quick: false,
+        headline: false,
     },
     Device {
         name: "ublk-null-batch-zc",
         role: Role::UblkNull,
         setup: Setup::Ublk("null --buffer-mode zero-copy --batch"),
         quick: false,
+        headline: true,
     },
     Device {
         name: LIBUBLK,
         role: Role::LibublkNull,
         setup: Setup::Libublk(""),
         quick: true,
+        headline: true,
     },
     Device {
         name: "libublk-null-zc",
         role: Role::LibublkNull,
         setup: Setup::Libublk("--zero-copy"),
         quick: false,
+        headline: true,
+    },
+    Device {
+        name: "libublk-null-async",
+        role: Role::LibublkNull,
+        setup: Setup::Libublk("--async"),
+        quick: false,
+        headline: true,
     },
     Device {
         name: NULL_BLK,
@@ -432,42 +458,49 @@ pub const DEVICES: &[Device] = &[
             dev: "/dev/nullb0",
         },
         quick: true,
+        headline: true,
     },
     Device {
         name: "ublk-ram",
         role: Role::UblkRam,
         setup: Setup::Ublk("ram"),
         quick: true,
+        headline: true,
     },
     Device {
         name: "ublk-ram-defer",
         role: Role::UblkRam,
         setup: Setup::Ublk("ram --defer-taskrun"),
         quick: false,
+        headline: false,
     },
     Device {
         name: "ublk-ram-uc",
         role: Role::UblkRam,
         setup: Setup::Ublk("ram --buffer-mode user-copy"),
         quick: true,
+        headline: true,
     },
     Device {
         name: "brd",
         role: Role::Kernel,
         setup: Setup::Brd("/dev/ram0"),
         quick: true,
+        headline: true,
     },
     Device {
         name: "ublk-file-copy",
         role: Role::UblkFile,
         setup: Setup::Ublk("file --path /dev/shm/ublk-bench.img --direct"),
         quick: false,
+        headline: false,
     },
     Device {
         name: "ublk-file-zc",
         role: Role::UblkFile,
         setup: Setup::Ublk("file --path /dev/shm/ublk-bench.img --direct --zero-copy"),
         quick: false,
+        headline: true,
     },
     Device {
         name: "ublk-file-mzc",
@@ -476,12 +509,14 @@ pub const DEVICES: &[Device] = &[
             "file --path /dev/shm/ublk-bench.img --direct --buffer-mode manual-zero-copy",
         ),
         quick: false,
+        headline: false,
     },
     Device {
         name: "loop",
         role: Role::Kernel,
         setup: Setup::Loop,
         quick: false,
+        headline: true,
     },
     // md first: it claims the pair exclusively, the ublk stripes open it
     // O_DIRECT without O_EXCL beside it.
@@ -490,24 +525,28 @@ pub const DEVICES: &[Device] = &[
         role: Role::Kernel,
         setup: Setup::MdRaid0,
         quick: false,
+        headline: true,
     },
     Device {
         name: "ublk-stripe-zc",
         role: Role::UblkStripe,
         setup: Setup::UblkStripe("--buffer-mode zero-copy"),
         quick: false,
+        headline: true,
     },
     Device {
         name: "ublk-stripe-copy",
         role: Role::UblkStripe,
         setup: Setup::UblkStripe("--buffer-mode copy"),
         quick: false,
+        headline: false,
     },
     Device {
         name: "ublk-stripe-zc-batch",
         role: Role::UblkStripe,
         setup: Setup::UblkStripe("--buffer-mode zero-copy --batch"),
         quick: false,
+        headline: false,
     },
     // md first, as for the stripes.
     Device {
@@ -515,36 +554,42 @@ pub const DEVICES: &[Device] = &[
         role: Role::Kernel,
         setup: Setup::MdRaid1,
         quick: false,
+        headline: true,
     },
     Device {
         name: "ublk-mirror-zc",
         role: Role::UblkMirror,
         setup: Setup::UblkMirror("--buffer-mode zero-copy"),
         quick: false,
+        headline: true,
     },
     Device {
         name: "ublk-mirror-copy",
         role: Role::UblkMirror,
         setup: Setup::UblkMirror("--buffer-mode copy"),
         quick: false,
+        headline: false,
     },
     Device {
         name: ZRAM_LZ4,
         role: Role::Kernel,
         setup: Setup::Zram("lz4"),
         quick: false,
+        headline: true,
     },
     Device {
         name: "ublk-compress-lz4",
         role: Role::UblkCompress,
         setup: Setup::Ublk("compress --path /dev/shm/ublk-compress-lz4.img --algo lz4"),
         quick: false,
+        headline: true,
     },
     Device {
         name: "ublk-compress-zstd",
         role: Role::UblkCompress,
         setup: Setup::Ublk("compress --path /dev/shm/ublk-compress-zstd.img --algo zstd"),
         quick: false,
+        headline: true,
     },
 ];
 
@@ -686,6 +731,8 @@ pub struct Options {
     pub quick: bool,
     /// Keep only devices (and rebuilds) whose name contains one of these.
     pub filter: Vec<String>,
+    /// Every device, not only the headline plan's (a filter also picks from all).
+    pub all: bool,
 }
 
 /// What one benchmark invocation runs.
@@ -723,6 +770,7 @@ impl Plan {
         let mut devices: Vec<&Device> = DEVICES
             .iter()
             .filter(|d| !opts.quick || d.quick)
+            .filter(|d| d.headline || opts.all || !opts.filter.is_empty())
             .filter(|d| wanted(d.name))
             .collect();
         // The rebuilds are not part of --quick.
@@ -821,10 +869,13 @@ pub struct Sample {
     pub fio_job: Value,
 }
 
-/// The median of the rounds of one (device, test, jobs).
+/// The median of the rounds of one (device, test, jobs), with the IOPS spread.
 #[derive(Clone, Debug)]
 pub struct Median {
     pub iops: f64,
+    /// The lowest and highest IOPS of the rounds.
+    pub iops_min: f64,
+    pub iops_max: f64,
     pub lat_avg_us: f64,
     pub lat_p99_us: f64,
     pub rounds: usize,
@@ -850,8 +901,11 @@ impl Results {
                 let med = |f: fn(&FioResult) -> f64| {
                     fio::median(&rs.iter().map(|r| f(r)).collect::<Vec<_>>())
                 };
+                let iops: Vec<f64> = rs.iter().map(|r| r.iops).collect();
                 let m = Median {
                     iops: med(|r| r.iops),
+                    iops_min: iops.iter().copied().fold(f64::INFINITY, f64::min),
+                    iops_max: iops.iter().copied().fold(f64::NEG_INFINITY, f64::max),
                     lat_avg_us: med(|r| r.lat_avg_us),
                     lat_p99_us: med(|r| r.lat_p99_us),
                     rounds: rs.len(),
@@ -873,6 +927,28 @@ impl Results {
         let b = self.get(reference, test, jobs)?.iops;
         (b > 0.0).then(|| a / b)
     }
+
+    /// Whether the rounds of `device` and `reference` overlap (the lowest of either is at
+    /// most the highest of the other): their ratio is then within the noise between rounds.
+    pub fn within_noise(
+        &self,
+        device: &str,
+        reference: &str,
+        test: &str,
+        jobs: u32,
+    ) -> Option<bool> {
+        let a = self.get(device, test, jobs)?;
+        let b = self.get(reference, test, jobs)?;
+        Some(ranges_overlap(
+            [a.iops_min, a.iops_max],
+            [b.iops_min, b.iops_max],
+        ))
+    }
+}
+
+/// Whether two closed ranges `[min, max]` share a point.
+pub fn ranges_overlap(a: [f64; 2], b: [f64; 2]) -> bool {
+    a[0] <= b[1] && b[0] <= a[1]
 }
 
 /// One timed rebuild round.
@@ -1034,8 +1110,52 @@ impl Markers {
     }
 }
 
-/// Runs the benchmark and writes the report, the raw JSON and the chart.
-pub fn bench(ws: &Workspace, vm: &VmOpts, plan: &Plan, libublk: Option<PathBuf>) -> Result<()> {
+/// What one boot of the benchmark gave, for the report across regimes.
+pub struct Run {
+    /// Where it ran: "single-threaded TCG", "multi-threaded TCG", "KVM" or "native".
+    pub regime: String,
+    pub bars: Vec<report::Bar>,
+    /// Its `report.md`.
+    pub markdown: String,
+    /// Why the run is incomplete, if it is.
+    pub incomplete: Option<String>,
+}
+
+/// The name of the regime a VM with `accel` (see [`VmOpts::accel`]) runs in.
+pub fn regime_name(accel: Option<&str>) -> String {
+    if host_has_ublk() {
+        return "native".to_string();
+    }
+    match accel {
+        Some(a) if a == crate::vm::TCG => "single-threaded TCG".to_string(),
+        Some(a) if a == crate::vm::MTTCG => "multi-threaded TCG".to_string(),
+        Some(a) => a.to_string(),
+        None => match std::env::var("XTASK_ACCEL") {
+            Ok(a) if !a.is_empty() => regime_name(Some(&a)),
+            _ => "default accelerator (KVM if usable, else single-threaded TCG)".to_string(),
+        },
+    }
+}
+
+/// A directory name for the regime of `accel`.
+pub fn regime_slug(accel: Option<&str>) -> String {
+    match accel {
+        Some(a) if a == crate::vm::TCG => "single".to_string(),
+        Some(a) if a == crate::vm::MTTCG => "multi".to_string(),
+        Some(a) => a.replace([',', '=', '/'], "-"),
+        None => "default".to_string(),
+    }
+}
+
+/// Runs the benchmark in one boot and writes its report, raw JSON and chart into `dir`.
+pub fn bench(
+    ws: &Workspace,
+    vm: &VmOpts,
+    plan: &Plan,
+    libublk: Option<&Path>,
+    dir: &Path,
+) -> Result<Run> {
+    let regime = regime_name(vm.accel.as_deref());
     let est = plan.estimate();
     eprintln!(
         "xtask: bench plan: {} devices × {} tests × {} job counts × {} rounds = {} fio runs \
@@ -1054,7 +1174,7 @@ pub fn bench(ws: &Workspace, vm: &VmOpts, plan: &Plan, libublk: Option<PathBuf>)
     let mut extra_bins = Vec::new();
     if plan.uses_libublk() {
         let bin = libublk.context("the plan has libublk rows but no libublk-null binary")?;
-        extra_bins.push(("libublk-null".to_string(), bin));
+        extra_bins.push(("libublk-null".to_string(), bin.to_path_buf()));
     }
     let payload = Payload {
         script: script::script(plan),
@@ -1090,7 +1210,7 @@ pub fn bench(ws: &Workspace, vm: &VmOpts, plan: &Plan, libublk: Option<PathBuf>)
         mode: if host_has_ublk() {
             "native".to_string()
         } else {
-            format!("qemu VM (TCG, mem {}, {} vCPUs)", vm.mem, vm.smp)
+            format!("qemu VM ({regime}, mem {}, {} vCPUs)", vm.mem, vm.smp)
         },
         kernel: markers.kernel.clone(),
         cpus: markers.cpus.clone(),
@@ -1123,8 +1243,7 @@ pub fn bench(ws: &Workspace, vm: &VmOpts, plan: &Plan, libublk: Option<PathBuf>)
         .map(|r| (*r, RebuildStats::of(&markers.rebuilds, r.name)))
         .collect();
 
-    let dir = ws.target.join("bench");
-    fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     let png = dir.join("iops.png");
     let _ = fs::remove_file(&png);
     // A plan of rebuilds alone has no IOPS to draw.
@@ -1215,19 +1334,31 @@ pub fn bench(ws: &Workspace, vm: &VmOpts, plan: &Plan, libublk: Option<PathBuf>)
         markers.rebuilds.len(),
         wall.as_secs_f64()
     );
-    if outcome.code != 0 {
-        bail!("the benchmark script failed (exit status {})", outcome.code);
-    }
     let expected_rebuilds = plan.rebuilds.len() * plan.rounds as usize;
-    if !markers.skipped.is_empty()
+    let incomplete = if outcome.code != 0 {
+        Some(format!(
+            "the benchmark script failed (exit status {})",
+            outcome.code
+        ))
+    } else if !markers.skipped.is_empty()
         || !markers.failed.is_empty()
         || !markers.bad_rebuilds.is_empty()
         || samples.len() < plan.runs()
         || markers.rebuilds.len() < expected_rebuilds
     {
-        bail!("some benchmark runs did not complete (see the report)");
-    }
-    Ok(())
+        Some(format!(
+            "some benchmark runs did not complete (see {})",
+            report_path.display()
+        ))
+    } else {
+        None
+    };
+    Ok(Run {
+        regime,
+        bars,
+        markdown: md,
+        incomplete,
+    })
 }
 
 /// The chart: one panel per test, bars per device for 1 and 2 jobs.
@@ -1289,6 +1420,7 @@ mod tests {
 
     fn opts(quick: bool, filter: &[&str]) -> Options {
         Options {
+            all: false,
             rounds: 3,
             runtime: 2,
             ramp: 1,
@@ -1351,6 +1483,15 @@ mod tests {
     #[test]
     fn plans() {
         let full = Plan::new(&opts(false, &[]), true, true).expect("full plan");
+        let all = Plan::new(
+            &Options {
+                all: true,
+                ..opts(false, &[])
+            },
+            true,
+            true,
+        )
+        .expect("every device");
         let stripe_rows = DEVICES
             .iter()
             .filter(|d| d.pair_tests() == Some(PAIR_TESTS))
@@ -1363,7 +1504,7 @@ mod tests {
         assert_eq!((stripe_rows, mirror_rows, compress_rows), (4, 3, 3));
         let other_rows = DEVICES.len() - stripe_rows - mirror_rows - compress_rows;
         assert_eq!(
-            full.runs(),
+            all.runs(),
             (other_rows * TESTS.len()
                 + stripe_rows * PAIR_TESTS.len()
                 + mirror_rows * MIRROR_TESTS.len()
@@ -1372,11 +1513,19 @@ mod tests {
                 * 3
         );
         assert_eq!(full.rebuilds.len(), REBUILDS.len());
-        // The default run must fit in ~60 minutes of guest time.
+        // The headline plan runs once per regime: each boot must stay near 40 minutes of
+        // guest time, and `--all` near 65.
         assert!(
-            full.estimate() < Duration::from_secs(60 * 60),
+            full.estimate() < Duration::from_secs(40 * 60),
             "{:?}",
             full.estimate()
+        );
+        assert_eq!(all.devices.len(), DEVICES.len());
+        assert!(all.devices.len() > full.devices.len());
+        assert!(
+            all.estimate() < Duration::from_secs(65 * 60),
+            "{:?}",
+            all.estimate()
         );
         let quick = Plan::new(&opts(true, &[]), true, true).expect("quick plan");
         assert_eq!(quick.jobs, vec![1]);
@@ -1481,6 +1630,13 @@ mod tests {
         let r = Results::from_samples(&samples);
         let a = r.get("a", "t", 1).expect("a measured");
         assert_eq!((a.iops, a.rounds), (20.0, 3));
+        assert_eq!((a.iops_min, a.iops_max), (10.0, 30.0));
+        // a's rounds span 10..30, b's single round 40: outside the noise.
+        assert_eq!(r.within_noise("a", "b", "t", 1), Some(false));
+        assert_eq!(r.within_noise("a", "a", "t", 1), Some(true));
+        assert_eq!(r.within_noise("a", "c", "t", 1), None);
+        assert!(ranges_overlap([1.0, 2.0], [2.0, 3.0]));
+        assert!(!ranges_overlap([1.0, 2.0], [2.5, 3.0]));
         assert_eq!(r.ratio("a", "b", "t", 1), Some(0.5));
         assert_eq!(r.ratio("a", "c", "t", 1), None);
         assert_eq!(r.ratio("a", "b", "t", 2), None);

@@ -55,15 +55,21 @@ commands:
          (default: null --buffer-mode zero-copy) and on null_blk; prints CPU
          time by command and by symbol for both
   bench  [--mem SIZE (10G)] [--smp N] [--no-build] [--rounds N (3)]
-         [--runtime SECS (2, after 1 s ramp)] [--quick] [--filter NAME,...]
-         fio on ublk null (every buffer mode, SQPOLL on/off, batch), libublk
-         null, null_blk, brd, loop, ublk ram and file, ublk stripes vs md
-         raid0 and ublk mirrors vs md raid1 over brd disks, plus the
-         mirror's rebuild vs md's resync of a 1 GiB leg, in one boot (about
-         57 min under TCG; --quick: 7 devices, 4k randread, 1 job, about
-         4 min; --filter: devices and rebuilds whose name contains one of
-         the NAMEs, e.g. md-raid0,ublk-stripe or md-raid1,ublk-mirror);
-         writes target/bench/report.md, raw.json and iops.png
+         [--runtime SECS (2, after 1 s ramp)] [--quick] [--all] [--filter NAME,...]
+         [--accel single|multi|both]
+         fio on ublk null (copy, zero-copy, batch), libublk null (its sync
+         closure path, copy and zero-copy, and its async path), null_blk, brd,
+         loop, ublk ram and file, ublk stripes vs md raid0, ublk mirrors vs md
+         raid1 over brd disks, the mirror's rebuild vs md's resync, and ublk
+         compress vs zram: the headline plan, under 40 min per boot under TCG;
+         --accel: one boot per qemu TCG regime (default both for the headline
+         plan, single for --quick or --filter; natively there is one);
+         --all: every buffer mode and SQPOLL variant too (about 60 min per
+         boot); --quick: 7 devices, 4k randread, 1 job, about 4 min;
+         --filter: devices and rebuilds whose name contains one of the NAMEs,
+         e.g. md-raid0,ublk-stripe or md-raid1,ublk-mirror; writes
+         target/bench/report.md, raw.json and iops.png (with two regimes, one
+         directory each under target/bench/ and a report.md side by side)
 
 environment:
   XTASK_VM_TIMEOUT=SECS    kill the VM after SECS (default 2100; bench: from its plan)
@@ -100,6 +106,10 @@ struct Args {
     runtime: Option<u32>,
     quick: bool,
     filter: Vec<String>,
+    /// `--all`: every bench device, not only the headline plan.
+    all: bool,
+    /// `--accel`: the qemu accelerators to run the benchmark under, one boot each.
+    accel: Vec<String>,
     rest: Vec<String>,
 }
 
@@ -112,6 +122,8 @@ fn parse_args(args: &[String], allowed: &[&str]) -> Result<Args> {
         runtime: None,
         quick: false,
         filter: Vec::new(),
+        all: false,
+        accel: Vec::new(),
         rest: Vec::new(),
     };
     let mut it = args.iter();
@@ -149,6 +161,15 @@ fn parse_args(args: &[String], allowed: &[&str]) -> Result<Args> {
             "--runtime" => a.runtime = Some(value()?.parse().context("--runtime needs seconds")?),
             "--no-build" => a.no_build = true,
             "--quick" => a.quick = true,
+            "--all" => a.all = true,
+            "--accel" => {
+                a.accel = match value()?.as_str() {
+                    "single" => vec![vm::TCG.to_string()],
+                    "multi" => vec![vm::MTTCG.to_string()],
+                    "both" => vec![vm::TCG.to_string(), vm::MTTCG.to_string()],
+                    other => bail!("--accel {other:?}: single, multi or both"),
+                }
+            }
             "--filter" => a.filter.extend(
                 value()?
                     .split(',')
@@ -167,6 +188,7 @@ impl Args {
             mem: self.mem.clone().unwrap_or_else(|| DEFAULT_MEM.to_string()),
             smp: self.smp,
             timeout: env_secs("XTASK_VM_TIMEOUT", DEFAULT_TIMEOUT_SECS)?,
+            accel: None,
         })
     }
 }
@@ -230,6 +252,8 @@ fn try_main() -> Result<i32> {
                     "--rounds",
                     "--quick",
                     "--filter",
+                    "--all",
+                    "--accel",
                 ],
             )?;
             bench_cmd(&a)
@@ -273,6 +297,7 @@ fn bench_cmd(a: &Args) -> Result<i32> {
         ramp: 1,
         quick: a.quick,
         filter: a.filter.clone(),
+        all: a.all,
     };
     // Check the options before building anything.
     let wanted = bench::Plan::new(&opts, true, true)?;
@@ -295,7 +320,49 @@ fn bench_cmd(a: &Args) -> Result<i32> {
     vm.mem = a.mem.clone().unwrap_or_else(|| BENCH_MEM.to_string());
     let margin = plan.estimate().as_secs() / 2 + 600;
     vm.timeout = env_secs("XTASK_VM_TIMEOUT", plan.estimate().as_secs() + margin)?;
-    bench::bench(&ws, &vm, &plan, libublk)?;
+    // Natively there is one regime; in the VM each accelerator is a boot of its own (both
+    // by default for the headline plan, single-threaded TCG alone for a filtered one).
+    let accels: Vec<Option<String>> = if host_has_ublk() {
+        vec![None]
+    } else if !a.accel.is_empty() {
+        a.accel.iter().cloned().map(Some).collect()
+    } else if opts.filter.is_empty() && !opts.quick && std::env::var_os("XTASK_ACCEL").is_none() {
+        vec![Some(vm::TCG.to_string()), Some(vm::MTTCG.to_string())]
+    } else {
+        vec![None]
+    };
+    let top = ws.target.join("bench");
+    let mut runs = Vec::new();
+    for accel in &accels {
+        vm.accel = accel.clone();
+        let dir = if accels.len() > 1 {
+            top.join(bench::regime_slug(accel.as_deref()))
+        } else {
+            top.clone()
+        };
+        eprintln!(
+            "xtask: == bench in {}",
+            bench::regime_name(accel.as_deref())
+        );
+        runs.push((
+            dir.clone(),
+            bench::bench(&ws, &vm, &plan, libublk.as_deref(), &dir)?,
+        ));
+    }
+    if runs.len() > 1 {
+        let md = bench::report::combined(&runs);
+        let path = top.join("report.md");
+        std::fs::write(&path, &md).with_context(|| format!("writing {}", path.display()))?;
+        println!("\n{md}");
+        println!("xtask: wrote {}", path.display());
+    }
+    let problems: Vec<String> = runs
+        .iter()
+        .filter_map(|(_, r)| r.incomplete.as_ref().map(|e| format!("{}: {e}", r.regime)))
+        .collect();
+    if !problems.is_empty() {
+        bail!("{}", problems.join("; "));
+    }
     Ok(0)
 }
 

@@ -33,7 +33,11 @@ use std::time::{Duration, Instant};
 /// faster for the kernel tests (81 s vs 112 s on a 2-core host) and immune to
 /// the cross-vCPU code-patching races of multi-threaded TCG (one boot out of
 /// ~40 died with "Oops: int3" in the guest under MTTCG).
-const TCG: &str = "tcg,thread=single";
+pub const TCG: &str = "tcg,thread=single";
+
+/// Multi-threaded TCG (one host thread per vCPU, qemu's default): the server and fio run in
+/// parallel, and cross-CPU wakeups are expensive. `cargo xtask bench --accel multi`.
+pub const MTTCG: &str = "tcg,thread=multi";
 
 /// The prefix of the line `/init` prints before starting the payload.
 const INIT_BANNER: &str = "xtask-init: kernel";
@@ -86,6 +90,8 @@ pub struct VmOpts {
     pub smp: u32,
     /// Kill qemu after this long.
     pub timeout: Duration,
+    /// The qemu `-accel` value; `None`: `XTASK_ACCEL`, else KVM when usable, else [`TCG`].
+    pub accel: Option<String>,
 }
 
 /// The result of running a payload.
@@ -211,6 +217,7 @@ pub fn run_vm(ws: &Workspace, payload: &Payload, opts: &VmOpts) -> Result<Outcom
     // not print qemu's KVM errors again.
     let kvm_broken = ws.target.join("vm").join("kvm-broken");
     let mut accels: Vec<String> = match std::env::var("XTASK_ACCEL") {
+        _ if opts.accel.is_some() => opts.accel.iter().cloned().collect(),
         Ok(a) if !a.is_empty() => vec![a],
         _ if kvm_usable() && !kvm_broken.exists() => vec!["kvm".to_string(), TCG.to_string()],
         _ => vec![TCG.to_string()],

@@ -45,6 +45,9 @@ pub struct Bar {
     pub lhs: Option<(String, f64)>,
     pub rhs: Option<(String, f64)>,
     pub need: f64,
+    /// Whether the two devices' rounds overlap (the ratio is within noise), when both
+    /// were measured.
+    pub noise: Option<bool>,
 }
 
 impl Bar {
@@ -74,8 +77,13 @@ impl Bar {
             .ratio()
             .map(|r| format!(" = {r:.2}×"))
             .unwrap_or_default();
+        let noise = if self.noise == Some(true) {
+            ", **within noise**: the rounds of the two overlap"
+        } else {
+            ""
+        };
         format!(
-            "- {verdict} {}: {} / {}{ratio} (bar: ≥ {:.2}×)",
+            "- {verdict} {}: {} / {}{ratio} (bar: ≥ {:.2}×{noise})",
             self.what,
             side(&self.lhs),
             side(&self.rhs),
@@ -91,6 +99,7 @@ impl Bar {
             "ratio": self.ratio(),
             "need": self.need,
             "pass": self.pass(),
+            "within_noise": self.noise,
         })
     }
 }
@@ -108,64 +117,104 @@ fn one(results: &Results, device: &str, test: &str, jobs: u32) -> Option<(String
     Some((device.to_string(), results.get(device, test, jobs)?.iops))
 }
 
-/// The issue's bars (all on 1-job medians).
+/// A bar on 1-job medians of `test`, with its noise flag.
+fn bar(
+    r: &Results,
+    what: &'static str,
+    test: &str,
+    lhs: Option<(String, f64)>,
+    rhs: Option<(String, f64)>,
+    need: f64,
+) -> Bar {
+    let noise = match (&lhs, &rhs) {
+        (Some((a, _)), Some((b, _))) => r.within_noise(a, b, test, 1),
+        _ => None,
+    };
+    Bar {
+        what,
+        lhs,
+        rhs,
+        need,
+        noise,
+    }
+}
+
+/// The issues' bars (all on 1-job medians).
 pub fn bars(r: &Results) -> Vec<Bar> {
     let [qd64, qd1, seq, write64] = [BAR_TESTS[0], BAR_TESTS[1], BAR_TESTS[2], BAR_TESTS[3]];
     vec![
-        Bar {
-            what: "ublk null (best mode) vs libublk (best mode), 4k randread qd64, 1 job",
-            lhs: best(r, Role::UblkNull, qd64, 1),
-            rhs: best(r, Role::LibublkNull, qd64, 1),
-            need: 1.10,
-        },
-        Bar {
-            what: "ublk null (best mode) vs null_blk, 4k randread qd64, 1 job",
-            lhs: best(r, Role::UblkNull, qd64, 1),
-            rhs: one(r, NULL_BLK, qd64, 1),
-            need: 0.90,
-        },
-        Bar {
-            what: "ublk null (best mode) vs libublk (best mode), 4k randread qd1, 1 job",
-            lhs: best(r, Role::UblkNull, qd1, 1),
-            rhs: best(r, Role::LibublkNull, qd1, 1),
-            need: 2.0,
-        },
-        Bar {
-            what: "ublk null zero-copy vs copy (no SQPOLL), 128k seq read, 1 job",
-            lhs: one(r, BAR_DEVICES[0], seq, 1),
-            rhs: one(r, BAR_DEVICES[1], seq, 1),
-            need: 2.5,
-        },
-        Bar {
-            what: "ublk RAM (best mode) vs brd, 4k randread qd64, 1 job",
-            lhs: best(r, Role::UblkRam, qd64, 1),
-            rhs: one(r, BAR_DEVICES[3], qd64, 1),
-            need: 0.8,
-        },
-        Bar {
-            what: "ublk mirror (best mode) vs md raid1, 4k randread qd64, 1 job",
-            lhs: best(r, Role::UblkMirror, qd64, 1),
-            rhs: one(r, BAR_DEVICES[4], qd64, 1),
-            need: 1.0,
-        },
-        Bar {
-            what: "ublk mirror (best mode) vs md raid1, 4k randwrite qd64, 1 job",
-            lhs: best(r, Role::UblkMirror, write64, 1),
-            rhs: one(r, BAR_DEVICES[4], write64, 1),
-            need: 0.8,
-        },
-        Bar {
-            what: "ublk compress lz4 vs zram lz4, 4k randread qd64, 1 job",
-            lhs: one(r, BAR_DEVICES[5], qd64, 1),
-            rhs: one(r, BAR_DEVICES[6], qd64, 1),
-            need: 0.8,
-        },
-        Bar {
-            what: "ublk compress lz4 vs zram lz4, 4k randwrite qd64, 1 job",
-            lhs: one(r, BAR_DEVICES[5], write64, 1),
-            rhs: one(r, BAR_DEVICES[6], write64, 1),
-            need: 0.8,
-        },
+        bar(
+            r,
+            "ublk null (best mode) vs libublk (best mode), 4k randread qd64, 1 job",
+            qd64,
+            best(r, Role::UblkNull, qd64, 1),
+            best(r, Role::LibublkNull, qd64, 1),
+            1.10,
+        ),
+        bar(
+            r,
+            "ublk null (best mode) vs null_blk, 4k randread qd64, 1 job",
+            qd64,
+            best(r, Role::UblkNull, qd64, 1),
+            one(r, NULL_BLK, qd64, 1),
+            0.90,
+        ),
+        bar(
+            r,
+            "ublk null (best mode) vs libublk (best mode), 4k randread qd1, 1 job",
+            qd1,
+            best(r, Role::UblkNull, qd1, 1),
+            best(r, Role::LibublkNull, qd1, 1),
+            1.10,
+        ),
+        bar(
+            r,
+            "ublk null zero-copy vs copy (no SQPOLL), 128k seq read, 1 job",
+            seq,
+            one(r, BAR_DEVICES[0], seq, 1),
+            one(r, BAR_DEVICES[1], seq, 1),
+            2.5,
+        ),
+        bar(
+            r,
+            "ublk RAM (best mode) vs brd, 4k randread qd64, 1 job",
+            qd64,
+            best(r, Role::UblkRam, qd64, 1),
+            one(r, BAR_DEVICES[3], qd64, 1),
+            0.9,
+        ),
+        bar(
+            r,
+            "ublk mirror (best mode) vs md raid1, 4k randread qd64, 1 job",
+            qd64,
+            best(r, Role::UblkMirror, qd64, 1),
+            one(r, BAR_DEVICES[4], qd64, 1),
+            1.0,
+        ),
+        bar(
+            r,
+            "ublk mirror (best mode) vs md raid1, 4k randwrite qd64, 1 job",
+            write64,
+            best(r, Role::UblkMirror, write64, 1),
+            one(r, BAR_DEVICES[4], write64, 1),
+            0.8,
+        ),
+        bar(
+            r,
+            "ublk compress lz4 vs zram lz4, 4k randread qd64, 1 job",
+            qd64,
+            one(r, BAR_DEVICES[5], qd64, 1),
+            one(r, BAR_DEVICES[6], qd64, 1),
+            0.8,
+        ),
+        bar(
+            r,
+            "ublk compress lz4 vs zram lz4, 4k randwrite qd64, 1 job",
+            write64,
+            one(r, BAR_DEVICES[5], write64, 1),
+            one(r, BAR_DEVICES[6], write64, 1),
+            0.8,
+        ),
     ]
 }
 
@@ -184,12 +233,19 @@ pub fn medians_json(plan: &Plan, r: &Results) -> Vec<Value> {
                     "test": t.name,
                     "jobs": jobs,
                     "iops": m.iops,
+                    "iops_min": m.iops_min,
+                    "iops_max": m.iops_max,
                     "lat_avg_us": m.lat_avg_us,
                     "lat_p99_us": m.lat_p99_us,
                     "rounds": m.rounds,
-                    "x_null_blk": x_null_blk,
-                    "x_libublk": x_libublk,
-                    "x_kernel_peer": x_peer,
+                    "x_null_blk": x_null_blk.map(|x| x.value),
+                    "x_libublk": x_libublk.map(|x| x.value),
+                    "x_kernel_peer": x_peer.map(|x| x.value),
+                    "within_noise": {
+                        "null_blk": x_null_blk.map(|x| x.noise),
+                        "libublk": x_libublk.map(|x| x.noise),
+                        "kernel_peer": x_peer.map(|x| x.noise),
+                    },
                 }));
             }
         }
@@ -227,6 +283,20 @@ fn rebuild_ratio(st: Option<&RebuildStats>, md: Option<f64>) -> Option<f64> {
     Some(st?.mb_per_s[1] / md)
 }
 
+/// A ratio of median IOPS, and whether the two rows' rounds overlap.
+#[derive(Clone, Copy, Debug, PartialEq)]
+struct Ratio {
+    value: f64,
+    noise: bool,
+}
+
+fn ratio_of(r: &Results, device: &str, reference: &str, test: &str, jobs: u32) -> Option<Ratio> {
+    Some(Ratio {
+        value: r.ratio(device, reference, test, jobs)?,
+        noise: r.within_noise(device, reference, test, jobs)?,
+    })
+}
+
 /// IOPS ratios of a row: to null_blk, to libublk (null servers only), to
 /// its kernel peer (RAM → brd, file → loop, stripe → md raid0, mirror → md
 /// raid1).
@@ -236,21 +306,35 @@ fn ratios(
     role: Role,
     test: &str,
     jobs: u32,
-) -> (Option<f64>, Option<f64>, Option<f64>) {
-    let x_null_blk = r.ratio(device, NULL_BLK, test, jobs);
+) -> (Option<Ratio>, Option<Ratio>, Option<Ratio>) {
+    let x_null_blk = ratio_of(r, device, NULL_BLK, test, jobs);
     let x_libublk = role
         .is_null_server()
-        .then(|| r.ratio(device, LIBUBLK, test, jobs))
+        .then(|| ratio_of(r, device, LIBUBLK, test, jobs))
         .flatten();
     let x_peer = role
         .kernel_peer()
-        .and_then(|p| r.ratio(device, p, test, jobs));
+        .and_then(|p| ratio_of(r, device, p, test, jobs));
     (x_null_blk, x_libublk, x_peer)
 }
 
-fn ratio_cell(v: Option<f64>) -> String {
+/// A ratio, `≈`-prefixed when it is within noise.
+fn ratio_cell(v: Option<Ratio>) -> String {
+    match v {
+        Some(Ratio { value, noise: true }) => format!("≈{value:.2}"),
+        Some(Ratio { value, .. }) => format!("{value:.2}"),
+        None => "-".to_string(),
+    }
+}
+
+fn plain_ratio_cell(v: Option<f64>) -> String {
     v.map(|v| format!("{v:.2}"))
         .unwrap_or_else(|| "-".to_string())
+}
+
+/// IOPS as `min–max`.
+fn spread(m: &super::Median) -> String {
+    format!("{}–{}", num(m.iops_min, 0), num(m.iops_max, 0))
 }
 
 fn jobs_text(jobs: u32) -> String {
@@ -287,7 +371,7 @@ pub fn markdown(
         md,
         "Environment: {}, guest kernel {}, {} CPUs; {} fio runs in {:.0} s. Absolute numbers \
          under software emulation (TCG) are far below real hardware and CPU-bound: compare \
-         ratios (noise about ±15%).\n",
+         ratios, and only those outside the noise (not marked ≈).\n",
         env.mode,
         env.kernel,
         env.cpus,
@@ -309,28 +393,28 @@ pub fn markdown(
         for &jobs in &plan.jobs {
             let ours = best(r, Role::UblkNull, t.name, jobs);
             let theirs = best(r, Role::LibublkNull, t.name, jobs);
-            let kernel = r.get(NULL_BLK, t.name, jobs).map(|m| m.iops);
-            let ratio = |a: Option<f64>, b: Option<f64>| match (a, b) {
-                (Some(a), Some(b)) if b > 0.0 => format!("{:.2}", a / b),
+            let name = |s: &Option<(String, f64)>| s.as_ref().map(|(d, _)| d.clone());
+            let cell = |d: &Option<String>| match d.as_deref().and_then(|d| r.get(d, t.name, jobs))
+            {
+                Some(m) => format!("{} ({})", num(m.iops, 0), spread(m)),
+                None => "-".to_string(),
+            };
+            let (od, td) = (name(&ours), name(&theirs));
+            let x = |reference: Option<&str>| match (od.as_deref(), reference) {
+                (Some(a), Some(b)) => ratio_cell(ratio_of(r, a, b, t.name, jobs)),
                 _ => "-".to_string(),
             };
-            let cell = |s: &Option<(String, f64)>| match s {
-                Some((d, v)) => (d.clone(), num(*v, 0)),
-                None => ("-".to_string(), "-".to_string()),
-            };
-            let (od, oi) = cell(&ours);
-            let (td, ti) = cell(&theirs);
-            let ours_iops = ours.as_ref().map(|o| o.1);
+            let kernel = r.get(NULL_BLK, t.name, jobs).map(|_| NULL_BLK.to_string());
             rows.push(vec![
                 t.name.to_string(),
                 jobs.to_string(),
-                od,
-                td,
-                oi,
-                ti,
-                ratio(ours_iops, theirs.as_ref().map(|o| o.1)),
-                kernel.map(|v| num(v, 0)).unwrap_or_else(|| "-".into()),
-                ratio(ours_iops, kernel),
+                od.clone().unwrap_or_else(|| "-".into()),
+                td.clone().unwrap_or_else(|| "-".into()),
+                cell(&od),
+                cell(&td),
+                x(td.as_deref()),
+                cell(&kernel),
+                x(kernel.as_deref()),
             ]);
         }
     }
@@ -340,10 +424,10 @@ pub fn markdown(
             "jobs",
             "best ublk null",
             "best libublk",
-            "ublk IOPS",
-            "libublk IOPS",
+            "ublk IOPS (min–max)",
+            "libublk IOPS (min–max)",
             "× libublk",
-            "null_blk IOPS",
+            "null_blk IOPS (min–max)",
             "× null_blk",
         ],
         4,
@@ -357,7 +441,9 @@ pub fn markdown(
          × kernel peer: ublk-ram / brd, ublk-file-* / loop, ublk-stripe-* / {MD_RAID0} \
          (the stripe rows run {} only), ublk-mirror-* / {MD_RAID1} (the mirror rows run {} \
          only), ublk-compress-* / {ZRAM_LZ4} (the compression rows run {} only, with \
-         half-compressible data; their compression ratios are in the notes).\n",
+         half-compressible data; their compression ratios are in the notes). IOPS is the \
+         median of the rounds, min–max their spread; a ratio marked ≈ is within noise: the \
+         two rows' min–max ranges overlap.\n",
         PAIR_TESTS.join(", "),
         MIRROR_TESTS.join(", "),
         super::COMPRESS_TESTS.join(", ")
@@ -373,6 +459,7 @@ pub fn markdown(
                 rows.push(vec![
                     d.name.to_string(),
                     num(m.iops, 0),
+                    spread(m),
                     num(m.lat_avg_us, 1),
                     num(m.lat_p99_us, 1),
                     ratio_cell(a),
@@ -389,6 +476,7 @@ pub fn markdown(
                 &[
                     "device",
                     "IOPS",
+                    "IOPS min–max",
                     "avg lat (µs)",
                     "p99 lat (µs)",
                     "× null_blk",
@@ -422,7 +510,7 @@ pub fn markdown(
                     num(s.secs, 2),
                     num(s.mb_per_s[1], 1),
                     format!("{}–{}", num(s.mb_per_s[0], 1), num(s.mb_per_s[2], 1)),
-                    ratio_cell(rebuild_ratio(Some(s), md_rate)),
+                    plain_ratio_cell(rebuild_ratio(Some(s), md_rate)),
                     s.rounds.to_string(),
                 ],
                 None => vec![
@@ -474,6 +562,69 @@ pub fn markdown(
     md
 }
 
+/// The report of several boots (one per emulation regime): the bars side by side, then
+/// each regime's own report.
+pub fn combined(runs: &[(std::path::PathBuf, super::Run)]) -> String {
+    let mut md = String::new();
+    let _ = writeln!(md, "# ublk-rs benchmark, {} regimes\n", runs.len());
+    let _ = writeln!(
+        md,
+        "The same plan in one VM boot per regime. Single-threaded TCG has no real \
+         parallelism (the server and fio take turns on one host thread, so work per I/O is \
+         all that counts); multi-threaded TCG runs the vCPUs in parallel but makes cross-CPU \
+         wakeups very expensive. The two rank designs differently: a claim holds only where \
+         it holds in both. A ratio marked ≈ is within noise (the two rows' min–max ranges \
+         over the rounds overlap).\n"
+    );
+    let _ = writeln!(md, "## Bars, side by side (1-job medians)\n");
+    let mut headers = vec!["bar".to_string(), "need".to_string()];
+    headers.extend(runs.iter().map(|(_, r)| r.regime.clone()));
+    let first = runs.first().map(|(_, r)| r.bars.len()).unwrap_or(0);
+    let rows: Vec<Vec<String>> = (0..first)
+        .map(|i| {
+            let b0 = &runs[0].1.bars[i];
+            let mut row = vec![b0.what.to_string(), format!("≥ {:.2}×", b0.need)];
+            row.extend(runs.iter().map(|(_, r)| match r.bars.get(i) {
+                Some(b) => bar_cell(b),
+                None => "-".to_string(),
+            }));
+            row
+        })
+        .collect();
+    let headers: Vec<&str> = headers.iter().map(String::as_str).collect();
+    md.push_str(&markdown_table(&headers, 2, &rows));
+    for (dir, run) in runs {
+        let _ = writeln!(
+            md,
+            "\n# Regime: {} (`{}`)\n",
+            run.regime,
+            dir.join("report.md").display()
+        );
+        if let Some(e) = &run.incomplete {
+            let _ = writeln!(md, "**Incomplete: {e}.**\n");
+        }
+        // The regime's own report, one heading level down.
+        for line in run.markdown.lines().skip_while(|l| l.starts_with("# ")) {
+            if line.starts_with('#') {
+                let _ = writeln!(md, "#{line}");
+            } else {
+                let _ = writeln!(md, "{line}");
+            }
+        }
+    }
+    md
+}
+
+/// A bar's ratio and verdict in one cell: `0.93× MISS`, `≈1.02× PASS`.
+fn bar_cell(b: &Bar) -> String {
+    let Some(x) = b.ratio() else {
+        return "n/a".to_string();
+    };
+    let verdict = if x >= b.need { "PASS" } else { "MISS" };
+    let noise = if b.noise == Some(true) { "≈" } else { "" };
+    format!("{noise}{x:.2}× {verdict}")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -486,6 +637,8 @@ mod tests {
             .map(|(d, t, iops)| {
                 let m = Median {
                     iops: *iops,
+                    iops_min: *iops * 0.95,
+                    iops_max: *iops * 1.05,
                     lat_avg_us: 10.0,
                     lat_p99_us: 20.0,
                     rounds: 3,
@@ -529,6 +682,7 @@ mod tests {
     #[test]
     fn report_has_tables_and_bars() {
         let opts = Options {
+            all: false,
             rounds: 3,
             runtime: 3,
             ramp: 1,
@@ -561,8 +715,8 @@ mod tests {
             line.split('|').map(|c| c.trim().to_string()).collect()
         };
         // ublk-null-copy: 0.50 of null_blk, 2.00 of libublk, no kernel peer.
-        assert_eq!(row("ublk-null-copy")[5..8], ["0.50", "2.00", "-"]);
-        assert_eq!(row("ublk-ram")[5..8], ["0.45", "-", "0.90"]);
+        assert_eq!(row("ublk-null-copy")[6..9], ["0.50", "2.00", "-"]);
+        assert_eq!(row("ublk-ram")[6..9], ["0.45", "-", "0.90"]);
         // ublk-ram: 0.90 of brd, a PASS against the 0.8 bar.
         assert!(md.contains("**PASS** ublk RAM (best mode) vs brd"));
         assert!(md.contains("- a note"));
@@ -572,8 +726,41 @@ mod tests {
     }
 
     #[test]
+    fn regimes_side_by_side() {
+        let run = |regime: &str, libublk: f64| {
+            let r = results(&[
+                ("ublk-null-zc", "randread-4k-qd64", 100.0),
+                ("libublk-null-copy", "randread-4k-qd64", libublk),
+            ]);
+            super::super::Run {
+                regime: regime.into(),
+                bars: bars(&r),
+                markdown: "# ublk-rs benchmark\n\n## Bars\n\ntext\n".into(),
+                incomplete: None,
+            }
+        };
+        // 100 ±5% vs 80 ±5%: 1.25×, outside the noise; vs 98 ±5%: within it.
+        let runs = vec![
+            ("/t/single".into(), run("single-threaded TCG", 80.0)),
+            ("/t/multi".into(), run("multi-threaded TCG", 98.0)),
+        ];
+        let md = combined(&runs);
+        let row = md
+            .lines()
+            .find(|l| l.contains("vs libublk (best mode), 4k randread qd64"))
+            .unwrap_or_else(|| panic!("no libublk bar in\n{md}"));
+        let cells: Vec<&str> = row.split('|').map(str::trim).collect();
+        assert_eq!(cells[2..5], ["≥ 1.10×", "1.25× PASS", "≈1.02× MISS"]);
+        assert!(md.contains("# Regime: multi-threaded TCG (`/t/multi/report.md`)"));
+        // Each regime's own report sits one heading level down.
+        assert!(md.contains("\n### Bars\n"));
+        assert!(!md.contains("\n# ublk-rs benchmark\n"));
+    }
+
+    #[test]
     fn stripes_are_compared_with_md_raid0() {
         let opts = Options {
+            all: false,
             rounds: 3,
             runtime: 2,
             ramp: 1,
@@ -610,6 +797,7 @@ mod tests {
     #[test]
     fn mirrors_are_compared_with_md_raid1() {
         let opts = Options {
+            all: false,
             rounds: 3,
             runtime: 2,
             ramp: 1,

@@ -451,6 +451,7 @@ mod tests {
 
     fn make_plan(quick: bool) -> Plan {
         let opts = Options {
+            all: !quick,
             rounds: 3,
             runtime: 2,
             ramp: 1,
@@ -509,6 +510,7 @@ mod tests {
     #[test]
     fn compression_rows_are_filled_alike_and_report_their_ratio() {
         let opts = Options {
+            all: false,
             rounds: 3,
             runtime: 2,
             ramp: 1,
@@ -546,6 +548,7 @@ mod tests {
     #[test]
     fn mirror_rows_and_rebuilds_share_one_pair() {
         let opts = Options {
+            all: false,
             rounds: 3,
             runtime: 2,
             ramp: 1,
