@@ -47,6 +47,7 @@
 //! freshly discarded 1 GiB disks, alternating like the fio runs
 //! ([`REBUILDS`]); the report gives MB/s and the ratio to md.
 
+pub mod instructions;
 pub mod report;
 mod script;
 

@@ -70,6 +70,11 @@ commands:
          e.g. md-raid0,ublk-stripe or md-raid1,ublk-mirror; writes
          target/bench/report.md, raw.json and iops.png (with two regimes, one
          directory each under target/bench/ and a report.md side by side)
+  bench --instructions
+         instructions per 4 KiB I/O of the userspace path (null, stripes,
+         mirror, RAM) on the simulated queue, with perf stat where the host
+         has the counter, else callgrind; no VM; compared with the previous
+         run; writes target/bench/instructions.md and .json
 
 environment:
   XTASK_VM_TIMEOUT=SECS    kill the VM after SECS (default 2100; bench: from its plan)
@@ -108,6 +113,8 @@ struct Args {
     filter: Vec<String>,
     /// `--all`: every bench device, not only the headline plan.
     all: bool,
+    /// `--instructions`: count instructions per I/O instead of running fio.
+    instructions: bool,
     /// `--accel`: the qemu accelerators to run the benchmark under, one boot each.
     accel: Vec<String>,
     rest: Vec<String>,
@@ -123,6 +130,7 @@ fn parse_args(args: &[String], allowed: &[&str]) -> Result<Args> {
         quick: false,
         filter: Vec::new(),
         all: false,
+        instructions: false,
         accel: Vec::new(),
         rest: Vec::new(),
     };
@@ -162,6 +170,7 @@ fn parse_args(args: &[String], allowed: &[&str]) -> Result<Args> {
             "--no-build" => a.no_build = true,
             "--quick" => a.quick = true,
             "--all" => a.all = true,
+            "--instructions" => a.instructions = true,
             "--accel" => {
                 a.accel = match value()?.as_str() {
                     "single" => vec![vm::TCG.to_string()],
@@ -254,6 +263,7 @@ fn try_main() -> Result<i32> {
                     "--filter",
                     "--all",
                     "--accel",
+                    "--instructions",
                 ],
             )?;
             bench_cmd(&a)
@@ -286,6 +296,12 @@ fn prepare(a: &Args) -> Result<Workspace> {
 
 /// `cargo xtask bench`
 fn bench_cmd(a: &Args) -> Result<i32> {
+    if a.instructions {
+        let ws = Workspace::discover()?;
+        let md = bench::instructions::instructions(&ws)?;
+        println!("\n{md}");
+        return Ok(0);
+    }
     if a.rounds == 0 {
         bail!("--rounds must be at least 1");
     }
