@@ -50,6 +50,7 @@
 pub mod instructions;
 pub mod report;
 mod script;
+pub mod sweep;
 
 use crate::chart;
 use crate::deps;
@@ -750,6 +751,16 @@ pub struct Plan {
     pub notes: Vec<String>,
 }
 
+/// Whether a device or rebuild `name` is picked by the `--filter` item `f`: it contains `f`,
+/// or with a trailing `$`, it is exactly what comes before it (`ublk-null-zc$` picks
+/// `ublk-null-zc` but neither `ublk-null-zc-sqpoll` nor `libublk-null-zc`).
+fn matches(name: &str, f: &str) -> bool {
+    match f.strip_suffix('$') {
+        Some(exact) => name == exact,
+        None => name.contains(f),
+    }
+}
+
 /// Guest seconds per fio run beyond runtime + ramp (measured under TCG:
 /// fio start-up and job setup).
 const RUN_OVERHEAD_SECS: f64 = 0.7;
@@ -767,7 +778,7 @@ impl Plan {
     pub fn new(opts: &Options, libublk_available: bool, mdadm_available: bool) -> Result<Plan> {
         let mut notes = Vec::new();
         let wanted =
-            |name: &str| opts.filter.is_empty() || opts.filter.iter().any(|f| name.contains(f));
+            |name: &str| opts.filter.is_empty() || opts.filter.iter().any(|f| matches(name, f));
         let mut devices: Vec<&Device> = DEVICES
             .iter()
             .filter(|d| !opts.quick || d.quick)
@@ -1539,6 +1550,10 @@ mod tests {
         assert!(no_lib.rebuilds.is_empty());
         assert_eq!(no_lib.notes.len(), 1);
         assert!(Plan::new(&opts(false, &["nothing-matches"]), true, true).is_err());
+        let exact =
+            Plan::new(&opts(false, &["ublk-null-zc$", "null_blk"]), true, true).expect("exact");
+        let names: Vec<&str> = exact.devices.iter().map(|d| d.name).collect();
+        assert_eq!(names, ["ublk-null-zc", NULL_BLK]);
         let stripes =
             Plan::new(&opts(false, &[MD_RAID0, "ublk-stripe"]), true, true).expect("stripes");
         let names: Vec<&str> = stripes.devices.iter().map(|d| d.name).collect();

@@ -66,10 +66,18 @@ commands:
          plan, single for --quick or --filter; natively there is one);
          --all: every buffer mode and SQPOLL variant too (about 60 min per
          boot); --quick: 7 devices, 4k randread, 1 job, about 4 min;
-         --filter: devices and rebuilds whose name contains one of the NAMEs,
-         e.g. md-raid0,ublk-stripe or md-raid1,ublk-mirror; writes
+         --filter: devices and rebuilds whose name contains one of the NAMEs
+         (NAME$: exactly NAME), e.g. md-raid0,ublk-stripe or
+         md-raid1,ublk-mirror or ublk-null-zc$,null_blk; writes
          target/bench/report.md, raw.json and iops.png (with two regimes, one
          directory each under target/bench/ and a report.md side by side)
+  bench --native | --sweep
+         --native: on a host with /dev/ublk-control only (no VM), the plan
+         plus a scaling sweep of ublk null (batch + zero-copy) over 1, 2, 4,
+         ... queues up to the CPU count, as many fio jobs, iodepth 128: IOPS
+         per queue and per busy CPU; --sweep: the sweep alone, natively or
+         in the VM; writes target/bench/sweep.md. `cargo xtask test` runs a
+         1- and 2-queue sweep after the kernel tests
   bench --instructions
          instructions per 4 KiB I/O of the userspace path (null, stripes,
          mirror, RAM) on the simulated queue, with perf stat where the host
@@ -115,6 +123,10 @@ struct Args {
     all: bool,
     /// `--instructions`: count instructions per I/O instead of running fio.
     instructions: bool,
+    /// `--native`: require `/dev/ublk-control`; the plan plus the scaling sweep.
+    native: bool,
+    /// `--sweep`: the scaling sweep alone (natively or in the VM).
+    sweep: bool,
     /// `--accel`: the qemu accelerators to run the benchmark under, one boot each.
     accel: Vec<String>,
     rest: Vec<String>,
@@ -131,6 +143,8 @@ fn parse_args(args: &[String], allowed: &[&str]) -> Result<Args> {
         filter: Vec::new(),
         all: false,
         instructions: false,
+        native: false,
+        sweep: false,
         accel: Vec::new(),
         rest: Vec::new(),
     };
@@ -171,6 +185,8 @@ fn parse_args(args: &[String], allowed: &[&str]) -> Result<Args> {
             "--quick" => a.quick = true,
             "--all" => a.all = true,
             "--instructions" => a.instructions = true,
+            "--native" => a.native = true,
+            "--sweep" => a.sweep = true,
             "--accel" => {
                 a.accel = match value()?.as_str() {
                     "single" => vec![vm::TCG.to_string()],
@@ -264,6 +280,8 @@ fn try_main() -> Result<i32> {
                     "--all",
                     "--accel",
                     "--instructions",
+                    "--native",
+                    "--sweep",
                 ],
             )?;
             bench_cmd(&a)
@@ -315,6 +333,20 @@ fn bench_cmd(a: &Args) -> Result<i32> {
         filter: a.filter.clone(),
         all: a.all,
     };
+    if a.native && !host_has_ublk() {
+        bail!(
+            "--native needs the ublk driver on this host (/dev/ublk-control: modprobe ublk_drv); \
+             without it, `cargo xtask bench --sweep` runs the scaling sweep in the VM"
+        );
+    }
+    if a.sweep {
+        let ws = prepare(a)?;
+        let mut vm = a.vm_opts()?;
+        vm.mem = a.mem.clone().unwrap_or_else(|| BENCH_MEM.to_string());
+        vm.accel = a.accel.first().cloned();
+        run_sweep(&ws, &vm, &[], opts.runtime, opts.ramp, opts.rounds)?;
+        return Ok(0);
+    }
     // Check the options before building anything.
     let wanted = bench::Plan::new(&opts, true, true)?;
     let ws = prepare(a)?;
@@ -372,6 +404,9 @@ fn bench_cmd(a: &Args) -> Result<i32> {
         println!("\n{md}");
         println!("xtask: wrote {}", path.display());
     }
+    if a.native {
+        run_sweep(&ws, &vm, &[], opts.runtime, opts.ramp, opts.rounds)?;
+    }
     let problems: Vec<String> = runs
         .iter()
         .filter_map(|(_, r)| r.incomplete.as_ref().map(|e| format!("{}: {e}", r.regime)))
@@ -381,6 +416,69 @@ fn bench_cmd(a: &Args) -> Result<i32> {
     }
     Ok(0)
 }
+
+/// Runs the scaling sweep (queue counts `queues`, or 1, 2, 4, … up to the CPU count when
+/// empty), writes `target/bench/sweep.md` and prints it; fails unless every queue count
+/// gave a measurement.
+fn run_sweep(
+    ws: &Workspace,
+    vm: &VmOpts,
+    queues: &[u32],
+    runtime: u32,
+    ramp: u32,
+    rounds: u32,
+) -> Result<()> {
+    let payload = Payload {
+        script: bench::sweep::script(queues, runtime, ramp, rounds),
+        extra_bins: Vec::new(),
+    };
+    let outcome = run_payload(ws, &payload, vm)?;
+    let md = check_sweep(
+        &outcome.output,
+        &bench::regime_name(vm.accel.as_deref()),
+        queues,
+    )?;
+    let dir = ws.target.join("bench");
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    let path = dir.join("sweep.md");
+    std::fs::write(&path, &md).with_context(|| format!("writing {}", path.display()))?;
+    println!("\n{md}");
+    eprintln!("xtask: wrote {}", path.display());
+    if outcome.code != 0 {
+        bail!("the sweep script failed (exit status {})", outcome.code);
+    }
+    Ok(())
+}
+
+/// The sweep's table from a console, or why the sweep did not measure every queue count.
+fn check_sweep(out: &str, regime: &str, expect: &[u32]) -> Result<String> {
+    let samples = bench::sweep::parse(out);
+    let failed: Vec<&str> = out
+        .lines()
+        .filter_map(|l| l.split_once("XTASK-SWEEP-FAIL ").map(|(_, x)| x.trim()))
+        .collect();
+    if !failed.is_empty() {
+        bail!("scaling sweep runs failed: {}", failed.join(", "));
+    }
+    if samples.is_empty() || !samples.iter().all(|s| s.iops > 0.0) {
+        bail!("the scaling sweep measured nothing: {samples:?}");
+    }
+    if let Some(q) = expect
+        .iter()
+        .find(|&&q| !samples.iter().any(|s| s.queues == q))
+    {
+        bail!("the scaling sweep has no measurement for {q} queue(s)");
+    }
+    Ok(bench::sweep::markdown(
+        &samples,
+        bench::sweep::cpus(out),
+        regime,
+    ))
+}
+
+/// Queue counts of the small scaling sweep `cargo xtask test` runs after the kernel tests,
+/// so that `cargo xtask bench --native` cannot rot.
+const TEST_SWEEP_QUEUES: &[u32] = &[1, 2];
 
 /// `cargo xtask vm -- CMD ARGS...`
 fn vm_cmd(a: &Args) -> Result<i32> {
@@ -416,6 +514,8 @@ fn test(a: &Args) -> Result<i32> {
         bail!("{} was not built", ublk.display());
     }
 
+    // A filtered run (`cargo xtask test -- NAME`) runs the named kernel tests only.
+    let sweep = a.rest.is_empty();
     let mut test_args = vec!["--ignored".to_string(), "--test-threads=1".to_string()];
     test_args.extend(a.rest.iter().cloned());
     let opts = a.vm_opts()?;
@@ -436,15 +536,41 @@ fn test(a: &Args) -> Result<i32> {
         let status = res.status.with_context(|| {
             format!("kernel tests timed out after {} s", opts.timeout.as_secs())
         })?;
-        exit_code(status)
+        let code = exit_code(status);
+        if code == 0 && sweep {
+            eprintln!("xtask: == the scaling sweep of `bench --native`, 1 and 2 queues");
+            run_sweep(&ws, &opts, TEST_SWEEP_QUEUES, 1, 0, 1)?;
+        }
+        code
     } else {
         eprintln!("xtask: == kernel tests (in a qemu VM: the host has no /dev/ublk-control)");
         let line: Vec<String> = test_args.iter().map(|s| sh_quote(s)).collect();
+        // The full run also exercises the scaling sweep of `bench --native` (1 and 2
+        // queues, 1 s each) in the same boot, so that it cannot rot.
+        let script = if sweep {
+            format!(
+                "kernel-tests {}\nkt=$?\n[ \"$kt\" -ne 0 ] || (\n{}\n)\nexit $kt\n",
+                line.join(" "),
+                bench::sweep::script(TEST_SWEEP_QUEUES, 1, 0, 1)
+            )
+        } else {
+            format!("kernel-tests {}\n", line.join(" "))
+        };
         let payload = Payload {
-            script: format!("kernel-tests {}\n", line.join(" ")),
+            script,
             extra_bins: vec![("kernel-tests".to_string(), kernel_tests)],
         };
-        run_payload(&ws, &payload, &opts)?.code
+        let outcome = run_payload(&ws, &payload, &opts)?;
+        if outcome.code == 0 && sweep {
+            let md = check_sweep(
+                &outcome.output,
+                &bench::regime_name(opts.accel.as_deref()),
+                TEST_SWEEP_QUEUES,
+            )
+            .context("the scaling sweep of `cargo xtask bench --native` after the kernel tests")?;
+            eprintln!("xtask: the scaling sweep (1 and 2 queues) ran:\n{md}");
+        }
+        outcome.code
     };
     if code != 0 {
         bail!("kernel tests failed (exit status {code})");
