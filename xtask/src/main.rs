@@ -547,15 +547,7 @@ fn test(a: &Args) -> Result<i32> {
         let line: Vec<String> = test_args.iter().map(|s| sh_quote(s)).collect();
         // The full run also exercises the scaling sweep of `bench --native` (1 and 2
         // queues, 1 s each) in the same boot, so that it cannot rot.
-        let script = if sweep {
-            format!(
-                "kernel-tests {}\nkt=$?\n[ \"$kt\" -ne 0 ] || (\n{}\n)\nexit $kt\n",
-                line.join(" "),
-                bench::sweep::script(TEST_SWEEP_QUEUES, 1, 0, 1)
-            )
-        } else {
-            format!("kernel-tests {}\n", line.join(" "))
-        };
+        let script = test_script(&line.join(" "), sweep);
         let payload = Payload {
             script,
             extra_bins: vec![("kernel-tests".to_string(), kernel_tests)],
@@ -580,6 +572,19 @@ fn test(a: &Args) -> Result<i32> {
         t0.elapsed().as_secs_f64()
     );
     Ok(0)
+}
+
+/// The VM payload of `cargo xtask test`: the kernel tests, then (for a full run, when they
+/// passed) the small scaling sweep in a subshell; exits with the kernel tests' status.
+fn test_script(args: &str, sweep: bool) -> String {
+    if sweep {
+        format!(
+            "kernel-tests {args}\nkt=$?\n[ \"$kt\" -ne 0 ] || (\n{}\n)\nexit $kt\n",
+            bench::sweep::script(TEST_SWEEP_QUEUES, 1, 0, 1)
+        )
+    } else {
+        format!("kernel-tests {args}\n")
+    }
 }
 
 /// Builds `ublk-targets/tests/kernel.rs` in release mode and returns the path
@@ -616,6 +621,21 @@ fn find_test_executable(messages: &str, name: &str) -> Option<PathBuf> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn test_payload_parses_and_keeps_the_tests_status() {
+        for sweep in [false, true] {
+            let script = test_script("--ignored --test-threads=1", sweep);
+            let ok = Command::new("sh")
+                .args(["-n", "-c", &script])
+                .status()
+                .expect("sh");
+            assert!(ok.success(), "{script}");
+            assert!(script.starts_with("kernel-tests --ignored --test-threads=1\n"));
+            assert_eq!(script.contains("XTASK-SWEEP"), sweep);
+        }
+        assert!(test_script("", true).trim_end().ends_with("exit $kt"));
+    }
 
     #[test]
     fn finds_test_executable() {
