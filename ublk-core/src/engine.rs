@@ -41,6 +41,10 @@ struct Slot {
     /// The kernel request's result, once it completed (its commit waits for every
     /// sub-request viewing its buffer).
     result: Option<i32>,
+    /// The request reached the target, and was fetched at `fetched` on the engine's clock:
+    /// its commit counts in the root's latency histogram.
+    timed: bool,
+    fetched: u64,
 }
 
 /// One queue's dispatcher: the node tree, the requests and operations in flight, and the
@@ -57,6 +61,9 @@ pub(crate) struct Engine {
     scratch: Vec<Done>,
     /// Tags whose request and every sub-request completed: `(tag, result)`, to commit.
     ready: Vec<(u16, i32)>,
+    /// The engine's clock: nanoseconds since `epoch` when [`Engine::tick`] last read it.
+    epoch: std::time::Instant,
+    now: u64,
 }
 
 impl Engine {
@@ -85,7 +92,7 @@ impl Engine {
                 events: VecDeque::new(),
                 meta: tree.meta,
                 opened: Vec::new(),
-                stats: Arc::new(QueueStats::new(paths)),
+                stats: Arc::new(QueueStats::new(q_id, paths)),
             },
             mode,
             stage: stage && mode == BufferMode::UserCopy,
@@ -94,7 +101,15 @@ impl Engine {
             slots: vec![Slot::default(); usize::from(depth)],
             scratch: Vec::with_capacity(usize::from(depth)),
             ready: Vec::with_capacity(usize::from(depth)),
+            epoch: std::time::Instant::now(),
+            now: 0,
         }
+    }
+
+    /// Reads the clock the latency histograms use: once per loop turn when its completions
+    /// have been reaped, and again in [`Engine::drain`] before the commits.
+    pub(crate) fn tick(&mut self) {
+        self.now = u64::try_from(self.epoch.elapsed().as_nanos()).unwrap_or(u64::MAX);
     }
 
     /// This queue's per-node counters.
@@ -173,6 +188,8 @@ impl Engine {
             self.ready.push((tag, 0));
             return;
         }
+        slot.timed = true;
+        slot.fetched = self.now;
         let buf = self
             .shared
             .arena
@@ -234,6 +251,7 @@ impl Engine {
     /// Hands `io` to `node`.
     fn call_submit(&mut self, node: NodeId, mut io: Io, ring: &mut IoUring) {
         io.set_node(node);
+        io.set_started(self.now);
         if let Some(c) = self.core.stats.nodes.get(node.index()) {
             c.request(&io.block_io());
         }
@@ -320,12 +338,16 @@ impl Engine {
 
     /// Accounts for one finished request.
     fn finish(&mut self, d: Done) {
-        if d.res < 0 {
-            if let Some(c) = self.core.stats.nodes.get(d.node.index()) {
+        let origin = d.origin;
+        if let Some(c) = self.core.stats.nodes.get(d.node.index()) {
+            if d.res < 0 {
                 c.error();
             }
+            // The root's own kernel request is timed at its commit, in `drain`.
+            if !(d.root && d.node == NodeId(0) && matches!(origin, Origin::Tag(_))) {
+                c.answered(self.now.saturating_sub(d.started));
+            }
         }
-        let origin = d.origin;
         if d.root {
             match origin {
                 Origin::Tag(tag) => match self.slots.get_mut(usize::from(tag)) {
@@ -433,6 +455,7 @@ impl Engine {
         ring: &mut IoUring,
         mut commit: impl FnMut(&mut IoUring, u16, i32),
     ) {
+        self.tick();
         // Completions made on other threads wait here until the loop turn ends.
         while let Some(d) = self.shared.pop_remote() {
             self.finish(d);
@@ -460,6 +483,11 @@ impl Engine {
             }
             if slot.registered {
                 self.buf_cmd(sys::UBLK_U_IO_UNREGISTER_IO_BUF, tag, ring);
+            }
+            if slot.timed {
+                if let Some(c) = self.core.stats.nodes.first() {
+                    c.answered(self.now.saturating_sub(slot.fetched));
+                }
             }
             commit(ring, tag, res);
         }

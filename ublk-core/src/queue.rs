@@ -312,6 +312,7 @@ fn serve<T: Target>(
     let mut cqes: Vec<(u64, i32, u32)> = Vec::with_capacity(entries as usize * 2);
     while live > 0 && !shared.stop_requested() {
         submit_and_reap(ring, &mut cqes)?;
+        engine.tick();
         for (user_data, res, flags) in cqes.drain(..) {
             let tag = match Owner::of(user_data) {
                 Owner::NodeOp(key) => {
@@ -397,6 +398,7 @@ fn serve_batch(
     // commit was answered, so no command still reads our arrays.
     while !batch.commits_idle() || (batch.fetching() && !shared.stop_requested()) {
         submit_and_reap(ring, &mut cqes)?;
+        engine.tick();
         for (user_data, res, flags) in cqes.drain(..) {
             match Owner::of(user_data) {
                 Owner::NodeOp(key) => engine.op_done(key, res, ring),

@@ -415,6 +415,23 @@ mod tests {
     }
 
     #[test]
+    fn every_answered_request_is_timed_once_and_nothing_stays_in_flight() {
+        let mut q = queue();
+        let stats = q.stats();
+        for i in 0..10u64 {
+            assert_eq!(q.write(i * 512, &[1; 512]), Ok(512));
+        }
+        assert_eq!(q.read(0, 1024).map(|d| d.len()), Ok(1024));
+        // Rejected before the target: neither counted nor timed.
+        assert!(q.op(sys::UBLK_IO_OP_READ, 0, 1 << 20, 512).is_err());
+        let root = &stats.snapshot()[0];
+        assert_eq!((root.writes, root.reads, root.write_bytes), (10, 1, 5120));
+        assert_eq!(root.latency.count(), 11);
+        assert_eq!(root.in_flight(), 0);
+        assert!(root.latency.percentile(0.999).is_some());
+    }
+
+    #[test]
     fn panics_and_dropped_requests_fail_with_eio_and_free_the_tag() {
         let mut q = queue();
         assert_eq!(q.op(sys::UBLK_IO_OP_FLUSH, 0, 0, 0), Err(-libc::EIO));
