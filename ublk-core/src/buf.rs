@@ -56,6 +56,94 @@ impl TagArena {
     }
 }
 
+/// Bytes of idle buffers a [`BufPool`] keeps for reuse; what comes back beyond that is
+/// unmapped.
+pub(crate) const POOL_IDLE_BYTES: usize = 2 << 20;
+
+/// Buffers lent to requests only while they are in flight (`UBLK_F_NEED_GET_DATA`): a
+/// write's buffer is taken when the kernel asks where to put its data, a read's when the
+/// target is handed the request, and both come back after the commit. Sizes go by powers of
+/// two from one page; up to [`POOL_IDLE_BYTES`] of returned buffers wait for reuse, the rest
+/// are unmapped, so an idle queue holds at most that much.
+#[derive(Debug)]
+pub(crate) struct BufPool {
+    /// Idle buffers by size class (class `c`: `page << c` bytes).
+    idle: Vec<Vec<Mapping>>,
+    idle_bytes: usize,
+    max_idle: usize,
+}
+
+/// A buffer of a [`BufPool`], lent to one request.
+#[derive(Debug)]
+pub(crate) struct PoolBuf {
+    map: Mapping,
+    class: usize,
+}
+
+impl PoolBuf {
+    /// Start of the buffer.
+    pub(crate) fn as_ptr(&self) -> *mut u8 {
+        self.map.as_ptr()
+    }
+
+    /// Its size in bytes.
+    pub(crate) fn len(&self) -> usize {
+        self.map.len()
+    }
+}
+
+impl BufPool {
+    /// A pool keeping up to `max_idle` bytes of idle buffers.
+    pub(crate) fn new(max_idle: usize) -> Self {
+        BufPool {
+            idle: Vec::new(),
+            idle_bytes: 0,
+            max_idle,
+        }
+    }
+
+    /// The size class of a buffer of at least `len` bytes.
+    fn class_of(len: usize) -> usize {
+        let pages = len.max(1).div_ceil(page_size());
+        pages.next_power_of_two().trailing_zeros() as usize
+    }
+
+    /// A buffer of at least `len` bytes.
+    pub(crate) fn take(&mut self, len: usize) -> io::Result<PoolBuf> {
+        let class = Self::class_of(len);
+        if let Some(map) = self.idle.get_mut(class).and_then(Vec::pop) {
+            self.idle_bytes -= map.len();
+            return Ok(PoolBuf { map, class });
+        }
+        let size = page_size()
+            .checked_shl(class as u32)
+            .filter(|&s| s >= len)
+            .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "buffer too large"))?;
+        Ok(PoolBuf {
+            map: Mapping::anonymous(size)?,
+            class,
+        })
+    }
+
+    /// Returns a buffer: kept for reuse within the idle budget, else unmapped.
+    pub(crate) fn give(&mut self, buf: PoolBuf) {
+        if self.idle_bytes + buf.len() > self.max_idle {
+            return;
+        }
+        if self.idle.len() <= buf.class {
+            self.idle.resize_with(buf.class + 1, Vec::new);
+        }
+        self.idle_bytes += buf.len();
+        self.idle[buf.class].push(buf.map);
+    }
+
+    /// Bytes of idle buffers kept.
+    #[cfg(test)]
+    pub(crate) fn idle_bytes(&self) -> usize {
+        self.idle_bytes
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -80,6 +168,29 @@ mod tests {
         assert_eq!(BufferMode::UserCopy.effective(0), BufferMode::Copy);
         assert_eq!(BufferMode::Registered.effective(0), BufferMode::Registered);
         assert_eq!(BufferMode::Copy.effective(0), BufferMode::Copy);
+    }
+
+    #[test]
+    fn pool_reuses_buffers_by_size_and_keeps_only_its_idle_budget() {
+        let page = page_size();
+        let mut pool = BufPool::new(4 * page);
+        let a = pool.take(1).expect("one page");
+        assert_eq!(a.len(), page);
+        let b = pool.take(page + 1).expect("two pages");
+        assert_eq!(b.len(), 2 * page);
+        let c = pool.take(5 * page).expect("eight pages");
+        assert_eq!(c.len(), 8 * page);
+        let b_ptr = b.as_ptr();
+        pool.give(b);
+        pool.give(a);
+        assert_eq!(pool.idle_bytes(), 3 * page);
+        // Beyond the budget: unmapped, not kept.
+        pool.give(c);
+        assert_eq!(pool.idle_bytes(), 3 * page);
+        let again = pool.take(2 * page).expect("two pages again");
+        assert_eq!(again.as_ptr(), b_ptr);
+        assert_eq!(pool.idle_bytes(), page);
+        assert!(pool.take(usize::MAX).is_err());
     }
 
     #[test]

@@ -94,6 +94,8 @@ pub(crate) struct QueueSetup {
     pub batch: bool,
     /// User copy for a target that reads [`crate::Io::data`]: stage bytes in the tag buffer.
     pub stage: bool,
+    /// `UBLK_F_NEED_GET_DATA`: request buffers come from a per-queue pool while in flight.
+    pub need_get_data: bool,
     /// Where the queue's per-node counters are published.
     pub stats: Option<StatsRegistry>,
 }
@@ -261,8 +263,7 @@ fn serve<T: Target>(
         Arc::clone(&shared),
         setup.geo,
         q_id,
-        setup.mode,
-        setup.stage,
+        (setup.mode, setup.stage, setup.need_get_data),
     );
     if let Some(stats) = &setup.stats {
         stats.add(engine.stats());
@@ -312,6 +313,7 @@ fn serve<T: Target>(
     let mut cqes: Vec<(u64, i32, u32)> = Vec::with_capacity(entries as usize * 2);
     while live > 0 && !shared.stop_requested() {
         submit_and_reap(ring, &mut cqes)?;
+        engine.submitted();
         engine.tick();
         for (user_data, res, flags) in cqes.drain(..) {
             let tag = match Owner::of(user_data) {
@@ -338,6 +340,19 @@ fn serve<T: Target>(
             };
             match res {
                 sys::UBLK_IO_RES_OK => engine.dispatch(tag, descs.read(tag), ring),
+                sys::UBLK_IO_RES_NEED_GET_DATA => {
+                    // The data comes with this command's completion (UBLK_IO_RES_OK).
+                    if let Some(addr) = engine.need_data(tag, descs.read(tag)) {
+                        let sqe = io_cmd_sqe(
+                            cdev,
+                            sys::UBLK_U_IO_NEED_GET_DATA,
+                            (q_id, tag),
+                            0,
+                            (addr, 0),
+                        );
+                        push(ring, &sqe)?;
+                    }
+                }
                 sys::UBLK_IO_RES_ABORT => live -= 1,
                 other => {
                     tracing::error!(q = q_id, tag, res = other, "unexpected fetch result");
@@ -346,13 +361,20 @@ fn serve<T: Target>(
             }
         }
         let mut push_err = None;
-        engine.drain(ring, |ring, tag, res| {
+        engine.drain(ring, |ring, tag, res, buf| {
+            // A read's data is in `buf` when it came from the pool: the kernel copies it out
+            // while taking the commit (submitted at the next turn, before `submitted`).
+            let addrs = if buf != 0 {
+                (buf, 0)
+            } else {
+                fetch_addrs(setup.mode, &shared, tag)
+            };
             let sqe = io_cmd_sqe(
                 cdev,
                 sys::UBLK_U_IO_COMMIT_AND_FETCH_REQ,
                 (q_id, tag),
                 res,
-                fetch_addrs(setup.mode, &shared, tag),
+                addrs,
             );
             if let Err(e) = push(ring, &sqe) {
                 push_err = Some(e);
@@ -420,7 +442,7 @@ fn serve_batch(
                 }
             }
         }
-        engine.drain(ring, |_, tag, res| batch.queue_result(tag, res));
+        engine.drain(ring, |_, tag, res, _| batch.queue_result(tag, res));
         batch.submit_commits(ring)?;
     }
     tracing::debug!(

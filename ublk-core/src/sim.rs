@@ -122,8 +122,7 @@ impl<T: Target> SimQueue<T> {
                 Arc::clone(&shared),
                 geo,
                 0,
-                mode,
-                !target.copies_data(),
+                (mode, !target.copies_data(), false),
             ),
             ring,
             shared,
@@ -213,7 +212,7 @@ impl<T: Target> SimQueue<T> {
     pub fn results_into(&mut self, out: &mut Vec<(u16, i32)>) {
         self.run_ring();
         let busy = &mut self.busy;
-        self.engine.drain(&mut self.ring, |_, tag, res| {
+        self.engine.drain(&mut self.ring, |_, tag, res, _| {
             busy[usize::from(tag)] = false;
             out.push((tag, res));
         });
@@ -224,7 +223,7 @@ impl<T: Target> SimQueue<T> {
         self.run_ring();
         let mut done = Vec::new();
         self.engine
-            .drain(&mut self.ring, |_, tag, res| done.push((tag, res)));
+            .drain(&mut self.ring, |_, tag, res, _| done.push((tag, res)));
         done.into_iter()
             .map(|(tag, result)| {
                 self.busy[usize::from(tag)] = false;

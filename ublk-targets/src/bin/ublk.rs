@@ -250,6 +250,11 @@ struct AddArgs {
     /// multishot fetch per queue and each loop turn commits all results with one command.
     #[arg(long)]
     batch: bool,
+    /// Hold request buffers only while requests are in flight (kernel UBLK_F_NEED_GET_DATA),
+    /// taken from a per-queue pool, instead of a buffer of --max-io bytes per tag: less
+    /// memory for idle devices, one more command per write. Copy mode only.
+    #[arg(long, conflicts_with_all = ["sqpoll", "batch", "zero_copy"])]
+    need_get_data: bool,
     /// Server threads per queue, each serving every N-th tag with its own io_uring (kernel
     /// UBLK_F_PER_IO_DAEMON when above 1).
     #[arg(long, default_value_t = 1)]
@@ -416,6 +421,7 @@ fn builder(args: &AddArgs, kind: TargetKind) -> CliResult<DeviceBuilder> {
         .sqpoll(args.sqpoll.then_some(args.sq_thread_idle))
         .defer_taskrun(args.defer_taskrun)
         .batch_io(args.batch)
+        .need_get_data(args.need_get_data)
         .threads_per_queue(args.threads_per_queue);
     if let Some(id) = args.id {
         b = b.id(id);
@@ -651,8 +657,14 @@ fn choose_mode(args: &AddArgs, kind: TargetKind, desc: &NodeDesc) -> CliResult<B
                 node.kind
             )
         }),
+        (Some(mode), _) if args.need_get_data && mode != BufferMode::Copy => Err(format!(
+            "--need-get-data works in copy mode only, not with --buffer-mode {}",
+            mode.name()
+        )),
         (Some(mode), _) => Ok(mode),
-        (None, None) if kind == TargetKind::Stack => Ok(BufferMode::ZeroCopy),
+        (None, None) if kind == TargetKind::Stack && !args.need_get_data => {
+            Ok(BufferMode::ZeroCopy)
+        }
         (None, _) => Ok(BufferMode::Copy),
     }
 }
@@ -710,6 +722,7 @@ fn info_json(info: &DeviceInfo, kind: TargetKind, expr: &str) -> Value {
         "sqpoll": info.sqpoll.is_some(),
         "defer_taskrun": info.defer_taskrun,
         "batch": info.batch_io,
+        "need_get_data": info.flags & ublk_core::sys::UBLK_F_NEED_GET_DATA != 0,
         "threads_per_queue": info.threads_per_queue,
     })
 }
