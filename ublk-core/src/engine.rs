@@ -45,6 +45,8 @@ struct Slot {
     /// its commit counts in the root's latency histogram.
     timed: bool,
     fetched: u64,
+    /// A read: with a pool, its buffer is needed until the commit is submitted.
+    reads: bool,
 }
 
 /// One queue's dispatcher: the node tree, the requests and operations in flight, and the
@@ -167,7 +169,14 @@ impl Engine {
         }
     }
 
-    /// The loop turn's commits were submitted: their buffers go back to the pool.
+    /// Whether reads' buffers wait for their commits to be submitted (see
+    /// [`Engine::submitted`]).
+    pub(crate) fn has_retired(&self) -> bool {
+        !self.retired.is_empty()
+    }
+
+    /// The loop turn's commits were submitted (the kernel copied the reads' data out of their
+    /// buffers while taking them): their buffers go back to the pool.
     pub(crate) fn submitted(&mut self) {
         if let Some(pool) = self.pool.as_mut() {
             for buf in self.retired.drain(..) {
@@ -297,6 +306,7 @@ impl Engine {
         }
         slot.timed = true;
         slot.fetched = self.now;
+        slot.reads = io.op == Op::Read;
         let buf = match self.request_buf(tag, io.op, io.len) {
             Ok(buf) => buf,
             Err(errno) => {
@@ -604,7 +614,17 @@ impl Engine {
             let held = self.held.get_mut(usize::from(tag)).and_then(Option::take);
             let addr = held.as_ref().map_or(0, |b| b.as_ptr() as u64);
             commit(ring, tag, res, addr);
-            self.retired.extend(held);
+            // Only a read's buffer is still needed, by the kernel taking the commit; the
+            // request's own views of the tag are gone (it is committed only then).
+            match (held, slot.reads) {
+                (Some(buf), true) => self.retired.push(buf),
+                (Some(buf), false) => {
+                    if let Some(pool) = self.pool.as_mut() {
+                        pool.give(buf);
+                    }
+                }
+                (None, _) => {}
+            }
         }
         self.ready = ready;
     }

@@ -313,7 +313,7 @@ fn serve<T: Target>(
     let mut cqes: Vec<(u64, i32, u32)> = Vec::with_capacity(entries as usize * 2);
     while live > 0 && !shared.stop_requested() {
         submit_and_reap(ring, &mut cqes)?;
-        engine.submitted();
+        release_if_submitted(ring, engine);
         engine.tick();
         for (user_data, res, flags) in cqes.drain(..) {
             let tag = match Owner::of(user_data) {
@@ -382,6 +382,15 @@ fn serve<T: Target>(
         });
         if let Some(e) = push_err {
             return Err(e);
+        }
+        // Reads' pool buffers: submit their commits now rather than with the next wait, so
+        // an idle queue does not keep them.
+        if engine.has_retired() {
+            match ring.submit() {
+                Ok(_) => release_if_submitted(ring, engine),
+                Err(e) if matches!(e.raw_os_error(), Some(libc::EINTR | libc::EBUSY)) => {}
+                Err(e) => return Err(e),
+            }
         }
     }
     tracing::debug!(
@@ -452,6 +461,14 @@ fn serve_batch(
         "batch queue loop ended"
     );
     Ok(())
+}
+
+/// Gives the engine's retired read buffers back once every queued SQE, their commits among
+/// them, has been taken by the kernel.
+fn release_if_submitted(ring: &mut IoUring, engine: &mut Engine) {
+    if engine.has_retired() && ring.submission().is_empty() {
+        engine.submitted();
+    }
 }
 
 /// Submits the loop turn's SQEs, waits for at least one completion, and appends every
