@@ -178,7 +178,7 @@ fn views<'a>(now: &'a [NodeStats], before: Option<&[NodeStats]>, secs: f64) -> V
         .collect()
 }
 
-fn queue_before<'a>(before: Option<&'a [QueueSnapshot]>, q_id: u16) -> Option<&'a [NodeStats]> {
+fn queue_before(before: Option<&[QueueSnapshot]>, q_id: u16) -> Option<&[NodeStats]> {
     before.and_then(|b| {
         b.iter()
             .find(|q| q.q_id == q_id)
