@@ -56,21 +56,23 @@ impl TagArena {
     }
 }
 
-/// Bytes of idle buffers a [`BufPool`] keeps for reuse; what comes back beyond that is
-/// unmapped.
+/// Bytes of idle buffers a [`BufPool`] keeps once none is lent out; the rest are unmapped.
 pub(crate) const POOL_IDLE_BYTES: usize = 2 << 20;
 
 /// Buffers lent to requests only while they are in flight (`UBLK_F_NEED_GET_DATA`): a
 /// write's buffer is taken when the kernel asks where to put its data, a read's when the
 /// target is handed the request, and both come back after the commit. Sizes go by powers of
-/// two from one page; up to [`POOL_IDLE_BYTES`] of returned buffers wait for reuse, the rest
-/// are unmapped, so an idle queue holds at most that much.
+/// two from one page. While any buffer is out, those that come back wait for reuse (so a busy
+/// queue maps nothing new); once the last one is back, the idle ones beyond `max_idle` are
+/// unmapped, so an idle queue holds at most that much.
 #[derive(Debug)]
 pub(crate) struct BufPool {
     /// Idle buffers by size class (class `c`: `page << c` bytes).
     idle: Vec<Vec<Mapping>>,
     idle_bytes: usize,
     max_idle: usize,
+    /// Buffers lent out.
+    lent: usize,
 }
 
 /// A buffer of a [`BufPool`], lent to one request.
@@ -99,6 +101,7 @@ impl BufPool {
             idle: Vec::new(),
             idle_bytes: 0,
             max_idle,
+            lent: 0,
         }
     }
 
@@ -111,30 +114,48 @@ impl BufPool {
     /// A buffer of at least `len` bytes.
     pub(crate) fn take(&mut self, len: usize) -> io::Result<PoolBuf> {
         let class = Self::class_of(len);
-        if let Some(map) = self.idle.get_mut(class).and_then(Vec::pop) {
-            self.idle_bytes -= map.len();
-            return Ok(PoolBuf { map, class });
-        }
-        let size = page_size()
-            .checked_shl(class as u32)
-            .filter(|&s| s >= len)
-            .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "buffer too large"))?;
-        Ok(PoolBuf {
-            map: Mapping::anonymous(size)?,
-            class,
-        })
+        let map = match self.idle.get_mut(class).and_then(Vec::pop) {
+            Some(map) => {
+                self.idle_bytes -= map.len();
+                map
+            }
+            None => {
+                let size = page_size()
+                    .checked_shl(class as u32)
+                    .filter(|&s| s >= len)
+                    .ok_or_else(|| {
+                        io::Error::new(io::ErrorKind::InvalidInput, "buffer too large")
+                    })?;
+                Mapping::anonymous(size)?
+            }
+        };
+        self.lent += 1;
+        Ok(PoolBuf { map, class })
     }
 
-    /// Returns a buffer: kept for reuse within the idle budget, else unmapped.
+    /// Returns a buffer for reuse; the last one back trims the idle ones to the budget.
     pub(crate) fn give(&mut self, buf: PoolBuf) {
-        if self.idle_bytes + buf.len() > self.max_idle {
-            return;
-        }
+        self.lent = self.lent.saturating_sub(1);
         if self.idle.len() <= buf.class {
             self.idle.resize_with(buf.class + 1, Vec::new);
         }
         self.idle_bytes += buf.len();
         self.idle[buf.class].push(buf.map);
+        if self.lent == 0 {
+            self.trim();
+        }
+    }
+
+    /// Unmaps idle buffers, the largest first, until at most `max_idle` bytes are left.
+    fn trim(&mut self) {
+        for class in (0..self.idle.len()).rev() {
+            while self.idle_bytes > self.max_idle {
+                let Some(map) = self.idle[class].pop() else {
+                    break;
+                };
+                self.idle_bytes -= map.len();
+            }
+        }
     }
 
     /// Bytes of idle buffers kept.
@@ -171,7 +192,7 @@ mod tests {
     }
 
     #[test]
-    fn pool_reuses_buffers_by_size_and_keeps_only_its_idle_budget() {
+    fn pool_reuses_buffers_by_size_and_keeps_its_budget_once_all_are_back() {
         let page = page_size();
         let mut pool = BufPool::new(4 * page);
         let a = pool.take(1).expect("one page");
@@ -181,15 +202,16 @@ mod tests {
         let c = pool.take(5 * page).expect("eight pages");
         assert_eq!(c.len(), 8 * page);
         let b_ptr = b.as_ptr();
-        pool.give(b);
-        pool.give(a);
-        assert_eq!(pool.idle_bytes(), 3 * page);
-        // Beyond the budget: unmapped, not kept.
+        // While some are out, everything returned is kept.
         pool.give(c);
-        assert_eq!(pool.idle_bytes(), 3 * page);
+        pool.give(b);
+        assert_eq!(pool.idle_bytes(), 10 * page);
         let again = pool.take(2 * page).expect("two pages again");
         assert_eq!(again.as_ptr(), b_ptr);
-        assert_eq!(pool.idle_bytes(), page);
+        pool.give(again);
+        // The last one back trims to the budget, the largest first.
+        pool.give(a);
+        assert_eq!(pool.idle_bytes(), 3 * page);
         assert!(pool.take(usize::MAX).is_err());
     }
 

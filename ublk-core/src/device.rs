@@ -136,9 +136,9 @@ impl DeviceBuilder {
 
     /// Serve with `UBLK_F_NEED_GET_DATA`: a request's buffer is taken from a per-queue pool
     /// only while the request is in flight (a write's when the kernel is about to copy its
-    /// data), instead of every tag holding one of the largest I/O's size. An idle queue then
-    /// holds at most 2 MiB of buffers. Copy mode only, without SQPOLL or batch I/O; each
-    /// write costs one more command.
+    /// data), instead of every tag holding one of the largest I/O's size. A busy queue reuses
+    /// the buffers that come back; once none is out, it keeps at most 2 MiB of them. Copy
+    /// mode only, without SQPOLL or batch I/O; each write costs one more command.
     pub fn need_get_data(mut self, on: bool) -> Self {
         self.need_get_data = on;
         self

@@ -131,9 +131,9 @@ impl Histogram {
         }
     }
 
-    /// The time (ns) below which a fraction `q` (0 to 1) of the requests took, as the upper
-    /// bound of the bucket that holds the `ceil(q * count)`-th fastest one, so at most 12.5%
-    /// above the true value; `None` when nothing was counted.
+    /// The time (ns) within which a fraction `q` (0 to 1) of the requests were answered: the
+    /// upper bound of the bucket that holds the `ceil(q * count)`-th fastest one, so at most
+    /// 12.5% above the true value (exact below 16 ns); `None` when nothing was counted.
     pub fn percentile(&self, q: f64) -> Option<u64> {
         let total = self.count();
         if total == 0 {
@@ -144,10 +144,11 @@ impl Histogram {
         for (i, &c) in self.counts.iter().enumerate() {
             seen += c;
             if seen >= rank {
-                return Some(if i + 1 < LATENCY_BUCKETS {
-                    bucket_high(i)
-                } else {
+                // Buckets below 2 * SUB hold one value each: that value is exact.
+                return Some(if i < 2 * SUB as usize || i + 1 == LATENCY_BUCKETS {
                     bucket_low(i)
+                } else {
+                    bucket_high(i)
                 });
             }
         }
@@ -421,6 +422,9 @@ mod tests {
             let p = h.percentile(q).unwrap();
             assert!(p > exact && p <= exact + exact / 8, "p{q}: {p} for {exact}");
         }
+        let mut zeros = Histogram::default();
+        zeros.record(0);
+        assert_eq!(zeros.percentile(0.999), Some(0));
         let mut early = Histogram::default();
         early.record(1000);
         let later = h.since(&early);
