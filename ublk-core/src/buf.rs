@@ -62,9 +62,10 @@ pub(crate) const POOL_IDLE_BYTES: usize = 2 << 20;
 /// Buffers lent to requests only while they are in flight (`UBLK_F_NEED_GET_DATA`): a
 /// write's buffer is taken when the kernel asks where to put its data, a read's when the
 /// target is handed the request, and both come back after the commit. Sizes go by powers of
-/// two from one page. While any buffer is out, those that come back wait for reuse (so a busy
-/// queue maps nothing new); once the last one is back, the idle ones beyond `max_idle` are
-/// unmapped, so an idle queue holds at most that much.
+/// two from one page. Buffers that come back wait for reuse, so a busy queue maps nothing new;
+/// once none is out, the queue trims the idle ones beyond `max_idle` when it has had nothing
+/// to do for a moment ([`crate::queue`] waits with a timeout while [`BufPool::has_excess`]),
+/// so an idle queue holds at most that much.
 #[derive(Debug)]
 pub(crate) struct BufPool {
     /// Idle buffers by size class (class `c`: `page << c` bytes).
@@ -133,7 +134,7 @@ impl BufPool {
         Ok(PoolBuf { map, class })
     }
 
-    /// Returns a buffer for reuse; the last one back trims the idle ones to the budget.
+    /// Returns a buffer for reuse.
     pub(crate) fn give(&mut self, buf: PoolBuf) {
         self.lent = self.lent.saturating_sub(1);
         if self.idle.len() <= buf.class {
@@ -141,13 +142,16 @@ impl BufPool {
         }
         self.idle_bytes += buf.len();
         self.idle[buf.class].push(buf.map);
-        if self.lent == 0 {
-            self.trim();
-        }
+    }
+
+    /// Whether none is lent out and more than `max_idle` bytes wait idle: a [`BufPool::trim`]
+    /// would free memory.
+    pub(crate) fn has_excess(&self) -> bool {
+        self.lent == 0 && self.idle_bytes > self.max_idle
     }
 
     /// Unmaps idle buffers, the largest first, until at most `max_idle` bytes are left.
-    fn trim(&mut self) {
+    pub(crate) fn trim(&mut self) {
         for class in (0..self.idle.len()).rev() {
             while self.idle_bytes > self.max_idle {
                 let Some(map) = self.idle[class].pop() else {
@@ -192,7 +196,7 @@ mod tests {
     }
 
     #[test]
-    fn pool_reuses_buffers_by_size_and_keeps_its_budget_once_all_are_back() {
+    fn pool_reuses_buffers_by_size_and_trims_to_its_budget() {
         let page = page_size();
         let mut pool = BufPool::new(4 * page);
         let a = pool.take(1).expect("one page");
@@ -209,9 +213,13 @@ mod tests {
         let again = pool.take(2 * page).expect("two pages again");
         assert_eq!(again.as_ptr(), b_ptr);
         pool.give(again);
-        // The last one back trims to the budget, the largest first.
+        assert!(!pool.has_excess(), "one is still out");
         pool.give(a);
+        assert!(pool.has_excess());
+        // Trimmed to the budget, the largest first.
+        pool.trim();
         assert_eq!(pool.idle_bytes(), 3 * page);
+        assert!(!pool.has_excess());
         assert!(pool.take(usize::MAX).is_err());
     }
 

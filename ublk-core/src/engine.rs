@@ -169,6 +169,19 @@ impl Engine {
         }
     }
 
+    /// Whether the buffer pool holds idle memory beyond its budget with no request using it:
+    /// the queue should call [`Engine::trim_pool`] once it has been idle for a moment.
+    pub(crate) fn pool_has_excess(&self) -> bool {
+        self.pool.as_ref().is_some_and(BufPool::has_excess)
+    }
+
+    /// Gives the buffer pool's idle memory beyond its budget back to the system.
+    pub(crate) fn trim_pool(&mut self) {
+        if let Some(pool) = self.pool.as_mut() {
+            pool.trim();
+        }
+    }
+
     /// Whether reads' buffers wait for their commits to be submitted (see
     /// [`Engine::submitted`]).
     pub(crate) fn has_retired(&self) -> bool {

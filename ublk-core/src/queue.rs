@@ -312,7 +312,15 @@ fn serve<T: Target>(
 
     let mut cqes: Vec<(u64, i32, u32)> = Vec::with_capacity(entries as usize * 2);
     while live > 0 && !shared.stop_requested() {
-        submit_and_reap(ring, &mut cqes)?;
+        if engine.pool_has_excess() {
+            // Nothing uses the pool's spare buffers: free them if nothing comes for a while.
+            if !submit_and_reap_within(ring, &mut cqes, POOL_TRIM_AFTER)? {
+                engine.trim_pool();
+                continue;
+            }
+        } else {
+            submit_and_reap(ring, &mut cqes)?;
+        }
         release_if_submitted(ring, engine);
         engine.tick();
         for (user_data, res, flags) in cqes.drain(..) {
@@ -461,6 +469,34 @@ fn serve_batch(
         "batch queue loop ended"
     );
     Ok(())
+}
+
+/// How long a queue with spare pool buffers waits for work before freeing them.
+const POOL_TRIM_AFTER: std::time::Duration = std::time::Duration::from_millis(100);
+
+/// As [`submit_and_reap`], but waits at most `timeout`; returns whether anything completed.
+fn submit_and_reap_within(
+    ring: &mut IoUring,
+    cqes: &mut Vec<(u64, i32, u32)>,
+    timeout: std::time::Duration,
+) -> io::Result<bool> {
+    let ts = types::Timespec::from(timeout);
+    let args = types::SubmitArgs::new().timespec(&ts);
+    match ring.submitter().submit_with_args(1, &args) {
+        Ok(_) => {}
+        Err(e)
+            if matches!(
+                e.raw_os_error(),
+                Some(libc::ETIME | libc::EINTR | libc::EBUSY)
+            ) => {}
+        Err(e) => return Err(e),
+    }
+    let before = cqes.len();
+    cqes.extend(
+        ring.completion()
+            .map(|c| (c.user_data(), c.result(), c.flags())),
+    );
+    Ok(cqes.len() > before)
 }
 
 /// Gives the engine's retired read buffers back once every queued SQE, their commits among
