@@ -5,7 +5,8 @@
 //! kernel's own reads at device creation do not count) must match fio's request and byte
 //! counts within 2%, per node too (each 4 KiB I/O inside a 4 KiB chunk goes to one leg); every
 //! answered request must be in the latency histogram once, nothing left in flight; and
-//! `ublk stats --prometheus` must be well-formed text whose counts agree.
+//! `ublk stats --prometheus` must be well-formed text whose counts agree; `--watch` piped
+//! prints one JSON report per interval, with the write rate of a fio running meanwhile.
 
 use super::*;
 
@@ -182,6 +183,58 @@ fn stats_count_what_fio_did() {
         "{text}"
     );
     assert_eq!(root_inf, root_count, "{text}");
+
+    // --watch, piped: one JSON report per interval, with the rates of what fio does meanwhile.
+    let id_text = id.to_string();
+    let mut watch = Spawned::new(
+        &ublk_bin(),
+        &["stats", &id_text, "--watch", "--interval", "0.5"],
+        None,
+    );
+    let args: Vec<String> = [
+        "--name=watched",
+        &format!("--filename={path}"),
+        "--ioengine=io_uring",
+        "--direct=1",
+        "--rw=randwrite",
+        "--bs=4k",
+        "--iodepth=8",
+        "--time_based",
+        "--runtime=3",
+        "--output-format=json",
+    ]
+    .map(String::from)
+    .to_vec();
+    run_fio(
+        &args,
+        &session.scratch,
+        &format!("fio under ublk stats --watch on {path}"),
+    );
+    let out = watch.kill();
+    let text = String::from_utf8_lossy(&out.stdout);
+    let reports: Vec<Value> = text
+        .lines()
+        .map(|l| {
+            serde_json::from_str(l)
+                .unwrap_or_else(|e| panic!("--watch printed a line that is not JSON ({e}): {l}"))
+        })
+        .collect();
+    assert!(
+        reports.len() >= 4,
+        "--watch printed {} reports:\n{text}",
+        reports.len()
+    );
+    let busiest = reports
+        .iter()
+        .map(|r| node(r, "/")["iops"]["write"].as_f64().expect("iops.write"))
+        .fold(0.0, f64::max);
+    assert!(busiest > 0.0, "no write rate seen while fio wrote:\n{text}");
+    for r in &reports {
+        assert!(
+            (0.3..5.0).contains(&r["interval_sec"].as_f64().expect("interval_sec")),
+            "{r}"
+        );
+    }
 
     // A device without a server answering is an error that names it.
     let out = ublk_unchecked(&["stats", "999"]);
