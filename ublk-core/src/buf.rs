@@ -56,6 +56,119 @@ impl TagArena {
     }
 }
 
+/// Bytes of idle buffers a [`BufPool`] keeps once none is lent out; the rest are unmapped.
+pub(crate) const POOL_IDLE_BYTES: usize = 2 << 20;
+
+/// Buffers lent to requests only while they are in flight (`UBLK_F_NEED_GET_DATA`): a
+/// write's buffer is taken when the kernel asks where to put its data, a read's when the
+/// target is handed the request, and both come back after the commit. Sizes go by powers of
+/// two from one page. Buffers that come back wait for reuse, so a busy queue maps nothing new;
+/// once none is out, the queue trims the idle ones beyond `max_idle` when it has had nothing
+/// to do for a moment ([`crate::queue`] waits with a timeout while [`BufPool::has_excess`]),
+/// so an idle queue holds at most that much.
+#[derive(Debug)]
+pub(crate) struct BufPool {
+    /// Idle buffers by size class (class `c`: `page << c` bytes).
+    idle: Vec<Vec<Mapping>>,
+    idle_bytes: usize,
+    max_idle: usize,
+    /// Buffers lent out.
+    lent: usize,
+}
+
+/// A buffer of a [`BufPool`], lent to one request.
+#[derive(Debug)]
+pub(crate) struct PoolBuf {
+    map: Mapping,
+    class: usize,
+}
+
+impl PoolBuf {
+    /// Start of the buffer.
+    pub(crate) fn as_ptr(&self) -> *mut u8 {
+        self.map.as_ptr()
+    }
+
+    /// Its size in bytes.
+    pub(crate) fn len(&self) -> usize {
+        self.map.len()
+    }
+}
+
+impl BufPool {
+    /// A pool keeping up to `max_idle` bytes of idle buffers.
+    pub(crate) fn new(max_idle: usize) -> Self {
+        BufPool {
+            idle: Vec::new(),
+            idle_bytes: 0,
+            max_idle,
+            lent: 0,
+        }
+    }
+
+    /// The size class of a buffer of at least `len` bytes.
+    fn class_of(len: usize) -> usize {
+        let pages = len.max(1).div_ceil(page_size());
+        pages.next_power_of_two().trailing_zeros() as usize
+    }
+
+    /// A buffer of at least `len` bytes.
+    pub(crate) fn take(&mut self, len: usize) -> io::Result<PoolBuf> {
+        let class = Self::class_of(len);
+        let map = match self.idle.get_mut(class).and_then(Vec::pop) {
+            Some(map) => {
+                self.idle_bytes -= map.len();
+                map
+            }
+            None => {
+                let size = page_size()
+                    .checked_shl(class as u32)
+                    .filter(|&s| s >= len)
+                    .ok_or_else(|| {
+                        io::Error::new(io::ErrorKind::InvalidInput, "buffer too large")
+                    })?;
+                Mapping::anonymous(size)?
+            }
+        };
+        self.lent += 1;
+        Ok(PoolBuf { map, class })
+    }
+
+    /// Returns a buffer for reuse.
+    pub(crate) fn give(&mut self, buf: PoolBuf) {
+        self.lent = self.lent.saturating_sub(1);
+        if self.idle.len() <= buf.class {
+            self.idle.resize_with(buf.class + 1, Vec::new);
+        }
+        self.idle_bytes += buf.len();
+        self.idle[buf.class].push(buf.map);
+    }
+
+    /// Whether none is lent out and more than `max_idle` bytes wait idle: a [`BufPool::trim`]
+    /// would free memory.
+    pub(crate) fn has_excess(&self) -> bool {
+        self.lent == 0 && self.idle_bytes > self.max_idle
+    }
+
+    /// Unmaps idle buffers, the largest first, until at most `max_idle` bytes are left.
+    pub(crate) fn trim(&mut self) {
+        for class in (0..self.idle.len()).rev() {
+            while self.idle_bytes > self.max_idle {
+                let Some(map) = self.idle[class].pop() else {
+                    break;
+                };
+                self.idle_bytes -= map.len();
+            }
+        }
+    }
+
+    /// Bytes of idle buffers kept.
+    #[cfg(test)]
+    pub(crate) fn idle_bytes(&self) -> usize {
+        self.idle_bytes
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -80,6 +193,34 @@ mod tests {
         assert_eq!(BufferMode::UserCopy.effective(0), BufferMode::Copy);
         assert_eq!(BufferMode::Registered.effective(0), BufferMode::Registered);
         assert_eq!(BufferMode::Copy.effective(0), BufferMode::Copy);
+    }
+
+    #[test]
+    fn pool_reuses_buffers_by_size_and_trims_to_its_budget() {
+        let page = page_size();
+        let mut pool = BufPool::new(4 * page);
+        let a = pool.take(1).expect("one page");
+        assert_eq!(a.len(), page);
+        let b = pool.take(page + 1).expect("two pages");
+        assert_eq!(b.len(), 2 * page);
+        let c = pool.take(5 * page).expect("eight pages");
+        assert_eq!(c.len(), 8 * page);
+        let b_ptr = b.as_ptr();
+        // While some are out, everything returned is kept.
+        pool.give(c);
+        pool.give(b);
+        assert_eq!(pool.idle_bytes(), 10 * page);
+        let again = pool.take(2 * page).expect("two pages again");
+        assert_eq!(again.as_ptr(), b_ptr);
+        pool.give(again);
+        assert!(!pool.has_excess(), "one is still out");
+        pool.give(a);
+        assert!(pool.has_excess());
+        // Trimmed to the budget, the largest first.
+        pool.trim();
+        assert_eq!(pool.idle_bytes(), 3 * page);
+        assert!(!pool.has_excess());
+        assert!(pool.take(usize::MAX).is_err());
     }
 
     #[test]

@@ -87,6 +87,7 @@ pub struct DeviceBuilder {
     batch_io: bool,
     threads_per_queue: Option<u16>,
     defer_taskrun: bool,
+    need_get_data: bool,
     stats: Option<StatsRegistry>,
 }
 
@@ -130,6 +131,16 @@ impl DeviceBuilder {
     /// A specific device id instead of one the kernel chooses.
     pub fn id(mut self, id: u32) -> Self {
         self.id = Some(id);
+        self
+    }
+
+    /// Serve with `UBLK_F_NEED_GET_DATA`: a request's buffer is taken from a per-queue pool
+    /// only while the request is in flight (a write's when the kernel is about to copy its
+    /// data), instead of every tag holding one of the largest I/O's size. A busy queue reuses
+    /// the buffers that come back; once none is out, it keeps at most 2 MiB of them. Copy
+    /// mode only, without SQPOLL or batch I/O; each write costs one more command.
+    pub fn need_get_data(mut self, on: bool) -> Self {
+        self.need_get_data = on;
         self
     }
 
@@ -306,6 +317,23 @@ impl DeviceBuilder {
         if self.batch_io {
             flags |= sys::UBLK_F_BATCH_IO;
         }
+        if self.need_get_data {
+            let why = if self.mode != BufferMode::Copy {
+                Some(format!("the {} buffer mode", self.mode.name()))
+            } else if self.sqpoll.is_some() {
+                Some("SQPOLL".to_string())
+            } else if self.batch_io {
+                Some("batch I/O".to_string())
+            } else {
+                None
+            };
+            if let Some(why) = why {
+                return Err(Error::InvalidParam(format!(
+                    "NEED_GET_DATA works in copy mode only, not with {why}"
+                )));
+            }
+            flags |= sys::UBLK_F_NEED_GET_DATA;
+        }
         let unsupported = flags & !features;
         if unsupported != 0 {
             return Err(Error::InvalidParam(format!(
@@ -336,6 +364,7 @@ impl DeviceBuilder {
             defer_taskrun: self.defer_taskrun && self.sqpoll.is_none(),
             batch: self.batch_io,
             stage: !target.copies_data(),
+            need_get_data: self.need_get_data,
             threads: self.threads(),
         };
         let stats = self.stats.clone();
@@ -485,6 +514,8 @@ struct QueueOptions {
     batch: bool,
     /// User copy for a target that reads `Io::data`: the engine stages the bytes.
     stage: bool,
+    /// `UBLK_F_NEED_GET_DATA`.
+    need_get_data: bool,
     /// Server threads per queue.
     threads: u16,
 }
@@ -541,6 +572,7 @@ fn serve<T: Target>(
                 defer_taskrun: options.defer_taskrun,
                 batch: options.batch,
                 stage: options.stage,
+                need_get_data: options.need_get_data,
                 stats: stats.clone(),
             };
             let (target, tx) = (Arc::clone(&target), tx.clone());

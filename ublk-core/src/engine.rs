@@ -15,7 +15,7 @@ use std::collections::VecDeque;
 
 use slab::Slab;
 
-use crate::buf::{Bounce, BufferMode, FixedBuf};
+use crate::buf::{Bounce, BufPool, BufferMode, FixedBuf, PoolBuf, POOL_IDLE_BYTES};
 use crate::ctx::{push_sqe, Core, FileSlots, QueueCtx};
 use crate::io::{Geometry, IoDesc, Op};
 use crate::pod;
@@ -41,6 +41,12 @@ struct Slot {
     /// The kernel request's result, once it completed (its commit waits for every
     /// sub-request viewing its buffer).
     result: Option<i32>,
+    /// The request reached the target, and was fetched at `fetched` on the engine's clock:
+    /// its commit counts in the root's latency histogram.
+    timed: bool,
+    fetched: u64,
+    /// A read: with a pool, its buffer is needed until the commit is submitted.
+    reads: bool,
 }
 
 /// One queue's dispatcher: the node tree, the requests and operations in flight, and the
@@ -57,6 +63,26 @@ pub(crate) struct Engine {
     scratch: Vec<Done>,
     /// Tags whose request and every sub-request completed: `(tag, result)`, to commit.
     ready: Vec<(u16, i32)>,
+    /// The engine's clock: nanoseconds since `epoch` when [`Engine::tick`] last read it.
+    epoch: std::time::Instant,
+    now: u64,
+    /// `UBLK_F_NEED_GET_DATA`: request buffers come from this pool, not the tag arena.
+    pool: Option<BufPool>,
+    /// The pool buffer each tag holds while its request is in flight.
+    held: Vec<Option<PoolBuf>>,
+    /// Buffers of requests whose commits are queued but not yet submitted: the kernel copies
+    /// a read's data out of its buffer when it takes the commit.
+    retired: Vec<PoolBuf>,
+}
+
+impl Drop for Engine {
+    fn drop(&mut self) {
+        // A request still held may be in another thread's hands (a `RemoteIo`) or the
+        // kernel's (a NEED_GET_DATA copy): its buffer is leaked rather than unmapped under it.
+        for buf in self.held.iter_mut().filter_map(Option::take) {
+            std::mem::forget(buf);
+        }
+    }
 }
 
 impl Engine {
@@ -67,8 +93,7 @@ impl Engine {
         shared: Arc<QueueShared>,
         geo: Geometry,
         q_id: u16,
-        mode: BufferMode,
-        stage: bool,
+        (mode, stage, need_get_data): (BufferMode, bool, bool),
     ) -> Self {
         let depth = shared.arena.depth();
         let paths = tree.meta.iter().map(|m| m.path.clone()).collect();
@@ -85,7 +110,7 @@ impl Engine {
                 events: VecDeque::new(),
                 meta: tree.meta,
                 opened: Vec::new(),
-                stats: Arc::new(QueueStats::new(paths)),
+                stats: Arc::new(QueueStats::new(q_id, paths)),
             },
             mode,
             stage: stage && mode == BufferMode::UserCopy,
@@ -94,7 +119,126 @@ impl Engine {
             slots: vec![Slot::default(); usize::from(depth)],
             scratch: Vec::with_capacity(usize::from(depth)),
             ready: Vec::with_capacity(usize::from(depth)),
+            epoch: std::time::Instant::now(),
+            now: 0,
+            pool: need_get_data.then(|| BufPool::new(POOL_IDLE_BYTES)),
+            held: (0..depth).map(|_| None).collect(),
+            retired: Vec::new(),
         }
+    }
+
+    /// `UBLK_F_NEED_GET_DATA`: the kernel has a write for `tag` and asks where to put its
+    /// data. Returns the address of a pool buffer now held for the tag, for the
+    /// NEED_GET_DATA command; `None` when the request was answered with an error instead
+    /// (queued for commit).
+    pub(crate) fn need_data(&mut self, tag: u16, desc: IoDesc) -> Option<u64> {
+        let Some(slot) = self.slots.get_mut(usize::from(tag)) else {
+            tracing::error!(
+                q = self.q_id,
+                tag,
+                "NEED_GET_DATA for a tag beyond the depth"
+            );
+            return None;
+        };
+        let fail = |slot: &mut Slot, ready: &mut Vec<(u16, i32)>, errno: i32| {
+            *slot = Slot {
+                busy: true,
+                ..Slot::default()
+            };
+            ready.push((tag, errno));
+            None
+        };
+        let len = match desc.decode(&self.core.geo) {
+            Ok(io) => io.len as usize,
+            Err(errno) => return fail(slot, &mut self.ready, errno),
+        };
+        let Some(pool) = self.pool.as_mut() else {
+            tracing::error!(q = self.q_id, tag, "NEED_GET_DATA without the flag");
+            return fail(slot, &mut self.ready, -libc::EIO);
+        };
+        match pool.take(len) {
+            Ok(buf) => {
+                let addr = buf.as_ptr() as u64;
+                self.held[usize::from(tag)] = Some(buf);
+                Some(addr)
+            }
+            Err(e) => {
+                tracing::warn!(q = self.q_id, tag, "no buffer for a write's data: {e}");
+                fail(slot, &mut self.ready, -libc::ENOMEM)
+            }
+        }
+    }
+
+    /// Whether the buffer pool holds idle memory beyond its budget with no request using it:
+    /// the queue should call [`Engine::trim_pool`] once it has been idle for a moment.
+    pub(crate) fn pool_has_excess(&self) -> bool {
+        self.pool.as_ref().is_some_and(BufPool::has_excess)
+    }
+
+    /// Gives the buffer pool's idle memory beyond its budget back to the system.
+    pub(crate) fn trim_pool(&mut self) {
+        if let Some(pool) = self.pool.as_mut() {
+            pool.trim();
+        }
+    }
+
+    /// Whether reads' buffers wait for their commits to be submitted (see
+    /// [`Engine::submitted`]).
+    pub(crate) fn has_retired(&self) -> bool {
+        !self.retired.is_empty()
+    }
+
+    /// The loop turn's commits were submitted (the kernel copied the reads' data out of their
+    /// buffers while taking them): their buffers go back to the pool.
+    pub(crate) fn submitted(&mut self) {
+        if let Some(pool) = self.pool.as_mut() {
+            for buf in self.retired.drain(..) {
+                pool.give(buf);
+            }
+        }
+    }
+
+    /// The buffer `tag`'s request of `len` bytes uses: the tag's arena buffer, or with a pool
+    /// the buffer its write's data came in, or a new one for a read. `Err(errno)` when a pool
+    /// has none to give.
+    fn request_buf(&mut self, tag: u16, op: Op, len: u32) -> Result<*mut u8, i32> {
+        let Some(pool) = self.pool.as_mut() else {
+            return Ok(self
+                .shared
+                .arena
+                .buf_ptr(tag)
+                .expect("tag < depth was checked by the caller"));
+        };
+        let held = &mut self.held[usize::from(tag)];
+        match (op, held.as_ref()) {
+            (Op::Write, Some(buf)) if buf.len() >= len as usize => Ok(buf.as_ptr()),
+            (Op::Write, _) => {
+                tracing::error!(
+                    q = self.q_id,
+                    tag,
+                    "a write without its NEED_GET_DATA buffer"
+                );
+                Err(libc::EIO)
+            }
+            (Op::Read, _) => {
+                let buf = pool.take(len as usize).map_err(|e| {
+                    tracing::warn!(q = self.q_id, tag, "no buffer for a read: {e}");
+                    libc::ENOMEM
+                })?;
+                let ptr = buf.as_ptr();
+                if let Some(old) = held.replace(buf) {
+                    pool.give(old);
+                }
+                Ok(ptr)
+            }
+            _ => Ok(std::ptr::null_mut()),
+        }
+    }
+
+    /// Reads the clock the latency histograms use: once per loop turn when its completions
+    /// have been reaped, and again in [`Engine::drain`] before the commits.
+    pub(crate) fn tick(&mut self) {
+        self.now = u64::try_from(self.epoch.elapsed().as_nanos()).unwrap_or(u64::MAX);
     }
 
     /// This queue's per-node counters.
@@ -173,11 +317,16 @@ impl Engine {
             self.ready.push((tag, 0));
             return;
         }
-        let buf = self
-            .shared
-            .arena
-            .buf_ptr(tag)
-            .expect("tag < depth was checked above");
+        slot.timed = true;
+        slot.fetched = self.now;
+        slot.reads = io.op == Op::Read;
+        let buf = match self.request_buf(tag, io.op, io.len) {
+            Ok(buf) => buf,
+            Err(errno) => {
+                self.ready.push((tag, -errno));
+                return;
+            }
+        };
         let has_data = matches!(io.op, Op::Read | Op::Write);
         let kernel_pages = Some(FixedBuf {
             index: tag,
@@ -223,8 +372,9 @@ impl Engine {
         // The tag was just marked busy: this request and its sub-requests alone use its
         // buffer, fixed-buffer slot and user-copy range until the engine commits it, which it
         // does only once none of them is left.
-        // SAFETY: buf is null or tag's arena buffer of max_io >= io.len bytes (see decode);
-        // the request is its only user (above).
+        // SAFETY: buf is null, or tag's arena buffer of max_io >= io.len bytes (see decode),
+        // or the pool buffer of >= io.len bytes held for the tag in `held` until its commit
+        // is submitted; the request is its only user (above).
         let io = unsafe { Io::kernel(io, tag, view, Rc::clone(&self.core.sink)) };
         // What the root set in motion (requests to children, completions) runs in `drain`,
         // once per loop turn for all the turn's requests, before anything is submitted.
@@ -234,6 +384,7 @@ impl Engine {
     /// Hands `io` to `node`.
     fn call_submit(&mut self, node: NodeId, mut io: Io, ring: &mut IoUring) {
         io.set_node(node);
+        io.set_started(self.now);
         if let Some(c) = self.core.stats.nodes.get(node.index()) {
             c.request(&io.block_io());
         }
@@ -320,12 +471,16 @@ impl Engine {
 
     /// Accounts for one finished request.
     fn finish(&mut self, d: Done) {
-        if d.res < 0 {
-            if let Some(c) = self.core.stats.nodes.get(d.node.index()) {
+        let origin = d.origin;
+        if let Some(c) = self.core.stats.nodes.get(d.node.index()) {
+            if d.res < 0 {
                 c.error();
             }
+            // The root's own kernel request is timed at its commit, in `drain`.
+            if !(d.root && d.node == NodeId(0) && matches!(origin, Origin::Tag(_))) {
+                c.answered(self.now.saturating_sub(d.started));
+            }
         }
-        let origin = d.origin;
         if d.root {
             match origin {
                 Origin::Tag(tag) => match self.slots.get_mut(usize::from(tag)) {
@@ -425,14 +580,17 @@ impl Engine {
         })
     }
 
-    /// Passes every finished request to `commit(ring, tag, result)` and marks its tag free,
+    /// Passes every finished request to `commit(ring, tag, result, addr)` and marks its tag
+    /// free (`addr`: the pool buffer a read's data is in, else 0; the pool gets it back once
+    /// [`Engine::submitted`] says the commit reached the kernel),
     /// first finishing what the buffer mode needs (a staged read's copy to the kernel, the
     /// unregistration of manually registered pages) so the commit follows it on the ring.
     pub(crate) fn drain(
         &mut self,
         ring: &mut IoUring,
-        mut commit: impl FnMut(&mut IoUring, u16, i32),
+        mut commit: impl FnMut(&mut IoUring, u16, i32, u64),
     ) {
+        self.tick();
         // Completions made on other threads wait here until the loop turn ends.
         while let Some(d) = self.shared.pop_remote() {
             self.finish(d);
@@ -461,7 +619,25 @@ impl Engine {
             if slot.registered {
                 self.buf_cmd(sys::UBLK_U_IO_UNREGISTER_IO_BUF, tag, ring);
             }
-            commit(ring, tag, res);
+            if slot.timed {
+                if let Some(c) = self.core.stats.nodes.first() {
+                    c.answered(self.now.saturating_sub(slot.fetched));
+                }
+            }
+            let held = self.held.get_mut(usize::from(tag)).and_then(Option::take);
+            let addr = held.as_ref().map_or(0, |b| b.as_ptr() as u64);
+            commit(ring, tag, res, addr);
+            // Only a read's buffer is still needed, by the kernel taking the commit; the
+            // request's own views of the tag are gone (it is committed only then).
+            match (held, slot.reads) {
+                (Some(buf), true) => self.retired.push(buf),
+                (Some(buf), false) => {
+                    if let Some(pool) = self.pool.as_mut() {
+                        pool.give(buf);
+                    }
+                }
+                (None, _) => {}
+            }
         }
         self.ready = ready;
     }

@@ -60,5 +60,5 @@ pub use io::{BlockIo, Geometry, IoFlags, Op};
 pub use owned::{BlockDevice, Owned, ReadReply, Reply};
 pub use params::{parse_size, DeviceParams};
 pub use request::{Io, NodeId, Notifier, RemoteIo, SubIo};
-pub use stats::{NodeStats, StatsRegistry};
+pub use stats::{Histogram, NodeStats, QueueSnapshot, StatsRegistry};
 pub use target::{BoxTarget, Child, Completion, DynTarget, OpenCtx, QueueTarget, Target};

@@ -94,6 +94,8 @@ pub(crate) struct QueueSetup {
     pub batch: bool,
     /// User copy for a target that reads [`crate::Io::data`]: stage bytes in the tag buffer.
     pub stage: bool,
+    /// `UBLK_F_NEED_GET_DATA`: request buffers come from a per-queue pool while in flight.
+    pub need_get_data: bool,
     /// Where the queue's per-node counters are published.
     pub stats: Option<StatsRegistry>,
 }
@@ -261,8 +263,7 @@ fn serve<T: Target>(
         Arc::clone(&shared),
         setup.geo,
         q_id,
-        setup.mode,
-        setup.stage,
+        (setup.mode, setup.stage, setup.need_get_data),
     );
     if let Some(stats) = &setup.stats {
         stats.add(engine.stats());
@@ -311,7 +312,17 @@ fn serve<T: Target>(
 
     let mut cqes: Vec<(u64, i32, u32)> = Vec::with_capacity(entries as usize * 2);
     while live > 0 && !shared.stop_requested() {
-        submit_and_reap(ring, &mut cqes)?;
+        if engine.pool_has_excess() {
+            // Nothing uses the pool's spare buffers: free them if nothing comes for a while.
+            if !submit_and_reap_within(ring, &mut cqes, POOL_TRIM_AFTER)? {
+                engine.trim_pool();
+                continue;
+            }
+        } else {
+            submit_and_reap(ring, &mut cqes)?;
+        }
+        release_if_submitted(ring, engine);
+        engine.tick();
         for (user_data, res, flags) in cqes.drain(..) {
             let tag = match Owner::of(user_data) {
                 Owner::NodeOp(key) => {
@@ -337,6 +348,19 @@ fn serve<T: Target>(
             };
             match res {
                 sys::UBLK_IO_RES_OK => engine.dispatch(tag, descs.read(tag), ring),
+                sys::UBLK_IO_RES_NEED_GET_DATA => {
+                    // The data comes with this command's completion (UBLK_IO_RES_OK).
+                    if let Some(addr) = engine.need_data(tag, descs.read(tag)) {
+                        let sqe = io_cmd_sqe(
+                            cdev,
+                            sys::UBLK_U_IO_NEED_GET_DATA,
+                            (q_id, tag),
+                            0,
+                            (addr, 0),
+                        );
+                        push(ring, &sqe)?;
+                    }
+                }
                 sys::UBLK_IO_RES_ABORT => live -= 1,
                 other => {
                     tracing::error!(q = q_id, tag, res = other, "unexpected fetch result");
@@ -345,13 +369,20 @@ fn serve<T: Target>(
             }
         }
         let mut push_err = None;
-        engine.drain(ring, |ring, tag, res| {
+        engine.drain(ring, |ring, tag, res, buf| {
+            // A read's data is in `buf` when it came from the pool: the kernel copies it out
+            // while taking the commit (submitted at the next turn, before `submitted`).
+            let addrs = if buf != 0 {
+                (buf, 0)
+            } else {
+                fetch_addrs(setup.mode, &shared, tag)
+            };
             let sqe = io_cmd_sqe(
                 cdev,
                 sys::UBLK_U_IO_COMMIT_AND_FETCH_REQ,
                 (q_id, tag),
                 res,
-                fetch_addrs(setup.mode, &shared, tag),
+                addrs,
             );
             if let Err(e) = push(ring, &sqe) {
                 push_err = Some(e);
@@ -359,6 +390,15 @@ fn serve<T: Target>(
         });
         if let Some(e) = push_err {
             return Err(e);
+        }
+        // Reads' pool buffers: submit their commits now rather than with the next wait, so
+        // an idle queue does not keep them.
+        if engine.has_retired() {
+            match ring.submit() {
+                Ok(_) => release_if_submitted(ring, engine),
+                Err(e) if matches!(e.raw_os_error(), Some(libc::EINTR | libc::EBUSY)) => {}
+                Err(e) => return Err(e),
+            }
         }
     }
     tracing::debug!(
@@ -397,6 +437,7 @@ fn serve_batch(
     // commit was answered, so no command still reads our arrays.
     while !batch.commits_idle() || (batch.fetching() && !shared.stop_requested()) {
         submit_and_reap(ring, &mut cqes)?;
+        engine.tick();
         for (user_data, res, flags) in cqes.drain(..) {
             match Owner::of(user_data) {
                 Owner::NodeOp(key) => engine.op_done(key, res, ring),
@@ -418,7 +459,7 @@ fn serve_batch(
                 }
             }
         }
-        engine.drain(ring, |_, tag, res| batch.queue_result(tag, res));
+        engine.drain(ring, |_, tag, res, _| batch.queue_result(tag, res));
         batch.submit_commits(ring)?;
     }
     tracing::debug!(
@@ -428,6 +469,42 @@ fn serve_batch(
         "batch queue loop ended"
     );
     Ok(())
+}
+
+/// How long a queue with spare pool buffers waits for work before freeing them.
+const POOL_TRIM_AFTER: std::time::Duration = std::time::Duration::from_millis(100);
+
+/// As [`submit_and_reap`], but waits at most `timeout`; returns whether anything completed.
+fn submit_and_reap_within(
+    ring: &mut IoUring,
+    cqes: &mut Vec<(u64, i32, u32)>,
+    timeout: std::time::Duration,
+) -> io::Result<bool> {
+    let ts = types::Timespec::from(timeout);
+    let args = types::SubmitArgs::new().timespec(&ts);
+    match ring.submitter().submit_with_args(1, &args) {
+        Ok(_) => {}
+        Err(e)
+            if matches!(
+                e.raw_os_error(),
+                Some(libc::ETIME | libc::EINTR | libc::EBUSY)
+            ) => {}
+        Err(e) => return Err(e),
+    }
+    let before = cqes.len();
+    cqes.extend(
+        ring.completion()
+            .map(|c| (c.user_data(), c.result(), c.flags())),
+    );
+    Ok(cqes.len() > before)
+}
+
+/// Gives the engine's retired read buffers back once every queued SQE, their commits among
+/// them, has been taken by the kernel.
+fn release_if_submitted(ring: &mut IoUring, engine: &mut Engine) {
+    if engine.has_retired() && ring.submission().is_empty() {
+        engine.submitted();
+    }
 }
 
 /// Submits the loop turn's SQEs, waits for at least one completion, and appends every

@@ -165,6 +165,8 @@ pub(crate) struct Done {
     pub(crate) node: NodeId,
     /// Whether this is the origin's own request (the kernel's, or the bounce's).
     pub(crate) root: bool,
+    /// When `node` received it, on the engine's clock (for its latency histogram).
+    pub(crate) started: u64,
     pub(crate) res: i32,
 }
 
@@ -438,6 +440,8 @@ struct Inner {
     dest: Dest,
     node: NodeId,
     root: bool,
+    /// When `node` received it, on the engine's clock.
+    started: u64,
     /// For a read that has been split: where its next sub-request may start. `None` while
     /// unsplit; once split, the request's own bytes are no longer reachable through it.
     read_cursor: Cell<Option<u32>>,
@@ -456,6 +460,7 @@ impl Inner {
             dest: self.dest,
             node: self.node,
             root: self.root,
+            started: self.started,
             res,
         }
     }
@@ -764,6 +769,7 @@ impl Io {
                 dest: Dest::Kernel(tag),
                 node: NodeId(0),
                 root: true,
+                started: 0,
                 read_cursor: Cell::new(None),
             },
             sink,
@@ -781,6 +787,7 @@ impl Io {
                 dest: Dest::Detached,
                 node: NodeId(0),
                 root: true,
+                started: 0,
                 read_cursor: Cell::new(None),
             },
             sink,
@@ -799,6 +806,7 @@ impl Io {
                 dest: Dest::Detached,
                 node: done.node,
                 root: false,
+                started: 0,
                 read_cursor: Cell::new(None),
             },
             sink,
@@ -818,6 +826,11 @@ impl Io {
 
     pub(crate) fn set_node(&mut self, node: NodeId) {
         self.inner.node = node;
+    }
+
+    /// Records when the request's node received it, on the engine's clock.
+    pub(crate) fn set_started(&mut self, now: u64) {
+        self.inner.started = now;
     }
 
     pub(crate) fn view(&self) -> View {
@@ -874,6 +887,7 @@ impl Io {
                 dest: Dest::Detached,
                 node: self.inner.node,
                 root: false,
+                started: 0,
                 read_cursor: Cell::new(None),
             },
             sink: Rc::clone(&self.sink),
@@ -907,6 +921,7 @@ impl Io {
             dest: self.inner.dest,
             node: self.inner.node,
             root: self.inner.root,
+            started: self.inner.started,
             read_cursor: Cell::new(self.inner.read_cursor.get()),
         };
         RemoteIo {

@@ -122,8 +122,7 @@ impl<T: Target> SimQueue<T> {
                 Arc::clone(&shared),
                 geo,
                 0,
-                mode,
-                !target.copies_data(),
+                (mode, !target.copies_data(), false),
             ),
             ring,
             shared,
@@ -213,7 +212,7 @@ impl<T: Target> SimQueue<T> {
     pub fn results_into(&mut self, out: &mut Vec<(u16, i32)>) {
         self.run_ring();
         let busy = &mut self.busy;
-        self.engine.drain(&mut self.ring, |_, tag, res| {
+        self.engine.drain(&mut self.ring, |_, tag, res, _| {
             busy[usize::from(tag)] = false;
             out.push((tag, res));
         });
@@ -224,7 +223,7 @@ impl<T: Target> SimQueue<T> {
         self.run_ring();
         let mut done = Vec::new();
         self.engine
-            .drain(&mut self.ring, |_, tag, res| done.push((tag, res)));
+            .drain(&mut self.ring, |_, tag, res, _| done.push((tag, res)));
         done.into_iter()
             .map(|(tag, result)| {
                 self.busy[usize::from(tag)] = false;
@@ -412,6 +411,23 @@ mod tests {
         assert_eq!(q.write(4096, &data), Ok(8192));
         assert_eq!(q.read(4096, 8192), Ok(data));
         assert_eq!(q.in_service(), 0);
+    }
+
+    #[test]
+    fn every_answered_request_is_timed_once_and_nothing_stays_in_flight() {
+        let mut q = queue();
+        let stats = q.stats();
+        for i in 0..10u64 {
+            assert_eq!(q.write(i * 512, &[1; 512]), Ok(512));
+        }
+        assert_eq!(q.read(0, 1024).map(|d| d.len()), Ok(1024));
+        // Rejected before the target: neither counted nor timed.
+        assert!(q.op(sys::UBLK_IO_OP_READ, 0, 1 << 20, 512).is_err());
+        let root = &stats.snapshot()[0];
+        assert_eq!((root.writes, root.reads, root.write_bytes), (10, 1, 5120));
+        assert_eq!(root.latency.count(), 11);
+        assert_eq!(root.in_flight(), 0);
+        assert!(root.latency.percentile(0.999).is_some());
     }
 
     #[test]

@@ -5,6 +5,8 @@
 //! line, `{"ok":true,...}` or `{"ok":false,"error":"..."}`. Requests:
 //! - `{"cmd":"status"}`: `{"ok":true,"dev_id":N,"expr":"...","tree":NODE}` with `NODE` as in
 //!   [`crate::stack::NodeDesc::status`];
+//! - `{"cmd":"stats"}`: `{"ok":true,"dev_id":N,"queues":QUEUES}`, every queue's raw counters
+//!   and latency histograms per node, as [`crate::stats::queues_json`] writes them;
 //! - `{"cmd":"fault","node":"/1","rule":RULE}` sets the rule of the faulty node at that
 //!   address, `RULE` being `null` (clear) or `{"fail":"read"|"write"|"flush"|"all"|null,
 //!   "range":[OFFSET,LEN]|null,"every":N|null,"delay_ms":N|null}`;
@@ -109,6 +111,11 @@ impl ServerState {
                     "tree": tree.desc.status(&self.stats.snapshot()),
                 }))
             }
+            Some("stats") => Ok(json!({
+                "ok": true,
+                "dev_id": self.dev_id,
+                "queues": crate::stats::queues_json(&self.stats.queues()),
+            })),
             Some("fault") => {
                 let path = node("fault")?;
                 let tree = self.tree();
@@ -447,6 +454,33 @@ mod tests {
         drop(server);
         assert!(!socket_path(77).exists());
         let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn stats_count_every_node_of_a_stack_on_a_queue() {
+        let stack = build("stripe(ram:1M,ram:1M,chunk=4K)").expect("stack");
+        let geo = ublk_zc::Geometry {
+            size: 2 << 20,
+            logical_block_size: 512,
+            max_io: 64 << 10,
+        };
+        let mut q = ublk_core::sim::SimQueue::new(&stack.target, geo, 8).expect("sim queue");
+        let state = ServerState::new(4, stack.expr, stack.desc, q.stats());
+        // 8 KiB at 2 KiB: split over both legs, the first leg twice.
+        assert_eq!(q.write(2048, &[5; 8192]), Ok(8192));
+        assert_eq!(q.write(0, &[6; 512]), Ok(512));
+        let reply = ask(&state, json!({"cmd": "stats"})).expect("stats");
+        let queues = crate::stats::parse_queues(&reply["queues"]).expect("parse");
+        let nodes = ublk_zc::stats::total(&queues);
+        let paths: Vec<&str> = nodes.iter().map(|n| n.path.as_str()).collect();
+        assert_eq!(paths, ["/", "/0", "/1"]);
+        assert_eq!((nodes[0].writes, nodes[0].write_bytes), (2, 8704));
+        assert_eq!((nodes[1].writes, nodes[1].write_bytes), (3, 4608));
+        assert_eq!((nodes[2].writes, nodes[2].write_bytes), (1, 4096));
+        for n in &nodes {
+            assert_eq!(n.latency.count(), n.writes, "{}", n.path);
+            assert_eq!(n.in_flight(), 0);
+        }
     }
 
     fn state(text: &str) -> ServerState {

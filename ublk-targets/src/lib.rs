@@ -42,6 +42,7 @@ pub mod null;
 mod ondisk;
 pub mod ram;
 pub mod stack;
+pub mod stats;
 pub mod stripe;
 
 /// The targets the `ublk` tool can serve, with the code it stores in the device's server

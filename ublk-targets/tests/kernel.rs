@@ -30,6 +30,10 @@
 //!   fsck and a remount; discard punching the image file; `kill -9` during fio with fsyncs,
 //!   then `ublk check` and the fsync'ed data read back; compression over a mirror, reopened
 //!   and degraded.
+//! * `stats_*` (in `kernel/stats.rs`): `ublk stats` counting what fio did, per node and per
+//!   queue, every request timed once, and its Prometheus text well-formed.
+//! * `need_get_data_*` (in `kernel/memory.rs`): `--need-get-data` under fio verification,
+//!   and the server's memory with and without it, idle and under fio.
 //!
 //! They need root and the ublk driver, so every test is `#[ignore]`d: a plain host
 //! `cargo test` lists them as ignored. Run them inside the test VM with
@@ -2199,6 +2203,20 @@ mod mirror;
 
 #[path = "kernel/compress.rs"]
 mod compress;
+
+// ---------------------------------------------------------------------------------------
+// live statistics
+// ---------------------------------------------------------------------------------------
+
+#[path = "kernel/stats.rs"]
+mod stats;
+
+// ---------------------------------------------------------------------------------------
+// request buffers only for I/O in flight
+// ---------------------------------------------------------------------------------------
+
+#[path = "kernel/memory.rs"]
+mod memory;
 
 // ---------------------------------------------------------------------------------------
 // test session

@@ -78,6 +78,7 @@
 
 pub use ublk_core::io::{BlockIo, Geometry, IoFlags, Op};
 pub use ublk_core::mmap::Mapping;
+pub use ublk_core::stats;
 pub use ublk_core::{Bounce, BufferMode, FixedBuf};
 pub use ublk_core::{
     BoxTarget, Child, Completion, DeviceBuilder, DeviceInfo, DynTarget, Error, FanOut, Io, NodeId,

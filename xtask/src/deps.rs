@@ -53,7 +53,7 @@ pub fn ensure_host_deps() -> Result<()> {
         return Ok(());
     }
     let install = format!(
-        "DEBIAN_FRONTEND=noninteractive apt-get install -y {}",
+        "DEBIAN_FRONTEND=noninteractive apt-get install -y --no-remove {}",
         PACKAGES.join(" ")
     );
     eprintln!("xtask: missing host tools: {}", m.join(", "));
@@ -72,10 +72,7 @@ pub fn ensure_host_deps() -> Result<()> {
         );
     }
     run(Command::new("apt-get").arg("update"))?;
-    run(Command::new("apt-get")
-        .env("DEBIAN_FRONTEND", "noninteractive")
-        .args(["install", "-y"])
-        .args(PACKAGES))?;
+    install_without_removing(PACKAGES, &[])?;
     let still = missing();
     if !still.is_empty() {
         bail!("still missing after apt-get install: {}", still.join(", "));
@@ -96,11 +93,7 @@ pub fn ensure_optional_package(package: &str, what: &str) -> bool {
         );
         return false;
     }
-    let install = || {
-        run(Command::new("apt-get")
-            .env("DEBIAN_FRONTEND", "noninteractive")
-            .args(["install", "-y", "--no-install-recommends", package]))
-    };
+    let install = || install_without_removing(&[package], &["--no-install-recommends"]);
     if install().is_ok() {
         return true;
     }
@@ -109,4 +102,72 @@ pub fn ensure_optional_package(package: &str, what: &str) -> bool {
         eprintln!("xtask: warning: could not install {package} ({what})");
     }
     ok
+}
+
+/// `apt-get install -y --no-remove OPTIONS PACKAGES`: never removes a package the user has.
+/// When apt would have to remove some, fails naming them (from a dry run) and how to
+/// resolve it.
+fn install_without_removing(packages: &[&str], options: &[&str]) -> Result<()> {
+    let installed = run(Command::new("apt-get")
+        .env("DEBIAN_FRONTEND", "noninteractive")
+        .args(["install", "-y", "--no-remove"])
+        .args(options)
+        .args(packages));
+    let Err(e) = installed else {
+        return Ok(());
+    };
+    let removals = would_remove(packages, options);
+    if removals.is_empty() {
+        return Err(e);
+    }
+    bail!(
+        "apt-get would remove {} to install {}; xtask never removes a package.\n\
+         This usually means an installed package is at another version than the new ones \
+         need. Resolve it by upgrading them together:\n  \
+         sudo apt-get install {} {}\n\
+         and check that apt removes nothing, or install the tools another way.",
+        removals.join(", "),
+        packages.join(" "),
+        packages.join(" "),
+        removals.join(" ")
+    )
+}
+
+/// The packages a dry run of `apt-get install OPTIONS PACKAGES` would remove.
+fn would_remove(packages: &[&str], options: &[&str]) -> Vec<String> {
+    let out = Command::new("apt-get")
+        .env("DEBIAN_FRONTEND", "noninteractive")
+        .args(["install", "-s", "-y"])
+        .args(options)
+        .args(packages)
+        .output();
+    match out {
+        Ok(out) => removed_in(&String::from_utf8_lossy(&out.stdout)),
+        Err(_) => Vec::new(),
+    }
+}
+
+/// The packages an `apt-get -s` transcript removes (its `Remv NAME [VERSION]` lines).
+fn removed_in(transcript: &str) -> Vec<String> {
+    transcript
+        .lines()
+        .filter_map(|l| l.strip_prefix("Remv "))
+        .filter_map(|rest| rest.split_whitespace().next())
+        .map(String::from)
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn removals_are_read_from_a_dry_run() {
+        let transcript = "Reading package lists...\n\
+            Remv qemu-utils [1:8.2.2+ds-0ubuntu1]\n\
+            Inst qemu-system-x86 (1:9.2+ds-1 Debian:stable [amd64])\n\
+            Conf qemu-system-x86 (1:9.2+ds-1 Debian:stable [amd64])\n";
+        assert_eq!(removed_in(transcript), ["qemu-utils"]);
+        assert!(removed_in("Inst fio (3.33-3)\n").is_empty());
+    }
 }

@@ -211,6 +211,22 @@ pub struct Streamed {
     pub output: String,
 }
 
+/// A marker of the lines to show when the console is quiet (see [`quiet_console`]).
+static STORY_MARKER: std::sync::OnceLock<&'static str> = std::sync::OnceLock::new();
+
+/// From now on, [`stream_child`] shows only the lines containing `marker` (the text after
+/// it), instead of everything the child prints; the whole output is still captured.
+pub fn quiet_console(marker: &'static str) {
+    let _ = STORY_MARKER.set(marker);
+}
+
+/// The part of `line` to show on a quiet console, if any.
+fn story_line<'a>(line: &'a [u8], marker: &str) -> Option<&'a [u8]> {
+    let m = marker.as_bytes();
+    let at = line.windows(m.len()).position(|w| w == m)?;
+    Some(&line[at + m.len()..])
+}
+
 /// Copies the child's stdout live to our stdout while also capturing it, and
 /// kills the child if it runs longer than `timeout`, or if `ready` =
 /// `(text, limit)` is given and `text` has not appeared within `limit`.
@@ -232,6 +248,9 @@ pub fn stream_child(
         let mut captured = Vec::new();
         let mut buf = [0u8; 8192];
         let out = std::io::stdout();
+        let marker = STORY_MARKER.get().copied();
+        // With a quiet console: where the line being received starts in `captured`.
+        let mut line_start = 0;
         loop {
             match stdout.read(&mut buf) {
                 Ok(0) => break,
@@ -247,7 +266,25 @@ pub fn stream_child(
                     }
                     let mut lock = out.lock();
                     // Best effort: a closed stdout must not abort the run.
-                    let _ = lock.write_all(&buf[..n]);
+                    match marker {
+                        None => {
+                            let _ = lock.write_all(&buf[..n]);
+                        }
+                        Some(marker) => {
+                            while let Some(nl) =
+                                captured[line_start..].iter().position(|&b| b == b'\n')
+                            {
+                                let line = &captured[line_start..line_start + nl];
+                                if let Some(text) = story_line(line, marker) {
+                                    let text: Vec<u8> =
+                                        text.iter().copied().filter(|&b| b != b'\r').collect();
+                                    let _ = lock.write_all(&text);
+                                    let _ = lock.write_all(b"\n");
+                                }
+                                line_start += nl + 1;
+                            }
+                        }
+                    }
                     let _ = lock.flush();
                 }
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,

@@ -15,7 +15,7 @@ use clap::{Args, Parser, Subcommand};
 use serde_json::{json, Value};
 use ublk_core::{
     feature_names, parse_size, BoxTarget, BufferMode, ControlDevice, DeviceBuilder, DeviceInfo,
-    StatsRegistry,
+    QueueSnapshot, StatsRegistry,
 };
 use ublk_targets::compress;
 use ublk_targets::compress::format::{Algo, Layout};
@@ -25,6 +25,7 @@ use ublk_targets::file::FileTarget;
 use ublk_targets::null::Null;
 use ublk_targets::ram::Ram;
 use ublk_targets::stack::{self, BuildOptions, NodeDesc};
+use ublk_targets::stats;
 use ublk_targets::TargetKind;
 
 #[derive(Parser)]
@@ -76,6 +77,26 @@ enum Cmd {
         /// --json) one JSON line per mirror every second.
         #[arg(long)]
         watch: bool,
+    },
+    /// Show a running device's live statistics: per queue and in total, for every node,
+    /// IOPS and bandwidth by operation over an interval, requests in flight, errors, and
+    /// latency percentiles (p50, p99, p99.9) of the server-side service time.
+    Stats {
+        /// Device id.
+        id: u32,
+        /// Print JSON.
+        #[arg(long, conflicts_with = "prometheus")]
+        json: bool,
+        /// Redraw every interval on a terminal; otherwise (or with --json) print one JSON
+        /// line per interval. Stops on Ctrl-C.
+        #[arg(long, conflicts_with = "prometheus")]
+        watch: bool,
+        /// Print the counters once in the Prometheus text exposition format.
+        #[arg(long)]
+        prometheus: bool,
+        /// Seconds between the two samples that rates are computed from.
+        #[arg(long, default_value_t = 1.0, value_parser = parse_interval)]
+        interval: f64,
     },
     /// Make a faulty node fail or delay operations, or clear its rule.
     Fault(FaultArgs),
@@ -140,6 +161,15 @@ struct FaultArgs {
     /// Remove the node's rule: everything passes through again.
     #[arg(long, conflicts_with_all = ["fail", "range", "every", "delay"])]
     clear: bool,
+}
+
+fn parse_interval(text: &str) -> Result<f64, String> {
+    match text.parse::<f64>() {
+        Ok(s) if (0.01..=3600.0).contains(&s) => Ok(s),
+        _ => Err(format!(
+            "{text:?} is not a number of seconds from 0.01 to 3600"
+        )),
+    }
 }
 
 fn parse_fault_ops(text: &str) -> Result<FaultOps, String> {
@@ -220,6 +250,11 @@ struct AddArgs {
     /// multishot fetch per queue and each loop turn commits all results with one command.
     #[arg(long)]
     batch: bool,
+    /// Hold request buffers only while requests are in flight (kernel UBLK_F_NEED_GET_DATA),
+    /// taken from a per-queue pool, instead of a buffer of --max-io bytes per tag: less
+    /// memory for idle devices, one more command per write. Copy mode only.
+    #[arg(long, conflicts_with_all = ["sqpoll", "batch", "zero_copy"])]
+    need_get_data: bool,
     /// Server threads per queue, each serving every N-th tag with its own io_uring (kernel
     /// UBLK_F_PER_IO_DAEMON when above 1).
     #[arg(long, default_value_t = 1)]
@@ -266,6 +301,13 @@ fn main() -> ExitCode {
         Cmd::Features { json } => features(json),
         Cmd::Status { id, json, watch } if watch => watch_status(id, json),
         Cmd::Status { id, json, .. } => status(id, json),
+        Cmd::Stats {
+            id,
+            json,
+            watch,
+            prometheus,
+            interval,
+        } => stats(id, json, watch, prometheus, interval),
         Cmd::Fault(args) => fault(args),
         Cmd::Fail { id, node } => fail(id, &node),
         Cmd::Replace { id, node, expr } => replace(id, &node, &expr),
@@ -379,6 +421,7 @@ fn builder(args: &AddArgs, kind: TargetKind) -> CliResult<DeviceBuilder> {
         .sqpoll(args.sqpoll.then_some(args.sq_thread_idle))
         .defer_taskrun(args.defer_taskrun)
         .batch_io(args.batch)
+        .need_get_data(args.need_get_data)
         .threads_per_queue(args.threads_per_queue);
     if let Some(id) = args.id {
         b = b.id(id);
@@ -614,8 +657,14 @@ fn choose_mode(args: &AddArgs, kind: TargetKind, desc: &NodeDesc) -> CliResult<B
                 node.kind
             )
         }),
+        (Some(mode), _) if args.need_get_data && mode != BufferMode::Copy => Err(format!(
+            "--need-get-data works in copy mode only, not with --buffer-mode {}",
+            mode.name()
+        )),
         (Some(mode), _) => Ok(mode),
-        (None, None) if kind == TargetKind::Stack => Ok(BufferMode::ZeroCopy),
+        (None, None) if kind == TargetKind::Stack && !args.need_get_data => {
+            Ok(BufferMode::ZeroCopy)
+        }
         (None, _) => Ok(BufferMode::Copy),
     }
 }
@@ -673,6 +722,7 @@ fn info_json(info: &DeviceInfo, kind: TargetKind, expr: &str) -> Value {
         "sqpoll": info.sqpoll.is_some(),
         "defer_taskrun": info.defer_taskrun,
         "batch": info.batch_io,
+        "need_get_data": info.flags & ublk_core::sys::UBLK_F_NEED_GET_DATA != 0,
         "threads_per_queue": info.threads_per_queue,
     })
 }
@@ -1253,6 +1303,52 @@ fn redraw(out: &mut impl Write, lines: &[String], drawn: usize) -> std::io::Resu
     }
     write!(out, "\r\x1b[J")?;
     out.flush()
+}
+
+/// One sample of device `id`'s counters, and when it was taken.
+fn stats_sample(id: u32) -> Result<(Vec<QueueSnapshot>, Instant), String> {
+    let reply = control::request(id, &json!({"cmd": "stats"}))?;
+    Ok((stats::parse_queues(&reply["queues"])?, Instant::now()))
+}
+
+/// `ublk stats ID`: two samples `interval` seconds apart, shown as a table or JSON; with
+/// `--watch`, a new sample every interval until interrupted; with `--prometheus`, one sample
+/// in the Prometheus text format.
+fn stats(id: u32, as_json: bool, watch: bool, prometheus: bool, interval: f64) -> CliResult {
+    if prometheus {
+        let (now, _) = stats_sample(id)?;
+        print!("{}", stats::prometheus(id, &now));
+        return Ok(());
+    }
+    let tty = watch && !as_json && std::io::stdout().is_terminal();
+    let mut out = std::io::stdout().lock();
+    let io_err = |e: std::io::Error| format!("stdout: {e}");
+    let mut before = stats_sample(id)?;
+    let mut drawn = 0;
+    loop {
+        thread::sleep(Duration::from_secs_f64(interval));
+        let now = stats_sample(id)?;
+        let secs = now.1.duration_since(before.1).as_secs_f64();
+        if as_json || (watch && !tty) {
+            let report = stats::report_json(id, &now.0, Some(&before.0), secs);
+            writeln!(out, "{report}").map_err(io_err)?;
+            out.flush().map_err(io_err)?;
+        } else {
+            let lines = stats::report_lines(id, &now.0, Some(&before.0), secs);
+            if tty {
+                redraw(&mut out, &lines, drawn).map_err(io_err)?;
+                drawn = lines.len();
+            } else {
+                for l in &lines {
+                    writeln!(out, "{l}").map_err(io_err)?;
+                }
+            }
+        }
+        if !watch {
+            return Ok(());
+        }
+        before = now;
+    }
 }
 
 /// `ublk status ID --watch`: polls the device every second until no mirror has a leg to
