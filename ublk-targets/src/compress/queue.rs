@@ -62,9 +62,8 @@ struct ReadPart {
 
 #[derive(Debug)]
 struct WriteReq {
+    /// The blocks it covers; it holds their busy bits.
     blocks: Vec<WriteBlock>,
-    /// Blocks whose busy bit this request holds.
-    busy: Vec<u64>,
     /// Extents allocated for it (freed again if the write fails).
     allocated: Vec<Extent>,
     writing: bool,
@@ -86,6 +85,8 @@ enum Prepared {
     /// No room until a commit releases the extents overwrites freed.
     NoSpace,
     Writes(Vec<(BlockIo, Bounce)>),
+    /// The one child write of a request of one block.
+    One(BlockIo, Bounce),
 }
 
 /// The commit this queue runs.
@@ -339,8 +340,7 @@ impl CompressQueue {
         {
             return io.fail(libc::EINVAL);
         }
-        let mut blocks = Vec::new();
-        let mut busy = Vec::new();
+        let mut blocks: Vec<WriteBlock> = Vec::new();
         for lba in blocks_of(offset, len) {
             let range = block_part(lba, offset, len);
             let at = (lba * BLOCK_BYTES + range.start as u64 - offset) as usize;
@@ -348,13 +348,12 @@ impl CompressQueue {
             // read-modify-write of the block would otherwise put back stale bytes around
             // its own range over a concurrent write's.
             if !self.s.busy.set(lba) {
-                for l in busy {
-                    self.s.busy.clear(l);
+                for b in &blocks {
+                    self.s.busy.clear(b.lba);
                 }
                 self.s.busy_waiting.store(true, SeqCst);
                 return self.blocked.push(io);
             }
-            busy.push(lba);
             blocks.push(WriteBlock {
                 lba,
                 at,
@@ -369,7 +368,6 @@ impl CompressQueue {
             error: None,
             kind: Kind::Write(WriteReq {
                 blocks,
-                busy,
                 allocated: Vec::new(),
                 writing: false,
             }),
@@ -446,18 +444,27 @@ impl CompressQueue {
                 let need = self.request_commit(ctx);
                 self.no_space.push((key, need));
             }
-            Prepared::Writes(writes) => {
-                if let Some(req) = self.reqs.get_mut(key) {
-                    req.left = writes.len() as u32 + 1;
-                }
-                for (req, buf) in writes {
-                    if !self.child_io(req, buf, token(key, 0), ctx) {
-                        self.part_done(key, Some(-libc::EIO), ctx);
-                    }
-                }
-                self.part_done(key, None, ctx);
+            Prepared::Writes(writes) => self.send_writes(key, writes, ctx),
+            Prepared::One(req, buf) => self.send_writes(key, [(req, buf)], ctx),
+        }
+    }
+
+    /// Sends the child writes of request `key`'s extents.
+    fn send_writes<W>(&mut self, key: usize, writes: W, ctx: &mut QueueCtx<'_>)
+    where
+        W: IntoIterator<Item = (BlockIo, Bounce)>,
+        W::IntoIter: ExactSizeIterator,
+    {
+        let writes = writes.into_iter();
+        if let Some(req) = self.reqs.get_mut(key) {
+            req.left = writes.len() as u32 + 1;
+        }
+        for (req, buf) in writes {
+            if !self.child_io(req, buf, token(key, 0), ctx) {
+                self.part_done(key, Some(-libc::EIO), ctx);
             }
         }
+        self.part_done(key, None, ctx);
     }
 
     /// Builds the new content of request `key`'s blocks, compresses them and allocates their
@@ -554,8 +561,9 @@ impl CompressQueue {
         for ((i, _, _, _), e) in extents.iter().zip(&placed) {
             w.blocks[*i].entry = e.encode().unwrap_or(0);
         }
-        w.allocated.clone_from(&placed);
+        w.allocated = placed;
         w.writing = true;
+        let placed = &w.allocated;
         let layout = self.s.layout;
         let write = |start: u64, end: u64| BlockIo {
             op: Op::Write,
@@ -565,12 +573,9 @@ impl CompressQueue {
         };
         if let ([(_, _, _, _)], [e]) = (&extents[..], &placed[..]) {
             let span = e.span();
-            let buf = extents.pop().map(|x| x.1);
-            return Prepared::Writes(
-                buf.map(|b| (write(span.start, span.end), b))
-                    .into_iter()
-                    .collect(),
-            );
+            if let Some((_, buf, _, _)) = extents.pop() {
+                return Prepared::One(write(span.start, span.end), buf);
+            }
         }
         // One child write per run of adjacent extents (at most 128 KiB each).
         let mut order: Vec<usize> = (0..placed.len()).collect();
@@ -615,13 +620,13 @@ impl CompressQueue {
                 alloc.free(x);
             }
             drop(alloc);
-            self.release_busy(&w.busy, ctx);
+            self.release_busy(&w.blocks, ctx);
             return req.io.complete(e);
         }
         for b in &w.blocks {
             self.s.install(b.lba, b.entry);
         }
-        self.release_busy(&w.busy, ctx);
+        self.release_busy(&w.blocks, ctx);
         if req.io.op() == Op::Write && req.io.flags().fua() {
             let need = self.request_commit(ctx);
             let res = req.io.len() as i32;
@@ -633,12 +638,12 @@ impl CompressQueue {
         }
     }
 
-    fn release_busy(&mut self, lbas: &[u64], ctx: &mut QueueCtx<'_>) {
-        if lbas.is_empty() {
+    fn release_busy(&mut self, blocks: &[WriteBlock], ctx: &mut QueueCtx<'_>) {
+        if blocks.is_empty() {
             return;
         }
-        for &l in lbas {
-            self.s.busy.clear(l);
+        for b in blocks {
+            self.s.busy.clear(b.lba);
         }
         if self.s.busy_waiting.swap(false, SeqCst) {
             self.s.wake_all();
