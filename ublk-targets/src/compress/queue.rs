@@ -551,6 +551,7 @@ impl CompressQueue {
                 let can_wait = alloc.has_pending() || lock(&self.s.commit).running;
                 drop(alloc);
                 self.spare.extend(extents.into_iter().map(|x| x.1));
+                self.spare.truncate(SPARE_MAX);
                 return if can_wait {
                     Prepared::NoSpace
                 } else {
@@ -608,6 +609,7 @@ impl CompressQueue {
         self.spare.truncate(SPARE_MAX);
         Prepared::Writes(writes)
     }
+
     /// The extents are on the child (or the write failed): install them and answer.
     fn finish_write(&mut self, key: usize, ctx: &mut QueueCtx<'_>) {
         let req = self.reqs.remove(key);
@@ -628,9 +630,9 @@ impl CompressQueue {
         }
         self.release_busy(&w.blocks, ctx);
         if req.io.op() == Op::Write && req.io.flags().fua() {
+            self.s.synced.store(true, SeqCst);
             let need = self.request_commit(ctx);
             let res = req.io.len() as i32;
-            self.s.synced.store(true, SeqCst);
             self.waiting.push((req.io, need, res));
             self.answer_waiting();
         } else {
@@ -678,8 +680,8 @@ impl CompressQueue {
         if self.s.broken.load(SeqCst) {
             return io.fail(libc::EIO);
         }
-        let need = self.request_commit(ctx);
         self.s.synced.store(true, SeqCst);
+        let need = self.request_commit(ctx);
         self.waiting.push((io, need, 0));
         self.answer_waiting();
     }
