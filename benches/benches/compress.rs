@@ -17,8 +17,14 @@
 //! ```text
 //! cargo bench -p ublk-benches --bench compress -- --warm-up-time 1 --measurement-time 3
 //! ```
+//!
+//! With `UBLK_BENCH_CPU=1` every row is timed by the bench thread's CPU time
+//! (`CLOCK_THREAD_CPUTIME_ID`) instead of wall time: steadier on a host shared with other
+//! work, and the same measure for every row, since the simulated queue, the target and its
+//! RAM child all run on that thread.
 
 use std::hint::black_box;
+use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
@@ -63,6 +69,32 @@ fn blocks() -> Vec<Vec<u8>> {
         .collect()
 }
 
+/// What the rows are timed with: wall time, or the thread's CPU time (`UBLK_BENCH_CPU`).
+#[derive(Clone, Copy)]
+struct Clock {
+    cpu: bool,
+}
+
+impl Clock {
+    fn from_env() -> Clock {
+        Clock {
+            cpu: std::env::var_os("UBLK_BENCH_CPU").is_some_and(|v| v != "0"),
+        }
+    }
+
+    /// A reading of the clock; only differences of two readings mean something.
+    fn now(self) -> Duration {
+        static BASE: OnceLock<Instant> = OnceLock::new();
+        if self.cpu {
+            nix::time::clock_gettime(nix::time::ClockId::CLOCK_THREAD_CPUTIME_ID)
+                .map(Duration::from)
+                .expect("the thread CPU clock exists on Linux")
+        } else {
+            BASE.get_or_init(Instant::now).elapsed()
+        }
+    }
+}
+
 fn desc(op: u8, block: usize) -> IoDesc {
     IoDesc {
         op_flags: u32::from(op),
@@ -73,8 +105,9 @@ fn desc(op: u8, block: usize) -> IoDesc {
 }
 
 /// Runs `n` I/Os of `op` through the blocks from `*next` on, in batches of [`BATCH`];
-/// returns the time they took.
+/// returns the time they took by `clock`.
 fn run_ios<T: Target>(
+    clock: Clock,
     q: &mut SimQueue<T>,
     op: u8,
     data: &[Vec<u8>],
@@ -82,7 +115,7 @@ fn run_ios<T: Target>(
     mut n: u64,
 ) -> Duration {
     let mut results = Vec::with_capacity(usize::from(BATCH));
-    let start = Instant::now();
+    let start = clock.now();
     while n > 0 {
         let batch = n.min(u64::from(BATCH)) as u16;
         for tag in 0..batch {
@@ -100,7 +133,7 @@ fn run_ios<T: Target>(
         black_box(&results);
         n -= u64::from(batch);
     }
-    start.elapsed()
+    clock.now() - start
 }
 
 /// Collects the results of the `n` requests in service into `out`, waiting for any that
@@ -133,8 +166,10 @@ fn compress(c: &mut Criterion) {
     let target = Compress::open(std::sync::Arc::new(ram) as BoxTarget, &opts).expect("image");
     let mut q = SimQueue::new(&target, GEO, BATCH).expect("simulated queue");
     // Every block written once: the reads decompress, the writes overwrite.
+    let clock = Clock::from_env();
     let mut next = 0;
     run_ios(
+        clock,
         &mut q,
         sys::UBLK_IO_OP_WRITE,
         &data,
@@ -148,15 +183,28 @@ fn compress(c: &mut Criterion) {
     let mut out = vec![0u8; lz4_flex::block::get_maximum_output_size(BLOCK)];
     group.bench_function("lz4_flex", |b| {
         let mut i = 0;
-        b.iter(|| {
-            i = (i + 1) % BLOCKS;
-            let n = lz4_flex::block::compress_into(black_box(&data[i]), &mut out)
-                .expect("room for any block");
-            black_box(n)
+        b.iter_custom(|iters| {
+            let start = clock.now();
+            for _ in 0..iters {
+                i = (i + 1) % BLOCKS;
+                let n = lz4_flex::block::compress_into(black_box(&data[i]), &mut out)
+                    .expect("room for any block");
+                black_box(n);
+            }
+            clock.now() - start
         })
     });
     group.bench_function("ublk-compress-lz4", |b| {
-        b.iter_custom(|iters| run_ios(&mut q, sys::UBLK_IO_OP_WRITE, &data, &mut next, iters))
+        b.iter_custom(|iters| {
+            run_ios(
+                clock,
+                &mut q,
+                sys::UBLK_IO_OP_WRITE,
+                &data,
+                &mut next,
+                iters,
+            )
+        })
     });
     group.finish();
 
@@ -165,15 +213,19 @@ fn compress(c: &mut Criterion) {
     let mut block = vec![0u8; BLOCK];
     group.bench_function("lz4_flex", |b| {
         let mut i = 0;
-        b.iter(|| {
-            i = (i + 1) % BLOCKS;
-            let n = lz4_flex::block::decompress_into(black_box(&packed[i]), &mut block)
-                .expect("a block we compressed");
-            black_box(n)
+        b.iter_custom(|iters| {
+            let start = clock.now();
+            for _ in 0..iters {
+                i = (i + 1) % BLOCKS;
+                let n = lz4_flex::block::decompress_into(black_box(&packed[i]), &mut block)
+                    .expect("a block we compressed");
+                black_box(n);
+            }
+            clock.now() - start
         })
     });
     group.bench_function("ublk-compress-lz4", |b| {
-        b.iter_custom(|iters| run_ios(&mut q, sys::UBLK_IO_OP_READ, &data, &mut next, iters))
+        b.iter_custom(|iters| run_ios(clock, &mut q, sys::UBLK_IO_OP_READ, &data, &mut next, iters))
     });
     group.finish();
 }

@@ -647,12 +647,16 @@ fn freed_space_is_punched_in_the_child_after_the_commit() {
     let after = child.written_pages();
     assert!(after <= full + 1 - 36, "{full} -> {after}");
     assert_eq!(h.allocated_bytes(), 0);
-    // Overwrites free their old extents' pages the same way, and the data stays right.
+    // Overwrites free their old extents' pages too, one commit later (when no write has
+    // reused them meanwhile), and the data stays right.
     let text = compressible(8, 64 << 10);
     assert_eq!(q.write(0, &noise[..64 << 10]), Ok(64 << 10));
     assert_eq!(q.op(sys::UBLK_IO_OP_FLUSH, 0, 0, 0), Ok(0));
     let raw = child.written_pages();
     assert_eq!(q.write(0, &text), Ok(64 << 10));
+    assert_eq!(q.op(sys::UBLK_IO_OP_FLUSH, 0, 0, 0), Ok(0));
+    let kept = child.written_pages();
+    assert!(kept + 1 >= raw, "punched at once: {raw} -> {kept}");
     assert_eq!(q.op(sys::UBLK_IO_OP_FLUSH, 0, 0, 0), Ok(0));
     let compressed = child.written_pages();
     assert!(compressed + 8 <= raw, "{raw} -> {compressed}");

@@ -23,6 +23,10 @@ impl std::fmt::Debug for Codec {
 /// frame needs, far below what a hostile image could otherwise make it allocate.
 const ZSTD_WINDOW_LOG_MAX: u32 = 17;
 
+/// Bytes of an extent buffer that [`Codec::compress`] fills with no intermediate copy:
+/// the header and lz4's worst case for a block.
+pub(crate) const ROOMY: usize = EXTENT_HEADER + lz4_flex::block::get_maximum_output_size(BLOCK);
+
 /// A compressed payload is kept only below this size; otherwise the block is stored raw.
 const KEEP_BELOW: usize = BLOCK - EXTENT_HEADER;
 
@@ -37,8 +41,9 @@ impl Codec {
     }
 
     /// Stores `block` (4096 bytes) as the extent of logical block `lba` in `out` (at least
-    /// [`MAX_EXTENT`] bytes): `None` for an all-zero block (no extent), else the kind and
-    /// the stored length.
+    /// [`MAX_EXTENT`] bytes; with [`ROOMY`] bytes lz4 writes into it with no copy): `None`
+    /// for an all-zero block (no extent), else the kind and the stored length. Bytes of
+    /// `out` past that length may be changed.
     pub(crate) fn compress(
         &mut self,
         lba: u64,
@@ -53,6 +58,14 @@ impl Codec {
         }
         let payload = &mut out[EXTENT_HEADER..];
         let packed = match self.algo {
+            // lz4_flex wants room for its worst case: straight into `out` when it has
+            // that room (a queue's extent buffers do), else through the scratch buffer.
+            Algo::Lz4 if payload.len() >= self.scratch.len() => {
+                match lz4_flex::block::compress_into(block, payload) {
+                    Ok(n) if n < KEEP_BELOW => Some(n),
+                    _ => None,
+                }
+            }
             Algo::Lz4 => match lz4_flex::block::compress_into(block, &mut self.scratch) {
                 Ok(n) if n < KEEP_BELOW => {
                     payload[..n].copy_from_slice(&self.scratch[..n]);
@@ -173,6 +186,17 @@ mod tests {
             assert_eq!(kind, algo.kind());
             assert!(len < 200, "{algo}: {len}");
             assert_eq!(round_trip(algo, &random), Some((Kind::Raw, MAX_EXTENT)));
+        }
+        // Into a buffer with room for lz4's worst case (no copy), with stale bytes in it.
+        let mut c = Codec::new(Algo::Lz4);
+        for block in [&text, &random] {
+            let mut roomy = vec![0xa5; ROOMY];
+            let mut exact = vec![0; MAX_EXTENT];
+            let a = c.compress(3, block, &mut roomy).expect("compress");
+            let b = c.compress(3, block, &mut exact).expect("compress");
+            assert_eq!(a, b);
+            let len = a.expect("stored").1;
+            assert_eq!(roomy[..len], exact[..len]);
         }
     }
 }

@@ -11,7 +11,7 @@ use slab::Slab;
 use ublk_core::sys::UBLK_IO_F_FUA;
 use ublk_zc::{BlockIo, Bounce, Child, Completion, Io, IoFlags, Op, QueueCtx, QueueTarget};
 
-use super::codec::Codec;
+use super::codec::{Codec, ROOMY};
 use super::format::{
     block_part, blocks_of, encode_journal_block, encode_map_block, Extent, Record, BLOCK,
     BLOCK_BYTES, ENTRIES_PER_BLOCK, MAX_EXTENT, RECORDS_PER_BLOCK, SECTOR,
@@ -27,6 +27,12 @@ const PUNCH: u64 = 1 << 61;
 const READ_RETRIES: u8 = 4;
 /// Map blocks per checkpoint write.
 const MAP_CHUNK: u64 = 256;
+/// Bytes of the buffers a queue reads an extent into or compresses a block into: room for
+/// the longest extent in whole sectors, and for lz4's worst case (no copy after it).
+const EXTENT_BUF: usize = 2 * BLOCK;
+const _: () = assert!(EXTENT_BUF >= ROOMY && EXTENT_BUF >= MAX_EXTENT.div_ceil(512) * 512);
+/// Extent buffers a queue keeps for reuse (a queue depth's worth covers 4 KiB I/O).
+const SPARE_MAX: usize = 256;
 
 #[derive(Debug)]
 struct Req {
@@ -56,9 +62,8 @@ struct ReadPart {
 
 #[derive(Debug)]
 struct WriteReq {
+    /// The blocks it covers; it holds their busy bits.
     blocks: Vec<WriteBlock>,
-    /// Blocks whose busy bit this request holds.
-    busy: Vec<u64>,
     /// Extents allocated for it (freed again if the write fails).
     allocated: Vec<Extent>,
     writing: bool,
@@ -80,6 +85,8 @@ enum Prepared {
     /// No room until a commit releases the extents overwrites freed.
     NoSpace,
     Writes(Vec<(BlockIo, Bounce)>),
+    /// The one child write of a request of one block.
+    One(BlockIo, Bounce),
 }
 
 /// The commit this queue runs.
@@ -124,6 +131,16 @@ pub struct CompressQueue {
     commit: Option<CommitRun>,
     /// Runs of data-area sectors being discarded in the child, by token key.
     punches: Slab<Range<u64>>,
+    /// Extent buffers ([`EXTENT_BUF`] bytes) back from the child, reused so that the hot
+    /// path allocates (and the kernel faults in) no memory per request.
+    spare: Vec<Bounce>,
+    /// A block being built (read-modify-write) or decompressed for part of a request.
+    block: Box<[u8]>,
+}
+
+/// An extent buffer: a spare one, or a new one.
+fn extent_buf(spare: &mut Vec<Bounce>) -> Option<Bounce> {
+    spare.pop().or_else(|| Bounce::new(EXTENT_BUF).ok())
 }
 
 fn token(key: usize, part: usize) -> u64 {
@@ -144,6 +161,8 @@ impl CompressQueue {
             no_space: Vec::new(),
             commit: None,
             punches: Slab::new(),
+            spare: Vec::new(),
+            block: vec![0; BLOCK].into_boxed_slice(),
         }
     }
 
@@ -163,7 +182,7 @@ impl CompressQueue {
 
     fn extent_read(&mut self, e: &Extent, tok: u64, ctx: &mut QueueCtx<'_>) -> bool {
         let len = e.sectors() * SECTOR;
-        let Ok(buf) = Bounce::new(len as usize) else {
+        let Some(buf) = extent_buf(&mut self.spare) else {
             return false;
         };
         let req = BlockIo {
@@ -230,7 +249,7 @@ impl CompressQueue {
         }
     }
 
-    fn read_done(&mut self, key: usize, i: usize, done: Completion, ctx: &mut QueueCtx<'_>) {
+    fn read_done(&mut self, key: usize, i: usize, done: &Completion, ctx: &mut QueueCtx<'_>) {
         let Some(Req {
             io,
             kind: Kind::Read(parts),
@@ -240,17 +259,26 @@ impl CompressQueue {
             return;
         };
         let part = &mut parts[i];
-        let mut block = [0u8; BLOCK];
+        // A whole block decompresses straight into the request's buffer when the server
+        // holds it; anything else through the queue's block.
+        let whole = part.range.len() == BLOCK;
+        let direct = match io.data_mut() {
+            Ok(data) if whole => data.get_mut(part.at..part.at + BLOCK),
+            _ => None,
+        };
+        let into_request = direct.is_some();
+        let out = direct.unwrap_or(&mut self.block);
         let checked = match (Extent::decode(part.entry), &done.bounce) {
             (Ok(Some(e)), Some(buf)) if done.result == (e.sectors() * SECTOR) as i32 => self
                 .codec
-                .decompress(part.lba, &e, buf.as_slice(), &mut block)
+                .decompress(part.lba, &e, buf.as_slice(), out)
                 .map_err(|e| e.to_string()),
             _ => Err(format!("child read failed ({})", done.result)),
         };
         match checked {
+            Ok(()) if into_request => self.part_done(key, None, ctx),
             Ok(()) => {
-                let res = io.copy_data_from(part.at, &block[part.range.clone()]);
+                let res = io.copy_data_from(part.at, &self.block[part.range.clone()]);
                 self.part_done(key, res.err().map(|_| -libc::EIO), ctx);
             }
             Err(why) => {
@@ -312,8 +340,7 @@ impl CompressQueue {
         {
             return io.fail(libc::EINVAL);
         }
-        let mut blocks = Vec::new();
-        let mut busy = Vec::new();
+        let mut blocks: Vec<WriteBlock> = Vec::new();
         for lba in blocks_of(offset, len) {
             let range = block_part(lba, offset, len);
             let at = (lba * BLOCK_BYTES + range.start as u64 - offset) as usize;
@@ -321,13 +348,12 @@ impl CompressQueue {
             // read-modify-write of the block would otherwise put back stale bytes around
             // its own range over a concurrent write's.
             if !self.s.busy.set(lba) {
-                for l in busy {
-                    self.s.busy.clear(l);
+                for b in &blocks {
+                    self.s.busy.clear(b.lba);
                 }
                 self.s.busy_waiting.store(true, SeqCst);
                 return self.blocked.push(io);
             }
-            busy.push(lba);
             blocks.push(WriteBlock {
                 lba,
                 at,
@@ -342,7 +368,6 @@ impl CompressQueue {
             error: None,
             kind: Kind::Write(WriteReq {
                 blocks,
-                busy,
                 allocated: Vec::new(),
                 writing: false,
             }),
@@ -379,7 +404,7 @@ impl CompressQueue {
         self.part_done(key, None, ctx);
     }
 
-    fn rmw_read_done(&mut self, key: usize, i: usize, done: Completion, ctx: &mut QueueCtx<'_>) {
+    fn rmw_read_done(&mut self, key: usize, i: usize, done: &Completion, ctx: &mut QueueCtx<'_>) {
         let Some(Req {
             kind: Kind::Write(w),
             ..
@@ -415,25 +440,36 @@ impl CompressQueue {
                 self.finish_write(key, ctx);
             }
             Prepared::NoSpace => {
+                self.s.short_of_space.store(true, SeqCst);
                 let need = self.request_commit(ctx);
                 self.no_space.push((key, need));
             }
-            Prepared::Writes(writes) => {
-                if let Some(req) = self.reqs.get_mut(key) {
-                    req.left = writes.len() as u32 + 1;
-                }
-                for (req, buf) in writes {
-                    if !self.child_io(req, buf, token(key, 0), ctx) {
-                        self.part_done(key, Some(-libc::EIO), ctx);
-                    }
-                }
-                self.part_done(key, None, ctx);
-            }
+            Prepared::Writes(writes) => self.send_writes(key, writes, ctx),
+            Prepared::One(req, buf) => self.send_writes(key, [(req, buf)], ctx),
         }
     }
 
+    /// Sends the child writes of request `key`'s extents.
+    fn send_writes<W>(&mut self, key: usize, writes: W, ctx: &mut QueueCtx<'_>)
+    where
+        W: IntoIterator<Item = (BlockIo, Bounce)>,
+        W::IntoIter: ExactSizeIterator,
+    {
+        let writes = writes.into_iter();
+        if let Some(req) = self.reqs.get_mut(key) {
+            req.left = writes.len() as u32 + 1;
+        }
+        for (req, buf) in writes {
+            if !self.child_io(req, buf, token(key, 0), ctx) {
+                self.part_done(key, Some(-libc::EIO), ctx);
+            }
+        }
+        self.part_done(key, None, ctx);
+    }
+
     /// Builds the new content of request `key`'s blocks, compresses them and allocates their
-    /// extents: the child writes to make, one per run of adjacent extents.
+    /// extents: the child writes to make, one per extent for a request of one block (its
+    /// extent buffer is the write's), else one per run of adjacent extents.
     fn prepare_extents(&mut self, key: usize) -> Prepared {
         let Some(Req {
             io,
@@ -444,28 +480,51 @@ impl CompressQueue {
             return Prepared::Failed(-libc::EIO);
         };
         let op = io.op();
-        // (block index, extent bytes, kind) of the blocks that need an extent.
-        let mut extents = Vec::new();
-        let mut block = vec![0u8; BLOCK];
+        // (block index, extent buffer, kind, stored length) of the blocks with an extent.
+        let mut extents: Vec<(usize, Bounce, super::format::Kind, usize)> = Vec::new();
+        let data = if op == Op::Write {
+            io.data().ok()
+        } else {
+            None
+        };
         for (i, b) in w.blocks.iter_mut().enumerate() {
-            match &b.old {
-                Some(old) => block.copy_from_slice(old),
-                None => block.fill(0),
-            }
-            let dst = &mut block[b.range.clone()];
-            if op == Op::Write {
-                if io.copy_data_to(b.at, dst).is_err() {
-                    return Prepared::Failed(-libc::EIO);
+            // A whole block written is compressed where the request holds it when the
+            // server has its bytes; anything else is built in the queue's block first.
+            let whole = match data {
+                Some(d) if b.range.len() == BLOCK => d.get(b.at..b.at + BLOCK),
+                _ => None,
+            };
+            let src: &[u8] = match whole {
+                Some(src) => src,
+                None => {
+                    match &b.old {
+                        Some(old) => self.block.copy_from_slice(old),
+                        None => self.block.fill(0),
+                    }
+                    let dst = &mut self.block[b.range.clone()];
+                    if op == Op::Write {
+                        if io.copy_data_to(b.at, dst).is_err() {
+                            return Prepared::Failed(-libc::EIO);
+                        }
+                    } else {
+                        dst.fill(0);
+                    }
+                    &self.block
                 }
-            } else {
-                dst.fill(0);
-            }
-            let mut out = vec![0u8; MAX_EXTENT];
-            match self.codec.compress(b.lba, &block, &mut out) {
-                Ok(None) => b.entry = 0,
+            };
+            let Some(mut buf) = extent_buf(&mut self.spare) else {
+                return Prepared::Failed(-libc::ENOMEM);
+            };
+            match self.codec.compress(b.lba, src, buf.as_mut_slice()) {
+                Ok(None) => {
+                    b.entry = 0;
+                    self.spare.push(buf);
+                }
                 Ok(Some((kind, len))) => {
-                    out.truncate(len);
-                    extents.push((i, out, kind));
+                    // The rest of the last sector goes to the child too: no stale bytes.
+                    let end = (len as u64).div_ceil(SECTOR) * SECTOR;
+                    buf.as_mut_slice()[len..end as usize].fill(0);
+                    extents.push((i, buf, kind, len));
                 }
                 Err(_) => return Prepared::Failed(-libc::EIO),
             }
@@ -474,12 +533,11 @@ impl CompressQueue {
         let mut placed = Vec::with_capacity(extents.len());
         {
             let mut alloc = lock(&self.s.alloc);
-            for (_, bytes, kind) in &extents {
-                let len = bytes.len() as u32;
-                match alloc.alloc(u64::from(len).div_ceil(SECTOR)) {
+            for (_, _, kind, len) in &extents {
+                match alloc.alloc((*len as u64).div_ceil(SECTOR)) {
                     Some(sector) => placed.push(Extent {
                         sector,
-                        len,
+                        len: *len as u32,
                         kind: *kind,
                     }),
                     None => break,
@@ -491,6 +549,9 @@ impl CompressQueue {
                 }
                 // Space comes back when a commit releases what overwrites freed.
                 let can_wait = alloc.has_pending() || lock(&self.s.commit).running;
+                drop(alloc);
+                self.spare.extend(extents.into_iter().map(|x| x.1));
+                self.spare.truncate(SPARE_MAX);
                 return if can_wait {
                     Prepared::NoSpace
                 } else {
@@ -498,11 +559,25 @@ impl CompressQueue {
                 };
             }
         }
-        for ((i, _, _), e) in extents.iter().zip(&placed) {
+        for ((i, _, _, _), e) in extents.iter().zip(&placed) {
             w.blocks[*i].entry = e.encode().unwrap_or(0);
         }
-        w.allocated.clone_from(&placed);
+        w.allocated = placed;
         w.writing = true;
+        let placed = &w.allocated;
+        let layout = self.s.layout;
+        let write = |start: u64, end: u64| BlockIo {
+            op: Op::Write,
+            offset: layout.sector_offset(start),
+            len: ((end - start) * SECTOR) as u32,
+            flags: IoFlags::default(),
+        };
+        if let ([(_, _, _, _)], [e]) = (&extents[..], &placed[..]) {
+            let span = e.span();
+            if let Some((_, buf, _, _)) = extents.pop() {
+                return Prepared::One(write(span.start, span.end), buf);
+            }
+        }
         // One child write per run of adjacent extents (at most 128 KiB each).
         let mut order: Vec<usize> = (0..placed.len()).collect();
         order.sort_by_key(|&j| placed[j].sector);
@@ -517,7 +592,6 @@ impl CompressQueue {
                 _ => runs.push((span.start, span.end, vec![j])),
             }
         }
-        let layout = self.s.layout;
         let mut writes = Vec::with_capacity(runs.len());
         for (start, end, members) in runs {
             let bytes = (end - start) * SECTOR;
@@ -526,17 +600,13 @@ impl CompressQueue {
             };
             for &j in &members {
                 let at = ((placed[j].sector - start) * SECTOR) as usize;
-                let data = &extents[j].1;
-                buf.as_mut_slice()[at..at + data.len()].copy_from_slice(data);
+                let n = (placed[j].sectors() * SECTOR) as usize;
+                buf.as_mut_slice()[at..at + n].copy_from_slice(&extents[j].1.as_slice()[..n]);
             }
-            let req = BlockIo {
-                op: Op::Write,
-                offset: layout.sector_offset(start),
-                len: bytes as u32,
-                flags: IoFlags::default(),
-            };
-            writes.push((req, buf));
+            writes.push((write(start, end), buf));
         }
+        self.spare.extend(extents.into_iter().map(|x| x.1));
+        self.spare.truncate(SPARE_MAX);
         Prepared::Writes(writes)
     }
 
@@ -552,14 +622,15 @@ impl CompressQueue {
                 alloc.free(x);
             }
             drop(alloc);
-            self.release_busy(&w.busy, ctx);
+            self.release_busy(&w.blocks, ctx);
             return req.io.complete(e);
         }
         for b in &w.blocks {
             self.s.install(b.lba, b.entry);
         }
-        self.release_busy(&w.busy, ctx);
+        self.release_busy(&w.blocks, ctx);
         if req.io.op() == Op::Write && req.io.flags().fua() {
+            self.s.synced.store(true, SeqCst);
             let need = self.request_commit(ctx);
             let res = req.io.len() as i32;
             self.waiting.push((req.io, need, res));
@@ -569,12 +640,12 @@ impl CompressQueue {
         }
     }
 
-    fn release_busy(&mut self, lbas: &[u64], ctx: &mut QueueCtx<'_>) {
-        if lbas.is_empty() {
+    fn release_busy(&mut self, blocks: &[WriteBlock], ctx: &mut QueueCtx<'_>) {
+        if blocks.is_empty() {
             return;
         }
-        for &l in lbas {
-            self.s.busy.clear(l);
+        for b in blocks {
+            self.s.busy.clear(b.lba);
         }
         if self.s.busy_waiting.swap(false, SeqCst) {
             self.s.wake_all();
@@ -609,6 +680,7 @@ impl CompressQueue {
         if self.s.broken.load(SeqCst) {
             return io.fail(libc::EIO);
         }
+        self.s.synced.store(true, SeqCst);
         let need = self.request_commit(ctx);
         self.waiting.push((io, need, 0));
         self.answer_waiting();
@@ -654,9 +726,9 @@ impl CompressQueue {
             len: 0,
             flags: IoFlags::default(),
         };
-        match Bounce::new(0) {
-            Ok(buf) => self.commit_send(req, buf, ctx),
-            Err(_) => self.commit_failed(ctx),
+        match extent_buf(&mut self.spare) {
+            Some(buf) => self.commit_send(req, buf, ctx),
+            None => self.commit_failed(ctx),
         }
     }
 
@@ -804,7 +876,12 @@ impl CompressQueue {
         };
         if !self.s.broken.load(SeqCst) {
             let punch = !self.s.no_punch.load(SeqCst);
-            let runs = lock(&self.s.alloc).release(run.covered, punch);
+            // What overwrites freed is discarded in the child only while the commits are
+            // the user's (FLUSH, FUA) and no write waits for space: commits that writes
+            // short of space start hand it straight to them.
+            let synced = self.s.synced.swap(false, SeqCst);
+            let pressed = self.s.short_of_space.swap(false, SeqCst);
+            let runs = lock(&self.s.alloc).release(run.covered, punch, synced && !pressed);
             for r in runs {
                 self.punch(r, ctx);
             }
@@ -839,7 +916,8 @@ impl CompressQueue {
             flags: IoFlags::default(),
         };
         let key = self.punches.insert(run);
-        let sent = Bounce::new(0).is_ok_and(|buf| self.child_io(req, buf, PUNCH | key as u64, ctx));
+        let sent = extent_buf(&mut self.spare)
+            .is_some_and(|buf| self.child_io(req, buf, PUNCH | key as u64, ctx));
         if !sent {
             self.punch_done(key, 0);
         }
@@ -902,7 +980,19 @@ impl QueueTarget for CompressQueue {
         }
     }
 
-    fn complete(&mut self, done: Completion, ctx: &mut QueueCtx<'_>) {
+    fn complete(&mut self, mut done: Completion, ctx: &mut QueueCtx<'_>) {
+        self.completed(&done, ctx);
+        if let Some(buf) = done.bounce.take() {
+            if buf.len() == EXTENT_BUF && self.spare.len() < SPARE_MAX {
+                self.spare.push(buf);
+            }
+        }
+    }
+}
+
+impl CompressQueue {
+    /// What a child request's end (or a wake-up) means; its buffer is reused after.
+    fn completed(&mut self, done: &Completion, ctx: &mut QueueCtx<'_>) {
         if done.token == WAKE {
             self.answer_waiting();
             self.retry_no_space(ctx);

@@ -82,17 +82,23 @@ impl Bits {
     }
 }
 
-/// The data area's sectors: a bitmap of the allocated ones, first fit from a rotating cursor,
-/// and the extents waiting for a commit before they may be reused.
+/// The data area's sectors: a bitmap of the allocated ones, first fit from a cursor that
+/// moves back to the lowest sector freed (so the data keeps to the front of the area and
+/// freed space is reused before new child pages are touched), and the extents waiting for a
+/// commit before they may be reused.
 #[derive(Debug)]
 pub(crate) struct Alloc {
     used: Vec<u64>,
     sectors: u64,
     cursor: u64,
     pub(crate) allocated: u64,
-    /// `(epoch, extent)`: freed by an overwrite; reusable once the commit that covers the
-    /// epoch is durable (the durable map no longer references it then).
-    pending: Vec<(u64, Extent)>,
+    /// `(epoch, extent, emptied)`: freed by an overwrite, or by a discard or write-zeroes
+    /// when `emptied` (the block has no extent any more); reusable once the commit that
+    /// covers the epoch is durable (the durable map no longer references it then).
+    pending: Vec<(u64, Extent, bool)>,
+    /// Child pages that overwrites left free at the last release: discarded at the next
+    /// release if no write has reused them meanwhile.
+    loose: Vec<u64>,
     /// Sectors kept allocated while the child discards them.
     punching: u64,
 }
@@ -105,6 +111,7 @@ impl Alloc {
             cursor: 0,
             allocated: 0,
             pending: Vec::new(),
+            loose: Vec::new(),
             punching: 0,
         }
     }
@@ -126,6 +133,7 @@ impl Alloc {
             self.allocated += n;
         } else {
             self.allocated -= n;
+            self.cursor = self.cursor.min(start);
         }
     }
 
@@ -174,29 +182,56 @@ impl Alloc {
         self.mark(span.start, span.end - span.start, false);
     }
 
-    pub(crate) fn defer(&mut self, epoch: u64, e: Extent) {
-        self.pending.push((epoch, e));
+    /// Queues `e` for release by the commit that covers `epoch`; `emptied` when its block
+    /// has no extent any more (its pages are discarded at that commit, where an overwrite's
+    /// are discarded only if still free one commit later).
+    pub(crate) fn defer(&mut self, epoch: u64, e: Extent, emptied: bool) {
+        self.pending.push((epoch, e, emptied));
     }
 
     /// Frees the pending extents of epochs up to `epoch`. Returns the runs of whole child
-    /// pages (4 KiB, [`PAGE_SECTORS`] sectors) this left entirely free, as sector ranges of
-    /// at most [`PUNCH_MAX_SECTORS`]: they stay allocated, so that no write lands there
-    /// before the child has discarded them, until [`Alloc::punched`] gives them back.
-    /// Without `punch`, nothing is kept back and no run is returned.
-    pub(crate) fn release(&mut self, epoch: u64, punch: bool) -> Vec<Range<u64>> {
+    /// pages (4 KiB, [`PAGE_SECTORS`] sectors) to discard, as sector ranges of at most
+    /// [`PUNCH_MAX_SECTORS`]: the pages that discards and write-zeroes left entirely free
+    /// now, and, with `punch_loose`, those that overwrites left free at the previous release and
+    /// that are still entirely free (an overwrite's space is most often reused by the next
+    /// writes; punching it at once would only make the child allocate it again; without
+    /// `punch_loose`, when writes are waiting for space, it is left to them). The runs stay allocated,
+    /// so that no write lands there before the child has discarded them, until
+    /// [`Alloc::punched`] gives them back. Without `punch`, nothing is kept back and no run
+    /// is returned.
+    pub(crate) fn release(
+        &mut self,
+        epoch: u64,
+        punch: bool,
+        punch_loose: bool,
+    ) -> Vec<Range<u64>> {
         let pending = std::mem::take(&mut self.pending);
-        let mut pages = Vec::new();
-        for (ep, e) in pending {
+        let old_loose = std::mem::take(&mut self.loose);
+        let mut pages = if punch && punch_loose {
+            old_loose
+        } else {
+            Vec::new()
+        };
+        let mut loose = Vec::new();
+        for (ep, e, emptied) in pending {
             if ep <= epoch {
                 self.free(&e);
                 let span = e.span();
                 if punch {
-                    pages.extend(span.start / PAGE_SECTORS..span.end.div_ceil(PAGE_SECTORS));
+                    let these = span.start / PAGE_SECTORS..span.end.div_ceil(PAGE_SECTORS);
+                    if emptied {
+                        pages.extend(these);
+                    } else {
+                        loose.extend(these);
+                    }
                 }
             } else {
-                self.pending.push((ep, e));
+                self.pending.push((ep, e, emptied));
             }
         }
+        loose.sort_unstable();
+        loose.dedup();
+        self.loose = loose;
         pages.sort_unstable();
         pages.dedup();
         let mut runs: Vec<Range<u64>> = Vec::new();
@@ -273,6 +308,10 @@ pub(crate) struct Shared {
     pub(crate) busy_waiting: AtomicBool,
     /// The child refused a discard (`EOPNOTSUPP`): free space is no longer punched.
     pub(crate) no_punch: AtomicBool,
+    /// A write waited for space since the last commit ended (see [`Alloc::release`]).
+    pub(crate) short_of_space: AtomicBool,
+    /// A FLUSH or FUA write asked for a commit since the last commit ended.
+    pub(crate) synced: AtomicBool,
     /// Logical blocks with an extent, and the bytes their extents store.
     pub(crate) nonzero_blocks: AtomicU64,
     pub(crate) stored_bytes: AtomicU64,
@@ -325,6 +364,8 @@ impl Shared {
             notifiers: Mutex::new(Vec::new()),
             busy_waiting: AtomicBool::new(false),
             no_punch: AtomicBool::new(false),
+            short_of_space: AtomicBool::new(false),
+            synced: AtomicBool::new(false),
             nonzero_blocks: AtomicU64::new(nonzero),
             stored_bytes: AtomicU64::new(stored),
         }
@@ -362,7 +403,7 @@ impl Shared {
         }
         if let Some(o) = old_e {
             self.stored_bytes.fetch_sub(u64::from(o.len), SeqCst);
-            lock(&self.alloc).defer(epoch, o);
+            lock(&self.alloc).defer(epoch, o, new_e.is_none());
         }
     }
 
@@ -429,16 +470,16 @@ mod tests {
         for e in [&x, &y, &z] {
             assert!(a.claim(e));
         }
-        a.defer(1, x);
+        a.defer(1, x, true);
         assert_eq!(
-            a.release(1, true),
+            a.release(1, true, true),
             Vec::<Range<u64>>::new(),
             "page 0 is shared"
         );
         assert_eq!(a.allocated, 18);
-        a.defer(2, y);
-        a.defer(2, z);
-        assert_eq!(a.release(2, true), vec![0..24]);
+        a.defer(2, y, true);
+        a.defer(2, z, true);
+        assert_eq!(a.release(2, true, true), vec![0..24]);
         assert!(a.has_pending(), "space comes back when the discard ends");
         // Kept until the discard ends: nothing can be allocated over it.
         assert_eq!(a.alloc(40), Some(24));
@@ -448,9 +489,32 @@ mod tests {
         // Without punching, the space is free at once.
         let mut b = Alloc::new(64);
         assert!(b.claim(&extent(8, 8)));
-        b.defer(1, extent(8, 8));
-        assert!(b.release(1, false).is_empty());
+        b.defer(1, extent(8, 8), true);
+        assert!(b.release(1, false, true).is_empty());
         assert_eq!(b.allocated, 0);
         assert!(!b.has_pending());
+    }
+
+    #[test]
+    fn overwritten_space_is_reused_first_and_punched_one_release_later() {
+        let mut a = Alloc::new(64);
+        assert_eq!(a.alloc(16), Some(0));
+        assert_eq!(a.alloc(16), Some(16));
+        // Sectors 0..16 (pages 0 and 1) freed by overwrites: free now, not punched yet.
+        a.defer(1, extent(0, 8), false);
+        a.defer(1, extent(8, 8), false);
+        assert!(a.release(1, true, true).is_empty());
+        assert_eq!(a.allocated, 16);
+        // The lowest free sectors are reused first.
+        assert_eq!(a.alloc(8), Some(0));
+        // At the next release, the page still free is punched, the reused one is not.
+        assert_eq!(a.release(2, true, true), vec![8..16]);
+        a.punched(&(8..16));
+        assert!(a.release(3, true, true).is_empty(), "punched once");
+        assert_eq!(a.alloc(8), Some(8));
+        // With writes short of space, what overwrites freed is left to them.
+        a.defer(4, extent(8, 8), false);
+        assert!(a.release(4, true, true).is_empty());
+        assert!(a.release(5, true, false).is_empty());
     }
 }
