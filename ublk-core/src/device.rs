@@ -88,6 +88,7 @@ pub struct DeviceBuilder {
     threads_per_queue: Option<u16>,
     defer_taskrun: bool,
     stats: Option<StatsRegistry>,
+    recover: Option<u32>,
 }
 
 impl DeviceBuilder {
@@ -192,6 +193,24 @@ impl DeviceBuilder {
         self
     }
 
+    /// Instead of adding a new device, take over device `id`, whose server died, in
+    /// [`DeviceBuilder::run`]: the device must have been added with `UBLK_F_USER_RECOVERY`
+    /// (see [`DeviceBuilder::flags`]) and be QUIESCED or FAIL_IO. The run checks that,
+    /// sends START_USER_RECOVERY, opens `/dev/ublkcN`, sets the queues up again, and sends
+    /// END_USER_RECOVERY once every tag is fetched: the waiting (REISSUE) or failing
+    /// (FAIL_IO) I/O then goes to `target`, which must serve the same data as the dead
+    /// server's. A device in any other state is refused with [`Error::NotRecoverable`] and
+    /// left as it was.
+    ///
+    /// Queues, depth, largest I/O, block sizes and the zero-copy, batch and per-I/O-daemon
+    /// flags are the device's own (what was set here is replaced); a size set here must
+    /// match the device's. A server killed a moment ago may still show LIVE until the
+    /// kernel has released its queues: retry then.
+    pub fn recover(mut self, id: u32) -> Self {
+        self.recover = Some(id);
+        self
+    }
+
     fn threads(&self) -> u16 {
         self.threads_per_queue.unwrap_or(1)
     }
@@ -265,6 +284,9 @@ impl DeviceBuilder {
         target: T,
         on_started: impl FnOnce(&DeviceInfo),
     ) -> Result<()> {
+        if let Some(dev_id) = self.recover {
+            return self.run_recovery(dev_id, target, on_started);
+        }
         self.validate()?;
         let ctrl = ControlDevice::open()?;
         let features = ctrl.features()?;
@@ -325,6 +347,8 @@ impl DeviceBuilder {
             ctrl: &ctrl,
             dev_id: info.dev_id,
             started: false,
+            owned: true,
+            recovering: false,
         };
         tracing::info!(dev_id = info.dev_id, "added device");
         // Blocked before the queue threads start, so they inherit the mask and the signals
@@ -352,13 +376,151 @@ impl DeviceBuilder {
         guard.teardown();
         result
     }
+
+    /// The recovery half of [`DeviceBuilder::run_with`] (see [`DeviceBuilder::recover`]).
+    fn run_recovery<T: Target>(
+        mut self,
+        dev_id: u32,
+        target: T,
+        on_started: impl FnOnce(&DeviceInfo),
+    ) -> Result<()> {
+        let ctrl = ControlDevice::open()?;
+        let info = ctrl.dev_info(dev_id)?;
+        check_recoverable(&info)?;
+        let kernel = ctrl.params(dev_id)?.basic;
+        let size = kernel.dev_sectors.checked_mul(512).unwrap_or(u64::MAX);
+        if self.params.size != 0 && self.params.size != size {
+            return Err(Error::InvalidParam(format!(
+                "device {dev_id} has {size} bytes, the target to recover it with {}",
+                self.params.size
+            )));
+        }
+        let shift = |s: u8, what: &str| {
+            1u32.checked_shl(u32::from(s)).ok_or_else(|| {
+                Error::InvalidParam(format!("device {dev_id}: {what} shift {s} is out of range"))
+            })
+        };
+        self.params.size = size;
+        self.params.logical_block_size = shift(kernel.logical_bs_shift, "logical block")?;
+        self.params.physical_block_size = shift(kernel.physical_bs_shift, "physical block")?;
+        self.params.queues = info.nr_queues;
+        self.params.depth = info.queue_depth;
+        self.params.max_io = info.max_io_buf_bytes;
+        if self.mode.is_zero_copy() && target.needs_data() {
+            return Err(Error::InvalidParam(format!(
+                "{} mode needs a target that does not touch request data \
+                 (this one reads or writes the bytes itself)",
+                self.mode.name()
+            )));
+        }
+        self.mode = mode_of_device(self.mode, info.flags).ok_or_else(|| {
+            Error::InvalidParam(format!(
+                "device {dev_id} has buffer flags {} that no buffer mode uses",
+                crate::ctrl::feature_names(info.flags & MODE_FLAGS).join(", ")
+            ))
+        })?;
+        if self.mode.is_zero_copy() && target.needs_data() {
+            return Err(Error::InvalidParam(format!(
+                "device {dev_id} serves in {} mode, which needs a target that does not \
+                 touch request data",
+                self.mode.name()
+            )));
+        }
+        self.batch_io = info.flags & sys::UBLK_F_BATCH_IO != 0;
+        if info.flags & sys::UBLK_F_PER_IO_DAEMON == 0 {
+            self.threads_per_queue = Some(1);
+        }
+        self.validate()?;
+        ctrl.start_recovery(dev_id).map_err(|e| match e.errno() {
+            Some(libc::EBUSY) => Error::NotRecoverable {
+                dev_id,
+                reason: "the kernel still holds the old server's queues (EBUSY): retry".into(),
+            },
+            _ => e,
+        })?;
+        tracing::info!(dev_id, "recovering device");
+        // Until END_USER_RECOVERY succeeds the device is not ours to stop or delete: a
+        // failure leaves it recoverable, as it was.
+        let mut guard = DeviceGuard {
+            ctrl: &ctrl,
+            dev_id,
+            started: false,
+            owned: false,
+            recovering: true,
+        };
+        let signals = SignalBlock::new()?;
+        let options = QueueOptions {
+            mode: self.mode,
+            sqpoll: self.sqpoll,
+            defer_taskrun: self.defer_taskrun && self.sqpoll.is_none(),
+            batch: self.batch_io,
+            stage: !target.copies_data(),
+            threads: self.threads(),
+        };
+        let stats = self.stats.clone();
+        let result = serve(
+            &signals,
+            &ctrl,
+            &info,
+            &self.params,
+            (options, stats),
+            target,
+            &mut guard,
+            on_started,
+        );
+        guard.teardown();
+        result
+    }
 }
 
-/// Deletes the device on every exit path.
+/// The `UBLK_F_*` bits that choose how data moves ([`BufferMode::kernel_flag`]).
+const MODE_FLAGS: u64 =
+    sys::UBLK_F_AUTO_BUF_REG | sys::UBLK_F_SUPPORT_ZERO_COPY | sys::UBLK_F_USER_COPY;
+
+/// The buffer mode a device added with `flags` is served in: `wanted` when its flag is the
+/// device's, else the mode with the device's flag (the copy modes for none).
+fn mode_of_device(wanted: BufferMode, flags: u64) -> Option<BufferMode> {
+    let has = flags & MODE_FLAGS;
+    if wanted.kernel_flag() == has {
+        return Some(wanted);
+    }
+    BufferMode::ALL.into_iter().find(|m| m.kernel_flag() == has)
+}
+
+/// Refuses, with the reason, a device that [`DeviceBuilder::recover`] cannot take over.
+fn check_recoverable(info: &DevInfo) -> Result<()> {
+    let refuse = |reason: String| {
+        Err(Error::NotRecoverable {
+            dev_id: info.dev_id,
+            reason,
+        })
+    };
+    if info.flags & sys::UBLK_F_USER_RECOVERY == 0 {
+        return refuse("it was added without UBLK_F_USER_RECOVERY".into());
+    }
+    match info.state {
+        sys::UBLK_S_DEV_QUIESCED | sys::UBLK_S_DEV_FAIL_IO => Ok(()),
+        sys::UBLK_S_DEV_LIVE => refuse(format!(
+            "it is LIVE, served by pid {}: nothing to recover",
+            info.server_pid
+        )),
+        _ => refuse(format!(
+            "it is {} (not started, or stopped), not QUIESCED or FAIL_IO",
+            info.state_name()
+        )),
+    }
+}
+
+/// Deletes the device on every exit path (once it is ours: a recovery owns it only from
+/// END_USER_RECOVERY on).
 struct DeviceGuard<'a> {
     ctrl: &'a ControlDevice,
     dev_id: u32,
     started: bool,
+    /// Stop and delete the device when dropped.
+    owned: bool,
+    /// Taking over a device: END_USER_RECOVERY instead of SET_PARAMS and START_DEV.
+    recovering: bool,
 }
 
 impl DeviceGuard<'_> {
@@ -374,6 +536,9 @@ impl DeviceGuard<'_> {
 
 impl Drop for DeviceGuard<'_> {
     fn drop(&mut self) {
+        if !self.owned {
+            return;
+        }
         self.teardown();
         match self.ctrl.delete(self.dev_id) {
             Ok(()) => tracing::info!(dev_id = self.dev_id, "deleted device"),
@@ -501,7 +666,9 @@ fn serve<T: Target>(
     on_started: impl FnOnce(&DeviceInfo),
 ) -> Result<()> {
     let dev_id = info.dev_id;
-    ctrl.set_params(dev_id, &params.to_sys())?;
+    if !guard.recovering {
+        ctrl.set_params(dev_id, &params.to_sys())?;
+    }
     let cdev = Arc::new(open_char_device(&info.char_path())?);
     let geo = params.geometry();
     let geo = crate::io::Geometry {
@@ -631,8 +798,15 @@ fn start_and_wait(
         }
     }
     let pid = std::process::id();
-    guard.started = true;
-    ctrl.start(info.dev_id, pid as i32)?;
+    if guard.recovering {
+        ctrl.end_recovery(info.dev_id, pid as i32)?;
+        guard.owned = true;
+        guard.started = true;
+        tracing::info!(dev_id = info.dev_id, "device recovered");
+    } else {
+        guard.started = true;
+        ctrl.start(info.dev_id, pid as i32)?;
+    }
     let started = DeviceInfo {
         dev_id: info.dev_id,
         block_path: info.block_path(),
