@@ -292,6 +292,35 @@ impl ControlDevice {
         Ok(())
     }
 
+    /// Deletes the device without waiting for its last user: `/dev/ublkcN` goes at once,
+    /// the id once nobody holds the block device any more (a mounted file system, say).
+    /// Uses DEL_DEV_ASYNC, or DEL_DEV on kernels without it. Then waits up to `grace` for
+    /// the id to be free; returns whether it is.
+    pub fn delete_within(&self, dev_id: u32, grace: std::time::Duration) -> Result<bool> {
+        match self.command(
+            CtrlOp::DelDevAsync,
+            sys::UBLK_U_CMD_DEL_DEV_ASYNC,
+            Self::cmd_for(dev_id),
+        ) {
+            Ok(_) => {}
+            Err(Error::Ctrl { errno, .. })
+                if errno == libc::EOPNOTSUPP || errno == libc::EINVAL =>
+            {
+                self.delete(dev_id)?;
+                return Ok(true);
+            }
+            Err(e) => return Err(e),
+        }
+        let deadline = std::time::Instant::now() + grace;
+        loop {
+            match self.dev_info(dev_id) {
+                Err(e) if e.errno() == Some(libc::ENODEV) => return Ok(true),
+                _ if std::time::Instant::now() >= deadline => return Ok(false),
+                _ => std::thread::sleep(std::time::Duration::from_millis(10)),
+            }
+        }
+    }
+
     /// The device's info (GET_DEV_INFO2, falling back to GET_DEV_INFO on older kernels).
     pub fn dev_info(&self, dev_id: u32) -> Result<DevInfo> {
         // GET_DEV_INFO2's payload is the char device path (with its NUL) followed by the info.

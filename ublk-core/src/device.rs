@@ -540,12 +540,22 @@ impl Drop for DeviceGuard<'_> {
             return;
         }
         self.teardown();
-        match self.ctrl.delete(self.dev_id) {
-            Ok(()) => tracing::info!(dev_id = self.dev_id, "deleted device"),
+        // Never waits for a user of the block device (a mounted file system would hold a
+        // plain DEL_DEV, and this server, until it is unmounted).
+        match self.ctrl.delete_within(self.dev_id, DELETE_GRACE) {
+            Ok(true) => tracing::info!(dev_id = self.dev_id, "deleted device"),
+            Ok(false) => tracing::warn!(
+                dev_id = self.dev_id,
+                "deleted device; it is still held open (mounted?): its id is freed once \
+                 the last user lets go"
+            ),
             Err(e) => tracing::error!(dev_id = self.dev_id, "delete: {e}"),
         }
     }
 }
+
+/// How long a stopping server waits for its device's id to be freed after deleting it.
+const DELETE_GRACE: Duration = Duration::from_secs(5);
 
 /// Blocks SIGINT and SIGTERM for the calling thread (and threads it spawns) while alive, and
 /// takes them from a signalfd instead.

@@ -1062,9 +1062,17 @@ fn stop_and_delete(ctrl: &ControlDevice, info: &ublk_core::DevInfo) -> CliResult
             return Ok(());
         }
     }
-    // No live server: stop and delete it ourselves.
+    // No live server: stop and delete it ourselves, without waiting for its users.
     let _ = ctrl.stop(id);
-    ctrl.delete(id).map_err(|e| e.to_string())?;
+    if !ctrl
+        .delete_within(id, Duration::from_secs(5))
+        .map_err(|e| e.to_string())?
+    {
+        tracing_free_warn(&format!(
+            "device {id} is deleted but still held open (mounted?): its id is freed once \
+             the last user lets go"
+        ));
+    }
     Ok(())
 }
 
