@@ -89,6 +89,7 @@ pub struct DeviceBuilder {
     defer_taskrun: bool,
     stats: Option<StatsRegistry>,
     recover: Option<u32>,
+    resize: Option<SizeHandle>,
 }
 
 impl DeviceBuilder {
@@ -211,6 +212,13 @@ impl DeviceBuilder {
         self
     }
 
+    /// Lets `handle` change the device's size while it runs ([`SizeHandle::resize`]); the
+    /// device is then added with `UBLK_F_UPDATE_SIZE` when the kernel has it.
+    pub fn size_handle(mut self, handle: SizeHandle) -> Self {
+        self.resize = Some(handle);
+        self
+    }
+
     fn threads(&self) -> u16 {
         self.threads_per_queue.unwrap_or(1)
     }
@@ -328,6 +336,9 @@ impl DeviceBuilder {
         if self.batch_io {
             flags |= sys::UBLK_F_BATCH_IO;
         }
+        if self.resize.is_some() {
+            flags |= features & sys::UBLK_F_UPDATE_SIZE;
+        }
         let unsupported = flags & !features;
         if unsupported != 0 {
             return Err(Error::InvalidParam(format!(
@@ -343,7 +354,7 @@ impl DeviceBuilder {
             flags,
             server_flags: self.server_flags,
         })?;
-        let mut guard = DeviceGuard {
+        let guard = DeviceGuard {
             ctrl: &ctrl,
             dev_id: info.dev_id,
             started: false,
@@ -351,6 +362,18 @@ impl DeviceBuilder {
             recovering: false,
         };
         tracing::info!(dev_id = info.dev_id, "added device");
+        self.serve_guarded(&info, target, guard, on_started)
+    }
+
+    /// Serves the device `guard` stands for, with the builder's queue options, and tears it
+    /// down as far as the guard owns it.
+    fn serve_guarded<T: Target>(
+        &self,
+        info: &DevInfo,
+        target: T,
+        mut guard: DeviceGuard<'_>,
+        on_started: impl FnOnce(&DeviceInfo),
+    ) -> Result<()> {
         // Blocked before the queue threads start, so they inherit the mask and the signals
         // reach only `SignalBlock::wait`.
         let signals = SignalBlock::new()?;
@@ -365,10 +388,10 @@ impl DeviceBuilder {
         let stats = self.stats.clone();
         let result = serve(
             &signals,
-            &ctrl,
-            &info,
+            guard.ctrl,
+            info,
             &self.params,
-            (options, stats),
+            (options, stats, self.resize.clone()),
             target,
             &mut guard,
             on_started,
@@ -441,35 +464,91 @@ impl DeviceBuilder {
         tracing::info!(dev_id, "recovering device");
         // Until END_USER_RECOVERY succeeds the device is not ours to stop or delete: a
         // failure leaves it recoverable, as it was.
-        let mut guard = DeviceGuard {
+        let guard = DeviceGuard {
             ctrl: &ctrl,
             dev_id,
             started: false,
             owned: false,
             recovering: true,
         };
-        let signals = SignalBlock::new()?;
-        let options = QueueOptions {
-            mode: self.mode,
-            sqpoll: self.sqpoll,
-            defer_taskrun: self.defer_taskrun && self.sqpoll.is_none(),
-            batch: self.batch_io,
-            stage: !target.copies_data(),
-            threads: self.threads(),
+        self.serve_guarded(&info, target, guard, on_started)
+    }
+}
+
+/// Changes the size of a running device: give a clone to [`DeviceBuilder::size_handle`],
+/// then call [`SizeHandle::resize`] once the device has started (from any thread).
+#[derive(Clone, Default)]
+pub struct SizeHandle(Arc<std::sync::Mutex<Option<Resizable>>>);
+
+/// What a resize reaches: the running device's queues.
+struct Resizable {
+    dev_id: u32,
+    logical_block_size: u32,
+    queues: Vec<Arc<QueueShared>>,
+}
+
+impl std::fmt::Debug for SizeHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let dev = self.lock().as_ref().map(|r| r.dev_id);
+        f.debug_struct("SizeHandle").field("dev_id", &dev).finish()
+    }
+}
+
+impl SizeHandle {
+    /// A handle not yet given to a device.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Option<Resizable>> {
+        self.0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn attach(&self, device: Resizable) {
+        *self.lock() = Some(device);
+    }
+
+    fn detach(&self) {
+        *self.lock() = None;
+    }
+
+    /// Makes the device `bytes` long (UPDATE_SIZE): the queues accept requests up to the new
+    /// end, and the kernel announces the new capacity, so a file system on the device can
+    /// grow into it (`resize2fs`). The target must already serve the new range when
+    /// growing. Shrinking stops the kernel's requests past the end first.
+    pub fn resize(&self, bytes: u64) -> Result<()> {
+        let device = self.lock();
+        let device = device
+            .as_ref()
+            .ok_or_else(|| Error::InvalidParam("the device is not running".into()))?;
+        let lbs = u64::from(device.logical_block_size.max(1));
+        if bytes == 0 || bytes % lbs != 0 {
+            return Err(Error::InvalidParam(format!(
+                "size {bytes} must be a non-zero multiple of the logical block size {lbs}"
+            )));
+        }
+        let ctrl = ControlDevice::open()?;
+        let set = |size: u64| {
+            for q in &device.queues {
+                q.size.store(size, std::sync::atomic::Ordering::Relaxed);
+            }
         };
-        let stats = self.stats.clone();
-        let result = serve(
-            &signals,
-            &ctrl,
-            &info,
-            &self.params,
-            (options, stats),
-            target,
-            &mut guard,
-            on_started,
-        );
-        guard.teardown();
-        result
+        let old = device
+            .queues
+            .first()
+            .map_or(0, |q| q.size.load(std::sync::atomic::Ordering::Relaxed));
+        if bytes >= old {
+            set(bytes);
+            ctrl.update_size(device.dev_id, bytes)
+                .inspect_err(|_| set(old))?;
+        } else {
+            ctrl.update_size(device.dev_id, bytes)?;
+            set(bytes);
+        }
+        tracing::info!(dev_id = device.dev_id, bytes, "resized device");
+        Ok(())
     }
 }
 
@@ -670,7 +749,7 @@ fn serve<T: Target>(
     ctrl: &ControlDevice,
     info: &DevInfo,
     params: &DeviceParams,
-    (options, stats): (QueueOptions, Option<StatsRegistry>),
+    (options, stats, resize): (QueueOptions, Option<StatsRegistry>, Option<SizeHandle>),
     target: T,
     guard: &mut DeviceGuard<'_>,
     on_started: impl FnOnce(&DeviceInfo),
@@ -698,7 +777,7 @@ fn serve<T: Target>(
         for first_tag in 0..options.threads {
             let queue_cdev = options.mode.uses_char_device().then(|| Arc::clone(&cdev));
             let arena = TagArena::new(info.queue_depth, geo.max_io);
-            let shared = match arena.and_then(|a| QueueShared::new(a, queue_cdev)) {
+            let shared = match arena.and_then(|a| QueueShared::new(a, queue_cdev, geo.size)) {
                 Ok(s) => s,
                 Err(source) => {
                     setup_error = Some(Error::Queue { q_id, source });
@@ -746,6 +825,13 @@ fn serve<T: Target>(
         }
     }
     drop(tx);
+    if let Some(handle) = &resize {
+        handle.attach(Resizable {
+            dev_id,
+            logical_block_size: params.logical_block_size,
+            queues: shared_queues.clone(),
+        });
+    }
 
     let result = setup_error.map_or_else(
         || {
@@ -765,6 +851,9 @@ fn serve<T: Target>(
     // Stop first (kernel drains in-flight I/O through our still-running queues), then let
     // the queue threads go, close the char device, and let the guard delete the device.
     guard.teardown();
+    if let Some(handle) = &resize {
+        handle.detach();
+    }
     for shared in &shared_queues {
         shared.request_stop();
     }

@@ -7,13 +7,15 @@
 //! ```json
 //! {"dev_id":3,"recovery":"reissue","cwd":"/root",
 //!  "args":["ram","--size","32M","--recovery","reissue","--backing","/dev/shm/ublk-ram-3"],
-//!  "owned_files":["/dev/shm/ublk-ram-3"]}
+//!  "owned_files":["/dev/shm/ublk-ram-3"],"expr_at":null}
 //! ```
 //!
 //! `args` are the arguments of `ublk add` that started the device (everything after `add`),
 //! `cwd` the directory they were given in (relative paths in them are relative to it), and
 //! `owned_files` the files the tool created for the device (a RAM device's memory under
-//! `/dev/shm`), which go when the device is deleted.
+//! `/dev/shm`), which go when the device is deleted. For a stack, `expr_at` is the index of
+//! its expression in `args`, replaced by the new expression when `ublk replace` changes
+//! the tree, so that the next server builds the tree as it stands.
 
 use std::io;
 use std::path::{Path, PathBuf};
@@ -36,6 +38,10 @@ pub struct SavedDevice {
     /// Files created for the device, removed with it.
     #[serde(default)]
     pub owned_files: Vec<PathBuf>,
+    /// For a stack: which of `args` is its expression, kept up to date when `ublk replace`
+    /// changes the tree.
+    #[serde(default)]
+    pub expr_at: Option<usize>,
 }
 
 /// Where device `dev_id`'s state is saved.
@@ -98,6 +104,19 @@ impl SavedDevice {
     }
 }
 
+/// Puts `expr` in the place of the stack expression in device `dev_id`'s saved state, if
+/// it has one.
+pub fn update_expr(dev_id: u32, expr: &str) -> io::Result<()> {
+    let Some(mut saved) = SavedDevice::load(dev_id)? else {
+        return Ok(());
+    };
+    let Some(slot) = saved.expr_at.and_then(|i| saved.args.get_mut(i)) else {
+        return Ok(());
+    };
+    *slot = expr.to_string();
+    saved.save()
+}
+
 /// Removes device `dev_id`'s saved state and the files it owned, once the device is gone.
 /// Returns what could not be removed (missing files are not an error).
 pub fn forget(dev_id: u32) -> Vec<String> {
@@ -145,6 +164,7 @@ mod tests {
             cwd: "/".into(),
             args: vec!["ram".into(), "--size".into(), "1M".into()],
             owned_files: vec![owned.clone()],
+            expr_at: None,
         };
         saved.save_in(&dir).expect("save");
         assert_eq!(SavedDevice::load_from(&dir, 7).expect("load"), Some(saved));

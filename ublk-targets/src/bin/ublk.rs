@@ -15,7 +15,7 @@ use clap::{Args, Parser, Subcommand};
 use serde_json::{json, Value};
 use ublk_core::{
     feature_names, parse_size, BoxTarget, BufferMode, ControlDevice, DeviceBuilder, DeviceInfo,
-    StatsRegistry,
+    SizeHandle, StatsRegistry,
 };
 use ublk_targets::compress;
 use ublk_targets::compress::format::{Algo, Layout};
@@ -124,6 +124,15 @@ enum Cmd {
         /// Print the report as JSON.
         #[arg(long)]
         json: bool,
+    },
+    /// Change a running file device's size (kernel UPDATE_SIZE), growing its file first; a
+    /// file system on it can then grow too (resize2fs).
+    Resize {
+        /// Device id.
+        id: u32,
+        /// The new size in bytes, with an optional K, M, G or T suffix (binary).
+        #[arg(value_parser = parse_size_arg)]
+        size: u64,
     },
     /// Limit the copying of rebuilds and resyncs, for every mirror of the device.
     Rebuild {
@@ -337,6 +346,7 @@ fn main() -> ExitCode {
         Cmd::Fail { id, node } => fail(id, &node),
         Cmd::Replace { id, node, expr } => replace(id, &node, &expr),
         Cmd::Rebuild { id, rate } => rebuild(id, rate),
+        Cmd::Resize { id, size } => resize(id, size),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -435,8 +445,16 @@ fn device_size(args: &AddArgs, kind: TargetKind) -> CliResult<u64> {
 
 fn builder(args: &AddArgs, kind: TargetKind) -> CliResult<DeviceBuilder> {
     let max_io = u32::try_from(args.max_io).map_err(|_| "--max-io is too large".to_string())?;
+    // A recovered device keeps the size it has now (`ublk resize` may have changed it).
+    let size = match args.recover_id {
+        Some(id) => ControlDevice::open()
+            .and_then(|c| c.params(id))
+            .map(|p| p.basic.dev_sectors.saturating_mul(512))
+            .map_err(|e| format!("device {id}: {e}"))?,
+        None => device_size(args, kind)?,
+    };
     let mut b = DeviceBuilder::new()
-        .size(device_size(args, kind)?)
+        .size(size)
         .logical_block_size(args.logical_block_size)
         .queues(args.queues)
         .depth(args.depth)
@@ -788,12 +806,22 @@ fn save_state(
         saved_args.push("--backing".into());
         saved_args.push(backing.to_string_lossy().into_owned());
     }
+    // The stack expression is the positional after the target name.
+    let expr_at = args.expr.as_ref().and_then(|expr| {
+        let target = saved_args.iter().position(|a| *a == args.target)?;
+        saved_args
+            .iter()
+            .skip(target + 1)
+            .position(|a| a == expr)
+            .map(|i| i + target + 1)
+    });
     SavedDevice {
         dev_id,
         recovery: recovery.name().into(),
         cwd: std::env::current_dir()?,
         args: saved_args,
         owned_files: owned.to_vec(),
+        expr_at,
     }
     .save()
 }
@@ -825,10 +853,25 @@ fn serve_tree(
         builder.validate().map_err(|e| e.to_string())?;
     }
     let stats = StatsRegistry::new();
-    let builder = builder.stats(stats.clone());
+    let sizer = SizeHandle::new();
+    let builder = builder.stats(stats.clone()).size_handle(sizer.clone());
+    let file = (kind == TargetKind::File)
+        .then(|| args.path.clone())
+        .flatten();
     let mut control = None;
     let result = builder.run_with(target, |info| {
-        let state = Arc::new(ServerState::new(info.dev_id, expr.clone(), desc, stats));
+        let dev_id = info.dev_id;
+        let state =
+            ServerState::new(dev_id, expr.clone(), desc, stats).on_tree_change(move |expr| {
+                if let Err(e) = saved::update_expr(dev_id, expr) {
+                    tracing::error!("device {dev_id}: cannot save the new tree: {e}");
+                }
+            });
+        let state = match file.clone() {
+            Some(path) => state.on_resize(move |bytes| resize_file(&path, bytes, &sizer)),
+            None => state,
+        };
+        let state = Arc::new(state);
         match ControlServer::start(state) {
             Ok(server) => control = Some(server),
             Err(e) => tracing::warn!("no control socket for device {}: {e}", info.dev_id),
@@ -837,6 +880,33 @@ fn serve_tree(
     });
     drop(control);
     result.map_err(|e| e.to_string())
+}
+
+/// A file device's `resize`: the file grows first (a block device must be large enough
+/// already), then the device.
+fn resize_file(path: &std::path::Path, bytes: u64, sizer: &SizeHandle) -> Result<(), String> {
+    let meta = std::fs::metadata(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    if meta.file_type().is_block_device() {
+        let mut dev = std::fs::File::open(path).map_err(|e| format!("{}: {e}", path.display()))?;
+        let len = std::io::Seek::seek(&mut dev, std::io::SeekFrom::End(0))
+            .map_err(|e| format!("{}: {e}", path.display()))?;
+        if len < bytes {
+            return Err(format!("{} has only {len} bytes", path.display()));
+        }
+    } else if meta.len() < bytes {
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(path)
+            .and_then(|f| f.set_len(bytes))
+            .map_err(|e| format!("growing {}: {e}", path.display()))?;
+    }
+    sizer.resize(bytes).map_err(|e| e.to_string())
+}
+
+/// `ublk resize ID SIZE`: asks the device's server to change the size.
+fn resize(id: u32, size: u64) -> CliResult {
+    control::request(id, &json!({"cmd": "resize", "size": size}))?;
+    Ok(())
 }
 
 fn info_json(info: &DeviceInfo, kind: TargetKind, expr: &str) -> Value {

@@ -473,3 +473,82 @@ fn lifecycle_del_safe_refuses_while_the_device_is_open() {
         "the server outlived `ublk del --safe`"
     );
 }
+
+/// `ublk resize` grows a file device under a mounted ext4: the kernel sees the new size,
+/// `resize2fs` grows the file system online, a file larger than the old device fits, and
+/// fsck finds it clean. A RAM device refuses to change size and stays as it was.
+#[test]
+#[ignore = "needs the ublk kernel driver: run `cargo xtask test`"]
+fn lifecycle_resize_grows_a_file_device_under_a_mounted_ext4() {
+    let session = Session::start("resize");
+    let image = session.scratch.join("resize.img").display().to_string();
+    let dev = add(&["file", "--path", &image, "--size", "32M"]);
+    let path = dev_path(&dev).to_string();
+    let id = dev_id(&dev).to_string();
+    let sectors = || -> u64 {
+        let name = Path::new(&path).file_name().expect("a device name");
+        let file = Path::new("/sys/class/block").join(name).join("size");
+        fs::read_to_string(&file)
+            .unwrap_or_else(|e| panic!("read {}: {e}", file.display()))
+            .trim()
+            .parse()
+            .expect("sysfs size is a number")
+    };
+    assert_eq!(sectors() * 512, 32 * MIB);
+    run("mkfs.ext4", &["-q", "-F", &path]);
+    let dir = session.scratch.join("mnt");
+    fs::create_dir_all(&dir).expect("create the mount point");
+    let mounted = Mounted::new(&path, &dir);
+    let small = random_bytes(4 * MIB as usize);
+    write_file(&dir.join("small"), &small);
+
+    ublk(&["resize", &id, "96M"]);
+    assert_eq!(
+        sectors() * 512,
+        96 * MIB,
+        "the kernel's size after `ublk resize`"
+    );
+    assert!(
+        fs::metadata(&image).expect("stat the image").len() >= 96 * MIB,
+        "the backing file did not grow"
+    );
+    run("resize2fs", &[&path]);
+    // 48 MiB: more than the whole device had before.
+    let big = random_bytes(48 * MIB as usize);
+    write_file(&dir.join("big"), &big);
+    drop_caches();
+    assert_same(
+        &fs::read(dir.join("big")).expect("read big"),
+        &big,
+        "the file beyond the old size",
+    );
+    assert_same(
+        &fs::read(dir.join("small")).expect("read small"),
+        &small,
+        "the file from before",
+    );
+    mounted.unmount();
+    run("fsck.ext4", &["-f", "-n", &path]);
+    del(&dev);
+
+    let ram = add(&["ram", "--size", "16M"]);
+    let ram_id = dev_id(&ram).to_string();
+    let out = ublk_unchecked(&["resize", &ram_id, "32M"]);
+    assert!(
+        !out.status.success()
+            && String::from_utf8_lossy(&out.stderr).contains("cannot change size"),
+        "{}",
+        describe(&format!("ublk resize {ram_id} 32M"), &out)
+    );
+    let name = Path::new(dev_path(&ram))
+        .file_name()
+        .expect("a device name");
+    let size = fs::read_to_string(Path::new("/sys/class/block").join(name).join("size"))
+        .expect("read the RAM device's size");
+    assert_eq!(
+        size.trim(),
+        (16 * MIB / 512).to_string(),
+        "the refused resize changed the size"
+    );
+    del(&ram);
+}

@@ -519,3 +519,49 @@ fn recovery_del_cleans_up_after_kill_9() {
         }
     }
 }
+
+/// After `ublk replace` the saved state names the new leg, so the server `ublk recover`
+/// starts serves the tree as it stood: the new leg, in sync, with the data.
+#[test]
+#[ignore = "needs the ublk kernel driver: run `cargo xtask test`"]
+fn recovery_of_a_mirror_after_replace_keeps_the_new_leg() {
+    let _session = Session::start("recovery-replace");
+    let dir = std::env::temp_dir().join("ublk-recovery-replace");
+    let _ = fs::remove_dir_all(&dir);
+    fs::create_dir_all(&dir).expect("create the mirror's directory");
+    let files = child_files(&dir, &[24 * MIB, 24 * MIB, 24 * MIB]);
+    let expr = format!("mirror(file:{},file:{})", files[0], files[1]);
+    let dev = add(&["stack", &expr, "--recovery"]);
+    let id = dev_id(&dev).to_string();
+    let data = pattern(8 * MIB as usize, 41);
+    write_direct(dev_path(&dev), 0, &data);
+
+    ublk(&["fail", &id, "/1"]);
+    ublk(&["replace", &id, "/1", &format!("file:{}", files[2])]);
+    ublk(&["status", &id, "--watch", "--json"]);
+    let saved = saved_state(&dev);
+    let args = saved["args"].to_string();
+    assert!(
+        args.contains(files[2].as_str()) && !args.contains(files[1].as_str()),
+        "the saved state does not follow the replacement: {saved}"
+    );
+
+    kill_server(&dev, "QUIESCED");
+    let new = recover(&dev);
+    let status = status_json(&new);
+    let legs = node_children(&status["tree"]);
+    assert!(
+        field_str(&legs[1], "target").contains(files[2].as_str()),
+        "the recovered mirror's leg 1 is not the replacement: {status}"
+    );
+    for leg in legs {
+        assert_eq!(field_str(leg, "state"), "in_sync", "{status}");
+    }
+    assert_same(
+        &read_direct(dev_path(&new), 0, data.len()),
+        &data,
+        "the recovered mirror after a replace",
+    );
+    del(&new);
+    let _ = fs::remove_dir_all(&dir);
+}
