@@ -411,7 +411,7 @@ impl DeviceBuilder {
         let info = ctrl.dev_info(dev_id)?;
         check_recoverable(&info)?;
         let kernel = ctrl.params(dev_id)?.basic;
-        let size = kernel.dev_sectors.checked_mul(512).unwrap_or(u64::MAX);
+        let size = kernel.dev_sectors.saturating_mul(512);
         if self.params.size != 0 && self.params.size != size {
             return Err(Error::InvalidParam(format!(
                 "device {dev_id} has {size} bytes, the target to recover it with {}",

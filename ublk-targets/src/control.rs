@@ -62,7 +62,9 @@ pub struct ServerState {
 
 /// Grows or shrinks the served target and the device to a size in bytes.
 #[derive(Default)]
-struct ResizeHook(Option<Box<dyn Fn(u64) -> Result<(), String> + Send + Sync>>);
+struct ResizeHook(Option<ResizeFn>);
+
+type ResizeFn = Box<dyn Fn(u64) -> Result<(), String> + Send + Sync>;
 
 impl std::fmt::Debug for ResizeHook {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -76,7 +78,9 @@ impl std::fmt::Debug for ResizeHook {
 
 /// Told the whole new expression each time `replace` changed the tree.
 #[derive(Default)]
-struct TreeHook(Option<Box<dyn Fn(&str) + Send + Sync>>);
+struct TreeHook(Option<TreeFn>);
+
+type TreeFn = Box<dyn Fn(&str) + Send + Sync>;
 
 impl std::fmt::Debug for TreeHook {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
