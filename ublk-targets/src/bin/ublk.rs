@@ -930,10 +930,11 @@ fn info_json(info: &DeviceInfo, kind: TargetKind, expr: &str) -> Value {
 }
 
 /// The background server: reports one line on stdout (the device JSON, or an error), then
-/// lets go of stdout so the parent's reader sees EOF. The device is kept only once the
+/// lets go of stdout so the parent's reader sees EOF. A new device is kept only once the
 /// parent has confirmed, with a line on our stdin, that it passed the report on: a parent
 /// that died or gave up first (killed by a timeout on a loaded host, say) would otherwise
-/// leave a device and a server nobody knows about, so they are removed instead.
+/// leave a device and a server nobody knows about, so they are removed instead. A
+/// recovered device is served either way.
 fn serve_as_child(args: &AddArgs, kind: TargetKind, builder: DeviceBuilder) -> CliResult {
     init_logging();
     let mut reported = false;
@@ -946,7 +947,14 @@ fn serve_as_child(args: &AddArgs, kind: TargetKind, builder: DeviceBuilder) -> C
         let acked =
             sent.is_ok() && std::io::stdin().read_line(&mut ack).is_ok() && ack.trim() == ADD_ACK;
         release_stdio();
-        if !acked {
+        if !acked && args.recover_id.is_some() {
+            // The device was the user's before this server came; serving it beats removing
+            // it with the data its users are waiting for.
+            tracing::warn!(
+                "device {}: `ublk recover` went away before reporting it; serving anyway",
+                info.dev_id
+            );
+        } else if !acked {
             orphaned = true;
             tracing::error!(
                 "device {}: `ublk add` went away before reporting it: removing it",
