@@ -236,6 +236,52 @@ impl ControlDevice {
         Ok(())
     }
 
+    /// Stops the device only when no one has `/dev/ublkbN` open (TRY_STOP_DEV, kernels with
+    /// `UBLK_F_SAFE_STOP_DEV`): [`Error::Ctrl`] with `EBUSY` while it is open.
+    pub fn try_stop(&self, dev_id: u32) -> Result<()> {
+        self.command(
+            CtrlOp::TryStopDev,
+            sys::UBLK_U_CMD_TRY_STOP_DEV,
+            Self::cmd_for(dev_id),
+        )?;
+        Ok(())
+    }
+
+    /// Begins taking over a device whose server died (START_USER_RECOVERY). The device must
+    /// be QUIESCED or FAIL_IO and its old `/dev/ublkcN` closed; the kernel answers `EBUSY`
+    /// otherwise. The new server then opens `/dev/ublkcN`, fetches every tag, and calls
+    /// [`ControlDevice::end_recovery`].
+    pub fn start_recovery(&self, dev_id: u32) -> Result<()> {
+        self.command(
+            CtrlOp::StartUserRecovery,
+            sys::UBLK_U_CMD_START_USER_RECOVERY,
+            Self::cmd_for(dev_id),
+        )?;
+        Ok(())
+    }
+
+    /// Ends a recovery (END_USER_RECOVERY): once every tag of every queue has been fetched,
+    /// the device is LIVE again with `server_pid` as its server, and waiting I/O resumes.
+    pub fn end_recovery(&self, dev_id: u32, server_pid: i32) -> Result<()> {
+        let mut cmd = Self::cmd_for(dev_id);
+        cmd.data[0] = server_pid as u64;
+        self.command(
+            CtrlOp::EndUserRecovery,
+            sys::UBLK_U_CMD_END_USER_RECOVERY,
+            cmd,
+        )?;
+        Ok(())
+    }
+
+    /// Changes the size of a started device to `bytes` (UPDATE_SIZE, kernels with
+    /// `UBLK_F_UPDATE_SIZE`); the block layer announces the new capacity at once.
+    pub fn update_size(&self, dev_id: u32, bytes: u64) -> Result<()> {
+        let mut cmd = Self::cmd_for(dev_id);
+        cmd.data[0] = bytes >> 9;
+        self.command(CtrlOp::UpdateSize, sys::UBLK_U_CMD_UPDATE_SIZE, cmd)?;
+        Ok(())
+    }
+
     /// Deletes the device (DEL_DEV). Blocks until `/dev/ublkcN` is closed by every process.
     pub fn delete(&self, dev_id: u32) -> Result<()> {
         self.command(
@@ -244,6 +290,35 @@ impl ControlDevice {
             Self::cmd_for(dev_id),
         )?;
         Ok(())
+    }
+
+    /// Deletes the device without waiting for its last user: `/dev/ublkcN` goes at once,
+    /// the id once nobody holds the block device any more (a mounted file system, say).
+    /// Uses DEL_DEV_ASYNC, or DEL_DEV on kernels without it. Then waits up to `grace` for
+    /// the id to be free; returns whether it is.
+    pub fn delete_within(&self, dev_id: u32, grace: std::time::Duration) -> Result<bool> {
+        match self.command(
+            CtrlOp::DelDevAsync,
+            sys::UBLK_U_CMD_DEL_DEV_ASYNC,
+            Self::cmd_for(dev_id),
+        ) {
+            Ok(_) => {}
+            Err(Error::Ctrl { errno, .. })
+                if errno == libc::EOPNOTSUPP || errno == libc::EINVAL =>
+            {
+                self.delete(dev_id)?;
+                return Ok(true);
+            }
+            Err(e) => return Err(e),
+        }
+        let deadline = std::time::Instant::now() + grace;
+        loop {
+            match self.dev_info(dev_id) {
+                Err(e) if e.errno() == Some(libc::ENODEV) => return Ok(true),
+                _ if std::time::Instant::now() >= deadline => return Ok(false),
+                _ => std::thread::sleep(std::time::Duration::from_millis(10)),
+            }
+        }
     }
 
     /// The device's info (GET_DEV_INFO2, falling back to GET_DEV_INFO on older kernels).

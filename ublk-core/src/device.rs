@@ -89,6 +89,8 @@ pub struct DeviceBuilder {
     defer_taskrun: bool,
     need_get_data: bool,
     stats: Option<StatsRegistry>,
+    recover: Option<u32>,
+    resize: Option<SizeHandle>,
 }
 
 impl DeviceBuilder {
@@ -203,6 +205,31 @@ impl DeviceBuilder {
         self
     }
 
+    /// Instead of adding a new device, take over device `id`, whose server died, in
+    /// [`DeviceBuilder::run`]: the device must have been added with `UBLK_F_USER_RECOVERY`
+    /// (see [`DeviceBuilder::flags`]) and be QUIESCED or FAIL_IO. The run checks that,
+    /// sends START_USER_RECOVERY, opens `/dev/ublkcN`, sets the queues up again, and sends
+    /// END_USER_RECOVERY once every tag is fetched: the waiting (REISSUE) or failing
+    /// (FAIL_IO) I/O then goes to `target`, which must serve the same data as the dead
+    /// server's. A device in any other state is refused with [`Error::NotRecoverable`] and
+    /// left as it was.
+    ///
+    /// Queues, depth, largest I/O, block sizes and the zero-copy, batch and per-I/O-daemon
+    /// flags are the device's own (what was set here is replaced); a size set here must
+    /// match the device's. A server killed a moment ago may still show LIVE until the
+    /// kernel has released its queues: retry then.
+    pub fn recover(mut self, id: u32) -> Self {
+        self.recover = Some(id);
+        self
+    }
+
+    /// Lets `handle` change the device's size while it runs ([`SizeHandle::resize`]); the
+    /// device is then added with `UBLK_F_UPDATE_SIZE` when the kernel has it.
+    pub fn size_handle(mut self, handle: SizeHandle) -> Self {
+        self.resize = Some(handle);
+        self
+    }
+
     fn threads(&self) -> u16 {
         self.threads_per_queue.unwrap_or(1)
     }
@@ -276,6 +303,9 @@ impl DeviceBuilder {
         target: T,
         on_started: impl FnOnce(&DeviceInfo),
     ) -> Result<()> {
+        if let Some(dev_id) = self.recover {
+            return self.run_recovery(dev_id, target, on_started);
+        }
         self.validate()?;
         let ctrl = ControlDevice::open()?;
         let features = ctrl.features()?;
@@ -334,6 +364,9 @@ impl DeviceBuilder {
             }
             flags |= sys::UBLK_F_NEED_GET_DATA;
         }
+        if self.resize.is_some() {
+            flags |= features & sys::UBLK_F_UPDATE_SIZE;
+        }
         let unsupported = flags & !features;
         if unsupported != 0 {
             return Err(Error::InvalidParam(format!(
@@ -349,12 +382,26 @@ impl DeviceBuilder {
             flags,
             server_flags: self.server_flags,
         })?;
-        let mut guard = DeviceGuard {
+        let guard = DeviceGuard {
             ctrl: &ctrl,
             dev_id: info.dev_id,
             started: false,
+            owned: true,
+            recovering: false,
         };
         tracing::info!(dev_id = info.dev_id, "added device");
+        self.serve_guarded(&info, target, guard, on_started)
+    }
+
+    /// Serves the device `guard` stands for, with the builder's queue options, and tears it
+    /// down as far as the guard owns it.
+    fn serve_guarded<T: Target>(
+        &self,
+        info: &DevInfo,
+        target: T,
+        mut guard: DeviceGuard<'_>,
+        on_started: impl FnOnce(&DeviceInfo),
+    ) -> Result<()> {
         // Blocked before the queue threads start, so they inherit the mask and the signals
         // reach only `SignalBlock::wait`.
         let signals = SignalBlock::new()?;
@@ -370,10 +417,10 @@ impl DeviceBuilder {
         let stats = self.stats.clone();
         let result = serve(
             &signals,
-            &ctrl,
-            &info,
+            guard.ctrl,
+            info,
             &self.params,
-            (options, stats),
+            (options, stats, self.resize.clone()),
             target,
             &mut guard,
             on_started,
@@ -381,13 +428,210 @@ impl DeviceBuilder {
         guard.teardown();
         result
     }
+
+    /// The recovery half of [`DeviceBuilder::run_with`] (see [`DeviceBuilder::recover`]).
+    fn run_recovery<T: Target>(
+        mut self,
+        dev_id: u32,
+        target: T,
+        on_started: impl FnOnce(&DeviceInfo),
+    ) -> Result<()> {
+        let ctrl = ControlDevice::open()?;
+        let info = ctrl.dev_info(dev_id)?;
+        check_recoverable(&info)?;
+        let kernel = ctrl.params(dev_id)?.basic;
+        let size = kernel.dev_sectors.saturating_mul(512);
+        if self.params.size != 0 && self.params.size != size {
+            return Err(Error::InvalidParam(format!(
+                "device {dev_id} has {size} bytes, the target to recover it with {}",
+                self.params.size
+            )));
+        }
+        let shift = |s: u8, what: &str| {
+            1u32.checked_shl(u32::from(s)).ok_or_else(|| {
+                Error::InvalidParam(format!("device {dev_id}: {what} shift {s} is out of range"))
+            })
+        };
+        self.params.size = size;
+        self.params.logical_block_size = shift(kernel.logical_bs_shift, "logical block")?;
+        self.params.physical_block_size = shift(kernel.physical_bs_shift, "physical block")?;
+        self.params.queues = info.nr_queues;
+        self.params.depth = info.queue_depth;
+        self.params.max_io = info.max_io_buf_bytes;
+        if self.mode.is_zero_copy() && target.needs_data() {
+            return Err(Error::InvalidParam(format!(
+                "{} mode needs a target that does not touch request data \
+                 (this one reads or writes the bytes itself)",
+                self.mode.name()
+            )));
+        }
+        self.mode = mode_of_device(self.mode, info.flags).ok_or_else(|| {
+            Error::InvalidParam(format!(
+                "device {dev_id} has buffer flags {} that no buffer mode uses",
+                crate::ctrl::feature_names(info.flags & MODE_FLAGS).join(", ")
+            ))
+        })?;
+        if self.mode.is_zero_copy() && target.needs_data() {
+            return Err(Error::InvalidParam(format!(
+                "device {dev_id} serves in {} mode, which needs a target that does not \
+                 touch request data",
+                self.mode.name()
+            )));
+        }
+        self.batch_io = info.flags & sys::UBLK_F_BATCH_IO != 0;
+        // A device added with NEED_GET_DATA sends its writes' data only on request: the new
+        // server must serve it the same way.
+        self.need_get_data = info.flags & sys::UBLK_F_NEED_GET_DATA != 0;
+        if info.flags & sys::UBLK_F_PER_IO_DAEMON == 0 {
+            self.threads_per_queue = Some(1);
+        }
+        self.validate()?;
+        ctrl.start_recovery(dev_id).map_err(|e| match e.errno() {
+            Some(libc::EBUSY) => Error::NotRecoverable {
+                dev_id,
+                reason: "the kernel still holds the old server's queues (EBUSY): retry".into(),
+            },
+            _ => e,
+        })?;
+        tracing::info!(dev_id, "recovering device");
+        // Until END_USER_RECOVERY succeeds the device is not ours to stop or delete: a
+        // failure leaves it recoverable, as it was.
+        let guard = DeviceGuard {
+            ctrl: &ctrl,
+            dev_id,
+            started: false,
+            owned: false,
+            recovering: true,
+        };
+        self.serve_guarded(&info, target, guard, on_started)
+    }
 }
 
-/// Deletes the device on every exit path.
+/// Changes the size of a running device: give a clone to [`DeviceBuilder::size_handle`],
+/// then call [`SizeHandle::resize`] once the device has started (from any thread).
+#[derive(Clone, Default)]
+pub struct SizeHandle(Arc<std::sync::Mutex<Option<Resizable>>>);
+
+/// What a resize reaches: the running device's queues.
+struct Resizable {
+    dev_id: u32,
+    logical_block_size: u32,
+    queues: Vec<Arc<QueueShared>>,
+}
+
+impl std::fmt::Debug for SizeHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let dev = self.lock().as_ref().map(|r| r.dev_id);
+        f.debug_struct("SizeHandle").field("dev_id", &dev).finish()
+    }
+}
+
+impl SizeHandle {
+    /// A handle not yet given to a device.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Option<Resizable>> {
+        self.0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn attach(&self, device: Resizable) {
+        *self.lock() = Some(device);
+    }
+
+    fn detach(&self) {
+        *self.lock() = None;
+    }
+
+    /// Makes the device `bytes` long (UPDATE_SIZE): the queues accept requests up to the new
+    /// end, and the kernel announces the new capacity, so a file system on the device can
+    /// grow into it (`resize2fs`). The target must already serve the new range when
+    /// growing. Shrinking stops the kernel's requests past the end first.
+    pub fn resize(&self, bytes: u64) -> Result<()> {
+        let device = self.lock();
+        let device = device
+            .as_ref()
+            .ok_or_else(|| Error::InvalidParam("the device is not running".into()))?;
+        let lbs = u64::from(device.logical_block_size.max(1));
+        if bytes == 0 || bytes % lbs != 0 {
+            return Err(Error::InvalidParam(format!(
+                "size {bytes} must be a non-zero multiple of the logical block size {lbs}"
+            )));
+        }
+        let ctrl = ControlDevice::open()?;
+        let set = |size: u64| {
+            for q in &device.queues {
+                q.size.store(size, std::sync::atomic::Ordering::Relaxed);
+            }
+        };
+        let old = device
+            .queues
+            .first()
+            .map_or(0, |q| q.size.load(std::sync::atomic::Ordering::Relaxed));
+        if bytes >= old {
+            set(bytes);
+            ctrl.update_size(device.dev_id, bytes)
+                .inspect_err(|_| set(old))?;
+        } else {
+            ctrl.update_size(device.dev_id, bytes)?;
+            set(bytes);
+        }
+        tracing::info!(dev_id = device.dev_id, bytes, "resized device");
+        Ok(())
+    }
+}
+
+/// The `UBLK_F_*` bits that choose how data moves ([`BufferMode::kernel_flag`]).
+const MODE_FLAGS: u64 =
+    sys::UBLK_F_AUTO_BUF_REG | sys::UBLK_F_SUPPORT_ZERO_COPY | sys::UBLK_F_USER_COPY;
+
+/// The buffer mode a device added with `flags` is served in: `wanted` when its flag is the
+/// device's, else the mode with the device's flag (the copy modes for none).
+fn mode_of_device(wanted: BufferMode, flags: u64) -> Option<BufferMode> {
+    let has = flags & MODE_FLAGS;
+    if wanted.kernel_flag() == has {
+        return Some(wanted);
+    }
+    BufferMode::ALL.into_iter().find(|m| m.kernel_flag() == has)
+}
+
+/// Refuses, with the reason, a device that [`DeviceBuilder::recover`] cannot take over.
+fn check_recoverable(info: &DevInfo) -> Result<()> {
+    let refuse = |reason: String| {
+        Err(Error::NotRecoverable {
+            dev_id: info.dev_id,
+            reason,
+        })
+    };
+    if info.flags & sys::UBLK_F_USER_RECOVERY == 0 {
+        return refuse("it was added without UBLK_F_USER_RECOVERY".into());
+    }
+    match info.state {
+        sys::UBLK_S_DEV_QUIESCED | sys::UBLK_S_DEV_FAIL_IO => Ok(()),
+        sys::UBLK_S_DEV_LIVE => refuse(format!(
+            "it is LIVE, served by pid {}: nothing to recover",
+            info.server_pid
+        )),
+        _ => refuse(format!(
+            "it is {} (not started, or stopped), not QUIESCED or FAIL_IO",
+            info.state_name()
+        )),
+    }
+}
+
+/// Deletes the device on every exit path (once it is ours: a recovery owns it only from
+/// END_USER_RECOVERY on).
 struct DeviceGuard<'a> {
     ctrl: &'a ControlDevice,
     dev_id: u32,
     started: bool,
+    /// Stop and delete the device when dropped.
+    owned: bool,
+    /// Taking over a device: END_USER_RECOVERY instead of SET_PARAMS and START_DEV.
+    recovering: bool,
 }
 
 impl DeviceGuard<'_> {
@@ -403,13 +647,26 @@ impl DeviceGuard<'_> {
 
 impl Drop for DeviceGuard<'_> {
     fn drop(&mut self) {
+        if !self.owned {
+            return;
+        }
         self.teardown();
-        match self.ctrl.delete(self.dev_id) {
-            Ok(()) => tracing::info!(dev_id = self.dev_id, "deleted device"),
+        // Never waits for a user of the block device (a mounted file system would hold a
+        // plain DEL_DEV, and this server, until it is unmounted).
+        match self.ctrl.delete_within(self.dev_id, DELETE_GRACE) {
+            Ok(true) => tracing::info!(dev_id = self.dev_id, "deleted device"),
+            Ok(false) => tracing::warn!(
+                dev_id = self.dev_id,
+                "deleted device; it is still held open (mounted?): its id is freed once \
+                 the last user lets go"
+            ),
             Err(e) => tracing::error!(dev_id = self.dev_id, "delete: {e}"),
         }
     }
 }
+
+/// How long a stopping server waits for its device's id to be freed after deleting it.
+const DELETE_GRACE: Duration = Duration::from_secs(5);
 
 /// Blocks SIGINT and SIGTERM for the calling thread (and threads it spawns) while alive, and
 /// takes them from a signalfd instead.
@@ -526,13 +783,15 @@ fn serve<T: Target>(
     ctrl: &ControlDevice,
     info: &DevInfo,
     params: &DeviceParams,
-    (options, stats): (QueueOptions, Option<StatsRegistry>),
+    (options, stats, resize): (QueueOptions, Option<StatsRegistry>, Option<SizeHandle>),
     target: T,
     guard: &mut DeviceGuard<'_>,
     on_started: impl FnOnce(&DeviceInfo),
 ) -> Result<()> {
     let dev_id = info.dev_id;
-    ctrl.set_params(dev_id, &params.to_sys())?;
+    if !guard.recovering {
+        ctrl.set_params(dev_id, &params.to_sys())?;
+    }
     let cdev = Arc::new(open_char_device(&info.char_path())?);
     let geo = params.geometry();
     let geo = crate::io::Geometry {
@@ -552,7 +811,7 @@ fn serve<T: Target>(
         for first_tag in 0..options.threads {
             let queue_cdev = options.mode.uses_char_device().then(|| Arc::clone(&cdev));
             let arena = TagArena::new(info.queue_depth, geo.max_io);
-            let shared = match arena.and_then(|a| QueueShared::new(a, queue_cdev)) {
+            let shared = match arena.and_then(|a| QueueShared::new(a, queue_cdev, geo.size)) {
                 Ok(s) => s,
                 Err(source) => {
                     setup_error = Some(Error::Queue { q_id, source });
@@ -601,6 +860,13 @@ fn serve<T: Target>(
         }
     }
     drop(tx);
+    if let Some(handle) = &resize {
+        handle.attach(Resizable {
+            dev_id,
+            logical_block_size: params.logical_block_size,
+            queues: shared_queues.clone(),
+        });
+    }
 
     let result = setup_error.map_or_else(
         || {
@@ -620,6 +886,9 @@ fn serve<T: Target>(
     // Stop first (kernel drains in-flight I/O through our still-running queues), then let
     // the queue threads go, close the char device, and let the guard delete the device.
     guard.teardown();
+    if let Some(handle) = &resize {
+        handle.detach();
+    }
     for shared in &shared_queues {
         shared.request_stop();
     }
@@ -663,8 +932,15 @@ fn start_and_wait(
         }
     }
     let pid = std::process::id();
-    guard.started = true;
-    ctrl.start(info.dev_id, pid as i32)?;
+    if guard.recovering {
+        ctrl.end_recovery(info.dev_id, pid as i32)?;
+        guard.owned = true;
+        guard.started = true;
+        tracing::info!(dev_id = info.dev_id, "device recovered");
+    } else {
+        guard.started = true;
+        ctrl.start(info.dev_id, pid as i32)?;
+    }
     let started = DeviceInfo {
         dev_id: info.dev_id,
         block_path: info.block_path(),

@@ -304,7 +304,12 @@ impl Engine {
             busy: true,
             ..Slot::default()
         };
-        let io = match desc.decode(&self.core.geo) {
+        // The size may change while the device runs (`SizeHandle::resize`).
+        let geo = Geometry {
+            size: self.shared.size.load(std::sync::atomic::Ordering::Relaxed),
+            ..self.core.geo
+        };
+        let io = match desc.decode(&geo) {
             Ok(io) => io,
             Err(errno) => {
                 tracing::debug!(q = self.q_id, tag, ?desc, errno, "rejected request");

@@ -26,6 +26,16 @@ pub enum CtrlOp {
     GetDevInfo2,
     /// `UBLK_U_CMD_GET_QUEUE_AFFINITY`
     GetQueueAffinity,
+    /// `UBLK_U_CMD_START_USER_RECOVERY`
+    StartUserRecovery,
+    /// `UBLK_U_CMD_END_USER_RECOVERY`
+    EndUserRecovery,
+    /// `UBLK_U_CMD_UPDATE_SIZE`
+    UpdateSize,
+    /// `UBLK_U_CMD_TRY_STOP_DEV`
+    TryStopDev,
+    /// `UBLK_U_CMD_DEL_DEV_ASYNC`
+    DelDevAsync,
 }
 
 impl std::fmt::Display for CtrlOp {
@@ -41,6 +51,11 @@ impl std::fmt::Display for CtrlOp {
             CtrlOp::GetDevInfo => "GET_DEV_INFO",
             CtrlOp::GetDevInfo2 => "GET_DEV_INFO2",
             CtrlOp::GetQueueAffinity => "GET_QUEUE_AFFINITY",
+            CtrlOp::StartUserRecovery => "START_USER_RECOVERY",
+            CtrlOp::EndUserRecovery => "END_USER_RECOVERY",
+            CtrlOp::UpdateSize => "UPDATE_SIZE",
+            CtrlOp::TryStopDev => "TRY_STOP_DEV",
+            CtrlOp::DelDevAsync => "DEL_DEV_ASYNC",
         };
         f.write_str(name)
     }
@@ -84,6 +99,15 @@ pub enum Error {
         what: &'static str,
         /// Why it failed.
         source: io::Error,
+    },
+    /// [`crate::DeviceBuilder::recover`] was asked to take over a device that cannot be
+    /// recovered now; nothing was changed.
+    #[error("device {dev_id} cannot be recovered: {reason}")]
+    NotRecoverable {
+        /// The device.
+        dev_id: u32,
+        /// Why: no `USER_RECOVERY` flag, a live server, a state other than QUIESCED/FAIL_IO.
+        reason: String,
     },
     /// A queue thread failed while starting.
     #[error("queue {q_id} failed to start: {source}")]

@@ -20,7 +20,7 @@ use std::fs::File;
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
 use std::rc::Rc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
 use crossbeam_queue::SegQueue;
@@ -260,6 +260,9 @@ pub(crate) struct QueueShared {
     /// The ublk char device, in the modes that address request data through it (user copy,
     /// manual buffer registration); kept open while any request value exists.
     pub(crate) cdev: Option<Arc<File>>,
+    /// The device's size in bytes, which requests are checked against; changed while the
+    /// device runs by [`crate::SizeHandle::resize`].
+    pub(crate) size: AtomicU64,
 }
 
 thread_local! {
@@ -268,7 +271,11 @@ thread_local! {
 }
 
 impl QueueShared {
-    pub(crate) fn new(arena: TagArena, cdev: Option<Arc<File>>) -> io::Result<Arc<Self>> {
+    pub(crate) fn new(
+        arena: TagArena,
+        cdev: Option<Arc<File>>,
+        size: u64,
+    ) -> io::Result<Arc<Self>> {
         let wake = EventFd::from_flags(EfdFlags::EFD_CLOEXEC | EfdFlags::EFD_NONBLOCK)?;
         Ok(Arc::new(QueueShared {
             remote: SegQueue::new(),
@@ -277,6 +284,7 @@ impl QueueShared {
             stop: AtomicBool::new(false),
             arena,
             cdev,
+            size: AtomicU64::new(size),
         }))
     }
 

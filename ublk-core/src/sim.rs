@@ -105,7 +105,7 @@ impl<T: Target> SimQueue<T> {
         } else {
             None
         };
-        let shared = QueueShared::new(TagArena::new(depth.max(1), geo.max_io)?, cdev)?;
+        let shared = QueueShared::new(TagArena::new(depth.max(1), geo.max_io)?, cdev, geo.size)?;
         shared.enter();
         let tree = open_tree(target, 0, &geo)?;
         let ring = IoUring::new((u32::from(depth.max(1)) * 2).next_power_of_two())?;

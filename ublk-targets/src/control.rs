@@ -18,7 +18,9 @@
 //!   whose nodes then answer `fault` at their addresses under `/1`:
 //!   `{"ok":true,"mirror":"/","leg":1,"target":"file:/dev/sdd"}`;
 //! - `{"cmd":"rebuild","rate":N}` limits every mirror's rebuilds and resyncs to `N` bytes
-//!   per second (0: no limit): `{"ok":true,"mirrors":["/",...]}`.
+//!   per second (0: no limit): `{"ok":true,"mirrors":["/",...]}`;
+//! - `{"cmd":"resize","size":N}` makes the device `N` bytes long (UPDATE_SIZE), growing a
+//!   file target's file first: `{"ok":true,"size":N}`; refused by the other targets.
 
 use std::io::{self, BufRead, BufReader, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
@@ -56,6 +58,40 @@ pub struct ServerState {
     /// The tree as it stands: `replace` changes a leg's subtree and its text.
     tree: Mutex<Served>,
     stats: StatsRegistry,
+    on_tree_change: TreeHook,
+    on_resize: ResizeHook,
+}
+
+/// Grows or shrinks the served target and the device to a size in bytes.
+#[derive(Default)]
+struct ResizeHook(Option<ResizeFn>);
+
+type ResizeFn = Box<dyn Fn(u64) -> Result<(), String> + Send + Sync>;
+
+impl std::fmt::Debug for ResizeHook {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(if self.0.is_some() {
+            "ResizeHook(set)"
+        } else {
+            "ResizeHook(none)"
+        })
+    }
+}
+
+/// Told the whole new expression each time `replace` changed the tree.
+#[derive(Default)]
+struct TreeHook(Option<TreeFn>);
+
+type TreeFn = Box<dyn Fn(&str) + Send + Sync>;
+
+impl std::fmt::Debug for TreeHook {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(if self.0.is_some() {
+            "TreeHook(set)"
+        } else {
+            "TreeHook(none)"
+        })
+    }
 }
 
 /// A served tree: its canonical expression and its description, changed together.
@@ -73,7 +109,26 @@ impl ServerState {
             dev_id,
             tree: Mutex::new(Served { expr, desc }),
             stats,
+            on_tree_change: TreeHook::default(),
+            on_resize: ResizeHook::default(),
         }
+    }
+
+    /// Answers `resize` by calling `hook` with the new size in bytes (a device without one
+    /// refuses to change size).
+    pub fn on_resize(
+        mut self,
+        hook: impl Fn(u64) -> Result<(), String> + Send + Sync + 'static,
+    ) -> Self {
+        self.on_resize = ResizeHook(Some(Box::new(hook)));
+        self
+    }
+
+    /// Calls `hook` with the tree's whole new expression each time `replace` changed it
+    /// (the `ublk` tool keeps a recoverable device's saved state in step with it).
+    pub fn on_tree_change(mut self, hook: impl Fn(&str) + Send + Sync + 'static) -> Self {
+        self.on_tree_change = TreeHook(Some(Box::new(hook)));
+        self
     }
 
     /// The device id.
@@ -163,6 +218,20 @@ impl ServerState {
                 let paths: Vec<&str> = mirrors.iter().map(|(p, _)| *p).collect();
                 Ok(json!({ "ok": true, "mirrors": paths }))
             }
+            Some("resize") => {
+                let size = req
+                    .get("size")
+                    .and_then(Value::as_u64)
+                    .ok_or("resize: the size must be a number of bytes")?;
+                let hook = self.on_resize.0.as_ref().ok_or_else(|| {
+                    format!(
+                        "{} cannot change size (only a file target can)",
+                        self.tree().expr
+                    )
+                })?;
+                hook(size)?;
+                Ok(json!({ "ok": true, "size": size }))
+            }
             Some(other) => Err(format!("unknown command {other:?}")),
             None => Err("no command".into()),
         }
@@ -196,6 +265,9 @@ impl ServerState {
             *slot = desc;
         }
         tree.expr = new_expr;
+        if let Some(hook) = &self.on_tree_change.0 {
+            hook(&tree.expr);
+        }
         Ok(reply)
     }
 }

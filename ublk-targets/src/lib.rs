@@ -41,6 +41,7 @@ pub mod mirror;
 pub mod null;
 mod ondisk;
 pub mod ram;
+pub mod saved;
 pub mod stack;
 pub mod stats;
 pub mod stripe;

@@ -34,6 +34,15 @@
 //!   queue, every request timed once, and its Prometheus text well-formed.
 //! * `need_get_data_*` (in `kernel/memory.rs`): `--need-get-data` under fio verification,
 //!   and the server's memory with and without it, idle and under fio.
+//! * `recovery_*` (in `kernel/recovery.rs`): `ublk add --recovery` and `ublk recover`.
+//!   `kill -9` of the server under fio `--verify` on ram, file, stripe and mirror devices,
+//!   recovered with nothing lost (reissue), failing fast and intact after (fail-io); a
+//!   compressing device keeps what was flushed; a mirror recovered after `ublk replace`;
+//!   `recover` refused where it does not apply; `del` cleaning up after `kill -9`.
+//! * `lifecycle::*` (in `kernel/lifecycle.rs`): 50 add/fio/del cycles beside a CPU hog and
+//!   50 cycles of a server inside the test process (descriptors, threads, RSS), `ublk add`
+//!   killed at every point of its start, exits with ext4 mounted or the device held open,
+//!   `del --safe`, and `ublk resize` under a mounted ext4 with `resize2fs`.
 //!
 //! They need root and the ublk driver, so every test is `#[ignore]`d: a plain host
 //! `cargo test` lists them as ignored. Run them inside the test VM with
@@ -2217,6 +2226,20 @@ mod stats;
 
 #[path = "kernel/memory.rs"]
 mod memory;
+
+// ---------------------------------------------------------------------------------------
+// user recovery
+// ---------------------------------------------------------------------------------------
+
+#[path = "kernel/recovery.rs"]
+mod recovery;
+
+// ---------------------------------------------------------------------------------------
+// lifecycle: churn, exits with the device in use, del --safe
+// ---------------------------------------------------------------------------------------
+
+#[path = "kernel/lifecycle.rs"]
+mod lifecycle;
 
 // ---------------------------------------------------------------------------------------
 // test session

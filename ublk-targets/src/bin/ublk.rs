@@ -15,7 +15,7 @@ use clap::{Args, Parser, Subcommand};
 use serde_json::{json, Value};
 use ublk_core::{
     feature_names, parse_size, BoxTarget, BufferMode, ControlDevice, DeviceBuilder, DeviceInfo,
-    QueueSnapshot, StatsRegistry,
+    QueueSnapshot, SizeHandle, StatsRegistry,
 };
 use ublk_targets::compress;
 use ublk_targets::compress::format::{Algo, Layout};
@@ -24,6 +24,7 @@ use ublk_targets::faulty::FaultOps;
 use ublk_targets::file::FileTarget;
 use ublk_targets::null::Null;
 use ublk_targets::ram::Ram;
+use ublk_targets::saved::{self, SavedDevice};
 use ublk_targets::stack::{self, BuildOptions, NodeDesc};
 use ublk_targets::stats;
 use ublk_targets::TargetKind;
@@ -51,6 +52,23 @@ enum Cmd {
         /// Delete every ublk device.
         #[arg(long)]
         all: bool,
+        /// Refuse (and change nothing) while the block device is open: mounted, or held
+        /// by a process (kernel TRY_STOP_DEV).
+        #[arg(long)]
+        safe: bool,
+    },
+    /// Start a new server for a device added with --recovery whose server died, from the
+    /// state `ublk add` saved under /run/ublk/; waiting I/O resumes. Prints the device's
+    /// JSON like `add`.
+    Recover {
+        /// Device id.
+        id: u32,
+        /// Serve in this process instead of a background one.
+        #[arg(long)]
+        foreground: bool,
+        /// Background server: write its log here [default: the log of `ublk add`, if any].
+        #[arg(long)]
+        log: Option<PathBuf>,
     },
     /// List devices.
     List {
@@ -127,6 +145,15 @@ enum Cmd {
         /// Print the report as JSON.
         #[arg(long)]
         json: bool,
+    },
+    /// Change a running file device's size (kernel UPDATE_SIZE), growing its file first; a
+    /// file system on it can then grow too (resize2fs).
+    Resize {
+        /// Device id.
+        id: u32,
+        /// The new size in bytes, with an optional K, M, G or T suffix (binary).
+        #[arg(value_parser = parse_size_arg)]
+        size: u64,
     },
     /// Limit the copying of rebuilds and resyncs, for every mirror of the device.
     Rebuild {
@@ -269,9 +296,53 @@ struct AddArgs {
     /// metadata is damaged); the legs' data is lost. Refused for the other targets.
     #[arg(long)]
     force_new: bool,
+    /// Keep the device when its server dies (kernel USER_RECOVERY): its I/O waits
+    /// (reissue, the default: in-flight requests are sent again to the next server) or
+    /// fails at once (fail-io) until `ublk recover ID` starts a new server from what this
+    /// command saves in /run/ublk/ublkID.json. A ram device then keeps its memory in a
+    /// file under /dev/shm (unless --backing), removed by `ublk del`.
+    #[arg(long, num_args = 0..=1, default_missing_value = "reissue", value_parser = parse_recovery)]
+    recovery: Option<Recovery>,
     /// Internal: run as the background server started by `ublk add`.
     #[arg(long, hide = true)]
     daemon_child: bool,
+    /// Internal: take over device ID instead of adding one (`ublk recover`).
+    #[arg(long, hide = true)]
+    recover_id: Option<u32>,
+}
+
+/// What happens to a recoverable device's I/O while it has no server.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Recovery {
+    /// I/O waits; requests the dead server held are reissued to the next one.
+    Reissue,
+    /// I/O fails with EIO until the next server is up.
+    FailIo,
+}
+
+impl Recovery {
+    fn name(self) -> &'static str {
+        match self {
+            Recovery::Reissue => "reissue",
+            Recovery::FailIo => "fail-io",
+        }
+    }
+
+    fn flags(self) -> u64 {
+        ublk_core::sys::UBLK_F_USER_RECOVERY
+            | match self {
+                Recovery::Reissue => ublk_core::sys::UBLK_F_USER_RECOVERY_REISSUE,
+                Recovery::FailIo => ublk_core::sys::UBLK_F_USER_RECOVERY_FAIL_IO,
+            }
+    }
+}
+
+fn parse_recovery(text: &str) -> Result<Recovery, String> {
+    match text {
+        "reissue" => Ok(Recovery::Reissue),
+        "fail-io" => Ok(Recovery::FailIo),
+        _ => Err(format!("{text:?}: use reissue or fail-io")),
+    }
 }
 
 fn parse_buffer_mode(text: &str) -> Result<BufferMode, String> {
@@ -296,7 +367,12 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Cmd::Check { image, json } => return check(&image, json),
         Cmd::Add(args) => add(args),
-        Cmd::Del { id, all } => del(id, all),
+        Cmd::Del { id, all, safe } => del(id, all, safe),
+        Cmd::Recover {
+            id,
+            foreground,
+            log,
+        } => recover(id, foreground, log),
         Cmd::List { json } => list(json),
         Cmd::Features { json } => features(json),
         Cmd::Status { id, json, watch } if watch => watch_status(id, json),
@@ -312,6 +388,7 @@ fn main() -> ExitCode {
         Cmd::Fail { id, node } => fail(id, &node),
         Cmd::Replace { id, node, expr } => replace(id, &node, &expr),
         Cmd::Rebuild { id, rate } => rebuild(id, rate),
+        Cmd::Resize { id, size } => resize(id, size),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -410,8 +487,16 @@ fn device_size(args: &AddArgs, kind: TargetKind) -> CliResult<u64> {
 
 fn builder(args: &AddArgs, kind: TargetKind) -> CliResult<DeviceBuilder> {
     let max_io = u32::try_from(args.max_io).map_err(|_| "--max-io is too large".to_string())?;
+    // A recovered device keeps the size it has now (`ublk resize` may have changed it).
+    let size = match args.recover_id {
+        Some(id) => ControlDevice::open()
+            .and_then(|c| c.params(id))
+            .map(|p| p.basic.dev_sectors.saturating_mul(512))
+            .map_err(|e| format!("device {id}: {e}"))?,
+        None => device_size(args, kind)?,
+    };
     let mut b = DeviceBuilder::new()
-        .size(device_size(args, kind)?)
+        .size(size)
         .logical_block_size(args.logical_block_size)
         .queues(args.queues)
         .depth(args.depth)
@@ -425,6 +510,12 @@ fn builder(args: &AddArgs, kind: TargetKind) -> CliResult<DeviceBuilder> {
         .threads_per_queue(args.threads_per_queue);
     if let Some(id) = args.id {
         b = b.id(id);
+    }
+    if let Some(recovery) = args.recovery {
+        b = b.flags(recovery.flags());
+    }
+    if let Some(id) = args.recover_id {
+        b = b.recover(id);
     }
     match kind {
         TargetKind::Ram => b = b.discard(true).write_zeroes(true),
@@ -448,7 +539,9 @@ fn add(args: AddArgs) -> CliResult {
         return serve_as_child(&args, kind, builder);
     }
     if !args.foreground {
-        return spawn_background(&args);
+        let mut child_args: Vec<String> = std::env::args().skip(1).collect();
+        child_args.push("--daemon-child".into());
+        return spawn_background(child_args, args.log.as_deref(), None);
     }
     init_logging();
     serve(&args, kind, builder, |info, expr| {
@@ -482,6 +575,9 @@ fn target_kind(args: &AddArgs) -> CliResult<TargetKind> {
     }
     if args.algo.is_some() && kind != TargetKind::Compress {
         return Err("--algo applies to the compress target only".into());
+    }
+    if args.recovery.is_some() && kind == TargetKind::Null {
+        return Err("--recovery: a null device keeps no data, there is nothing to recover".into());
     }
     match (kind, &args.expr) {
         (TargetKind::Stack, None) => {
@@ -669,7 +765,121 @@ fn choose_mode(args: &AddArgs, kind: TargetKind, desc: &NodeDesc) -> CliResult<B
     }
 }
 
+/// Serves the device and keeps its saved state (see `ublk_targets::saved`) in step with it:
+/// written once a device added with --recovery is up, removed with any file made for it
+/// once the device is gone.
 fn serve(
+    args: &AddArgs,
+    kind: TargetKind,
+    builder: DeviceBuilder,
+    on_started: impl FnOnce(&DeviceInfo, &str),
+) -> CliResult {
+    let mut args = args.clone();
+    let mut owned = Vec::new();
+    let fresh = args.recover_id.is_none();
+    if fresh && args.recovery.is_some() && kind == TargetKind::Ram && args.backing.is_none() {
+        // The memory must outlive this server for the next one to serve it.
+        let path = shm_path();
+        args.backing = Some(path.clone());
+        owned.push(path);
+    }
+    let mut started = None;
+    let result = serve_tree(&args, kind, builder, |info, expr| {
+        started = Some(info.dev_id);
+        if fresh {
+            // Whatever a dead device with this id left is stale now.
+            for problem in saved::forget(info.dev_id) {
+                tracing::warn!("stale state of device {}: {problem}", info.dev_id);
+            }
+            if let Some(recovery) = args.recovery {
+                if let Err(e) = save_state(info.dev_id, recovery, &args, &owned) {
+                    tracing::error!(
+                        "device {}: cannot save its state ({e}): `ublk recover` will not work",
+                        info.dev_id
+                    );
+                }
+            }
+        }
+        on_started(info, expr);
+    });
+    match started.or(args.recover_id) {
+        Some(id) if device_exists(id) => {}
+        Some(id) => {
+            for problem in saved::forget(id) {
+                tracing::warn!("device {id}: {problem}");
+            }
+        }
+        None => {
+            let mut problems = Vec::new();
+            for path in &owned {
+                saved::remove_quietly(path, &mut problems);
+            }
+            for problem in problems {
+                tracing::warn!("{problem}");
+            }
+        }
+    }
+    result
+}
+
+/// A new file under /dev/shm for a recoverable RAM device's memory.
+fn shm_path() -> PathBuf {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.subsec_nanos());
+    PathBuf::from(format!(
+        "/dev/shm/ublk-ram-{}-{nanos:09}",
+        std::process::id()
+    ))
+}
+
+/// Saves what `ublk recover` needs: this command's arguments after `add`, without the
+/// internal ones and without --force-new (the next server must find the mirrors this one
+/// made), with the RAM device's memory file made explicit.
+fn save_state(
+    dev_id: u32,
+    recovery: Recovery,
+    args: &AddArgs,
+    owned: &[PathBuf],
+) -> std::io::Result<()> {
+    let mut saved_args: Vec<String> = std::env::args()
+        .skip(2)
+        .filter(|a| {
+            !matches!(
+                a.as_str(),
+                "--daemon-child" | "--foreground" | "--force-new"
+            )
+        })
+        .collect();
+    if let (false, Some(backing)) = (owned.is_empty(), &args.backing) {
+        saved_args.push("--backing".into());
+        saved_args.push(backing.to_string_lossy().into_owned());
+    }
+    // The stack expression is the positional after the target name.
+    let expr_at = args.expr.as_ref().and_then(|expr| {
+        let target = saved_args.iter().position(|a| *a == args.target)?;
+        saved_args
+            .iter()
+            .skip(target + 1)
+            .position(|a| a == expr)
+            .map(|i| i + target + 1)
+    });
+    SavedDevice {
+        dev_id,
+        recovery: recovery.name().into(),
+        cwd: std::env::current_dir()?,
+        args: saved_args,
+        owned_files: owned.to_vec(),
+        expr_at,
+    }
+    .save()
+}
+
+fn device_exists(id: u32) -> bool {
+    ControlDevice::open().and_then(|c| c.dev_info(id)).is_ok()
+}
+
+fn serve_tree(
     args: &AddArgs,
     kind: TargetKind,
     builder: DeviceBuilder,
@@ -692,10 +902,25 @@ fn serve(
         builder.validate().map_err(|e| e.to_string())?;
     }
     let stats = StatsRegistry::new();
-    let builder = builder.stats(stats.clone());
+    let sizer = SizeHandle::new();
+    let builder = builder.stats(stats.clone()).size_handle(sizer.clone());
+    let file = (kind == TargetKind::File)
+        .then(|| args.path.clone())
+        .flatten();
     let mut control = None;
     let result = builder.run_with(target, |info| {
-        let state = Arc::new(ServerState::new(info.dev_id, expr.clone(), desc, stats));
+        let dev_id = info.dev_id;
+        let state =
+            ServerState::new(dev_id, expr.clone(), desc, stats).on_tree_change(move |expr| {
+                if let Err(e) = saved::update_expr(dev_id, expr) {
+                    tracing::error!("device {dev_id}: cannot save the new tree: {e}");
+                }
+            });
+        let state = match file.clone() {
+            Some(path) => state.on_resize(move |bytes| resize_file(&path, bytes, &sizer)),
+            None => state,
+        };
+        let state = Arc::new(state);
         match ControlServer::start(state) {
             Ok(server) => control = Some(server),
             Err(e) => tracing::warn!("no control socket for device {}: {e}", info.dev_id),
@@ -704,6 +929,33 @@ fn serve(
     });
     drop(control);
     result.map_err(|e| e.to_string())
+}
+
+/// A file device's `resize`: the file grows first (a block device must be large enough
+/// already), then the device.
+fn resize_file(path: &std::path::Path, bytes: u64, sizer: &SizeHandle) -> Result<(), String> {
+    let meta = std::fs::metadata(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    if meta.file_type().is_block_device() {
+        let mut dev = std::fs::File::open(path).map_err(|e| format!("{}: {e}", path.display()))?;
+        let len = std::io::Seek::seek(&mut dev, std::io::SeekFrom::End(0))
+            .map_err(|e| format!("{}: {e}", path.display()))?;
+        if len < bytes {
+            return Err(format!("{} has only {len} bytes", path.display()));
+        }
+    } else if meta.len() < bytes {
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(path)
+            .and_then(|f| f.set_len(bytes))
+            .map_err(|e| format!("growing {}: {e}", path.display()))?;
+    }
+    sizer.resize(bytes).map_err(|e| e.to_string())
+}
+
+/// `ublk resize ID SIZE`: asks the device's server to change the size.
+fn resize(id: u32, size: u64) -> CliResult {
+    control::request(id, &json!({"cmd": "resize", "size": size}))?;
+    Ok(())
 }
 
 fn info_json(info: &DeviceInfo, kind: TargetKind, expr: &str) -> Value {
@@ -728,15 +980,39 @@ fn info_json(info: &DeviceInfo, kind: TargetKind, expr: &str) -> Value {
 }
 
 /// The background server: reports one line on stdout (the device JSON, or an error), then
-/// lets go of stdout so the parent's reader sees EOF.
+/// lets go of stdout so the parent's reader sees EOF. A new device is kept only once the
+/// parent has confirmed, with a line on our stdin, that it passed the report on: a parent
+/// that died or gave up first (killed by a timeout on a loaded host, say) would otherwise
+/// leave a device and a server nobody knows about, so they are removed instead. A
+/// recovered device is served either way.
 fn serve_as_child(args: &AddArgs, kind: TargetKind, builder: DeviceBuilder) -> CliResult {
     init_logging();
     let mut reported = false;
+    let mut orphaned = false;
     let result = serve(args, kind, builder, |info, expr| {
-        println!("{}", info_json(info, kind, expr));
-        let _ = std::io::stdout().flush();
         reported = true;
-        release_stdout();
+        let mut out = std::io::stdout();
+        let sent = writeln!(out, "{}", info_json(info, kind, expr)).and_then(|()| out.flush());
+        let mut ack = String::new();
+        let acked =
+            sent.is_ok() && std::io::stdin().read_line(&mut ack).is_ok() && ack.trim() == ADD_ACK;
+        release_stdio();
+        if !acked && args.recover_id.is_some() {
+            // The device was the user's before this server came; serving it beats removing
+            // it with the data its users are waiting for.
+            tracing::warn!(
+                "device {}: `ublk recover` went away before reporting it; serving anyway",
+                info.dev_id
+            );
+        } else if !acked {
+            orphaned = true;
+            tracing::error!(
+                "device {}: `ublk add` went away before reporting it: removing it",
+                info.dev_id
+            );
+            // Taken by the device's signalfd: the run stops and deletes the device.
+            let _ = nix::sys::signal::raise(nix::sys::signal::Signal::SIGTERM);
+        }
     });
     if let Err(msg) = &result {
         if !reported {
@@ -744,22 +1020,38 @@ fn serve_as_child(args: &AddArgs, kind: TargetKind, builder: DeviceBuilder) -> C
             let _ = std::io::stdout().flush();
         }
     }
+    if orphaned && result.is_ok() {
+        return Err("`ublk add` went away before reporting the device: removed it".into());
+    }
     result
 }
 
-fn release_stdout() {
-    if let Ok(null) = std::fs::OpenOptions::new().write(true).open("/dev/null") {
-        // dup2 onto fd 1 replaces our stdout with /dev/null; Rust's stdout handle keeps
-        // working on the new file.
+/// The line `ublk add` sends its background server once it has printed the device.
+const ADD_ACK: &str = "reported";
+
+fn release_stdio() {
+    if let Ok(null) = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/null")
+    {
+        // dup2 onto fds 0 and 1 replaces our stdin and stdout with /dev/null; Rust's
+        // handles keep working on the new file.
+        let _ = nix::unistd::dup2_stdin(&null);
         let _ = nix::unistd::dup2_stdout(&null);
     }
 }
 
-fn spawn_background(args: &AddArgs) -> CliResult {
+/// Starts `ublk CHILD_ARGS` as a background server (its own process group, stderr to
+/// `log`, in directory `cwd`), prints the device JSON it reports and confirms it (see
+/// `serve_as_child`), or returns its error.
+fn spawn_background(
+    child_args: Vec<String>,
+    log: Option<&std::path::Path>,
+    cwd: Option<&std::path::Path>,
+) -> CliResult {
     let exe = std::env::current_exe().map_err(|e| format!("cannot find own executable: {e}"))?;
-    let mut child_args: Vec<String> = std::env::args().skip(1).collect();
-    child_args.push("--daemon-child".into());
-    let stderr = match &args.log {
+    let stderr = match log {
         Some(path) => Stdio::from(
             std::fs::OpenOptions::new()
                 .create(true)
@@ -769,25 +1061,42 @@ fn spawn_background(args: &AddArgs) -> CliResult {
         ),
         None => Stdio::null(),
     };
-    let mut child = Command::new(exe)
+    let mut command = Command::new(exe);
+    command
         .args(&child_args)
-        .stdin(Stdio::null())
+        .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(stderr)
-        .process_group(0)
+        .process_group(0);
+    if let Some(dir) = cwd {
+        command.current_dir(dir);
+    }
+    let mut child = command
         .spawn()
         .map_err(|e| format!("cannot start the server: {e}"))?;
     let stdout = child.stdout.take().expect("stdout was piped");
+    let mut stdin = child.stdin.take().expect("stdin was piped");
     let mut line = String::new();
     let read = BufReader::new(stdout).read_line(&mut line);
     let reply: Option<Value> = serde_json::from_str(line.trim()).ok();
     match (read, reply) {
         (Ok(n), Some(v)) if n > 0 => {
             if let Some(msg) = v.get("error").and_then(Value::as_str) {
+                drop(stdin);
                 let _ = child.wait();
                 return Err(msg.to_string());
             }
-            println!("{v}");
+            let mut out = std::io::stdout();
+            let printed = writeln!(out, "{v}").and_then(|()| out.flush());
+            // Without the confirmation the server removes the device and exits.
+            let confirmed = printed.is_ok() && writeln!(stdin, "{ADD_ACK}").is_ok();
+            drop(stdin);
+            if !confirmed {
+                let status = child.wait().map_err(|e| e.to_string())?;
+                return Err(format!(
+                    "could not report the device, so it was removed ({status})"
+                ));
+            }
             Ok(())
         }
         _ => {
@@ -831,13 +1140,41 @@ fn wait_gone(id: u32, timeout: Duration) -> bool {
     !char_node_exists(id)
 }
 
-/// Asks the device's server to shut down; removes the device directly when no server is left.
-fn del_one(ctrl: &ControlDevice, id: u32) -> CliResult {
-    use nix::sys::signal::{kill, Signal};
-    use nix::unistd::Pid;
+/// Asks the device's server to shut down; removes the device directly when no server is
+/// left; then removes what `ublk add --recovery` saved for it. With `safe`, first stops the
+/// device only if nobody has it open, and otherwise changes nothing.
+fn del_one(ctrl: &ControlDevice, id: u32, safe: bool) -> CliResult {
     let info = ctrl
         .dev_info(id)
         .map_err(|e| format!("no device {id}: {e}"))?;
+    if safe {
+        ctrl.try_stop(id).map_err(|e| match e.errno() {
+            Some(libc::EBUSY) => format!(
+                "device {id} is open (mounted, or held by a process): not deleted \
+                 (without --safe it is deleted anyway)"
+            ),
+            Some(libc::EOPNOTSUPP | libc::EINVAL) => format!(
+                "device {id}: the kernel lacks TRY_STOP_DEV (SAFE_STOP_DEV), so --safe \
+                 cannot check for users: {e}"
+            ),
+            _ => format!("device {id}: {e}"),
+        })?;
+    }
+    stop_and_delete(ctrl, &info)?;
+    let problems = saved::forget(id);
+    if !problems.is_empty() {
+        tracing_free_warn(&format!(
+            "device {id} is gone, but not all it left: {}",
+            problems.join("; ")
+        ));
+    }
+    Ok(())
+}
+
+fn stop_and_delete(ctrl: &ControlDevice, info: &ublk_core::DevInfo) -> CliResult {
+    use nix::sys::signal::{kill, Signal};
+    use nix::unistd::Pid;
+    let id = info.dev_id;
     let pid = info.server_pid;
     if process_alive(pid) && pid as u32 != std::process::id() {
         // A failure (the server exited meanwhile) shows in wait_gone.
@@ -853,9 +1190,17 @@ fn del_one(ctrl: &ControlDevice, id: u32) -> CliResult {
             return Ok(());
         }
     }
-    // No live server: stop and delete it ourselves.
+    // No live server: stop and delete it ourselves, without waiting for its users.
     let _ = ctrl.stop(id);
-    ctrl.delete(id).map_err(|e| e.to_string())?;
+    if !ctrl
+        .delete_within(id, Duration::from_secs(5))
+        .map_err(|e| e.to_string())?
+    {
+        tracing_free_warn(&format!(
+            "device {id} is deleted but still held open (mounted?): its id is freed once \
+             the last user lets go"
+        ));
+    }
     Ok(())
 }
 
@@ -863,12 +1208,12 @@ fn tracing_free_warn(msg: &str) {
     eprintln!("ublk: warning: {msg}");
 }
 
-fn del(id: Option<u32>, all: bool) -> CliResult {
+fn del(id: Option<u32>, all: bool, safe: bool) -> CliResult {
     let ctrl = open_ctrl()?;
     if all {
         let mut errors = Vec::new();
         for id in ControlDevice::list_ids() {
-            if let Err(e) = del_one(&ctrl, id) {
+            if let Err(e) = del_one(&ctrl, id, safe) {
                 errors.push(format!("device {id}: {e}"));
             }
         }
@@ -878,7 +1223,78 @@ fn del(id: Option<u32>, all: bool) -> CliResult {
             Err(errors.join("; "))
         };
     }
-    del_one(&ctrl, id.expect("clap requires an id without --all"))
+    del_one(&ctrl, id.expect("clap requires an id without --all"), safe)
+}
+
+/// `ublk recover ID`: checks that the device needs a server and that its state was saved,
+/// then starts a server from that state the way `ublk add` does. Refusals change nothing.
+fn recover(id: u32, foreground: bool, log: Option<PathBuf>) -> CliResult {
+    use ublk_core::sys;
+    let ctrl = open_ctrl()?;
+    let mut info = ctrl
+        .dev_info(id)
+        .map_err(|e| format!("no device {id}: {e}"))?;
+    if info.flags & sys::UBLK_F_USER_RECOVERY == 0 {
+        return Err(format!(
+            "device {id} was added without --recovery: it cannot be recovered (nothing changed)"
+        ));
+    }
+    if info.state == sys::UBLK_S_DEV_LIVE {
+        if process_alive(info.server_pid) {
+            return Err(format!(
+                "device {id} is live, served by pid {}: nothing to recover (nothing changed)",
+                info.server_pid
+            ));
+        }
+        // The server is gone, but the kernel quiesces the device only once the dead
+        // process's rings have let go of /dev/ublkcN.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while info.state == sys::UBLK_S_DEV_LIVE && Instant::now() < deadline {
+            thread::sleep(Duration::from_millis(50));
+            info = ctrl
+                .dev_info(id)
+                .map_err(|e| format!("no device {id}: {e}"))?;
+        }
+    }
+    if !matches!(
+        info.state,
+        sys::UBLK_S_DEV_QUIESCED | sys::UBLK_S_DEV_FAIL_IO
+    ) {
+        return Err(format!(
+            "device {id} is {}, not QUIESCED or FAIL_IO: nothing to recover (nothing changed)",
+            info.state_name()
+        ));
+    }
+    let saved = SavedDevice::load(id)
+        .map_err(|e| format!("device {id}: cannot read its saved state: {e} (nothing changed)"))?
+        .ok_or_else(|| {
+            format!(
+                "device {id} is {} but has no saved state ({}): only a device started by \
+                 `ublk add ... --recovery` can be recovered (nothing changed)",
+                info.state_name(),
+                saved::state_path(id).display()
+            )
+        })?;
+    let mut add_args = vec!["add".to_string()];
+    add_args.extend(saved.args.iter().cloned());
+    add_args.extend(["--recover-id".to_string(), id.to_string()]);
+    let parsed = Cli::try_parse_from(std::iter::once("ublk".to_string()).chain(add_args.clone()))
+        .map_err(|e| format!("device {id}: the saved arguments no longer parse: {e}"))?;
+    let Cmd::Add(mut args) = parsed.command else {
+        return Err(format!(
+            "device {id}: the saved state is not an `add` command"
+        ));
+    };
+    if foreground {
+        std::env::set_current_dir(&saved.cwd)
+            .map_err(|e| format!("{}: {e}", saved.cwd.display()))?;
+        args.foreground = true;
+        args.log = None;
+        return add(args);
+    }
+    add_args.push("--daemon-child".into());
+    let log = log.or(args.log);
+    spawn_background(add_args, log.as_deref(), Some(&saved.cwd))
 }
 
 fn list(as_json: bool) -> CliResult {
