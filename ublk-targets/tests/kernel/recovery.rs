@@ -171,6 +171,36 @@ fn reissue_under_fio(name: &str, args: &[&str]) {
     }
 }
 
+/// A scratch directory of child image files for a stack, removed when dropped.
+struct Children {
+    dir: PathBuf,
+    files: Vec<String>,
+}
+
+impl Children {
+    /// Files of `sizes` bytes in a fresh `ublk-NAME` directory under the temp dir.
+    fn new(name: &str, sizes: &[u64]) -> Children {
+        let dir = std::env::temp_dir().join(format!("ublk-{name}"));
+        let _ = fs::remove_dir_all(&dir);
+        fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("create {}: {e}", dir.display()));
+        let files = child_files(&dir, sizes);
+        Children { dir, files }
+    }
+
+    /// A 64 KiB-chunk stripe of two 16 MiB files.
+    fn stripe(name: &str) -> (Children, String) {
+        let c = Children::new(name, &[16 * MIB, 16 * MIB]);
+        let expr = format!("stripe(file:{},file:{},chunk=64K)", c.files[0], c.files[1]);
+        (c, expr)
+    }
+}
+
+impl Drop for Children {
+    fn drop(&mut self) {
+        let _ = fs::remove_dir_all(&self.dir);
+    }
+}
+
 #[test]
 #[ignore = "needs the ublk kernel driver: run `cargo xtask test`"]
 fn recovery_reissue_ram_under_fio_verify() {
@@ -193,26 +223,17 @@ fn recovery_reissue_file_under_fio_verify() {
 #[test]
 #[ignore = "needs the ublk kernel driver: run `cargo xtask test`"]
 fn recovery_reissue_stripe_under_fio_verify() {
-    let dir = std::env::temp_dir().join("ublk-recovery-stripe");
-    let _ = fs::remove_dir_all(&dir);
-    fs::create_dir_all(&dir).expect("create the stripe's directory");
-    let files = child_files(&dir, &[16 * MIB, 16 * MIB]);
-    let expr = format!("stripe(file:{},file:{},chunk=64K)", files[0], files[1]);
+    let (_children, expr) = Children::stripe("recovery-stripe");
     reissue_under_fio("recovery-stripe", &["stack", &expr]);
-    let _ = fs::remove_dir_all(&dir);
 }
 
 #[test]
 #[ignore = "needs the ublk kernel driver: run `cargo xtask test`"]
 fn recovery_reissue_mirror_under_fio_verify() {
-    let dir = std::env::temp_dir().join("ublk-recovery-mirror");
-    let _ = fs::remove_dir_all(&dir);
-    fs::create_dir_all(&dir).expect("create the mirror's directory");
     // Legs a little larger than the 32 MiB fio writes: the mirror keeps its metadata there.
-    let files = child_files(&dir, &[40 * MIB, 40 * MIB]);
-    let expr = format!("mirror(file:{},file:{})", files[0], files[1]);
+    let legs = Children::new("recovery-mirror", &[40 * MIB, 40 * MIB]);
+    let expr = format!("mirror(file:{},file:{})", legs.files[0], legs.files[1]);
     reissue_under_fio("recovery-mirror", &["stack", &expr]);
-    let _ = fs::remove_dir_all(&dir);
 }
 
 /// The compressing target keeps its newest map entries in the server's memory until a
@@ -399,13 +420,8 @@ fn recovery_fail_io_file() {
 #[test]
 #[ignore = "needs the ublk kernel driver: run `cargo xtask test`"]
 fn recovery_fail_io_stripe() {
-    let dir = std::env::temp_dir().join("ublk-recovery-failio-stripe");
-    let _ = fs::remove_dir_all(&dir);
-    fs::create_dir_all(&dir).expect("create the stripe's directory");
-    let files = child_files(&dir, &[16 * MIB, 16 * MIB]);
-    let expr = format!("stripe(file:{},file:{},chunk=64K)", files[0], files[1]);
+    let (_children, expr) = Children::stripe("recovery-failio-stripe");
     fail_io_round_trip("recovery-failio-stripe", &["stack", &expr]);
-    let _ = fs::remove_dir_all(&dir);
 }
 
 /// `ublk recover` refuses, and changes nothing, where there is nothing to recover or nothing
