@@ -28,6 +28,19 @@ fn saved_state(dev: &Value) -> Value {
     serde_json::from_str(&text).unwrap_or_else(|e| panic!("{}: {e}: {text}", path.display()))
 }
 
+/// The files the tool created for a device (and `ublk del` removes), from its saved state.
+fn owned_files(saved: &Value) -> Vec<PathBuf> {
+    saved["owned_files"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(Value::as_str)
+                .map(PathBuf::from)
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
 /// The device's `state` in `ublk list --json`.
 #[track_caller]
 fn listed_state(id: u64) -> String {
@@ -116,15 +129,7 @@ fn reissue_under_fio(name: &str, args: &[&str]) {
     );
     let saved = saved_state(&dev);
     assert_eq!(saved["recovery"], "reissue", "saved state: {saved}");
-    let owned: Vec<PathBuf> = saved["owned_files"]
-        .as_array()
-        .map(|a| {
-            a.iter()
-                .filter_map(Value::as_str)
-                .map(PathBuf::from)
-                .collect()
-        })
-        .unwrap_or_default();
+    let owned = owned_files(&saved);
     let path = dev_path(&dev).to_string();
 
     let ios_before = completed_ios(&path);
@@ -493,15 +498,7 @@ fn recovery_del_cleans_up_after_kill_9() {
             Vec::new()
         } else {
             let saved = saved_state(&dev);
-            let files: Vec<PathBuf> = saved["owned_files"]
-                .as_array()
-                .map(|a| {
-                    a.iter()
-                        .filter_map(Value::as_str)
-                        .map(PathBuf::from)
-                        .collect()
-                })
-                .unwrap_or_default();
+            let files = owned_files(&saved);
             assert!(
                 files
                     .iter()
