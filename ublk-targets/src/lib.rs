@@ -9,6 +9,7 @@
 //!   rebuild, resync and reassembly;
 //! - [`compress::Compress`]: stores a device compressed (lz4 or zstd) in its child, crash
 //!   consistent through a journal and map checkpoints;
+//! - `rbd::Rbd` (cargo feature `rbd`): a Ceph RBD image, through librbd's asynchronous API;
 //! - [`faulty::Faulty`]: a pass-through node that fails or delays chosen operations on demand.
 //!
 //! Each target is a block backend ([`ublk_zc::Target`]), so targets own others as children:
@@ -28,7 +29,8 @@
 //!     .run(Ram::new(size)?)?;
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
-#![forbid(unsafe_code)]
+// The one exception, the Ceph bindings (`rbd::ffi`), opts in with `allow(unsafe_code)`.
+#![deny(unsafe_code)]
 #![warn(missing_docs)]
 
 pub mod compress;
@@ -41,6 +43,8 @@ pub mod mirror;
 pub mod null;
 mod ondisk;
 pub mod ram;
+#[cfg(feature = "rbd")]
+pub mod rbd;
 pub mod stack;
 pub mod stripe;
 
