@@ -64,16 +64,20 @@ pub enum TargetKind {
     /// [`compress::Compress`] over a file: the short form of the stack
     /// `compress(file:FILE,size=SIZE)`.
     Compress,
+    /// A Ceph RBD image (`ublk add rbd --pool P --image I`): the short form of the stack
+    /// `rbd(pool=P,image=I)`; needs a build with the cargo feature `rbd`.
+    Rbd,
 }
 
 impl TargetKind {
     /// Every kind, in the order the help text lists them.
-    pub const ALL: [TargetKind; 5] = [
+    pub const ALL: [TargetKind; 6] = [
         TargetKind::Null,
         TargetKind::Ram,
         TargetKind::File,
         TargetKind::Stack,
         TargetKind::Compress,
+        TargetKind::Rbd,
     ];
 
     /// The name used on the command line.
@@ -84,6 +88,7 @@ impl TargetKind {
             TargetKind::File => "file",
             TargetKind::Stack => "stack",
             TargetKind::Compress => "compress",
+            TargetKind::Rbd => "rbd",
         }
     }
 
@@ -95,13 +100,17 @@ impl TargetKind {
             TargetKind::File => 3,
             TargetKind::Stack => 4,
             TargetKind::Compress => 5,
+            TargetKind::Rbd => 6,
         }
     }
 
     /// Whether the device's size comes from the tree built (a stack's, or the image's of a
-    /// compressed device) rather than from `--size`.
+    /// compressed device, an RBD image's) rather than from `--size`.
     pub fn sized_by_tree(self) -> bool {
-        matches!(self, TargetKind::Stack | TargetKind::Compress)
+        matches!(
+            self,
+            TargetKind::Stack | TargetKind::Compress | TargetKind::Rbd
+        )
     }
 
     /// The kind a command-line name stands for.

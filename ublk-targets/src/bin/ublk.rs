@@ -158,8 +158,8 @@ fn parse_range(text: &str) -> Result<(u64, u64), String> {
 
 #[derive(Args, Clone)]
 struct AddArgs {
-    /// Target: null, ram, file, compress (over --path), or stack followed by a stack
-    /// expression.
+    /// Target: null, ram, file, compress (over --path), rbd (--pool, --image), or stack
+    /// followed by a stack expression.
     target: String,
     /// stack: the tree, e.g. 'stripe(file:/dev/sdb,file:/dev/sdc,chunk=128K)'.
     expr: Option<String>,
@@ -230,6 +230,24 @@ struct AddArgs {
     /// Background server: write its log here (default: discarded).
     #[arg(long)]
     log: Option<PathBuf>,
+    /// rbd: the Ceph pool of the image.
+    #[arg(long)]
+    pool: Option<String>,
+    /// rbd: the image to map.
+    #[arg(long)]
+    image: Option<String>,
+    /// rbd: map this snapshot of the image, read-only.
+    #[arg(long)]
+    snap: Option<String>,
+    /// rbd: the Ceph configuration file [default: Ceph's own search, /etc/ceph/ceph.conf].
+    #[arg(long)]
+    conf: Option<PathBuf>,
+    /// rbd: the Ceph client id (as rbd's --id; --id here is the device id).
+    #[arg(long, default_value = "admin")]
+    user: String,
+    /// rbd: seconds to wait for the monitors before failing.
+    #[arg(long, default_value_t = 30)]
+    timeout: u64,
     /// stack: make every mirror in the tree new, even on legs that carry one (or whose
     /// metadata is damaged); the legs' data is lost. Refused for the other targets.
     #[arg(long)]
@@ -385,7 +403,7 @@ fn builder(args: &AddArgs, kind: TargetKind) -> CliResult<DeviceBuilder> {
     }
     match kind {
         TargetKind::Ram => b = b.discard(true).write_zeroes(true),
-        TargetKind::File | TargetKind::Stack | TargetKind::Compress => {
+        TargetKind::File | TargetKind::Stack | TargetKind::Compress | TargetKind::Rbd => {
             b = b
                 .discard(true)
                 .write_zeroes(true)
@@ -439,6 +457,13 @@ fn target_kind(args: &AddArgs) -> CliResult<TargetKind> {
     }
     if args.algo.is_some() && kind != TargetKind::Compress {
         return Err("--algo applies to the compress target only".into());
+    }
+    let rbd_args = args.pool.is_some() || args.image.is_some() || args.snap.is_some();
+    if (rbd_args || args.conf.is_some()) && kind != TargetKind::Rbd {
+        return Err("--pool, --image, --snap and --conf apply to the rbd target only".into());
+    }
+    if kind == TargetKind::Rbd && (args.pool.is_none() || args.image.is_none()) {
+        return Err("the rbd target needs --pool POOL --image IMAGE".into());
     }
     match (kind, &args.expr) {
         (TargetKind::Stack, None) => {
@@ -515,6 +540,11 @@ fn tree(args: &AddArgs, kind: TargetKind, size: u64) -> CliResult<(BoxTarget, No
             let s = stack::build(&text).map_err(|e| format!("compress: {}", e.msg))?;
             (s.target, s.desc, s.expr)
         }
+        TargetKind::Rbd => {
+            let text = rbd_expr(args)?;
+            let s = stack::build(&text).map_err(|e| e.msg)?;
+            (s.target, s.desc, s.expr)
+        }
         TargetKind::Stack => {
             let text = args.expr.as_deref().expect("checked in add");
             let options = BuildOptions {
@@ -580,6 +610,46 @@ fn compress_expr(args: &AddArgs) -> CliResult<String> {
     Ok(expr)
 }
 
+/// The stack expression `ublk add rbd` stands for: `rbd(pool=P,image=I,snap=S,conf=PATH,
+/// id=ID,timeout=T)`.
+fn rbd_expr(args: &AddArgs) -> CliResult<String> {
+    let bare = |what: &str, text: &str| {
+        if text.is_empty()
+            || text.contains([',', '(', ')', '='])
+            || text.contains(char::is_whitespace)
+        {
+            Err(format!(
+                "{what} {text:?}: must be non-empty, without ',', '(', ')', '=' or spaces"
+            ))
+        } else {
+            Ok(())
+        }
+    };
+    let pool = args.pool.as_deref().expect("checked in add");
+    let image = args.image.as_deref().expect("checked in add");
+    bare("--pool", pool)?;
+    bare("--image", image)?;
+    bare("--user", &args.user)?;
+    let mut expr = format!("rbd(pool={pool},image={image}");
+    if let Some(snap) = &args.snap {
+        bare("--snap", snap)?;
+        expr.push_str(&format!(",snap={snap}"));
+    }
+    if let Some(conf) = &args.conf {
+        let text = conf.to_str().unwrap_or_default();
+        bare("--conf", text)?;
+        expr.push_str(&format!(",conf={text}"));
+    }
+    if args.user != "admin" {
+        expr.push_str(&format!(",id={}", args.user));
+    }
+    if args.timeout != 30 {
+        expr.push_str(&format!(",timeout={}", args.timeout));
+    }
+    expr.push(')');
+    Ok(expr)
+}
+
 /// `n` bytes in the largest binary unit that divides it: `10G`, `1536K`, `1000`.
 fn exact_size(n: u64) -> String {
     for (unit, shift) in [("T", 40), ("G", 30), ("M", 20), ("K", 10)] {
@@ -640,6 +710,12 @@ fn serve(
             ));
         }
         builder = builder.size(desc.size);
+        if desc.fields.get("read_only") == Some(&json!(true)) {
+            // A snapshot: the kernel refuses writes before they reach the target.
+            let mut params = builder.device_params().clone();
+            params.read_only = true;
+            builder = builder.params(params);
+        }
         builder.validate().map_err(|e| e.to_string())?;
     }
     let stats = StatsRegistry::new();
