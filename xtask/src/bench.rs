@@ -127,6 +127,22 @@ const COMPRESS_DATA: &str = "--buffer_compress_percentage=50 --buffer_compress_c
 /// zram with lz4, the compression rows' reference.
 pub const ZRAM_LZ4: &str = "zram-lz4";
 
+/// The tests the RBD rows run (the issue's rbd-nbd comparison).
+pub const RBD_TESTS: &[&str] = &["randread-4k-qd64", "randwrite-4k-qd64", "seqread-128k-qd16"];
+
+/// MiB of the RBD image that fio addresses (filled before the runs, so that reads reach
+/// objects the OSDs hold). The whole cluster lives in guest memory, three copies of it.
+const RBD_SPAN_MIB: u32 = 64;
+
+/// The Ceph test cluster's directory in the guest (`ceph-test-cluster start`).
+const RBD_CLUSTER_DIR: &str = "/tmp/ublk-bench-ceph";
+
+/// The image both RBD rows map.
+const RBD_IMAGE: &str = "bench";
+
+/// rbd-nbd (librbd behind the kernel's nbd driver), the RBD rows' reference.
+pub const RBD_NBD: &str = "rbd-nbd";
+
 /// What a device is, for the ratio columns and the bar checks.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Role {
@@ -146,6 +162,8 @@ pub enum Role {
     UblkMirror,
     /// `ublk add compress` over a tmpfs file, compared with zram.
     UblkCompress,
+    /// `ublk add rbd` on the test cluster's image, compared with rbd-nbd.
+    UblkRbd,
 }
 
 /// How a device under test is created.
@@ -177,6 +195,11 @@ enum Setup {
     UblkMirror(&'static str),
     /// zram (one device of [`DEVICE_MIB`] MiB) compressing with `algo`.
     Zram(&'static str),
+    /// `rbd-nbd map` of [`RBD_IMAGE`] on the Ceph test cluster.
+    RbdNbd,
+    /// `ublk add rbd <args> --queues 2 --depth 128` of [`RBD_IMAGE`] on the Ceph test
+    /// cluster.
+    UblkRbd(&'static str),
 }
 
 /// A device under test (the name must not contain dots or spaces).
@@ -222,6 +245,15 @@ impl Device {
                  {DEVICE_MIB}M >disksize` (as `zramctl --find --size {DEVICE_MIB}M --algorithm \
                  {algo}`), filled like the compress rows ({COMPRESS_SPAN_MIB} MiB used)"
             ),
+            Setup::RbdNbd => format!(
+                "`rbd-nbd map rbd/{RBD_IMAGE}` (nbd module) on the test cluster: \
+                 `ceph-test-cluster` (1 monitor, 3 memstore OSDs, pool of size 3, on \
+                 127.0.0.1 in the guest), image filled ({RBD_SPAN_MIB} MiB used)"
+            ),
+            Setup::UblkRbd(args) => format!(
+                "`ublk add rbd --pool rbd --image {RBD_IMAGE} {args} {UBLK_STACK_QUEUES}` on the \
+                 same cluster and image ({RBD_SPAN_MIB} MiB used)"
+            ),
         }
     }
 
@@ -252,10 +284,17 @@ impl Device {
         }
     }
 
+    /// Whether the device is an RBD row (it needs the Ceph test cluster).
+    fn uses_rbd(&self) -> bool {
+        matches!(self.setup, Setup::RbdNbd | Setup::UblkRbd(_))
+    }
+
     /// Whether the device runs `test`.
     pub fn runs(&self, test: &Test) -> bool {
         let only = if self.compresses() {
             Some(COMPRESS_TESTS)
+        } else if self.uses_rbd() {
+            Some(RBD_TESTS)
         } else {
             self.pair_tests()
         };
@@ -271,6 +310,8 @@ impl Device {
             PAIR_SPAN_MIB
         } else if self.compresses() {
             COMPRESS_SPAN_MIB
+        } else if self.uses_rbd() {
+            RBD_SPAN_MIB
         } else {
             DEVICE_MIB
         }
@@ -546,6 +587,18 @@ pub const DEVICES: &[Device] = &[
         setup: Setup::Ublk("compress --path /dev/shm/ublk-compress-zstd.img --algo zstd"),
         quick: false,
     },
+    Device {
+        name: RBD_NBD,
+        role: Role::Kernel,
+        setup: Setup::RbdNbd,
+        quick: false,
+    },
+    Device {
+        name: "ublk-rbd",
+        role: Role::UblkRbd,
+        setup: Setup::UblkRbd(""),
+        quick: false,
+    },
 ];
 
 /// A rebuild measurement: how fast leg 1 of a new two-leg mirror over
@@ -609,6 +662,7 @@ impl Role {
             Role::UblkStripe => Some(MD_RAID0),
             Role::UblkMirror => Some(MD_RAID1),
             Role::UblkCompress => Some(ZRAM_LZ4),
+            Role::UblkRbd => Some(RBD_NBD),
             _ => None,
         }
     }
@@ -802,6 +856,11 @@ impl Plan {
 
     pub fn uses_libublk(&self) -> bool {
         self.devices.iter().any(|d| d.role == Role::LibublkNull)
+    }
+
+    /// Whether the plan has RBD rows (they share one Ceph test cluster).
+    fn uses_rbd(&self) -> bool {
+        self.devices.iter().any(|d| d.uses_rbd())
     }
 
     pub fn uses_mdadm(&self) -> bool {

@@ -41,7 +41,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Cmd {
     /// Start a device served by a target; prints one JSON object once /dev/ublkbN exists.
-    Add(AddArgs),
+    Add(Box<AddArgs>),
     /// Stop and delete devices.
     Del {
         /// Device id.
@@ -278,7 +278,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Cmd::Check { image, json } => return check(&image, json),
-        Cmd::Add(args) => add(args),
+        Cmd::Add(args) => add(*args),
         Cmd::Del { id, all } => del(id, all),
         Cmd::List { json } => list(json),
         Cmd::Features { json } => features(json),
@@ -712,7 +712,7 @@ fn serve(
         builder = builder.size(desc.size);
         if desc.fields.get("read_only") == Some(&json!(true)) {
             // A snapshot: the kernel refuses writes before they reach the target.
-            let mut params = builder.device_params().clone();
+            let mut params = *builder.device_params();
             params.read_only = true;
             builder = builder.params(params);
         }
@@ -1438,7 +1438,7 @@ mod tests {
     #[test]
     fn add_compress_is_the_short_form_of_a_compress_stack_over_a_file() {
         let args = |list: &[&str]| match parse(list) {
-            Ok(Cmd::Add(a)) => a,
+            Ok(Cmd::Add(a)) => *a,
             _ => panic!("{list:?} parses"),
         };
         let dir = std::env::temp_dir().join(format!("ublk-cli-compress-{}", std::process::id()));

@@ -89,7 +89,9 @@ impl Rbd {
             conf: spec.conf.as_deref(),
             id: &spec.id,
             timeout: spec.timeout,
-            options: &[],
+            // Discard exactly: a discarded range reads back as zeroes, even in part of an
+            // object (by default librbd skips partial-object discards).
+            options: &[("rbd_skip_partial_discard", "false")],
         })?;
         let ioctx = IoCtx::new(&cluster, &spec.pool)?;
         let image = Image::open(&ioctx, &spec.image, spec.snap.as_deref())?;

@@ -324,7 +324,9 @@ fn rbd_unreachable_monitors_missing_pool_and_image_are_refused() {
     let image = new_image("refused", "4M");
     let listed_before = list();
     let nodes_before = device_nodes();
-    let cases: Vec<(Vec<&str>, &[&[&str]], Duration)> = vec![
+    // (arguments, words the error must mention: one of each group, time allowed)
+    type Case<'a> = (Vec<&'a str>, &'a [&'a [&'a str]], Duration);
+    let cases: Vec<Case> = vec![
         (
             vec![
                 "add",
