@@ -28,7 +28,7 @@ const FSID: &str = "6c4c7b0e-2f5e-4a53-9d55-0b1c3d2e7a01";
 const OSDS: u32 = 3;
 const POOL: &str = "rbd";
 /// How long a daemon or the pool may take to come up under emulation.
-const READY: Duration = Duration::from_secs(180);
+const READY: Duration = Duration::from_secs(100);
 
 type Result<T = ()> = std::result::Result<T, String>;
 
@@ -91,6 +91,7 @@ keyring = /dev/null
 osd_pool_default_size = 3
 osd_pool_default_min_size = 2
 osd_crush_chooseleaf_type = 0
+crush_location = root=default host=ublk-test
 osd_objectstore = memstore
 memstore_device_bytes = 536870912
 plugin_dir = {lib}/ceph

@@ -62,21 +62,42 @@ fn cluster_tool() -> String {
 }
 
 /// The configuration file of the shared cluster, started on first use.
+/// A cluster that failed to start fails every later test at once, with the same message.
+#[track_caller]
 fn ceph_conf() -> &'static str {
-    static CONF: OnceLock<String> = OnceLock::new();
-    CONF.get_or_init(|| {
+    static CONF: OnceLock<Result<String, String>> = OnceLock::new();
+    let conf = CONF.get_or_init(|| {
         let started = Instant::now();
-        let out = run(&cluster_tool(), &["start", CLUSTER_DIR]);
+        let tool = cluster_tool();
+        let out = run_unchecked(&tool, &["start", CLUSTER_DIR]);
+        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+        if !out.status.success() {
+            let logs = ["mon.a.out", "osd.0.out", "mon.a.log", "osd.0.log"]
+                .iter()
+                .map(|name| {
+                    let path = Path::new(CLUSTER_DIR).join("log").join(name);
+                    let text = fs::read_to_string(&path).unwrap_or_default();
+                    let tail: Vec<&str> = text.lines().rev().take(15).collect();
+                    let tail: Vec<&str> = tail.into_iter().rev().collect();
+                    format!("--- {}:\n{}", path.display(), tail.join("\n"))
+                })
+                .collect::<Vec<_>>()
+                .join("\n");
+            return Err(format!("{tool} start failed: {stderr}\n{logs}"));
+        }
         let conf = String::from_utf8_lossy(&out.stdout).trim().to_string();
         // For `rbd:` leaves without conf=: servers started by `ublk add` inherit it.
         std::env::set_var("CEPH_CONF", &conf);
         eprintln!(
-            "ceph cluster up in {:.1} s: {conf}\n{}",
+            "ceph cluster up in {:.1} s: {conf}\n{stderr}",
             started.elapsed().as_secs_f64(),
-            String::from_utf8_lossy(&out.stderr)
         );
-        conf
-    })
+        Ok(conf)
+    });
+    match conf {
+        Ok(conf) => conf,
+        Err(e) => panic!("no Ceph cluster: {e}"),
+    }
 }
 
 /// Creates a new image of `size` bytes in pool `rbd` and returns its name.
