@@ -41,6 +41,12 @@
 //! same data (the same fio job and seed), after which the script prints its
 //! compression as a note: zram's `mm_stat`, our `ublk status` fields.
 //!
+//! RBD (only with `--filter` naming them, e.g. `--filter rbd`): `rbd-nbd` and
+//! `ublk add rbd` map the same image of one Ceph test cluster started in the
+//! guest (`ceph-test-cluster`: one monitor, three memstore OSDs, a pool of size
+//! 3), filled over [`RBD_SPAN_MIB`] MiB first; they run [`RBD_TESTS`] with 1
+//! job over that span.
+//!
 //! Rebuilds: before any device is set up, each round times md raid1's initial
 //! resync (`mdadm --create` without `--assume-clean`) and the initial sync of
 //! `mirror(file:/dev/ram3,file:/dev/ram4)` (leg 1 copied from leg 0), each on
@@ -302,6 +308,12 @@ impl Device {
             Some(tests) => tests.contains(&test.name),
             None => true,
         }
+    }
+
+    /// Whether the device runs with `jobs` fio jobs: the RBD rows run 1 job only (the
+    /// emulated cluster is the bottleneck either way, and the full plan stays near an hour).
+    pub fn runs_jobs(&self, jobs: u32) -> bool {
+        jobs == 1 || !self.uses_rbd()
     }
 
     /// MiB of the device that fio addresses.
@@ -778,6 +790,8 @@ impl Plan {
             .iter()
             .filter(|d| !opts.quick || d.quick)
             .filter(|d| wanted(d.name))
+            // The RBD rows start a Ceph cluster in the guest: only when asked for by name.
+            .filter(|d| !d.uses_rbd() || !opts.filter.is_empty())
             .collect();
         // The rebuilds are not part of --quick.
         let mut rebuilds: Vec<&Rebuild> = REBUILDS
@@ -830,12 +844,15 @@ impl Plan {
 
     /// Number of fio runs.
     pub fn runs(&self) -> usize {
-        let pairs: usize = self
+        let runs: usize = self
             .devices
             .iter()
-            .map(|d| self.tests.iter().filter(|t| d.runs(t)).count())
+            .map(|d| {
+                let jobs = self.jobs.iter().filter(|&&j| d.runs_jobs(j)).count();
+                self.tests.iter().filter(|t| d.runs(t)).count() * jobs
+            })
             .sum();
-        pairs * self.jobs.len() * self.rounds as usize
+        runs * self.rounds as usize
     }
 
     /// Expected guest time.
@@ -1402,6 +1419,7 @@ mod tests {
             .iter()
             .chain(PAIR_TESTS)
             .chain(MIRROR_TESTS)
+            .chain(RBD_TESTS)
         {
             assert!(TESTS.iter().any(|t| t.name == *name), "{name}");
         }
@@ -1419,8 +1437,16 @@ mod tests {
             .filter(|d| d.pair_tests() == Some(MIRROR_TESTS))
             .count();
         let compress_rows = DEVICES.iter().filter(|d| d.compresses()).count();
-        assert_eq!((stripe_rows, mirror_rows, compress_rows), (4, 3, 3));
-        let other_rows = DEVICES.len() - stripe_rows - mirror_rows - compress_rows;
+        let rbd_rows = DEVICES.iter().filter(|d| d.uses_rbd()).count();
+        assert!(
+            full.devices.iter().all(|d| !d.uses_rbd()),
+            "RBD rows are opt-in"
+        );
+        assert_eq!(
+            (stripe_rows, mirror_rows, compress_rows, rbd_rows),
+            (4, 3, 3, 2)
+        );
+        let other_rows = DEVICES.len() - stripe_rows - mirror_rows - compress_rows - rbd_rows;
         assert_eq!(
             full.runs(),
             (other_rows * TESTS.len()
@@ -1430,6 +1456,9 @@ mod tests {
                 * 2
                 * 3
         );
+        let rbd = Plan::new(&opts(false, &["rbd"]), true, true).expect("rbd plan");
+        assert_eq!(rbd.devices.len(), rbd_rows);
+        assert_eq!(rbd.runs(), rbd_rows * RBD_TESTS.len() * 3);
         assert_eq!(full.rebuilds.len(), REBUILDS.len());
         // The default run must fit in ~60 minutes of guest time.
         assert!(

@@ -349,7 +349,7 @@ fi
                     // Rotate the device order every round.
                     let i = (step + round as usize - 1) % n;
                     let d = plan.devices[i];
-                    if !d.runs(t) {
+                    if !d.runs(t) || !d.runs_jobs(jobs) {
                         continue;
                     }
                     k += 1;
