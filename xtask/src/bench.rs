@@ -254,7 +254,9 @@ impl Device {
             Setup::RbdNbd => format!(
                 "`rbd-nbd map rbd/{RBD_IMAGE}` (nbd module) on the test cluster: \
                  `ceph-test-cluster` (1 monitor, 3 memstore OSDs, pool of size 3, on \
-                 127.0.0.1 in the guest), image filled ({RBD_SPAN_MIB} MiB used)"
+                 127.0.0.1 in the guest), image of 256 MiB with the layering feature only \
+                 (no exclusive lock to pass between the two clients), filled \
+                 ({RBD_SPAN_MIB} MiB used)"
             ),
             Setup::UblkRbd(args) => format!(
                 "`ublk add rbd --pool rbd --image {RBD_IMAGE} {args} {UBLK_STACK_QUEUES}` on the \

@@ -3,7 +3,9 @@
 //!
 //! ```text
 //! ceph-test-cluster start DIR            one monitor, three memstore OSDs, pool `rbd` of size 3
-//! ceph-test-cluster create DIR IMAGE SIZE an image in pool rbd (SIZE in bytes, K/M/G suffix)
+//! ceph-test-cluster create DIR IMAGE SIZE [FEATURES]
+//!                                         an image in pool rbd (SIZE in bytes, K/M/G suffix;
+//!                                         FEATURES as rbd_default_features, e.g. layering)
 //! ceph-test-cluster kill-osd DIR N        SIGKILL osd.N
 //! ceph-test-cluster restart-osd DIR N     a fresh osd.N (memstore loses its data), up again
 //! ceph-test-cluster stop DIR              SIGKILL every daemon
@@ -37,7 +39,10 @@ fn main() -> ExitCode {
     let words: Vec<&str> = args.iter().map(String::as_str).collect();
     let result = match words.as_slice() {
         ["start", dir] => start(Path::new(dir)),
-        ["create", dir, image, size] => create(Path::new(dir), image, size),
+        ["create", dir, image, size] => create(Path::new(dir), image, size, None),
+        ["create", dir, image, size, features] => {
+            create(Path::new(dir), image, size, Some(features))
+        }
         ["kill-osd", dir, n] => parse_osd(n).and_then(|n| kill(Path::new(dir), &osd_name(n))),
         ["restart-osd", dir, n] => parse_osd(n).and_then(|n| restart_osd(Path::new(dir), n)),
         ["stop", dir] => stop(Path::new(dir)),
@@ -143,14 +148,20 @@ fn spawn(dir: &Path, name: &str, program: &str, args: &[&str]) -> Result {
 }
 
 fn connect(dir: &Path) -> Result<Arc<Cluster>> {
+    connect_with(dir, &[])
+}
+
+fn connect_with(dir: &Path, extra: &[(&str, &str)]) -> Result<Arc<Cluster>> {
     let conf = conf_path(dir);
+    // This client only sets the cluster up: an operation stuck on a PG that never becomes
+    // active fails instead of hanging the tests.
+    let mut options = vec![("rados_osd_op_timeout", "120")];
+    options.extend_from_slice(extra);
     Cluster::connect(&ConnectOptions {
         conf: Some(&conf),
         id: "admin",
         timeout: Duration::from_secs(60),
-        // This client only sets the cluster up: an operation stuck on a PG that never
-        // becomes active fails instead of hanging the tests.
-        options: &[("rados_osd_op_timeout", "120")],
+        options: &options,
     })
     .map_err(|e| e.to_string())
 }
@@ -274,9 +285,12 @@ fn wait_osds_up(cluster: &Cluster, want: u32) -> Result {
     }
 }
 
-fn create(dir: &Path, image: &str, size: &str) -> Result {
+fn create(dir: &Path, image: &str, size: &str, features: Option<&str>) -> Result {
     let bytes = ublk_core::parse_size(size).map_err(|e| e.to_string())?;
-    let cluster = connect(dir)?;
+    let cluster = match features {
+        Some(f) => connect_with(dir, &[("rbd_default_features", f)])?,
+        None => connect(dir)?,
+    };
     let ioctx = IoCtx::new(&cluster, POOL).map_err(|e| e.to_string())?;
     ioctx.create_image(image, bytes).map_err(|e| e.to_string())
 }

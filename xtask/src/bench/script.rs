@@ -199,7 +199,9 @@ fi
     }
     if plan.uses_rbd() {
         // One cluster and one image for both RBD rows, filled once through a ublk device
-        // (deleted before the rows are set up) so that reads reach real objects.
+        // (deleted before the rows are set up) so that reads reach real objects. The image
+        // has no exclusive-lock feature: both rows keep it open, and its writes would
+        // otherwise move the lock from one client to the other at each run.
         let _ = write!(
             s,
             r#"
@@ -208,7 +210,7 @@ RBD_READY=""
 if CEPH_CONF=$(ceph-test-cluster start {RBD_CLUSTER_DIR}); then
     export CEPH_CONF
     TEARDOWN="ceph-test-cluster stop {RBD_CLUSTER_DIR}; $TEARDOWN"
-    if ceph-test-cluster create {RBD_CLUSTER_DIR} {RBD_IMAGE} 256M &&
+    if ceph-test-cluster create {RBD_CLUSTER_DIR} {RBD_IMAGE} 256M layering &&
         ublk_add rbfill rbd --pool rbd --image {RBD_IMAGE} &&
         fio --name=fill --filename="$rbfill_dev" --ioengine=io_uring --direct=1 --rw=write \
             --bs=1M --iodepth=16 --size={RBD_SPAN_MIB}M --end_fsync=1 >/dev/null; then
