@@ -19,6 +19,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
+use nix::sys::signal::{pthread_sigmask, SigSet, SigmaskHow, Signal};
 use slab::Slab;
 use ublk_zc::{Completion, Io, Op, OpenCtx, QueueCtx, QueueFile, QueueTarget, Target};
 
@@ -84,7 +85,12 @@ pub struct Rbd {
 impl Rbd {
     /// Connects to the cluster and opens the image. Errors name what failed: the monitors
     /// unreachable within the timeout, the pool or image missing, permission denied.
+    ///
+    /// SIGINT and SIGTERM are blocked in the calling thread while the threads of librados
+    /// and librbd are started, so those threads never take the signals that a server waits
+    /// for (on a signalfd, with them blocked in its own threads).
     pub fn open(spec: &RbdSpec) -> io::Result<Rbd> {
+        let _blocked = TermSignalsBlocked::new()?;
         let cluster = Cluster::connect(&ConnectOptions {
             conf: spec.conf.as_deref(),
             id: &spec.id,
@@ -153,6 +159,27 @@ impl Target for Rbd {
         crate::check_range(offset, buf.len(), self.size)?;
         self.image.write(offset, buf)?;
         self.image.flush()
+    }
+}
+
+/// SIGINT and SIGTERM blocked in the calling thread (and the threads it starts) while alive.
+struct TermSignalsBlocked {
+    old: SigSet,
+}
+
+impl TermSignalsBlocked {
+    fn new() -> io::Result<TermSignalsBlocked> {
+        let mut old = SigSet::empty();
+        let set = Signal::SIGINT | Signal::SIGTERM;
+        pthread_sigmask(SigmaskHow::SIG_BLOCK, Some(&set), Some(&mut old))?;
+        Ok(TermSignalsBlocked { old })
+    }
+}
+
+impl Drop for TermSignalsBlocked {
+    fn drop(&mut self) {
+        // Restoring the mask saved by `new` cannot fail.
+        let _ = pthread_sigmask(SigmaskHow::SIG_SETMASK, Some(&self.old), None);
     }
 }
 

@@ -129,6 +129,20 @@ fn open_image(image: &str) -> Rbd {
     Rbd::open(&spec).unwrap_or_else(|e| panic!("open rbd/{image}: {e}"))
 }
 
+/// `ublk del` of an RBD device: as [`del`], and its server must stop on the signal by
+/// itself (librados' threads must not swallow SIGTERM), not be killed after the grace time.
+#[track_caller]
+fn del_rbd(dev: &Value) {
+    let id = dev_id(dev).to_string();
+    let out = ublk(&["del", &id]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !stderr.contains("did not stop"),
+        "the server of rbd device {id} had to be killed: {stderr}"
+    );
+    assert_device_gone(dev, "after `ublk del`");
+}
+
 fn rbd_fio(queues: u32) {
     let session = Session::start(&format!("rbd-fio-{queues}"));
     let image = new_image("fio", "64M");
@@ -138,7 +152,7 @@ fn rbd_fio(queues: u32) {
     let path = dev_path(&dev);
     let what = format!("rbd device {path} with {queues} queue(s)");
     run_fio_cases(&RBD_FIO, path, true, &what, &session.scratch);
-    del(&dev);
+    del_rbd(&dev);
 }
 
 #[test]
@@ -160,7 +174,7 @@ fn rbd_ext4_survives_fsck_and_remount() {
     let image = new_image("ext4", "64M");
     let dev = add_rbd(&image, &[]);
     ext4_files_survive(dev_path(&dev), &session.scratch);
-    del(&dev);
+    del_rbd(&dev);
 }
 
 #[test]
@@ -210,7 +224,7 @@ fn rbd_discard_and_write_zeroes_read_back_as_zeroes() {
         &vec![0u8; size],
         "after discarding the whole device",
     );
-    del(&dev);
+    del_rbd(&dev);
     // What the device said is what the cluster holds.
     let mut back = vec![0xffu8; size];
     open_image(&image)
@@ -258,7 +272,7 @@ fn rbd_osd_killed_during_fio_is_not_noticed() {
     let job = &report["jobs"][0];
     assert_eq!(field_u64(&job["write"], "io_bytes"), 16 * MIB, "{job}");
     assert_eq!(field_u64(&job["read"], "io_bytes"), 16 * MIB, "{job}");
-    del(&dev);
+    del_rbd(&dev);
     // The next tests want all three OSDs again.
     run(&cluster_tool(), &["restart-osd", CLUSTER_DIR, "1"]);
 }
@@ -285,7 +299,7 @@ fn rbd_snapshot_maps_read_only_with_its_own_data() {
     );
     let second = pattern(size, 8);
     write_direct(&path, 0, &second);
-    del(&dev);
+    del_rbd(&dev);
 
     let conf = ceph_conf();
     let snap = add_rbd(&image, &["--snap", "s1"]);
@@ -304,7 +318,7 @@ fn rbd_snapshot_maps_read_only_with_its_own_data() {
         .open(snap_path)
         .and_then(|mut f| f.write_all(&first[..4096]).and_then(|()| f.sync_all()));
     assert!(write.is_err(), "a write to the read-only device succeeded");
-    del(&snap);
+    del_rbd(&snap);
 
     // The stack form names the snapshot the same way.
     let expr = format!("rbd(pool=rbd,image={image},snap=s1,conf={conf})");
@@ -314,7 +328,7 @@ fn rbd_snapshot_maps_read_only_with_its_own_data() {
         &first,
         "the snapshot through the stack form",
     );
-    del(&stacked);
+    del_rbd(&stacked);
     let head = add_stack(&format!("rbd:rbd/{image}"), &[]);
     assert!(
         field_str(&head, "tree").starts_with("rbd:"),
@@ -326,7 +340,7 @@ fn rbd_snapshot_maps_read_only_with_its_own_data() {
         &second,
         "the image's head",
     );
-    del(&head);
+    del_rbd(&head);
 }
 
 #[test]
@@ -456,7 +470,7 @@ fn rbd_mirror_of_an_image_and_a_file() {
         &session.scratch,
     );
     let device = read_direct(&path, 0, size as usize);
-    del(&dev);
+    del_rbd(&dev);
     // Both legs hold the device's data after their metadata.
     let data_offset = leg - size;
     let mut on_image = vec![0u8; size as usize];
