@@ -606,6 +606,22 @@ mod tests {
     }
 
     #[test]
+    fn rbd_leaves_name_a_pool_an_image_and_maybe_a_snapshot() {
+        let text = "mirror( rbd:rbd/disk@snap1 , file:/b)";
+        let tree = parse(text).unwrap();
+        assert_eq!(tree.to_string(), "mirror(rbd:rbd/disk@snap1,file:/b)");
+        let leaf = match &node(&tree).children[0] {
+            Expr::Leaf(leaf) => leaf.clone(),
+            other => panic!("expected a leaf, got {other}"),
+        };
+        assert_eq!(
+            (leaf.kind, leaf.arg.as_str()),
+            (LeafKind::Rbd, "rbd/disk@snap1")
+        );
+        assert_eq!(parse("rbd:").unwrap_err().msg, "missing image after 'rbd:'");
+    }
+
+    #[test]
     fn stripe_of_two_files() {
         let text = "stripe(file:/a,file:/b,chunk=128K)";
         let tree = parse(text).unwrap();

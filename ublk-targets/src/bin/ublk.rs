@@ -1423,6 +1423,44 @@ mod tests {
     }
 
     #[test]
+    fn add_rbd_is_the_short_form_of_an_rbd_node() {
+        let args = |list: &[&str]| match parse(list) {
+            Ok(Cmd::Add(a)) => *a,
+            _ => panic!("{list:?} parses"),
+        };
+        let plain = args(&["add", "rbd", "--pool", "rbd", "--image", "disk"]);
+        assert_eq!(target_kind(&plain), Ok(TargetKind::Rbd));
+        assert_eq!(rbd_expr(&plain), Ok("rbd(pool=rbd,image=disk)".to_string()));
+        let full = args(&[
+            "add",
+            "rbd",
+            "--pool",
+            "p",
+            "--image",
+            "i",
+            "--snap",
+            "s",
+            "--conf",
+            "/etc/ceph/c.conf",
+            "--user",
+            "backup",
+            "--timeout",
+            "5",
+        ]);
+        assert_eq!(
+            rbd_expr(&full),
+            Ok("rbd(pool=p,image=i,snap=s,conf=/etc/ceph/c.conf,id=backup,timeout=5)".into())
+        );
+        let err = target_kind(&args(&["add", "rbd", "--pool", "rbd"])).expect_err("no image");
+        assert!(err.contains("--image"), "{err}");
+        let err = target_kind(&args(&["add", "ram", "--pool", "rbd"])).expect_err("not rbd");
+        assert!(err.contains("apply to the rbd target only"), "{err}");
+        let odd = args(&["add", "rbd", "--pool", "rbd", "--image", "a,b"]);
+        let err = rbd_expr(&odd).expect_err("a comma");
+        assert!(err.contains("--image"), "{err}");
+    }
+
+    #[test]
     fn force_new_is_for_stacks_only() {
         let add = |args: &[&str]| match parse(args) {
             Ok(Cmd::Add(a)) => target_kind(&a),
