@@ -397,6 +397,21 @@ impl<'a> QueueCtx<'a> {
         }
     }
 
+    /// Completes once `file` is readable: a one-shot `POLL_ADD` for `POLLIN`, whose result
+    /// is the ready event mask (or a negative errno). For a node that waits on an eventfd a
+    /// library signals from its own threads (the RBD target's completions): the wait costs
+    /// no thread of ours, and the wakeup arrives with the queue's other completions. Arm it
+    /// again after each completion to keep waiting; an armed poll keeps the queue from
+    /// settling at exit, so arm it only while something is expected.
+    pub fn poll_readable(&mut self, file: &QueueFile, token: u64) {
+        let sqe = opcode::PollAdd::new(file.fd(), libc::POLLIN as u32)
+            .build()
+            .flags(file.flags());
+        let keep = file.keep();
+        // SAFETY: a poll touches no memory; the file is registered or kept by `keep`.
+        unsafe { self.start(sqe, token, None, keep) }
+    }
+
     /// Completes after `delay` (with `-ETIME`, the timer's normal end): a node delaying a
     /// request. `io`, if given, comes back in [`Completion::io`].
     pub fn timeout(&mut self, delay: std::time::Duration, io: Option<Io>, token: u64) {

@@ -3,7 +3,7 @@
 //!
 //! ```text
 //! EXPR := LEAF | NAME '(' ARG (',' ARG)* ')'
-//! LEAF := 'file:' PATH | 'ram:' SIZE | 'null:' SIZE
+//! LEAF := 'file:' PATH | 'ram:' SIZE | 'null:' SIZE | 'rbd:' POOL '/' IMAGE ['@' SNAP]
 //! ARG  := EXPR | KEY '=' VALUE
 //! ```
 //!
@@ -71,6 +71,8 @@ pub enum LeafKind {
     Ram,
     /// `null:SIZE`, stores nothing.
     Null,
+    /// `rbd:POOL/IMAGE` or `rbd:POOL/IMAGE@SNAP`, a Ceph RBD image (a bare token).
+    Rbd,
 }
 
 /// A leaf, such as `file:/dev/sdb` or `ram:64M`.
@@ -194,7 +196,7 @@ impl fmt::Display for Expr {
 
 impl LeafKind {
     /// Every kind.
-    pub const ALL: [LeafKind; 3] = [LeafKind::File, LeafKind::Ram, LeafKind::Null];
+    pub const ALL: [LeafKind; 4] = [LeafKind::File, LeafKind::Ram, LeafKind::Null, LeafKind::Rbd];
 
     /// The name before the colon.
     pub fn name(self) -> &'static str {
@@ -202,6 +204,7 @@ impl LeafKind {
             LeafKind::File => "file",
             LeafKind::Ram => "ram",
             LeafKind::Null => "null",
+            LeafKind::Rbd => "rbd",
         }
     }
 
@@ -391,7 +394,7 @@ impl Parser<'_> {
             return Err(ExprError::new(
                 start,
                 match self.peek() {
-                    Some(':') => "expected a leaf kind before ':' (file:, ram:, null:)",
+                    Some(':') => "expected a leaf kind before ':' (file:, ram:, null:, rbd:)",
                     Some('=') => "expected a parameter name before '='",
                     Some(')') if depth == 0 => "unmatched ')'",
                     _ => "expected a node name",
@@ -430,7 +433,7 @@ impl Parser<'_> {
         let Some(kind) = LeafKind::from_name(kind) else {
             return Err(ExprError::new(
                 start,
-                format!("unknown leaf kind '{kind}:' (file:, ram:, null:)"),
+                format!("unknown leaf kind '{kind}:' (file:, ram:, null:, rbd:)"),
             ));
         };
         self.skip_ws();
@@ -445,6 +448,10 @@ impl Parser<'_> {
             LeafKind::Ram | LeafKind::Null => (
                 self.take_while(|c| !c.is_whitespace() && !PUNCTUATION.contains(&c)),
                 "size",
+            ),
+            LeafKind::Rbd => (
+                self.take_while(|c| !c.is_whitespace() && !PUNCTUATION.contains(&c)),
+                "image",
             ),
         };
         let arg = arg.to_owned();
@@ -599,6 +606,22 @@ mod tests {
     }
 
     #[test]
+    fn rbd_leaves_name_a_pool_an_image_and_maybe_a_snapshot() {
+        let text = "mirror( rbd:rbd/disk@snap1 , file:/b)";
+        let tree = parse(text).unwrap();
+        assert_eq!(tree.to_string(), "mirror(rbd:rbd/disk@snap1,file:/b)");
+        let leaf = match &node(&tree).children[0] {
+            Expr::Leaf(leaf) => leaf.clone(),
+            other => panic!("expected a leaf, got {other}"),
+        };
+        assert_eq!(
+            (leaf.kind, leaf.arg.as_str()),
+            (LeafKind::Rbd, "rbd/disk@snap1")
+        );
+        assert_eq!(parse("rbd:").unwrap_err().msg, "missing image after 'rbd:'");
+    }
+
+    #[test]
     fn stripe_of_two_files() {
         let text = "stripe(file:/a,file:/b,chunk=128K)";
         let tree = parse(text).unwrap();
@@ -713,10 +736,10 @@ mod tests {
             (")", 1, "unmatched ')'"),
             ("stripe(file:/a", 15, "missing ')' for the '(' at column 7"),
             ("stripe(faulty(file:/a)", 23, "missing ')' for the '(' at column 7"),
-            ("stripe(foo:/a,file:/b)", 8, "unknown leaf kind 'foo:' (file:, ram:, null:)"),
+            ("stripe(foo:/a,file:/b)", 8, "unknown leaf kind 'foo:' (file:, ram:, null:, rbd:)"),
             ("(file:/a)", 1, "expected a node name"),
             ("stripe((file:/a))", 8, "expected a node name"),
-            ("stripe(:/a)", 8, "expected a leaf kind before ':' (file:, ram:, null:)"),
+            ("stripe(:/a)", 8, "expected a leaf kind before ':' (file:, ram:, null:, rbd:)"),
             ("stripe(file:/a,=1)", 16, "expected a parameter name before '='"),
             ("stripe", 7, "expected '(' or ':' after 'stripe'"),
             ("stripe(file:/a, x)", 18, "expected '(', ':' or '=' after 'x'"),

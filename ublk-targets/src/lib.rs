@@ -9,6 +9,7 @@
 //!   rebuild, resync and reassembly;
 //! - [`compress::Compress`]: stores a device compressed (lz4 or zstd) in its child, crash
 //!   consistent through a journal and map checkpoints;
+//! - `rbd::Rbd` (cargo feature `rbd`): a Ceph RBD image, through librbd's asynchronous API;
 //! - [`faulty::Faulty`]: a pass-through node that fails or delays chosen operations on demand.
 //!
 //! Each target is a block backend ([`ublk_zc::Target`]), so targets own others as children:
@@ -28,7 +29,8 @@
 //!     .run(Ram::new(size)?)?;
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
-#![forbid(unsafe_code)]
+// The one exception, the Ceph bindings (`rbd::ffi`), opts in with `allow(unsafe_code)`.
+#![deny(unsafe_code)]
 #![warn(missing_docs)]
 
 pub mod compress;
@@ -41,6 +43,8 @@ pub mod mirror;
 pub mod null;
 mod ondisk;
 pub mod ram;
+#[cfg(feature = "rbd")]
+pub mod rbd;
 pub mod saved;
 pub mod stack;
 pub mod stats;
@@ -62,16 +66,20 @@ pub enum TargetKind {
     /// [`compress::Compress`] over a file: the short form of the stack
     /// `compress(file:FILE,size=SIZE)`.
     Compress,
+    /// A Ceph RBD image (`ublk add rbd --pool P --image I`): the short form of the stack
+    /// `rbd(pool=P,image=I)`; needs a build with the cargo feature `rbd`.
+    Rbd,
 }
 
 impl TargetKind {
     /// Every kind, in the order the help text lists them.
-    pub const ALL: [TargetKind; 5] = [
+    pub const ALL: [TargetKind; 6] = [
         TargetKind::Null,
         TargetKind::Ram,
         TargetKind::File,
         TargetKind::Stack,
         TargetKind::Compress,
+        TargetKind::Rbd,
     ];
 
     /// The name used on the command line.
@@ -82,6 +90,7 @@ impl TargetKind {
             TargetKind::File => "file",
             TargetKind::Stack => "stack",
             TargetKind::Compress => "compress",
+            TargetKind::Rbd => "rbd",
         }
     }
 
@@ -93,13 +102,17 @@ impl TargetKind {
             TargetKind::File => 3,
             TargetKind::Stack => 4,
             TargetKind::Compress => 5,
+            TargetKind::Rbd => 6,
         }
     }
 
     /// Whether the device's size comes from the tree built (a stack's, or the image's of a
-    /// compressed device) rather than from `--size`.
+    /// compressed device, an RBD image's) rather than from `--size`.
     pub fn sized_by_tree(self) -> bool {
-        matches!(self, TargetKind::Stack | TargetKind::Compress)
+        matches!(
+            self,
+            TargetKind::Stack | TargetKind::Compress | TargetKind::Rbd
+        )
     }
 
     /// The kind a command-line name stands for.

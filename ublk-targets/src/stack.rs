@@ -70,7 +70,7 @@ impl std::fmt::Debug for Stack {
 }
 
 /// Node kinds the grammar knows, for error messages.
-const KINDS: &str = "stripe, mirror, compress, faulty, file, ram, null";
+const KINDS: &str = "stripe, mirror, compress, faulty, file, ram, null, rbd";
 
 /// Choices that apply to the whole tree being built.
 #[derive(Debug, Clone, Default)]
@@ -112,6 +112,7 @@ fn node(e: &Expr, path: String, o: &BuildOptions) -> Result<(BoxTarget, NodeDesc
             "mirror" => mirror(n, path, o),
             "compress" => compress(n, path, o),
             "file" | "ram" | "null" => long_leaf(n, path),
+            "rbd" => rbd_node(n, path),
             other => Err(ExprError::new(
                 n.pos,
                 format!("unknown node '{other}' ({KINDS})"),
@@ -140,7 +141,98 @@ fn leaf_node(leaf: &Leaf, path: String) -> Result<(BoxTarget, NodeDesc), ExprErr
         LeafKind::File => file(&leaf.arg, leaf.arg_pos, None, None, path),
         LeafKind::Ram => ram(leaf.size()?, None, leaf.pos, path),
         LeafKind::Null => null(leaf.size()?, leaf.pos, path),
+        LeafKind::Rbd => {
+            let spec = rbd_spec_of_leaf(&leaf.arg, leaf.arg_pos)?;
+            rbd(spec, leaf.pos, path)
+        }
     }
+}
+
+/// The image a leaf `rbd:POOL/IMAGE[@SNAP]` names.
+#[cfg(feature = "rbd")]
+fn rbd_spec_of_leaf(arg: &str, pos: usize) -> Result<crate::rbd::RbdSpec, ExprError> {
+    crate::rbd::RbdSpec::parse(arg).map_err(|e| ExprError::new(pos, e))
+}
+
+#[cfg(not(feature = "rbd"))]
+fn rbd_spec_of_leaf(_arg: &str, pos: usize) -> Result<NoRbd, ExprError> {
+    Err(no_rbd(pos))
+}
+
+/// Stands for the RBD image spec in a build without the `rbd` feature (never made).
+#[cfg(not(feature = "rbd"))]
+enum NoRbd {}
+
+#[cfg(not(feature = "rbd"))]
+fn no_rbd(pos: usize) -> ExprError {
+    ExprError::new(
+        pos,
+        "rbd: this ublk was built without Ceph support (rebuild with the cargo feature rbd)",
+    )
+}
+
+/// `rbd(pool=P, image=I, snap=S, conf=PATH, id=ID, timeout=SECONDS)`.
+#[cfg(feature = "rbd")]
+fn rbd_node(n: &Node, path: String) -> Result<(BoxTarget, NodeDesc), ExprError> {
+    if let Some(c) = n.children.first() {
+        return Err(ExprError::new(
+            c.pos(),
+            "rbd takes parameters only, no children",
+        ));
+    }
+    n.check_keys(&["pool", "image", "snap", "conf", "id", "timeout"])?;
+    let need = |key: &str| {
+        n.param(key)
+            .map(|p| p.value.as_str())
+            .ok_or_else(|| ExprError::new(n.pos, format!("rbd needs {key}=")))
+    };
+    let mut spec = crate::rbd::RbdSpec::new(
+        need("pool")?,
+        need("image")?,
+        n.param("snap").map(|p| p.value.as_str()),
+    );
+    spec.conf = n.param("conf").map(|p| p.value.clone().into());
+    if let Some(id) = n.param("id") {
+        spec.id = id.value.clone();
+    }
+    if let Some(t) = n.param("timeout") {
+        let secs: u64 = t
+            .value
+            .parse()
+            .map_err(|_| ExprError::new(t.value_pos, "timeout: expected a number of seconds"))?;
+        spec.timeout = Duration::from_secs(secs.max(1));
+    }
+    rbd(spec, n.pos, path)
+}
+
+#[cfg(not(feature = "rbd"))]
+fn rbd_node(n: &Node, _path: String) -> Result<(BoxTarget, NodeDesc), ExprError> {
+    Err(no_rbd(n.pos))
+}
+
+#[cfg(feature = "rbd")]
+fn rbd(
+    spec: crate::rbd::RbdSpec,
+    pos: usize,
+    path: String,
+) -> Result<(BoxTarget, NodeDesc), ExprError> {
+    let image =
+        crate::rbd::Rbd::open(&spec).map_err(|e| ExprError::new(pos, format!("rbd: {e}")))?;
+    let read_only = image.read_only();
+    let target: BoxTarget = Arc::new(image);
+    let mut d = desc("rbd", &target, pos, path);
+    d.fields.insert("pool".into(), json!(spec.pool));
+    d.fields.insert("image".into(), json!(spec.image));
+    if let Some(snap) = &spec.snap {
+        d.fields.insert("snap".into(), json!(snap));
+    }
+    d.fields.insert("read_only".into(), json!(read_only));
+    Ok((target, d))
+}
+
+#[cfg(not(feature = "rbd"))]
+fn rbd(spec: NoRbd, _pos: usize, _path: String) -> Result<(BoxTarget, NodeDesc), ExprError> {
+    match spec {}
 }
 
 /// `file(path=..., direct=..., size=...)`, `ram(size=..., backing=...)`, `null(size=...)`.

@@ -25,6 +25,10 @@
 //!   rebuild under fio; the resync after `kill -9` of the server; no stale reads during a
 //!   rebuild; flushes reaching every leg; a leg of another mirror refused unless
 //!   `--force-new`.
+//! * `rbd_*` (in `kernel/rbd.rs`, with the cargo feature `rbd`): the Ceph RBD target on a
+//!   real one-monitor, three-OSD cluster: fio verification, ext4, discard, an OSD killed
+//!   under fio, a snapshot mapped read-only, refusals naming what failed, and a mirror of an
+//!   image and a file.
 //! * `compress_*` (in `kernel/compress.rs`): the compressing node. fio verification with
 //!   compressible and random data, lz4 and zstd, and the ratio in `ublk status`; ext4 with
 //!   fsck and a remount; discard punching the image file; `kill -9` during fio with fsyncs,
@@ -2240,6 +2244,15 @@ mod recovery;
 
 #[path = "kernel/lifecycle.rs"]
 mod lifecycle;
+
+// ---------------------------------------------------------------------------------------
+// Ceph RBD devices (built with the cargo feature `rbd`, as `cargo xtask test` does when the
+// host has or can install Ceph)
+// ---------------------------------------------------------------------------------------
+
+#[cfg(feature = "rbd")]
+#[path = "kernel/rbd.rs"]
+mod rbd;
 
 // ---------------------------------------------------------------------------------------
 // test session

@@ -41,6 +41,12 @@
 //! same data (the same fio job and seed), after which the script prints its
 //! compression as a note: zram's `mm_stat`, our `ublk status` fields.
 //!
+//! RBD (only with `--filter` naming them, e.g. `--filter rbd`): `rbd-nbd` and
+//! `ublk add rbd` map the same image of one Ceph test cluster started in the
+//! guest (`ceph-test-cluster`: one monitor, three memstore OSDs, a pool of size
+//! 3), filled over [`RBD_SPAN_MIB`] MiB first; they run [`RBD_TESTS`] with 1
+//! job over that span.
+//!
 //! Rebuilds: before any device is set up, each round times md raid1's initial
 //! resync (`mdadm --create` without `--assume-clean`) and the initial sync of
 //! `mirror(file:/dev/ram3,file:/dev/ram4)` (leg 1 copied from leg 0), each on
@@ -129,6 +135,22 @@ const COMPRESS_DATA: &str = "--buffer_compress_percentage=50 --buffer_compress_c
 /// zram with lz4, the compression rows' reference.
 pub const ZRAM_LZ4: &str = "zram-lz4";
 
+/// The tests the RBD rows run (the issue's rbd-nbd comparison).
+pub const RBD_TESTS: &[&str] = &["randread-4k-qd64", "randwrite-4k-qd64", "seqread-128k-qd16"];
+
+/// MiB of the RBD image that fio addresses (filled before the runs, so that reads reach
+/// objects the OSDs hold). The whole cluster lives in guest memory, three copies of it.
+const RBD_SPAN_MIB: u32 = 64;
+
+/// The Ceph test cluster's directory in the guest (`ceph-test-cluster start`).
+const RBD_CLUSTER_DIR: &str = "/tmp/ublk-bench-ceph";
+
+/// The image both RBD rows map.
+const RBD_IMAGE: &str = "bench";
+
+/// rbd-nbd (librbd behind the kernel's nbd driver), the RBD rows' reference.
+pub const RBD_NBD: &str = "rbd-nbd";
+
 /// What a device is, for the ratio columns and the bar checks.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Role {
@@ -148,6 +170,8 @@ pub enum Role {
     UblkMirror,
     /// `ublk add compress` over a tmpfs file, compared with zram.
     UblkCompress,
+    /// `ublk add rbd` on the test cluster's image, compared with rbd-nbd.
+    UblkRbd,
 }
 
 /// How a device under test is created.
@@ -179,6 +203,11 @@ enum Setup {
     UblkMirror(&'static str),
     /// zram (one device of [`DEVICE_MIB`] MiB) compressing with `algo`.
     Zram(&'static str),
+    /// `rbd-nbd map` of [`RBD_IMAGE`] on the Ceph test cluster.
+    RbdNbd,
+    /// `ublk add rbd <args> --queues 2 --depth 128` of [`RBD_IMAGE`] on the Ceph test
+    /// cluster.
+    UblkRbd(&'static str),
 }
 
 /// A device under test (the name must not contain dots or spaces).
@@ -227,6 +256,17 @@ impl Device {
                  {DEVICE_MIB}M >disksize` (as `zramctl --find --size {DEVICE_MIB}M --algorithm \
                  {algo}`), filled like the compress rows ({COMPRESS_SPAN_MIB} MiB used)"
             ),
+            Setup::RbdNbd => format!(
+                "`rbd-nbd map rbd/{RBD_IMAGE}` (nbd module) on the test cluster: \
+                 `ceph-test-cluster` (1 monitor, 3 memstore OSDs, pool of size 3, on \
+                 127.0.0.1 in the guest), image of 256 MiB with the layering feature only \
+                 (no exclusive lock to pass between the two clients), filled \
+                 ({RBD_SPAN_MIB} MiB used)"
+            ),
+            Setup::UblkRbd(args) => format!(
+                "`ublk add rbd --pool rbd --image {RBD_IMAGE} {args} {UBLK_STACK_QUEUES}` on the \
+                 same cluster and image ({RBD_SPAN_MIB} MiB used)"
+            ),
         }
     }
 
@@ -257,10 +297,17 @@ impl Device {
         }
     }
 
+    /// Whether the device is an RBD row (it needs the Ceph test cluster).
+    fn uses_rbd(&self) -> bool {
+        matches!(self.setup, Setup::RbdNbd | Setup::UblkRbd(_))
+    }
+
     /// Whether the device runs `test`.
     pub fn runs(&self, test: &Test) -> bool {
         let only = if self.compresses() {
             Some(COMPRESS_TESTS)
+        } else if self.uses_rbd() {
+            Some(RBD_TESTS)
         } else {
             self.pair_tests()
         };
@@ -270,12 +317,20 @@ impl Device {
         }
     }
 
+    /// Whether the device runs with `jobs` fio jobs: the RBD rows run 1 job only (the
+    /// emulated cluster is the bottleneck either way, and the full plan stays near an hour).
+    pub fn runs_jobs(&self, jobs: u32) -> bool {
+        jobs == 1 || !self.uses_rbd()
+    }
+
     /// MiB of the device that fio addresses.
     fn span_mib(&self) -> u32 {
         if self.pair_tests().is_some() {
             PAIR_SPAN_MIB
         } else if self.compresses() {
             COMPRESS_SPAN_MIB
+        } else if self.uses_rbd() {
+            RBD_SPAN_MIB
         } else {
             DEVICE_MIB
         }
@@ -593,6 +648,20 @@ pub const DEVICES: &[Device] = &[
         quick: false,
         headline: true,
     },
+    Device {
+        name: RBD_NBD,
+        role: Role::Kernel,
+        setup: Setup::RbdNbd,
+        quick: false,
+        headline: false,
+    },
+    Device {
+        name: "ublk-rbd",
+        role: Role::UblkRbd,
+        setup: Setup::UblkRbd(""),
+        quick: false,
+        headline: false,
+    },
 ];
 
 /// A rebuild measurement: how fast leg 1 of a new two-leg mirror over
@@ -656,6 +725,7 @@ impl Role {
             Role::UblkStripe => Some(MD_RAID0),
             Role::UblkMirror => Some(MD_RAID1),
             Role::UblkCompress => Some(ZRAM_LZ4),
+            Role::UblkRbd => Some(RBD_NBD),
             _ => None,
         }
     }
@@ -784,6 +854,8 @@ impl Plan {
             .filter(|d| !opts.quick || d.quick)
             .filter(|d| d.headline || opts.all || !opts.filter.is_empty())
             .filter(|d| wanted(d.name))
+            // The RBD rows start a Ceph cluster in the guest: only when asked for by name.
+            .filter(|d| !d.uses_rbd() || !opts.filter.is_empty())
             .collect();
         // The rebuilds are not part of --quick.
         let mut rebuilds: Vec<&Rebuild> = REBUILDS
@@ -836,12 +908,15 @@ impl Plan {
 
     /// Number of fio runs.
     pub fn runs(&self) -> usize {
-        let pairs: usize = self
+        let runs: usize = self
             .devices
             .iter()
-            .map(|d| self.tests.iter().filter(|t| d.runs(t)).count())
+            .map(|d| {
+                let jobs = self.jobs.iter().filter(|&&j| d.runs_jobs(j)).count();
+                self.tests.iter().filter(|t| d.runs(t)).count() * jobs
+            })
             .sum();
-        pairs * self.jobs.len() * self.rounds as usize
+        runs * self.rounds as usize
     }
 
     /// Expected guest time.
@@ -862,6 +937,11 @@ impl Plan {
 
     pub fn uses_libublk(&self) -> bool {
         self.devices.iter().any(|d| d.role == Role::LibublkNull)
+    }
+
+    /// Whether the plan has RBD rows (they share one Ceph test cluster).
+    fn uses_rbd(&self) -> bool {
+        self.devices.iter().any(|d| d.uses_rbd())
     }
 
     pub fn uses_mdadm(&self) -> bool {
@@ -1487,6 +1567,7 @@ mod tests {
             .iter()
             .chain(PAIR_TESTS)
             .chain(MIRROR_TESTS)
+            .chain(RBD_TESTS)
         {
             assert!(TESTS.iter().any(|t| t.name == *name), "{name}");
         }
@@ -1513,8 +1594,16 @@ mod tests {
             .filter(|d| d.pair_tests() == Some(MIRROR_TESTS))
             .count();
         let compress_rows = DEVICES.iter().filter(|d| d.compresses()).count();
-        assert_eq!((stripe_rows, mirror_rows, compress_rows), (4, 3, 3));
-        let other_rows = DEVICES.len() - stripe_rows - mirror_rows - compress_rows;
+        let rbd_rows = DEVICES.iter().filter(|d| d.uses_rbd()).count();
+        assert!(
+            full.devices.iter().all(|d| !d.uses_rbd()),
+            "RBD rows are opt-in"
+        );
+        assert_eq!(
+            (stripe_rows, mirror_rows, compress_rows, rbd_rows),
+            (4, 3, 3, 2)
+        );
+        let other_rows = DEVICES.len() - stripe_rows - mirror_rows - compress_rows - rbd_rows;
         assert_eq!(
             all.runs(),
             (other_rows * TESTS.len()
@@ -1524,6 +1613,9 @@ mod tests {
                 * 2
                 * 3
         );
+        let rbd = Plan::new(&opts(false, &["rbd"]), true, true).expect("rbd plan");
+        assert_eq!(rbd.devices.len(), rbd_rows);
+        assert_eq!(rbd.runs(), rbd_rows * RBD_TESTS.len() * 3);
         assert_eq!(full.rebuilds.len(), REBUILDS.len());
         // The headline plan runs once per regime: each boot must stay near 40 minutes of
         // guest time, and `--all` near 65.
@@ -1532,7 +1624,11 @@ mod tests {
             "{:?}",
             full.estimate()
         );
-        assert_eq!(all.devices.len(), DEVICES.len());
+        // Every device but the RBD rows, which run only when a filter names them.
+        assert_eq!(
+            all.devices.len(),
+            DEVICES.iter().filter(|d| !d.uses_rbd()).count()
+        );
         assert!(all.devices.len() > full.devices.len());
         assert!(
             all.estimate() < Duration::from_secs(65 * 60),

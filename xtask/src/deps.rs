@@ -157,6 +157,64 @@ fn removed_in(transcript: &str) -> Vec<String> {
         .collect()
 }
 
+/// Debian packages of the Ceph RBD target's build (headers), its run time, and the test
+/// cluster started in the VM (`ceph-test-cluster`), plus rbd-nbd for the benchmark.
+const CEPH_PACKAGES: &[&str] = &[
+    "librbd-dev",
+    "librados-dev",
+    "librbd1",
+    "librados2",
+    "ceph-mon",
+    "ceph-osd",
+    "ceph-common",
+    "rbd-nbd",
+];
+
+/// Whether the host can build the `rbd` feature and give the VM a Ceph cluster.
+fn ceph_present() -> bool {
+    let headers = ["/usr/include/rbd/librbd.h", "/usr/include/rados/librados.h"];
+    headers.iter().all(|h| Path::new(h).is_file())
+        && ["ceph-mon", "ceph-osd", "monmaptool", "rbd"]
+            .iter()
+            .all(|t| which(t).is_some())
+}
+
+/// Makes sure the Ceph packages are installed (as root with apt-get: without recommended
+/// packages, and never removing one), so that the workspace builds with the feature `rbd`
+/// and the VM gets a cluster. Returns whether Ceph is usable; otherwise says how to get it
+/// and the RBD tests are left out of the build.
+pub fn ensure_ceph() -> bool {
+    if ceph_present() {
+        return true;
+    }
+    if !is_root() || which("apt-get").is_none() {
+        eprintln!(
+            "xtask: warning: no Ceph on this host: the RBD target is built and tested only \
+             with: sudo apt-get install --no-install-recommends {}",
+            CEPH_PACKAGES.join(" ")
+        );
+        return false;
+    }
+    let install = || install_without_removing(CEPH_PACKAGES, &["--no-install-recommends"]);
+    if install().is_err() {
+        let _ = run(Command::new("apt-get").arg("update")).and_then(|()| install());
+    }
+    let ok = ceph_present();
+    if !ok {
+        eprintln!("xtask: warning: could not install Ceph: the RBD target is not tested");
+    }
+    ok
+}
+
+/// The cargo arguments that build the `rbd` feature when `rbd` (from [`ensure_ceph`]).
+pub fn rbd_features(rbd: bool) -> &'static [&'static str] {
+    if rbd {
+        &["--features", "ublk-targets/rbd"]
+    } else {
+        &[]
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -72,6 +72,21 @@ const OPTIONAL_TOOLS: &[&str] = &[
     "xfs_repair",
     "nbd-client",
     "strace",
+    // A Ceph cluster for the RBD target (ceph-test-cluster starts it), and rbd-nbd to
+    // compare with.
+    "ceph-mon",
+    "ceph-osd",
+    "monmaptool",
+    "rbd",
+    "rbd-nbd",
+];
+
+/// Directories of plugins copied whole into the guest when the host has them, each file
+/// with the libraries it needs: Ceph's erasure-code, compression and crypto plugins, and the
+/// object classes RBD calls (`libcls_rbd`).
+const OPTIONAL_TREES: &[&str] = &[
+    "/usr/lib/x86_64-linux-gnu/ceph",
+    "/usr/lib/x86_64-linux-gnu/rados-classes",
 ];
 
 /// A POSIX `sh` script plus what it needs, runnable natively or in the VM.
@@ -425,6 +440,13 @@ fn build_initramfs(
         }
     }
 
+    for tree in OPTIONAL_TREES {
+        let tree = Path::new(tree);
+        if tree.is_dir() {
+            stager.tree(tree)?;
+        }
+    }
+
     // Workspace release binaries.
     let bins = ws.release_bins();
     if !bins.iter().any(|(n, _)| n == "ublk") {
@@ -555,16 +577,55 @@ impl Stager {
         fs::copy(src, &dest)
             .with_context(|| format!("copying {} to {}", src.display(), dest.display()))?;
         for lib in ldd(src)? {
-            if self.libs.insert(lib.clone()) {
-                let rel = lib.strip_prefix("/").unwrap_or(&lib);
-                let dest = self.root.join(rel);
-                if let Some(parent) = dest.parent() {
-                    fs::create_dir_all(parent)
-                        .with_context(|| format!("creating {}", parent.display()))?;
-                }
-                fs::copy(&lib, &dest)
-                    .with_context(|| format!("copying library {}", lib.display()))?;
+            self.library(&lib)?;
+        }
+        Ok(())
+    }
+}
+
+impl Stager {
+    /// Copies every file under `dir` to the same place in the guest (symbolic links as
+    /// copies), with the libraries `ldd` lists for each shared object.
+    fn tree(&mut self, dir: &Path) -> Result<()> {
+        for entry in fs::read_dir(dir).with_context(|| format!("reading {}", dir.display()))? {
+            let path = entry?.path();
+            if path.is_dir() {
+                self.tree(&path)?;
+                continue;
             }
+            let rel = path.strip_prefix("/").unwrap_or(&path);
+            let dest = self.root.join(rel);
+            if let Some(parent) = dest.parent() {
+                fs::create_dir_all(parent)
+                    .with_context(|| format!("creating {}", parent.display()))?;
+            }
+            fs::copy(&path, &dest).with_context(|| format!("copying {}", path.display()))?;
+            let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
+            if !name.contains(".so") {
+                continue;
+            }
+            match ldd(&path) {
+                Ok(libs) => {
+                    for lib in libs {
+                        self.library(&lib)?;
+                    }
+                }
+                Err(e) => eprintln!("xtask: warning: {}: {e:#}", path.display()),
+            }
+        }
+        Ok(())
+    }
+
+    /// Copies the library `lib` to the same place in the guest, once.
+    fn library(&mut self, lib: &Path) -> Result<()> {
+        if self.libs.insert(lib.to_path_buf()) {
+            let rel = lib.strip_prefix("/").unwrap_or(lib);
+            let dest = self.root.join(rel);
+            if let Some(parent) = dest.parent() {
+                fs::create_dir_all(parent)
+                    .with_context(|| format!("creating {}", parent.display()))?;
+            }
+            fs::copy(lib, &dest).with_context(|| format!("copying library {}", lib.display()))?;
         }
         Ok(())
     }

@@ -43,7 +43,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Cmd {
     /// Start a device served by a target; prints one JSON object once /dev/ublkbN exists.
-    Add(AddArgs),
+    Add(Box<AddArgs>),
     /// Stop and delete devices.
     Del {
         /// Device id.
@@ -215,8 +215,8 @@ fn parse_range(text: &str) -> Result<(u64, u64), String> {
 
 #[derive(Args, Clone)]
 struct AddArgs {
-    /// Target: null, ram, file, compress (over --path), or stack followed by a stack
-    /// expression.
+    /// Target: null, ram, file, compress (over --path), rbd (--pool, --image), or stack
+    /// followed by a stack expression.
     target: String,
     /// stack: the tree, e.g. 'stripe(file:/dev/sdb,file:/dev/sdc,chunk=128K)'.
     expr: Option<String>,
@@ -292,6 +292,24 @@ struct AddArgs {
     /// Background server: write its log here (default: discarded).
     #[arg(long)]
     log: Option<PathBuf>,
+    /// rbd: the Ceph pool of the image.
+    #[arg(long)]
+    pool: Option<String>,
+    /// rbd: the image to map.
+    #[arg(long)]
+    image: Option<String>,
+    /// rbd: map this snapshot of the image, read-only.
+    #[arg(long)]
+    snap: Option<String>,
+    /// rbd: the Ceph configuration file [default: Ceph's own search, /etc/ceph/ceph.conf].
+    #[arg(long)]
+    conf: Option<PathBuf>,
+    /// rbd: the Ceph client id (as rbd's --id; --id here is the device id).
+    #[arg(long, default_value = "admin")]
+    user: String,
+    /// rbd: seconds to wait for the monitors before failing.
+    #[arg(long, default_value_t = 30)]
+    timeout: u64,
     /// stack: make every mirror in the tree new, even on legs that carry one (or whose
     /// metadata is damaged); the legs' data is lost. Refused for the other targets.
     #[arg(long)]
@@ -366,7 +384,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Cmd::Check { image, json } => return check(&image, json),
-        Cmd::Add(args) => add(args),
+        Cmd::Add(args) => add(*args),
         Cmd::Del { id, all, safe } => del(id, all, safe),
         Cmd::Recover {
             id,
@@ -519,7 +537,7 @@ fn builder(args: &AddArgs, kind: TargetKind) -> CliResult<DeviceBuilder> {
     }
     match kind {
         TargetKind::Ram => b = b.discard(true).write_zeroes(true),
-        TargetKind::File | TargetKind::Stack | TargetKind::Compress => {
+        TargetKind::File | TargetKind::Stack | TargetKind::Compress | TargetKind::Rbd => {
             b = b
                 .discard(true)
                 .write_zeroes(true)
@@ -578,6 +596,13 @@ fn target_kind(args: &AddArgs) -> CliResult<TargetKind> {
     }
     if args.recovery.is_some() && kind == TargetKind::Null {
         return Err("--recovery: a null device keeps no data, there is nothing to recover".into());
+    }
+    let rbd_args = args.pool.is_some() || args.image.is_some() || args.snap.is_some();
+    if (rbd_args || args.conf.is_some()) && kind != TargetKind::Rbd {
+        return Err("--pool, --image, --snap and --conf apply to the rbd target only".into());
+    }
+    if kind == TargetKind::Rbd && (args.pool.is_none() || args.image.is_none()) {
+        return Err("the rbd target needs --pool POOL --image IMAGE".into());
     }
     match (kind, &args.expr) {
         (TargetKind::Stack, None) => {
@@ -654,6 +679,11 @@ fn tree(args: &AddArgs, kind: TargetKind, size: u64) -> CliResult<(BoxTarget, No
             let s = stack::build(&text).map_err(|e| format!("compress: {}", e.msg))?;
             (s.target, s.desc, s.expr)
         }
+        TargetKind::Rbd => {
+            let text = rbd_expr(args)?;
+            let s = stack::build(&text).map_err(|e| e.msg)?;
+            (s.target, s.desc, s.expr)
+        }
         TargetKind::Stack => {
             let text = args.expr.as_deref().expect("checked in add");
             let options = BuildOptions {
@@ -714,6 +744,46 @@ fn compress_expr(args: &AddArgs) -> CliResult<String> {
     }
     if let Some(algo) = args.algo {
         expr.push_str(&format!(",algo={algo}"));
+    }
+    expr.push(')');
+    Ok(expr)
+}
+
+/// The stack expression `ublk add rbd` stands for: `rbd(pool=P,image=I,snap=S,conf=PATH,
+/// id=ID,timeout=T)`.
+fn rbd_expr(args: &AddArgs) -> CliResult<String> {
+    let bare = |what: &str, text: &str| {
+        if text.is_empty()
+            || text.contains([',', '(', ')', '='])
+            || text.contains(char::is_whitespace)
+        {
+            Err(format!(
+                "{what} {text:?}: must be non-empty, without ',', '(', ')', '=' or spaces"
+            ))
+        } else {
+            Ok(())
+        }
+    };
+    let pool = args.pool.as_deref().expect("checked in add");
+    let image = args.image.as_deref().expect("checked in add");
+    bare("--pool", pool)?;
+    bare("--image", image)?;
+    bare("--user", &args.user)?;
+    let mut expr = format!("rbd(pool={pool},image={image}");
+    if let Some(snap) = &args.snap {
+        bare("--snap", snap)?;
+        expr.push_str(&format!(",snap={snap}"));
+    }
+    if let Some(conf) = &args.conf {
+        let text = conf.to_str().unwrap_or_default();
+        bare("--conf", text)?;
+        expr.push_str(&format!(",conf={text}"));
+    }
+    if args.user != "admin" {
+        expr.push_str(&format!(",id={}", args.user));
+    }
+    if args.timeout != 30 {
+        expr.push_str(&format!(",timeout={}", args.timeout));
     }
     expr.push(')');
     Ok(expr)
@@ -899,6 +969,12 @@ fn serve_tree(
             ));
         }
         builder = builder.size(desc.size);
+        if desc.fields.get("read_only") == Some(&json!(true)) {
+            // A snapshot: the kernel refuses writes before they reach the target.
+            let mut params = *builder.device_params();
+            params.read_only = true;
+            builder = builder.params(params);
+        }
         builder.validate().map_err(|e| e.to_string())?;
     }
     let stats = StatsRegistry::new();
@@ -1290,7 +1366,7 @@ fn recover(id: u32, foreground: bool, log: Option<PathBuf>) -> CliResult {
             .map_err(|e| format!("{}: {e}", saved.cwd.display()))?;
         args.foreground = true;
         args.log = None;
-        return add(args);
+        return add(*args);
     }
     add_args.push("--daemon-child".into());
     let log = log.or(args.log);
@@ -1859,6 +1935,44 @@ mod tests {
     }
 
     #[test]
+    fn add_rbd_is_the_short_form_of_an_rbd_node() {
+        let args = |list: &[&str]| match parse(list) {
+            Ok(Cmd::Add(a)) => *a,
+            _ => panic!("{list:?} parses"),
+        };
+        let plain = args(&["add", "rbd", "--pool", "rbd", "--image", "disk"]);
+        assert_eq!(target_kind(&plain), Ok(TargetKind::Rbd));
+        assert_eq!(rbd_expr(&plain), Ok("rbd(pool=rbd,image=disk)".to_string()));
+        let full = args(&[
+            "add",
+            "rbd",
+            "--pool",
+            "p",
+            "--image",
+            "i",
+            "--snap",
+            "s",
+            "--conf",
+            "/etc/ceph/c.conf",
+            "--user",
+            "backup",
+            "--timeout",
+            "5",
+        ]);
+        assert_eq!(
+            rbd_expr(&full),
+            Ok("rbd(pool=p,image=i,snap=s,conf=/etc/ceph/c.conf,id=backup,timeout=5)".into())
+        );
+        let err = target_kind(&args(&["add", "rbd", "--pool", "rbd"])).expect_err("no image");
+        assert!(err.contains("--image"), "{err}");
+        let err = target_kind(&args(&["add", "ram", "--pool", "rbd"])).expect_err("not rbd");
+        assert!(err.contains("apply to the rbd target only"), "{err}");
+        let odd = args(&["add", "rbd", "--pool", "rbd", "--image", "a,b"]);
+        let err = rbd_expr(&odd).expect_err("a comma");
+        assert!(err.contains("--image"), "{err}");
+    }
+
+    #[test]
     fn force_new_is_for_stacks_only() {
         let add = |args: &[&str]| match parse(args) {
             Ok(Cmd::Add(a)) => target_kind(&a),
@@ -1874,7 +1988,7 @@ mod tests {
     #[test]
     fn add_compress_is_the_short_form_of_a_compress_stack_over_a_file() {
         let args = |list: &[&str]| match parse(list) {
-            Ok(Cmd::Add(a)) => a,
+            Ok(Cmd::Add(a)) => *a,
             _ => panic!("{list:?} parses"),
         };
         let dir = std::env::temp_dir().join(format!("ublk-cli-compress-{}", std::process::id()));

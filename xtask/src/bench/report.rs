@@ -3,7 +3,7 @@
 
 use super::{
     Plan, Rebuild, RebuildStats, Results, Role, DEVICES, LIBUBLK, MD_RAID0, MD_RAID1, MD_RESYNC,
-    MIRROR_TESTS, NULL_BLK, PAIR_TESTS, ZRAM_LZ4,
+    MIRROR_TESTS, NULL_BLK, PAIR_TESTS, RBD_NBD, ZRAM_LZ4,
 };
 use crate::fio::{markdown_table, num};
 use serde_json::{json, Value};
@@ -36,6 +36,7 @@ pub const BAR_DEVICES: &[&str] = &[
     MD_RAID1,
     "ublk-compress-lz4",
     ZRAM_LZ4,
+    "ublk-rbd",
 ];
 
 /// One bar from the issue: `lhs` IOPS / `rhs` IOPS must be at least `need`.
@@ -214,6 +215,30 @@ pub fn bars(r: &Results) -> Vec<Bar> {
             one(r, BAR_DEVICES[5], write64, 1),
             one(r, BAR_DEVICES[6], write64, 1),
             0.8,
+        ),
+        bar(
+            r,
+            "ublk rbd vs rbd-nbd, 4k randread qd64, 1 job",
+            qd64,
+            one(r, BAR_DEVICES[7], qd64, 1),
+            one(r, RBD_NBD, qd64, 1),
+            1.3,
+        ),
+        bar(
+            r,
+            "ublk rbd vs rbd-nbd, 4k randwrite qd64, 1 job",
+            write64,
+            one(r, BAR_DEVICES[7], write64, 1),
+            one(r, RBD_NBD, write64, 1),
+            1.3,
+        ),
+        bar(
+            r,
+            "ublk rbd vs rbd-nbd, 128k seq read, 1 job",
+            seq,
+            one(r, BAR_DEVICES[7], seq, 1),
+            one(r, RBD_NBD, seq, 1),
+            1.0,
         ),
     ]
 }
@@ -441,12 +466,14 @@ pub fn markdown(
          × kernel peer: ublk-ram / brd, ublk-file-* / loop, ublk-stripe-* / {MD_RAID0} \
          (the stripe rows run {} only), ublk-mirror-* / {MD_RAID1} (the mirror rows run {} \
          only), ublk-compress-* / {ZRAM_LZ4} (the compression rows run {} only, with \
-         half-compressible data; their compression ratios are in the notes). IOPS is the \
-         median of the rounds, min–max their spread; a ratio marked ≈ is within noise: the \
-         two rows' min–max ranges overlap.\n",
+         half-compressible data; their compression ratios are in the notes), ublk-rbd / \
+         {RBD_NBD} (the RBD rows run {} only, on one image of a Ceph test cluster in the \
+         guest). IOPS is the median of the rounds, min–max their spread; a ratio marked ≈ \
+         is within noise: the two rows' min–max ranges overlap.\n",
         PAIR_TESTS.join(", "),
         MIRROR_TESTS.join(", "),
-        super::COMPRESS_TESTS.join(", ")
+        super::COMPRESS_TESTS.join(", "),
+        super::RBD_TESTS.join(", ")
     );
     for t in &plan.tests {
         for &jobs in &plan.jobs {

@@ -4,7 +4,8 @@
 use super::{
     md_build_command, md_raid1_command, mirror_tree, stripe_tree, Plan, RebuildKind, Role, Setup,
     BENCH_FILE, BRD_PAIR, BRD_PARAMS, COMPRESS_DATA, COMPRESS_SPAN_MIB, DEVICE_MIB, LIBUBLK_QUEUES,
-    MD_RAID1_DEV, MD_SPEED_LIMIT_KIB, MIRROR_PAIR, UBLK_QUEUES, UBLK_STACK_QUEUES,
+    MD_RAID1_DEV, MD_SPEED_LIMIT_KIB, MIRROR_PAIR, RBD_CLUSTER_DIR, RBD_IMAGE, RBD_SPAN_MIB,
+    UBLK_QUEUES, UBLK_STACK_QUEUES,
 };
 use crate::scripts::prelude;
 use std::fmt::Write as _;
@@ -196,6 +197,34 @@ fi
 "#
         );
     }
+    if plan.uses_rbd() {
+        // One cluster and one image for both RBD rows, filled once through a ublk device
+        // (deleted before the rows are set up) so that reads reach real objects. The image
+        // has no exclusive-lock feature: both rows keep it open, and its writes would
+        // otherwise move the lock from one client to the other at each run.
+        let _ = write!(
+            s,
+            r#"
+echo "== bench: starting the Ceph test cluster in {RBD_CLUSTER_DIR}"
+RBD_READY=""
+if CEPH_CONF=$(ceph-test-cluster start {RBD_CLUSTER_DIR}); then
+    export CEPH_CONF
+    TEARDOWN="ceph-test-cluster stop {RBD_CLUSTER_DIR}; $TEARDOWN"
+    if ceph-test-cluster create {RBD_CLUSTER_DIR} {RBD_IMAGE} 256M layering &&
+        ublk_add rbfill rbd --pool rbd --image {RBD_IMAGE} &&
+        fio --name=fill --filename="$rbfill_dev" --ioengine=io_uring --direct=1 --rw=write \
+            --bs=1M --iodepth=16 --size={RBD_SPAN_MIB}M --end_fsync=1 >/dev/null; then
+        RBD_READY=1
+    else
+        echo "bench: creating or filling rbd/{RBD_IMAGE} failed" >&2
+    fi
+    [ -n "$rbfill_id" ] && ublk del "$rbfill_id"
+else
+    echo "bench: the Ceph test cluster did not start" >&2
+fi
+"#
+        );
+    }
     rebuild_rounds(&mut s, plan);
     for (i, d) in plan.devices.iter().enumerate() {
         let (setup, teardown) = match &d.setup {
@@ -229,6 +258,18 @@ fi
                     r#"{{ [ -d /sys/module/lz4hc_compress ] || load_mod lz4hc_compress; }} && load_mod zram num_devices=1 && echo {algo} >/sys/block/zram0/comp_algorithm && echo {DEVICE_MIB}M >/sys/block/zram0/disksize && DEV=/dev/zram0 && wait_blk "$DEV""#
                 ),
                 "echo 1 >/sys/block/zram0/reset; rmmod zram".to_string(),
+            ),
+            Setup::RbdNbd => (
+                format!(
+                    r#"[ -n "$RBD_READY" ] && {{ [ -d /sys/module/nbd ] || load_mod nbd; }} && DEV=$(rbd-nbd map rbd/{RBD_IMAGE}) && wait_blk "$DEV""#
+                ),
+                format!("rbd-nbd unmap $DEV_{i}"),
+            ),
+            Setup::UblkRbd(args) => (
+                format!(
+                    r#"[ -n "$RBD_READY" ] && ublk_add u{i} rbd --pool rbd --image {RBD_IMAGE} {args} {UBLK_STACK_QUEUES} && DEV=$u{i}_dev && UBLK_IDS="$UBLK_IDS $u{i}_id""#
+                ),
+                ":".to_string(),
             ),
             Setup::MdRaid0 => (
                 format!(
@@ -310,7 +351,7 @@ fi
                     // Rotate the device order every round.
                     let i = (step + round as usize - 1) % n;
                     let d = plan.devices[i];
-                    if !d.runs(t) {
+                    if !d.runs(t) || !d.runs_jobs(jobs) {
                         continue;
                     }
                     k += 1;
