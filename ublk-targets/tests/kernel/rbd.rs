@@ -6,8 +6,9 @@
 //! 128); ext4 with fsck and a remount; discard and write-zeroes reading back as zeroes; an
 //! OSD killed while fio verifies, fio seeing no error; a snapshot mapped read-only with its
 //! own data; monitors that do not answer, a missing pool and a missing image refused at
-//! `add` with an error naming them and no device left behind; and a mirror of an RBD image
-//! and a file under fio, its legs compared after.
+//! `add` with an error naming them and no device left behind; a mirror of an RBD image
+//! and a file under fio, its legs compared after; and `ublk add rbd --recovery` killed with
+//! `kill -9` under fio `--verify`, recovered by `ublk recover` with nothing lost.
 
 use super::*;
 use std::io::Write;
@@ -483,5 +484,21 @@ fn rbd_mirror_of_an_image_and_a_file() {
         &on_file[data_offset as usize..],
         &device,
         "the file leg's data area",
+    );
+}
+
+/// A killed server's replacement reopens the image, and the I/O the kernel reissues
+/// completes against the cluster: fio's verify passes across `kill -9` and `ublk recover`
+/// (2 MiB of 4k writes: the emulated cluster writes a few dozen a second).
+#[test]
+#[ignore = "needs the ublk kernel driver: run `cargo xtask test`"]
+fn rbd_recovery_reissue_under_fio_verify() {
+    let image = new_image("recover", "16M");
+    let conf = ceph_conf();
+    super::recovery::reissue_under_fio_sized(
+        "rbd-recovery",
+        &["rbd", "--pool", "rbd", "--image", &image, "--conf", conf],
+        2 * MIB,
+        32,
     );
 }

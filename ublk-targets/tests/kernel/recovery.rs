@@ -97,7 +97,7 @@ fn recover(dev: &Value) -> Value {
 
 /// fio writing the whole device once with 4 KiB random writes and crc32c headers, then
 /// reading it all back and verifying every block.
-fn verify_fio(path: &str) -> Vec<String> {
+fn verify_fio(path: &str, size: u64) -> Vec<String> {
     [
         "--name=recovery",
         &format!("--filename={path}"),
@@ -106,7 +106,7 @@ fn verify_fio(path: &str) -> Vec<String> {
         "--rw=randwrite",
         "--bs=4k",
         "--iodepth=16",
-        &format!("--size={SIZE}"),
+        &format!("--size={size}"),
         "--verify=crc32c",
         "--do_verify=1",
         "--verify_fatal=1",
@@ -116,10 +116,16 @@ fn verify_fio(path: &str) -> Vec<String> {
     .to_vec()
 }
 
-/// Adds a device with `args` and `--recovery reissue`, kills its server in the middle of
-/// fio's writes, checks the I/O waits, recovers it, and lets fio finish: its verify must
-/// pass. Then `ublk del` removes the device, its saved state and `owned` files.
+/// [`reissue_under_fio_sized`] over 32 MiB, killed once 512 writes completed.
 fn reissue_under_fio(name: &str, args: &[&str]) {
+    reissue_under_fio_sized(name, args, 32 * MIB, 512);
+}
+
+/// Adds a device with `args` and `--recovery reissue`, kills its server once `going` of
+/// fio's writes over the first `size` bytes completed, checks the I/O waits, recovers it,
+/// and lets fio finish: its verify must pass. Then `ublk del` removes the device, its saved
+/// state and `owned` files.
+pub(super) fn reissue_under_fio_sized(name: &str, args: &[&str], size: u64, going: u64) {
     let session = Session::start(name);
     let dev = add(&[args, &["--recovery"]].concat());
     let flags = dev["flags"].to_string();
@@ -133,9 +139,9 @@ fn reissue_under_fio(name: &str, args: &[&str]) {
     let path = dev_path(&dev).to_string();
 
     let ios_before = completed_ios(&path);
-    let mut fio = FioRun::start(&verify_fio(&path), &session.scratch);
+    let mut fio = FioRun::start(&verify_fio(&path, size), &session.scratch);
     let going = wait_until(Duration::from_secs(60), || {
-        completed_ios(&path) > ios_before + 512 || !fio.is_running()
+        completed_ios(&path) > ios_before + going || !fio.is_running()
     });
     assert!(
         going && fio.is_running(),
@@ -157,9 +163,8 @@ fn reissue_under_fio(name: &str, args: &[&str]) {
     let (report, _) = fio.finish("fio across kill -9 and `ublk recover`");
     let written = report["jobs"][0]["write"]["io_bytes"].as_u64().unwrap_or(0);
     assert_eq!(
-        written,
-        32 * MIB,
-        "fio wrote {written} bytes, not the whole device"
+        written, size,
+        "fio wrote {written} bytes, not the {size} it was given"
     );
 
     del(&new);
