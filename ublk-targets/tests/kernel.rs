@@ -742,35 +742,53 @@ fn discard_and_write_zeroes_read_back_as_zeroes() {
     // Partial ranges: only the range is cleared, the data around it stays.
     let mut expected = pattern(size, 3);
     write_direct(path, 0, &expected);
-    run("blkdiscard", &["-o", "4096", "-l", "65536", path]);
-    expected[4096..4096 + 65536].fill(0);
-    assert_same(
-        &read_direct(path, 0, size),
-        &expected,
-        "after discarding 64 KiB at offset 4 KiB",
+    clear_range(
+        path,
+        &mut expected,
+        4096,
+        65536,
+        Clear::Discard,
+        "64 KiB at offset 4 KiB",
     );
-
     // Zeroing is exact to the sector: try a range that is sector- but not page-aligned.
-    let (offset, len) = (MIB as usize + 3 * 512, 5 * 512);
-    run(
-        "blkdiscard",
-        &[
-            "-z",
-            "-o",
-            &offset.to_string(),
-            "-l",
-            &len.to_string(),
-            path,
-        ],
-    );
-    expected[offset..offset + len].fill(0);
-    assert_same(
-        &read_direct(path, 0, size),
-        &expected,
-        "after zeroing 2.5 KiB at offset 1 MiB + 1.5 KiB",
+    clear_range(
+        path,
+        &mut expected,
+        MIB as usize + 3 * 512,
+        5 * 512,
+        Clear::Zero,
+        "2.5 KiB at offset 1 MiB + 1.5 KiB",
     );
 
     del(&dev);
+}
+
+/// How [`clear_range`] clears.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Clear {
+    /// `blkdiscard -o OFFSET -l LEN`.
+    Discard,
+    /// `blkdiscard -z -o OFFSET -l LEN` (write-zeroes).
+    Zero,
+}
+
+/// Clears `len` bytes at `offset` of the device at `path` with `blkdiscard`, clears the same
+/// range of `expected` (the device's whole content as it should be), and asserts the device
+/// reads back as `expected`: only the range is cleared, the data around it stays.
+#[track_caller]
+fn clear_range(path: &str, expected: &mut [u8], offset: usize, len: usize, how: Clear, what: &str) {
+    let (offset_s, len_s) = (offset.to_string(), len.to_string());
+    let mut args = vec!["-o", &offset_s, "-l", &len_s, path];
+    if how == Clear::Zero {
+        args.insert(0, "-z");
+    }
+    run("blkdiscard", &args);
+    expected[offset..offset + len].fill(0);
+    assert_same(
+        &read_direct(path, 0, expected.len()),
+        expected,
+        &format!("after {how:?} of {what}"),
+    );
 }
 
 /// `len` bytes of test data, different for each `seed` and in every 512-byte sector:

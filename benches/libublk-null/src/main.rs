@@ -193,37 +193,38 @@ fn serve_queue_sync(q_id: u16, dev: &UblkDev, zero_copy: bool) {
                 ..Default::default()
             })
             .collect();
-        let queue = match queue.submit_fetch_commands_unified(BufDescList::AutoRegs(&regs)) {
-            Ok(q) => q,
-            Err(e) => {
-                eprintln!("libublk-null: queue {q_id}: fetch: {e}");
-                return;
-            }
-        };
-        queue.wait_and_handle_io(|q: &UblkQueue, tag: u16, _: &UblkIOCtx| {
-            let bytes = (q.get_iod(tag).nr_sectors << 9) as i32;
-            let desc = BufDesc::AutoReg(regs[usize::from(tag)]);
-            if let Err(e) = q.complete_io_cmd_unified(tag, desc, Ok(UblkIORes::Result(bytes))) {
-                eprintln!("libublk-null: queue {q_id} tag {tag}: {e}");
-            }
+        serve_sync(q_id, queue, BufDescList::AutoRegs(&regs), |tag| {
+            BufDesc::AutoReg(regs[usize::from(tag)])
         });
     } else {
         let bufs = dev.alloc_queue_io_bufs();
-        let queue = match queue.submit_fetch_commands_unified(BufDescList::Slices(Some(&bufs))) {
-            Ok(q) => q,
-            Err(e) => {
-                eprintln!("libublk-null: queue {q_id}: fetch: {e}");
-                return;
-            }
-        };
-        queue.wait_and_handle_io(|q: &UblkQueue, tag: u16, _: &UblkIOCtx| {
-            let bytes = (q.get_iod(tag).nr_sectors << 9) as i32;
-            let desc = BufDesc::Slice(bufs[usize::from(tag)].as_slice());
-            if let Err(e) = q.complete_io_cmd_unified(tag, desc, Ok(UblkIORes::Result(bytes))) {
-                eprintln!("libublk-null: queue {q_id} tag {tag}: {e}");
-            }
+        serve_sync(q_id, queue, BufDescList::Slices(Some(&bufs)), |tag| {
+            BufDesc::Slice(bufs[usize::from(tag)].as_slice())
         });
     }
+}
+
+/// Fetches on every tag with `list`, then completes each request at once with its full
+/// byte count and the tag's buffer `desc(tag)`, until the queue goes down.
+fn serve_sync<'a>(
+    q_id: u16,
+    queue: UblkQueue<'_>,
+    list: BufDescList<'a>,
+    desc: impl Fn(u16) -> BufDesc<'a>,
+) {
+    let queue = match queue.submit_fetch_commands_unified(list) {
+        Ok(q) => q,
+        Err(e) => {
+            eprintln!("libublk-null: queue {q_id}: fetch: {e}");
+            return;
+        }
+    };
+    queue.wait_and_handle_io(|q: &UblkQueue, tag: u16, _: &UblkIOCtx| {
+        let bytes = (q.get_iod(tag).nr_sectors << 9) as i32;
+        if let Err(e) = q.complete_io_cmd_unified(tag, desc(tag), Ok(UblkIORes::Result(bytes))) {
+            eprintln!("libublk-null: queue {q_id} tag {tag}: {e}");
+        }
+    });
 }
 
 /// One queue thread on the async path: a task per tag on a local executor, driven by the

@@ -3,6 +3,7 @@
 //!
 //! ```text
 //! sim-ios WORKLOAD read|write COUNT
+//! sim-ios list        # the workloads, one per line
 //! ```
 //!
 //! The setup (building the target, one pass of writes over the span) is the same whatever
@@ -28,9 +29,15 @@ impl Visit for Run {
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
+    if args.len() == 1 && args[0] == "list" {
+        for w in simloop::WORKLOADS {
+            println!("{w}");
+        }
+        return ExitCode::SUCCESS;
+    }
     let usage = || {
         eprintln!(
-            "usage: sim-ios WORKLOAD read|write COUNT\nworkloads: {}",
+            "usage: sim-ios WORKLOAD read|write COUNT | sim-ios list\nworkloads: {}",
             simloop::WORKLOADS.join(", ")
         );
         ExitCode::from(2)

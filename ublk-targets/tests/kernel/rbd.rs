@@ -190,34 +190,21 @@ fn rbd_discard_and_write_zeroes_read_back_as_zeroes() {
     let mut expected = pattern(size, 1);
     write_direct(path, 0, &expected);
     // Whole objects (4 MiB) and parts of them: only the range reads back as zeroes.
-    let (offset, len) = (3 * MIB as usize, 2 * MIB as usize);
-    run(
-        "blkdiscard",
-        &["-o", &offset.to_string(), "-l", &len.to_string(), path],
+    clear_range(
+        path,
+        &mut expected,
+        3 * MIB as usize,
+        2 * MIB as usize,
+        Clear::Discard,
+        "2 MiB at 3 MiB",
     );
-    expected[offset..offset + len].fill(0);
-    assert_same(
-        &read_direct(path, 0, size),
-        &expected,
-        "after discarding 2 MiB at 3 MiB",
-    );
-    let (offset, len) = (9 * MIB as usize + 3 * 512, 5 * 512);
-    run(
-        "blkdiscard",
-        &[
-            "-z",
-            "-o",
-            &offset.to_string(),
-            "-l",
-            &len.to_string(),
-            path,
-        ],
-    );
-    expected[offset..offset + len].fill(0);
-    assert_same(
-        &read_direct(path, 0, size),
-        &expected,
-        "after zeroing 2.5 KiB at 9 MiB + 1.5 KiB",
+    clear_range(
+        path,
+        &mut expected,
+        9 * MIB as usize + 3 * 512,
+        5 * 512,
+        Clear::Zero,
+        "2.5 KiB at 9 MiB + 1.5 KiB",
     );
     run("blkdiscard", &[path]);
     assert_same(
