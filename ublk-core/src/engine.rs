@@ -663,19 +663,10 @@ impl Engine {
     pub(crate) fn quiesce(&mut self, ring: &mut IoUring, timeout: std::time::Duration) {
         let deadline = std::time::Instant::now() + timeout;
         while !self.core.ops.is_empty() && std::time::Instant::now() < deadline {
-            let ts = types::Timespec::new().nsec(50_000_000);
-            let args = types::SubmitArgs::new().timespec(&ts);
-            match ring.submitter().submit_with_args(1, &args) {
-                Ok(_) => {}
-                Err(e)
-                    if matches!(
-                        e.raw_os_error(),
-                        Some(libc::ETIME | libc::EINTR | libc::EBUSY)
-                    ) => {}
-                Err(e) => {
-                    tracing::warn!(q = self.q_id, "waiting for operations: {e}");
-                    break;
-                }
+            let wait = std::time::Duration::from_millis(50);
+            if let Err(e) = crate::queue::submit_and_wait_within(ring, wait) {
+                tracing::warn!(q = self.q_id, "waiting for operations: {e}");
+                break;
             }
             let cqes: Vec<(u64, i32)> = ring
                 .completion()

@@ -474,23 +474,36 @@ fn serve_batch(
 /// How long a queue with spare pool buffers waits for work before freeing them.
 const POOL_TRIM_AFTER: std::time::Duration = std::time::Duration::from_millis(100);
 
+/// Submits what is queued and waits up to `timeout` for one completion; running out of
+/// time, a signal and a full completion queue are not errors (the caller reaps what there
+/// is either way).
+pub(crate) fn submit_and_wait_within(
+    ring: &mut IoUring,
+    timeout: std::time::Duration,
+) -> io::Result<()> {
+    let ts = types::Timespec::from(timeout);
+    let args = types::SubmitArgs::new().timespec(&ts);
+    match ring.submitter().submit_with_args(1, &args) {
+        Ok(_) => Ok(()),
+        Err(e)
+            if matches!(
+                e.raw_os_error(),
+                Some(libc::ETIME | libc::EINTR | libc::EBUSY)
+            ) =>
+        {
+            Ok(())
+        }
+        Err(e) => Err(e),
+    }
+}
+
 /// As [`submit_and_reap`], but waits at most `timeout`; returns whether anything completed.
 fn submit_and_reap_within(
     ring: &mut IoUring,
     cqes: &mut Vec<(u64, i32, u32)>,
     timeout: std::time::Duration,
 ) -> io::Result<bool> {
-    let ts = types::Timespec::from(timeout);
-    let args = types::SubmitArgs::new().timespec(&ts);
-    match ring.submitter().submit_with_args(1, &args) {
-        Ok(_) => {}
-        Err(e)
-            if matches!(
-                e.raw_os_error(),
-                Some(libc::ETIME | libc::EINTR | libc::EBUSY)
-            ) => {}
-        Err(e) => return Err(e),
-    }
+    submit_and_wait_within(ring, timeout)?;
     let before = cqes.len();
     cqes.extend(
         ring.completion()
