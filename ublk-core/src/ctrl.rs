@@ -1,6 +1,7 @@
 //! The control device, `/dev/ublk-control`: adding, configuring, starting, stopping and
 //! deleting devices, each command an `IORING_OP_URING_CMD` on a ring of 128-byte SQEs.
 
+use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
 use std::os::fd::AsRawFd;
 use std::path::Path;
@@ -9,7 +10,7 @@ use std::sync::Mutex;
 use io_uring::{cqueue, opcode, squeue, types, IoUring};
 
 use crate::error::{CtrlOp, Error, Result};
-use crate::pod;
+use crate::pod::{self, Plain, PrefixedPayload};
 use crate::sys;
 
 /// Path of the control node.
@@ -34,6 +35,11 @@ pub struct DevInfo {
     pub flags: u64,
     /// The server's own flags, stored by the kernel and returned unchanged.
     pub server_flags: u64,
+    /// The user who added the device (the kernel records it; it matters for unprivileged
+    /// devices, whose nodes udev hands to this user).
+    pub owner_uid: u32,
+    /// That user's group.
+    pub owner_gid: u32,
 }
 
 impl DevInfo {
@@ -47,7 +53,15 @@ impl DevInfo {
             server_pid: info.ublksrv_pid,
             flags: info.flags,
             server_flags: info.ublksrv_flags,
+            owner_uid: info.owner_uid,
+            owner_gid: info.owner_gid,
         }
+    }
+
+    /// Whether the device was added by an unprivileged user (`UBLK_F_UNPRIVILEGED_DEV`):
+    /// only its owner may command it, and every command names `/dev/ublkcN`.
+    pub fn is_unprivileged(&self) -> bool {
+        self.flags & sys::UBLK_F_UNPRIVILEGED_DEV != 0
     }
 
     /// The state's name: `DEAD`, `LIVE`, `QUIESCED`, `FAIL_IO`, or `UNKNOWN(n)`.
@@ -90,9 +104,16 @@ pub struct AddRequest {
 }
 
 /// An open `/dev/ublk-control` with its own small io_uring.
+///
+/// Commands to an unprivileged device (`UBLK_F_UNPRIVILEGED_DEV`) carry the path of its
+/// `/dev/ublkcN` before their payload, and the kernel checks the caller's access to that
+/// node; the handle learns which devices are unprivileged (from ADD_DEV, or from one
+/// GET_DEV_INFO2 per device) and adds the path where it is needed.
 pub struct ControlDevice {
     file: File,
     ring: Mutex<IoUring<squeue::Entry128, cqueue::Entry>>,
+    /// Device id → whether it is unprivileged, as far as this handle has seen it.
+    unprivileged: Mutex<HashMap<u32, bool>>,
 }
 
 impl ControlDevice {
@@ -105,9 +126,15 @@ impl ControlDevice {
             .read(true)
             .write(true)
             .open(CONTROL_PATH)
-            .map_err(|source| Error::Open {
-                path: CONTROL_PATH.into(),
-                source,
+            .map_err(|source| {
+                if source.kind() == std::io::ErrorKind::PermissionDenied {
+                    Error::ControlAccess
+                } else {
+                    Error::Open {
+                        path: CONTROL_PATH.into(),
+                        source,
+                    }
+                }
             })?;
         let ring = IoUring::<squeue::Entry128, cqueue::Entry>::builder()
             .build(4)
@@ -115,6 +142,7 @@ impl ControlDevice {
         Ok(ControlDevice {
             file,
             ring: Mutex::new(ring),
+            unprivileged: Mutex::new(HashMap::new()),
         })
     }
 
@@ -164,6 +192,52 @@ impl ControlDevice {
         }
     }
 
+    /// Sends a command about device `dev_id` with an optional in/out payload, putting the
+    /// device's char path before the payload when the device is unprivileged.
+    fn dev_command<T: Plain>(
+        &self,
+        op: CtrlOp,
+        cmd_op: u32,
+        mut cmd: sys::ublksrv_ctrl_cmd,
+        payload: Option<&mut T>,
+    ) -> Result<i32> {
+        if !self.needs_path(cmd.dev_id)? {
+            if let Some(value) = payload {
+                cmd.addr = value as *mut T as u64;
+                cmd.len = std::mem::size_of::<T>() as u16;
+            }
+            return self.command(op, cmd_op, cmd);
+        }
+        let path = char_path_bytes(cmd.dev_id);
+        let mut buf = PrefixedPayload::new(&path, payload.as_deref());
+        cmd.addr = buf.addr();
+        cmd.len = if payload.is_some() {
+            buf.len()
+        } else {
+            path.len()
+        } as u16;
+        cmd.dev_path_len = path.len() as u16;
+        let res = self.command(op, cmd_op, cmd)?;
+        if let Some(value) = payload {
+            *value = buf.value();
+        }
+        Ok(res)
+    }
+
+    /// Whether commands to `dev_id` must carry its char path (it is unprivileged).
+    fn needs_path(&self, dev_id: u32) -> Result<bool> {
+        if let Some(&known) = self.known().get(&dev_id) {
+            return Ok(known);
+        }
+        Ok(self.dev_info(dev_id)?.is_unprivileged())
+    }
+
+    fn known(&self) -> std::sync::MutexGuard<'_, HashMap<u32, bool>> {
+        self.unprivileged
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
     /// The kernel's `UBLK_F_*` feature bits (GET_FEATURES).
     pub fn features(&self) -> Result<u64> {
         let mut features = 0u64;
@@ -190,17 +264,21 @@ impl ControlDevice {
         cmd.addr = &mut info as *mut _ as u64;
         cmd.len = std::mem::size_of::<sys::ublksrv_ctrl_dev_info>() as u16;
         self.command(CtrlOp::AddDev, sys::UBLK_U_CMD_ADD_DEV, cmd)?;
-        Ok(DevInfo::from_sys(&info))
+        let info = DevInfo::from_sys(&info);
+        self.known().insert(info.dev_id, info.is_unprivileged());
+        Ok(info)
     }
 
     /// Sets the device's parameters (SET_PARAMS).
     pub fn set_params(&self, dev_id: u32, params: &sys::ublk_params) -> Result<()> {
         let mut p = *params;
         p.len = std::mem::size_of::<sys::ublk_params>() as u32;
-        let mut cmd = Self::cmd_for(dev_id);
-        cmd.addr = &mut p as *mut _ as u64;
-        cmd.len = p.len as u16;
-        self.command(CtrlOp::SetParams, sys::UBLK_U_CMD_SET_PARAMS, cmd)?;
+        self.dev_command(
+            CtrlOp::SetParams,
+            sys::UBLK_U_CMD_SET_PARAMS,
+            Self::cmd_for(dev_id),
+            Some(&mut p),
+        )?;
         Ok(())
     }
 
@@ -210,10 +288,12 @@ impl ControlDevice {
             len: std::mem::size_of::<sys::ublk_params>() as u32,
             ..Default::default()
         };
-        let mut cmd = Self::cmd_for(dev_id);
-        cmd.addr = &mut p as *mut _ as u64;
-        cmd.len = p.len as u16;
-        self.command(CtrlOp::GetParams, sys::UBLK_U_CMD_GET_PARAMS, cmd)?;
+        self.dev_command(
+            CtrlOp::GetParams,
+            sys::UBLK_U_CMD_GET_PARAMS,
+            Self::cmd_for(dev_id),
+            Some(&mut p),
+        )?;
         Ok(p)
     }
 
@@ -222,16 +302,17 @@ impl ControlDevice {
     pub fn start(&self, dev_id: u32, server_pid: i32) -> Result<()> {
         let mut cmd = Self::cmd_for(dev_id);
         cmd.data[0] = server_pid as u64;
-        self.command(CtrlOp::StartDev, sys::UBLK_U_CMD_START_DEV, cmd)?;
+        self.dev_command::<u64>(CtrlOp::StartDev, sys::UBLK_U_CMD_START_DEV, cmd, None)?;
         Ok(())
     }
 
     /// Stops the device (STOP_DEV): removes `/dev/ublkbN` after in-flight I/O ends.
     pub fn stop(&self, dev_id: u32) -> Result<()> {
-        self.command(
+        self.dev_command::<u64>(
             CtrlOp::StopDev,
             sys::UBLK_U_CMD_STOP_DEV,
             Self::cmd_for(dev_id),
+            None,
         )?;
         Ok(())
     }
@@ -239,10 +320,11 @@ impl ControlDevice {
     /// Stops the device only when no one has `/dev/ublkbN` open (TRY_STOP_DEV, kernels with
     /// `UBLK_F_SAFE_STOP_DEV`): [`Error::Ctrl`] with `EBUSY` while it is open.
     pub fn try_stop(&self, dev_id: u32) -> Result<()> {
-        self.command(
+        self.dev_command::<u64>(
             CtrlOp::TryStopDev,
             sys::UBLK_U_CMD_TRY_STOP_DEV,
             Self::cmd_for(dev_id),
+            None,
         )?;
         Ok(())
     }
@@ -252,10 +334,11 @@ impl ControlDevice {
     /// otherwise. The new server then opens `/dev/ublkcN`, fetches every tag, and calls
     /// [`ControlDevice::end_recovery`].
     pub fn start_recovery(&self, dev_id: u32) -> Result<()> {
-        self.command(
+        self.dev_command::<u64>(
             CtrlOp::StartUserRecovery,
             sys::UBLK_U_CMD_START_USER_RECOVERY,
             Self::cmd_for(dev_id),
+            None,
         )?;
         Ok(())
     }
@@ -265,10 +348,11 @@ impl ControlDevice {
     pub fn end_recovery(&self, dev_id: u32, server_pid: i32) -> Result<()> {
         let mut cmd = Self::cmd_for(dev_id);
         cmd.data[0] = server_pid as u64;
-        self.command(
+        self.dev_command::<u64>(
             CtrlOp::EndUserRecovery,
             sys::UBLK_U_CMD_END_USER_RECOVERY,
             cmd,
+            None,
         )?;
         Ok(())
     }
@@ -278,17 +362,19 @@ impl ControlDevice {
     pub fn update_size(&self, dev_id: u32, bytes: u64) -> Result<()> {
         let mut cmd = Self::cmd_for(dev_id);
         cmd.data[0] = bytes >> 9;
-        self.command(CtrlOp::UpdateSize, sys::UBLK_U_CMD_UPDATE_SIZE, cmd)?;
+        self.dev_command::<u64>(CtrlOp::UpdateSize, sys::UBLK_U_CMD_UPDATE_SIZE, cmd, None)?;
         Ok(())
     }
 
     /// Deletes the device (DEL_DEV). Blocks until `/dev/ublkcN` is closed by every process.
     pub fn delete(&self, dev_id: u32) -> Result<()> {
-        self.command(
+        self.dev_command::<u64>(
             CtrlOp::DelDev,
             sys::UBLK_U_CMD_DEL_DEV,
             Self::cmd_for(dev_id),
+            None,
         )?;
+        self.known().remove(&dev_id);
         Ok(())
     }
 
@@ -297,12 +383,15 @@ impl ControlDevice {
     /// Uses DEL_DEV_ASYNC, or DEL_DEV on kernels without it. Then waits up to `grace` for
     /// the id to be free; returns whether it is.
     pub fn delete_within(&self, dev_id: u32, grace: std::time::Duration) -> Result<bool> {
-        match self.command(
+        match self.dev_command::<u64>(
             CtrlOp::DelDevAsync,
             sys::UBLK_U_CMD_DEL_DEV_ASYNC,
             Self::cmd_for(dev_id),
+            None,
         ) {
-            Ok(_) => {}
+            Ok(_) => {
+                self.known().remove(&dev_id);
+            }
             Err(Error::Ctrl { errno, .. })
                 if errno == libc::EOPNOTSUPP || errno == libc::EINVAL =>
             {
@@ -323,20 +412,19 @@ impl ControlDevice {
 
     /// The device's info (GET_DEV_INFO2, falling back to GET_DEV_INFO on older kernels).
     pub fn dev_info(&self, dev_id: u32) -> Result<DevInfo> {
-        // GET_DEV_INFO2's payload is the char device path (with its NUL) followed by the info.
-        let path = format!("/dev/ublkc{dev_id}\0");
-        let info_len = std::mem::size_of::<sys::ublksrv_ctrl_dev_info>();
-        let mut buf = vec![0u8; path.len() + info_len];
-        buf[..path.len()].copy_from_slice(path.as_bytes());
+        // GET_DEV_INFO2's payload is the char device path (with its NUL) followed by the
+        // info, for privileged and unprivileged devices alike.
+        let path = char_path_bytes(dev_id);
+        let mut buf = PrefixedPayload::<sys::ublksrv_ctrl_dev_info>::new(&path, None);
         let mut cmd = Self::cmd_for(dev_id);
-        cmd.addr = buf.as_mut_ptr() as u64;
+        cmd.addr = buf.addr();
         cmd.len = buf.len() as u16;
         cmd.dev_path_len = path.len() as u16;
         match self.command(CtrlOp::GetDevInfo2, sys::UBLK_U_CMD_GET_DEV_INFO2, cmd) {
             Ok(_) => {
-                let info: sys::ublksrv_ctrl_dev_info =
-                    pod::from_bytes(&buf[path.len()..]).expect("buffer holds a whole dev_info");
-                return Ok(DevInfo::from_sys(&info));
+                let info = DevInfo::from_sys(&buf.value());
+                self.known().insert(dev_id, info.is_unprivileged());
+                return Ok(info);
             }
             Err(Error::Ctrl { errno, .. })
                 if errno == libc::EOPNOTSUPP || errno == libc::EINVAL => {}
@@ -345,7 +433,7 @@ impl ControlDevice {
         let mut info = sys::ublksrv_ctrl_dev_info::default();
         let mut cmd = Self::cmd_for(dev_id);
         cmd.addr = &mut info as *mut _ as u64;
-        cmd.len = info_len as u16;
+        cmd.len = std::mem::size_of::<sys::ublksrv_ctrl_dev_info>() as u16;
         self.command(CtrlOp::GetDevInfo, sys::UBLK_U_CMD_GET_DEV_INFO, cmd)?;
         Ok(DevInfo::from_sys(&info))
     }
@@ -355,12 +443,11 @@ impl ControlDevice {
         let mut mask = [0u64; 16]; // 1024 CPUs
         let mut cmd = Self::cmd_for(dev_id);
         cmd.queue_id = q_id;
-        cmd.addr = mask.as_mut_ptr() as u64;
-        cmd.len = std::mem::size_of_val(&mask) as u16;
-        self.command(
+        self.dev_command(
             CtrlOp::GetQueueAffinity,
             sys::UBLK_U_CMD_GET_QUEUE_AFFINITY,
             cmd,
+            Some(&mut mask),
         )?;
         Ok(mask_to_cpus(&mask))
     }
@@ -381,6 +468,11 @@ impl ControlDevice {
         ids.sort_unstable();
         ids
     }
+}
+
+/// `/dev/ublkcN` with its NUL, as commands to unprivileged devices carry it.
+fn char_path_bytes(dev_id: u32) -> Vec<u8> {
+    format!("/dev/ublkc{dev_id}\0").into_bytes()
 }
 
 fn mask_to_cpus(mask: &[u64]) -> Vec<usize> {

@@ -91,6 +91,8 @@ pub struct DeviceBuilder {
     stats: Option<StatsRegistry>,
     recover: Option<u32>,
     resize: Option<SizeHandle>,
+    unprivileged: bool,
+    handover_timeout: Option<Duration>,
 }
 
 impl DeviceBuilder {
@@ -143,6 +145,25 @@ impl DeviceBuilder {
     /// mode only, without SQPOLL or batch I/O; each write costs one more command.
     pub fn need_get_data(mut self, on: bool) -> Self {
         self.need_get_data = on;
+        self
+    }
+
+    /// Add the device as an unprivileged user (`UBLK_F_UNPRIVILEGED_DEV`): a user without
+    /// `CAP_SYS_ADMIN` who can open `/dev/ublk-control` owns the device, and only that user
+    /// (or root) may command it. The kernel records the owner; udev must hand
+    /// `/dev/ublkcN` and `/dev/ublkbN` to it (the rule in `udev/99-ublk.rules`), which the
+    /// server waits for (see [`DeviceBuilder::handover_timeout`]). Copy or registered buffer
+    /// mode only, and no user recovery: the kernel refuses both to unprivileged servers.
+    /// A caller that has `CAP_SYS_ADMIN` gets a privileged device (the kernel drops the flag).
+    pub fn unprivileged(mut self, on: bool) -> Self {
+        self.unprivileged = on;
+        self
+    }
+
+    /// How long an unprivileged device's server waits for udev to make its nodes
+    /// accessible (default 10 s) before it gives up and removes the device.
+    pub fn handover_timeout(mut self, timeout: Duration) -> Self {
+        self.handover_timeout = Some(timeout);
         self
     }
 
@@ -234,6 +255,10 @@ impl DeviceBuilder {
         self.threads_per_queue.unwrap_or(1)
     }
 
+    fn handover_wait(&self) -> Duration {
+        self.handover_timeout.unwrap_or(Duration::from_secs(10))
+    }
+
     /// Advertise discard support.
     pub fn discard(mut self, on: bool) -> Self {
         self.params.discard = on;
@@ -283,6 +308,24 @@ impl DeviceBuilder {
             return Err(Error::InvalidParam(
                 "batch I/O serves each queue from one thread: use 1 thread per queue".into(),
             ));
+        }
+        if self.unprivileged {
+            if self.mode.kernel_flag() != 0 {
+                return Err(Error::InvalidParam(format!(
+                    "an unprivileged device serves in copy or registered buffer mode, not {}: \
+                     the kernel refuses zero-copy and user copy to unprivileged servers",
+                    self.mode.name()
+                )));
+            }
+            if self.flags & (sys::UBLK_F_USER_RECOVERY | sys::UBLK_F_USER_RECOVERY_REISSUE) != 0
+                || self.recover.is_some()
+            {
+                return Err(Error::InvalidParam(
+                    "an unprivileged device cannot be recovered: the kernel offers user \
+                     recovery to privileged servers only"
+                        .into(),
+                ));
+            }
         }
         Ok(())
     }
@@ -367,6 +410,9 @@ impl DeviceBuilder {
         if self.resize.is_some() {
             flags |= features & sys::UBLK_F_UPDATE_SIZE;
         }
+        if self.unprivileged {
+            flags |= sys::UBLK_F_UNPRIVILEGED_DEV;
+        }
         let unsupported = flags & !features;
         if unsupported != 0 {
             return Err(Error::InvalidParam(format!(
@@ -374,14 +420,19 @@ impl DeviceBuilder {
                 crate::ctrl::feature_names(unsupported).join(", ")
             )));
         }
-        let info = ctrl.add(&AddRequest {
-            dev_id: self.id,
-            nr_queues: self.params.queues,
-            queue_depth: self.params.depth,
-            max_io_buf_bytes: self.params.max_io,
-            flags,
-            server_flags: self.server_flags,
-        })?;
+        let info = ctrl
+            .add(&AddRequest {
+                dev_id: self.id,
+                nr_queues: self.params.queues,
+                queue_depth: self.params.depth,
+                max_io_buf_bytes: self.params.max_io,
+                flags,
+                server_flags: self.server_flags,
+            })
+            .map_err(|e| match e.errno() {
+                Some(libc::EPERM) if !self.unprivileged => Error::AddNotPermitted,
+                _ => e,
+            })?;
         let guard = DeviceGuard {
             ctrl: &ctrl,
             dev_id: info.dev_id,
@@ -390,6 +441,27 @@ impl DeviceBuilder {
             recovering: false,
         };
         tracing::info!(dev_id = info.dev_id, "added device");
+        if self.unprivileged && !info.is_unprivileged() {
+            tracing::warn!(
+                dev_id = info.dev_id,
+                "the kernel counts this process as privileged (CAP_SYS_ADMIN): \
+                 the device is a privileged one"
+            );
+        }
+        if info.is_unprivileged() {
+            // SET_PARAMS and the queues need /dev/ublkcN, which udev hands over.
+            wait_handed_over(&info.char_path(), self.handover_wait()).map_err(|e| match e {
+                Error::NotHandedOver {
+                    path, uid, secs, ..
+                } => Error::NotHandedOver {
+                    path,
+                    uid,
+                    secs,
+                    left_behind: Some(info.dev_id),
+                },
+                e => e,
+            })?;
+        }
         self.serve_guarded(&info, target, guard, on_started)
     }
 
@@ -413,6 +485,7 @@ impl DeviceBuilder {
             stage: !target.copies_data(),
             need_get_data: self.need_get_data,
             threads: self.threads(),
+            handover_timeout: self.handover_wait(),
         };
         let stats = self.stats.clone();
         let result = serve(
@@ -737,6 +810,27 @@ impl Drop for ExitNotice {
     }
 }
 
+/// Waits until this process may read and write `path`, the node of an unprivileged device
+/// that udev gives to the device's owner.
+fn wait_handed_over(path: &str, timeout: Duration) -> Result<()> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let mode = nix::unistd::AccessFlags::R_OK | nix::unistd::AccessFlags::W_OK;
+        match nix::unistd::access(path, mode) {
+            Ok(()) => return Ok(()),
+            Err(_) if Instant::now() < deadline => thread::sleep(Duration::from_millis(20)),
+            Err(_) => {
+                return Err(Error::NotHandedOver {
+                    path: path.into(),
+                    uid: nix::unistd::geteuid().as_raw(),
+                    secs: timeout.as_secs(),
+                    left_behind: None,
+                })
+            }
+        }
+    }
+}
+
 fn open_char_device(path: &str) -> Result<File> {
     // devtmpfs creates the node during ADD_DEV; udev may still be adjusting it.
     let deadline = Instant::now() + Duration::from_secs(5);
@@ -775,6 +869,8 @@ struct QueueOptions {
     need_get_data: bool,
     /// Server threads per queue.
     threads: u16,
+    /// How long to wait for udev to hand an unprivileged device's block node over.
+    handover_timeout: Duration,
 }
 
 #[allow(clippy::too_many_arguments)] // one call site; a struct would only rename them
@@ -957,6 +1053,10 @@ fn start_and_wait(
         defer_taskrun: options.defer_taskrun,
     };
     tracing::info!(dev_id = info.dev_id, path = %started.block_path, "device started");
+    if info.is_unprivileged() {
+        // The user gets /dev/ublkbN once udev has handed it over too.
+        wait_handed_over(&started.block_path, options.handover_timeout)?;
+    }
     on_started(&started);
     loop {
         if let Some(sig) = signals.wait(Duration::from_millis(100)) {

@@ -68,6 +68,40 @@ pub enum Error {
     /// `/dev/ublk-control` does not exist: the driver is not loaded.
     #[error("no /dev/ublk-control: load the driver with `modprobe ublk_drv` (or run inside `cargo xtask vm`)")]
     NoDriver,
+    /// `/dev/ublk-control` exists but this user may not open it.
+    #[error(
+        "permission denied on /dev/ublk-control: run as root, or install the udev rule that \
+         opens it to every user (udev/99-ublk.rules; README, \"Unprivileged devices\") and \
+         add devices with --unprivileged"
+    )]
+    ControlAccess,
+    /// ADD_DEV refused with EPERM: the caller lacks `CAP_SYS_ADMIN` and did not ask for an
+    /// unprivileged device.
+    #[error(
+        "ADD_DEV failed: operation not permitted: a privileged device needs root \
+         (CAP_SYS_ADMIN); another user adds an unprivileged one (ublk add --unprivileged, \
+         DeviceBuilder::unprivileged)"
+    )]
+    AddNotPermitted,
+    /// An unprivileged device's node did not become this user's in time: no udev rule
+    /// hands `/dev/ublkcN` and `/dev/ublkbN` to their owner.
+    #[error(
+        "{path} did not become accessible to uid {uid} within {secs} s: udev gives an \
+         unprivileged device's nodes to its owner only with the rule installed \
+         (udev/99-ublk.rules; README, \"Unprivileged devices\"){}",
+        left_behind_text(*.left_behind)
+    )]
+    NotHandedOver {
+        /// The node.
+        path: String,
+        /// This process's user.
+        uid: u32,
+        /// How long we waited.
+        secs: u64,
+        /// The device, when this user cannot delete it either (its `/dev/ublkcN` is not
+        /// ours): it stays until root deletes it.
+        left_behind: Option<u32>,
+    },
     /// Opening a device node failed.
     #[error("cannot open {path}: {source}")]
     Open {
@@ -134,6 +168,16 @@ impl Error {
             }
             _ => None,
         }
+    }
+}
+
+fn left_behind_text(left_behind: Option<u32>) -> String {
+    match left_behind {
+        Some(id) => format!(
+            "; device {id} stays, since only its nodes' owner may delete it: \
+             root removes it with `ublk del {id}`"
+        ),
+        None => String::new(),
     }
 }
 

@@ -39,11 +39,33 @@ use crate::mirror::meta::LegState;
 use crate::mirror::MirrorHandle;
 use crate::stack::{self, fault_rule, NodeDesc};
 
-/// The directory of the control sockets.
+/// The directory of the control sockets (and of the state `ublk add --recovery` saves):
+/// `UBLK_RUN_DIR` when set; otherwise `/run/ublk` for root and, for any other user, where
+/// that user can write and nobody else can look: `$XDG_RUNTIME_DIR/ublk`, or
+/// `/tmp/ublk-UID` without it.
 pub fn run_dir() -> PathBuf {
-    std::env::var_os("UBLK_RUN_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from("/run/ublk"))
+    if let Some(dir) = std::env::var_os("UBLK_RUN_DIR") {
+        return PathBuf::from(dir);
+    }
+    let uid = nix::unistd::geteuid();
+    if uid.is_root() {
+        return PathBuf::from("/run/ublk");
+    }
+    match std::env::var_os("XDG_RUNTIME_DIR") {
+        Some(dir) if !dir.is_empty() => PathBuf::from(dir).join("ublk"),
+        _ => std::env::temp_dir().join(format!("ublk-{uid}")),
+    }
+}
+
+/// Creates [`run_dir`] if missing, readable by its owner only.
+pub fn create_run_dir() -> io::Result<PathBuf> {
+    use std::os::unix::fs::DirBuilderExt;
+    let dir = run_dir();
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(&dir)?;
+    Ok(dir)
 }
 
 /// Device `dev_id`'s control socket.
@@ -394,8 +416,7 @@ pub struct ControlServer {
 impl ControlServer {
     /// Listens on `state.dev_id`'s socket.
     pub fn start(state: Arc<ServerState>) -> io::Result<Self> {
-        let dir = run_dir();
-        std::fs::create_dir_all(&dir)?;
+        create_run_dir()?;
         let path = socket_path(state.dev_id);
         // A socket left by a server that died with the same id.
         let _ = std::fs::remove_file(&path);

@@ -25,6 +25,11 @@
 //!   rebuild under fio; the resync after `kill -9` of the server; no stale reads during a
 //!   rebuild; flushes reaching every leg; a leg of another mirror refused unless
 //!   `--force-new`.
+//! * `unprivileged_*` (in `kernel/unprivileged.rs`): a user without root adds, uses
+//!   (fio `--verify`) and deletes its own device, whose nodes the test's stand-in for udev
+//!   gives it by running `ublk udev-owner`; another user cannot delete or recover it;
+//!   zero-copy, `--recovery` and a privileged add are refused; without udev the add gives
+//!   up, naming the rule, and root removes what it left.
 //! * `rbd_*` (in `kernel/rbd.rs`, with the cargo feature `rbd`): the Ceph RBD target on a
 //!   real one-monitor, three-OSD cluster: fio verification, ext4, discard, an OSD killed
 //!   under fio, a snapshot mapped read-only, refusals naming what failed, and a mirror of an
@@ -2262,6 +2267,13 @@ mod recovery;
 
 #[path = "kernel/lifecycle.rs"]
 mod lifecycle;
+
+// ---------------------------------------------------------------------------------------
+// unprivileged devices: a second uid, udev played by the test
+// ---------------------------------------------------------------------------------------
+
+#[path = "kernel/unprivileged.rs"]
+mod unprivileged;
 
 // ---------------------------------------------------------------------------------------
 // Ceph RBD devices (built with the cargo feature `rbd`, as `cargo xtask test` does when the

@@ -70,6 +70,13 @@ enum Cmd {
         #[arg(long)]
         log: Option<PathBuf>,
     },
+    /// For udev: print the owner (`UID GID`) of an unprivileged device's node NAME
+    /// (ublkcN, ublkbN or a partition of it), for the rule to give the node to; exits 1,
+    /// printing nothing, for a privileged device.
+    UdevOwner {
+        /// The kernel's name of the node (udev's %k).
+        name: String,
+    },
     /// List devices.
     List {
         /// Print a JSON array.
@@ -321,6 +328,15 @@ struct AddArgs {
     /// file under /dev/shm (unless --backing), removed by `ublk del`.
     #[arg(long, num_args = 0..=1, default_missing_value = "reissue", value_parser = parse_recovery)]
     recovery: Option<Recovery>,
+    /// Add the device as this (non-root) user, who then owns it: only this user or root may
+    /// delete it (kernel UNPRIVILEGED_DEV). Needs /dev/ublk-control open to the user and
+    /// udev handing the new nodes to their owner (udev/99-ublk.rules); the server waits
+    /// --udev-timeout seconds for that. Copy or registered buffer mode; no --recovery.
+    #[arg(long, conflicts_with = "recovery")]
+    unprivileged: bool,
+    /// --unprivileged: seconds to wait for udev to hand over /dev/ublkcN and /dev/ublkbN.
+    #[arg(long, default_value_t = 10, requires = "unprivileged")]
+    udev_timeout: u64,
     /// Internal: run as the background server started by `ublk add`.
     #[arg(long, hide = true)]
     daemon_child: bool,
@@ -391,6 +407,7 @@ fn main() -> ExitCode {
             foreground,
             log,
         } => recover(id, foreground, log),
+        Cmd::UdevOwner { name } => return udev_owner(&name),
         Cmd::List { json } => list(json),
         Cmd::Features { json } => features(json),
         Cmd::Status { id, json, watch } if watch => watch_status(id, json),
@@ -525,7 +542,9 @@ fn builder(args: &AddArgs, kind: TargetKind) -> CliResult<DeviceBuilder> {
         .defer_taskrun(args.defer_taskrun)
         .batch_io(args.batch)
         .need_get_data(args.need_get_data)
-        .threads_per_queue(args.threads_per_queue);
+        .threads_per_queue(args.threads_per_queue)
+        .unprivileged(args.unprivileged)
+        .handover_timeout(Duration::from_secs(args.udev_timeout));
     if let Some(id) = args.id {
         b = b.id(id);
     }
@@ -828,7 +847,7 @@ fn choose_mode(args: &AddArgs, kind: TargetKind, desc: &NodeDesc) -> CliResult<B
             mode.name()
         )),
         (Some(mode), _) => Ok(mode),
-        (None, None) if kind == TargetKind::Stack && !args.need_get_data => {
+        (None, None) if kind == TargetKind::Stack && !args.need_get_data && !args.unprivileged => {
             Ok(BufferMode::ZeroCopy)
         }
         (None, _) => Ok(BufferMode::Copy),
@@ -1184,6 +1203,50 @@ fn spawn_background(
     }
 }
 
+/// `ublk udev-owner NAME`: see [`Cmd::UdevOwner`].
+fn udev_owner(name: &str) -> ExitCode {
+    let id = ["ublkc", "ublkb"]
+        .iter()
+        .find_map(|prefix| name.strip_prefix(prefix))
+        .map(|rest| {
+            let digits = rest.len() - rest.trim_start_matches(|c: char| c.is_ascii_digit()).len();
+            &rest[..digits]
+        })
+        .and_then(|digits| digits.parse::<u32>().ok());
+    let Some(id) = id else {
+        eprintln!("ublk: error: {name} is not the name of a ublk node (ublkcN, ublkbN...)");
+        return ExitCode::from(2);
+    };
+    match ControlDevice::open().and_then(|c| c.dev_info(id)) {
+        Ok(info) if info.is_unprivileged() => {
+            println!("{} {}", info.owner_uid, info.owner_gid);
+            ExitCode::SUCCESS
+        }
+        Ok(_) => ExitCode::FAILURE,
+        Err(e) => {
+            eprintln!("ublk: error: device {id}: {e}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+/// Why a command about device `id` failed, in words: gone, or someone else's.
+fn device_error(id: u32, e: &ublk_core::Error) -> String {
+    use std::os::unix::fs::MetadataExt;
+    match e.errno() {
+        Some(libc::EACCES | libc::EPERM) => {
+            let owner = std::fs::metadata(format!("/dev/ublkc{id}"))
+                .map(|m| format!(" (its /dev/ublkc{id} belongs to uid {})", m.uid()))
+                .unwrap_or_default();
+            format!(
+                "device {id}: permission denied: only its owner{owner} or root may command it \
+                 (nothing changed)"
+            )
+        }
+        _ => format!("no device {id}: {e}"),
+    }
+}
+
 fn open_ctrl() -> CliResult<ControlDevice> {
     ControlDevice::open().map_err(|e| e.to_string())
 }
@@ -1220,9 +1283,7 @@ fn wait_gone(id: u32, timeout: Duration) -> bool {
 /// left; then removes what `ublk add --recovery` saved for it. With `safe`, first stops the
 /// device only if nobody has it open, and otherwise changes nothing.
 fn del_one(ctrl: &ControlDevice, id: u32, safe: bool) -> CliResult {
-    let info = ctrl
-        .dev_info(id)
-        .map_err(|e| format!("no device {id}: {e}"))?;
+    let info = ctrl.dev_info(id).map_err(|e| device_error(id, &e))?;
     if safe {
         ctrl.try_stop(id).map_err(|e| match e.errno() {
             Some(libc::EBUSY) => format!(
@@ -1254,7 +1315,12 @@ fn stop_and_delete(ctrl: &ControlDevice, info: &ublk_core::DevInfo) -> CliResult
     let pid = info.server_pid;
     if process_alive(pid) && pid as u32 != std::process::id() {
         // A failure (the server exited meanwhile) shows in wait_gone.
-        let _ = kill(Pid::from_raw(pid), Signal::SIGTERM);
+        if kill(Pid::from_raw(pid), Signal::SIGTERM) == Err(nix::errno::Errno::EPERM) {
+            return Err(format!(
+                "device {id}: permission denied: its server (pid {pid}) is another user's \
+                 (nothing changed)"
+            ));
+        }
         if wait_gone(id, Duration::from_secs(30)) {
             return Ok(());
         }
@@ -1307,9 +1373,7 @@ fn del(id: Option<u32>, all: bool, safe: bool) -> CliResult {
 fn recover(id: u32, foreground: bool, log: Option<PathBuf>) -> CliResult {
     use ublk_core::sys;
     let ctrl = open_ctrl()?;
-    let mut info = ctrl
-        .dev_info(id)
-        .map_err(|e| format!("no device {id}: {e}"))?;
+    let mut info = ctrl.dev_info(id).map_err(|e| device_error(id, &e))?;
     if info.flags & sys::UBLK_F_USER_RECOVERY == 0 {
         return Err(format!(
             "device {id} was added without --recovery: it cannot be recovered (nothing changed)"
@@ -1327,9 +1391,7 @@ fn recover(id: u32, foreground: bool, log: Option<PathBuf>) -> CliResult {
         let deadline = Instant::now() + Duration::from_secs(10);
         while info.state == sys::UBLK_S_DEV_LIVE && Instant::now() < deadline {
             thread::sleep(Duration::from_millis(50));
-            info = ctrl
-                .dev_info(id)
-                .map_err(|e| format!("no device {id}: {e}"))?;
+            info = ctrl.dev_info(id).map_err(|e| device_error(id, &e))?;
         }
     }
     if !matches!(
@@ -1399,6 +1461,7 @@ fn list(as_json: bool) -> CliResult {
             "depth": info.queue_depth,
             "max_io": info.max_io_buf_bytes,
             "pid": info.server_pid,
+            "owner_uid": info.owner_uid,
             "flags": feature_names(info.flags),
         }));
     }
