@@ -366,6 +366,18 @@ impl ControlDevice {
         Ok(())
     }
 
+    /// Quiesces a device with user recovery (QUIESCE_DEV, kernels with `UBLK_F_QUIESCE`):
+    /// waits up to `timeout` for its requests in flight to be answered, then holds new I/O
+    /// and aborts the server's fetches, so the server can exit and a next one recover the
+    /// device. `EBUSY` when the I/O did not drain in time.
+    pub fn quiesce(&self, dev_id: u32, timeout: std::time::Duration) -> Result<()> {
+        let mut cmd = Self::cmd_for(dev_id);
+        // 0 would mean "wait forever".
+        cmd.data[0] = (timeout.as_millis() as u64).max(1);
+        self.dev_command::<u64>(CtrlOp::QuiesceDev, sys::UBLK_U_CMD_QUIESCE_DEV, cmd, None)?;
+        Ok(())
+    }
+
     /// Deletes the device (DEL_DEV). Blocks until `/dev/ublkcN` is closed by every process.
     pub fn delete(&self, dev_id: u32) -> Result<()> {
         self.dev_command::<u64>(

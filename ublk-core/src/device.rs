@@ -93,6 +93,7 @@ pub struct DeviceBuilder {
     resize: Option<SizeHandle>,
     unprivileged: bool,
     handover_timeout: Option<Duration>,
+    quiesce: Option<QuiesceHandle>,
 }
 
 impl DeviceBuilder {
@@ -164,6 +165,13 @@ impl DeviceBuilder {
     /// accessible (default 10 s) before it gives up and removes the device.
     pub fn handover_timeout(mut self, timeout: Duration) -> Self {
         self.handover_timeout = Some(timeout);
+        self
+    }
+
+    /// Lets `handle` hand the running device to a next server ([`QuiesceHandle::quiesce`]):
+    /// for a device with user recovery, on a kernel with `UBLK_F_QUIESCE` (asked for here).
+    pub fn quiesce_handle(mut self, handle: QuiesceHandle) -> Self {
+        self.quiesce = Some(handle);
         self
     }
 
@@ -413,6 +421,9 @@ impl DeviceBuilder {
         if self.unprivileged {
             flags |= sys::UBLK_F_UNPRIVILEGED_DEV;
         }
+        if self.quiesce.is_some() && flags & sys::UBLK_F_USER_RECOVERY != 0 {
+            flags |= features & sys::UBLK_F_QUIESCE;
+        }
         let unsupported = flags & !features;
         if unsupported != 0 {
             return Err(Error::InvalidParam(format!(
@@ -439,6 +450,7 @@ impl DeviceBuilder {
             started: false,
             owned: true,
             recovering: false,
+            quiesce: self.quiesce.clone(),
         };
         tracing::info!(dev_id = info.dev_id, "added device");
         if self.unprivileged && !info.is_unprivileged() {
@@ -575,8 +587,98 @@ impl DeviceBuilder {
             started: false,
             owned: false,
             recovering: true,
+            quiesce: self.quiesce.clone(),
         };
         self.serve_guarded(&info, target, guard, on_started)
+    }
+}
+
+/// Hands a running device to its next server: give a clone to
+/// [`DeviceBuilder::quiesce_handle`], then call [`QuiesceHandle::quiesce`] (from any
+/// thread). For live upgrades: the old server finishes its in-flight I/O and returns from
+/// its run, leaving the device and its waiting I/O to a server started with
+/// [`DeviceBuilder::recover`].
+#[derive(Clone, Default)]
+pub struct QuiesceHandle(Arc<QuiesceState>);
+
+#[derive(Default)]
+struct QuiesceState {
+    /// The running device's id and `UBLK_F_*` flags.
+    device: std::sync::Mutex<Option<(u32, u64)>>,
+    requested: std::sync::atomic::AtomicBool,
+}
+
+impl std::fmt::Debug for QuiesceHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let dev = self.device().map(|(id, _)| id);
+        f.debug_struct("QuiesceHandle")
+            .field("dev_id", &dev)
+            .finish()
+    }
+}
+
+impl QuiesceHandle {
+    /// A handle not yet given to a device.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    fn device(&self) -> Option<(u32, u64)> {
+        *self
+            .0
+            .device
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn attach(&self, dev_id: u32, flags: u64) {
+        *self
+            .0
+            .device
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Some((dev_id, flags));
+    }
+
+    fn detach(&self) {
+        *self
+            .0
+            .device
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = None;
+    }
+
+    fn requested(&self) -> bool {
+        self.0.requested.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// Quiesces the device (QUIESCE_DEV): waits up to `timeout` for the requests in flight
+    /// to be answered, then holds new I/O and ends the queues; the server's run returns
+    /// `Ok(())` without deleting the device, which stays QUIESCED (or FAIL_IO) until a next
+    /// server recovers it. Errors when the device is not running, has no user recovery, or
+    /// the kernel lacks `UBLK_F_QUIESCE`, or when the I/O did not drain in time (`EBUSY`).
+    pub fn quiesce(&self, timeout: Duration) -> Result<()> {
+        let (dev_id, flags) = self
+            .device()
+            .ok_or_else(|| Error::InvalidParam("the device is not running".into()))?;
+        if flags & sys::UBLK_F_QUIESCE == 0 {
+            return Err(Error::InvalidParam(format!(
+                "device {dev_id} cannot be quiesced: it needs user recovery and a kernel \
+                 with QUIESCE (it has {})",
+                crate::ctrl::feature_names(flags).join(", ")
+            )));
+        }
+        let ctrl = ControlDevice::open()?;
+        // Set first: the queues end while the command runs.
+        self.0
+            .requested
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        ctrl.quiesce(dev_id, timeout).inspect_err(|_| {
+            self.0
+                .requested
+                .store(false, std::sync::atomic::Ordering::SeqCst)
+        })?;
+        tracing::info!(dev_id, "quiesced device");
+        Ok(())
     }
 }
 
@@ -705,6 +807,8 @@ struct DeviceGuard<'a> {
     owned: bool,
     /// Taking over a device: END_USER_RECOVERY instead of SET_PARAMS and START_DEV.
     recovering: bool,
+    /// Set when the device may be handed to a next server.
+    quiesce: Option<QuiesceHandle>,
 }
 
 impl DeviceGuard<'_> {
@@ -956,6 +1060,9 @@ fn serve<T: Target>(
         }
     }
     drop(tx);
+    if let Some(handle) = &guard.quiesce {
+        handle.attach(dev_id, info.flags);
+    }
     if let Some(handle) = &resize {
         handle.attach(Resizable {
             dev_id,
@@ -983,6 +1090,9 @@ fn serve<T: Target>(
     // the queue threads go, close the char device, and let the guard delete the device.
     guard.teardown();
     if let Some(handle) = &resize {
+        handle.detach();
+    }
+    if let Some(handle) = &guard.quiesce {
         handle.detach();
     }
     for shared in &shared_queues {
@@ -1065,6 +1175,16 @@ fn start_and_wait(
         }
         match rx.try_recv() {
             Ok(QueueEvent::Exited(q_id, Ok(()))) => {
+                if guard.quiesce.as_ref().is_some_and(QuiesceHandle::requested) {
+                    // QUIESCE_DEV ended the queues: the device waits for its next server.
+                    guard.owned = false;
+                    guard.started = false;
+                    tracing::info!(
+                        dev_id = info.dev_id,
+                        "device quiesced: left to its next server"
+                    );
+                    return Ok(());
+                }
                 tracing::info!(
                     dev_id = info.dev_id,
                     q = q_id,

@@ -34,6 +34,8 @@ pub enum CtrlOp {
     UpdateSize,
     /// `UBLK_U_CMD_TRY_STOP_DEV`
     TryStopDev,
+    /// `UBLK_U_CMD_QUIESCE_DEV`
+    QuiesceDev,
     /// `UBLK_U_CMD_DEL_DEV_ASYNC`
     DelDevAsync,
 }
@@ -55,6 +57,7 @@ impl std::fmt::Display for CtrlOp {
             CtrlOp::EndUserRecovery => "END_USER_RECOVERY",
             CtrlOp::UpdateSize => "UPDATE_SIZE",
             CtrlOp::TryStopDev => "TRY_STOP_DEV",
+            CtrlOp::QuiesceDev => "QUIESCE_DEV",
             CtrlOp::DelDevAsync => "DEL_DEV_ASYNC",
         };
         f.write_str(name)

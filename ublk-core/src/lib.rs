@@ -54,7 +54,7 @@ mod user_data;
 pub use buf::{Bounce, BufferMode, FixedBuf};
 pub use ctrl::{feature_names, ControlDevice, DevInfo};
 pub use ctx::{FanOut, QueueCtx, QueueFile};
-pub use device::{DeviceBuilder, DeviceInfo, SizeHandle};
+pub use device::{DeviceBuilder, DeviceInfo, QuiesceHandle, SizeHandle};
 pub use error::{Error, Result};
 pub use io::{BlockIo, Geometry, IoFlags, Op};
 pub use owned::{BlockDevice, Owned, ReadReply, Reply};

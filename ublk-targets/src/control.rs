@@ -21,6 +21,10 @@
 //!   per second (0: no limit): `{"ok":true,"mirrors":["/",...]}`;
 //! - `{"cmd":"resize","size":N}` makes the device `N` bytes long (UPDATE_SIZE), growing a
 //!   file target's file first: `{"ok":true,"size":N}`; refused by the other targets.
+//! - `{"cmd":"quiesce","timeout_ms":N}` quiesces the device (QUIESCE_DEV) for a next
+//!   server: once its in-flight I/O is answered (within `N` ms) the server exits and leaves
+//!   the device waiting (`ublk upgrade`): `{"ok":true}`; refused for a device without user
+//!   recovery.
 
 use std::io::{self, BufRead, BufReader, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
@@ -82,6 +86,23 @@ pub struct ServerState {
     stats: StatsRegistry,
     on_tree_change: TreeHook,
     on_resize: ResizeHook,
+    on_quiesce: QuiesceHook,
+}
+
+/// Quiesces the device for a next server, waiting up to a number of milliseconds.
+#[derive(Default)]
+struct QuiesceHook(Option<QuiesceFn>);
+
+type QuiesceFn = Box<dyn Fn(u64) -> Result<(), String> + Send + Sync>;
+
+impl std::fmt::Debug for QuiesceHook {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(if self.0.is_some() {
+            "QuiesceHook(set)"
+        } else {
+            "QuiesceHook(none)"
+        })
+    }
 }
 
 /// Grows or shrinks the served target and the device to a size in bytes.
@@ -133,7 +154,18 @@ impl ServerState {
             stats,
             on_tree_change: TreeHook::default(),
             on_resize: ResizeHook::default(),
+            on_quiesce: QuiesceHook::default(),
         }
+    }
+
+    /// Answers `quiesce` by calling `hook` with the timeout in milliseconds (a device
+    /// without one refuses).
+    pub fn on_quiesce(
+        mut self,
+        hook: impl Fn(u64) -> Result<(), String> + Send + Sync + 'static,
+    ) -> Self {
+        self.on_quiesce = QuiesceHook(Some(Box::new(hook)));
+        self
     }
 
     /// Answers `resize` by calling `hook` with the new size in bytes (a device without one
@@ -253,6 +285,20 @@ impl ServerState {
                 })?;
                 hook(size)?;
                 Ok(json!({ "ok": true, "size": size }))
+            }
+            Some("quiesce") => {
+                let ms = req
+                    .get("timeout_ms")
+                    .and_then(Value::as_u64)
+                    .ok_or("quiesce: timeout_ms must be a number of milliseconds")?;
+                let hook = self.on_quiesce.0.as_ref().ok_or_else(|| {
+                    format!(
+                        "device {} cannot be quiesced: it was added without --recovery",
+                        self.dev_id
+                    )
+                })?;
+                hook(ms)?;
+                Ok(json!({ "ok": true }))
             }
             Some(other) => Err(format!("unknown command {other:?}")),
             None => Err("no command".into()),

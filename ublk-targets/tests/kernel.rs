@@ -47,7 +47,8 @@
 //!   `kill -9` of the server under fio `--verify` on ram, file, stripe and mirror devices,
 //!   recovered with nothing lost (reissue), failing fast and intact after (fail-io); a
 //!   compressing device keeps what was flushed; a mirror recovered after `ublk replace`;
-//!   `recover` refused where it does not apply; `del` cleaning up after `kill -9`.
+//!   `recover` refused where it does not apply; `del` cleaning up after `kill -9`; `ublk
+//!   upgrade` replacing a running server twice under fio `--verify` (QUIESCE_DEV).
 //! * `lifecycle::*` (in `kernel/lifecycle.rs`): 50 add/fio/del cycles beside a CPU hog and
 //!   50 cycles of a server inside the test process (descriptors, threads, RSS), `ublk add`
 //!   killed at every point of its start, exits with ext4 mounted or the device held open,

@@ -15,7 +15,7 @@ use clap::{Args, Parser, Subcommand};
 use serde_json::{json, Value};
 use ublk_core::{
     feature_names, parse_size, BoxTarget, BufferMode, ControlDevice, DeviceBuilder, DeviceInfo,
-    QueueSnapshot, SizeHandle, StatsRegistry,
+    QueueSnapshot, QuiesceHandle, SizeHandle, StatsRegistry,
 };
 use ublk_targets::compress;
 use ublk_targets::compress::format::{Algo, Layout};
@@ -76,6 +76,22 @@ enum Cmd {
     UdevOwner {
         /// The kernel's name of the node (udev's %k).
         name: String,
+    },
+    /// Replace a running device's server with a new one started from the `ublk` binary on
+    /// disk now, keeping the device and its I/O (live upgrade): the old server finishes the
+    /// requests in flight and exits (QUIESCE_DEV), new I/O waits, and a new server takes
+    /// over as `ublk recover` does. For devices added with --recovery. Prints the device's
+    /// JSON like `add`.
+    Upgrade {
+        /// Device id.
+        id: u32,
+        /// Seconds the requests in flight get to finish before the upgrade is abandoned
+        /// (nothing changed).
+        #[arg(long, default_value_t = 30)]
+        timeout: u64,
+        /// The new server's log [default: the log of `ublk add`, if any].
+        #[arg(long)]
+        log: Option<PathBuf>,
     },
     /// List devices.
     List {
@@ -408,6 +424,7 @@ fn main() -> ExitCode {
             log,
         } => recover(id, foreground, log),
         Cmd::UdevOwner { name } => return udev_owner(&name),
+        Cmd::Upgrade { id, timeout, log } => upgrade(id, timeout, log),
         Cmd::List { json } => list(json),
         Cmd::Features { json } => features(json),
         Cmd::Status { id, json, watch } if watch => watch_status(id, json),
@@ -998,7 +1015,11 @@ fn serve_tree(
     }
     let stats = StatsRegistry::new();
     let sizer = SizeHandle::new();
-    let builder = builder.stats(stats.clone()).size_handle(sizer.clone());
+    let quiescer = QuiesceHandle::new();
+    let builder = builder
+        .stats(stats.clone())
+        .size_handle(sizer.clone())
+        .quiesce_handle(quiescer.clone());
     let file = (kind == TargetKind::File)
         .then(|| args.path.clone())
         .flatten();
@@ -1015,6 +1036,11 @@ fn serve_tree(
             Some(path) => state.on_resize(move |bytes| resize_file(&path, bytes, &sizer)),
             None => state,
         };
+        let state = state.on_quiesce(move |ms| {
+            quiescer
+                .quiesce(Duration::from_millis(ms))
+                .map_err(|e| e.to_string())
+        });
         let state = Arc::new(state);
         match ControlServer::start(state) {
             Ok(server) => control = Some(server),
@@ -1433,6 +1459,65 @@ fn recover(id: u32, foreground: bool, log: Option<PathBuf>) -> CliResult {
     add_args.push("--daemon-child".into());
     let log = log.or(args.log);
     spawn_background(add_args, log.as_deref(), Some(&saved.cwd))
+}
+
+/// `ublk upgrade ID`: quiesces the device through its server (which then exits and
+/// leaves it), then recovers it with a new server from the binary on disk now.
+fn upgrade(id: u32, timeout: u64, log: Option<PathBuf>) -> CliResult {
+    use ublk_core::sys;
+    let ctrl = open_ctrl()?;
+    let info = ctrl.dev_info(id).map_err(|e| device_error(id, &e))?;
+    if info.flags & sys::UBLK_F_USER_RECOVERY == 0 {
+        return Err(format!(
+            "device {id} was added without --recovery: its server cannot be replaced while \
+             it runs (nothing changed)"
+        ));
+    }
+    if info.flags & sys::UBLK_F_QUIESCE == 0 {
+        return Err(format!(
+            "device {id} cannot be quiesced: the kernel lacks QUIESCE (nothing changed)"
+        ));
+    }
+    let pid = info.server_pid;
+    if info.state != sys::UBLK_S_DEV_LIVE || !process_alive(pid) {
+        return Err(format!(
+            "device {id} is {} without a running server: `ublk recover {id}` starts one \
+             (nothing changed)",
+            info.state_name()
+        ));
+    }
+    if SavedDevice::load(id)
+        .map_err(|e| format!("device {id}: cannot read its saved state: {e} (nothing changed)"))?
+        .is_none()
+    {
+        return Err(format!(
+            "device {id} has no saved state ({}): a new server would not know what to serve \
+             (nothing changed)",
+            saved::state_path(id).display()
+        ));
+    }
+    control::request(
+        id,
+        &json!({"cmd": "quiesce", "timeout_ms": timeout.saturating_mul(1000)}),
+    )
+    .map_err(|e| match e.contains("EBUSY") || e.contains("busy") {
+        true => format!(
+            "device {id}: its requests did not drain within {timeout} s ({e}); the device now \
+             holds new I/O: stop server {pid} (kill -9 {pid}) and run `ublk recover {id}`"
+        ),
+        false => format!("device {id}: the server did not quiesce the device: {e}"),
+    })?;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while process_alive(pid) && Instant::now() < deadline {
+        thread::sleep(Duration::from_millis(20));
+    }
+    if process_alive(pid) {
+        return Err(format!(
+            "device {id} is quiesced, but its old server (pid {pid}) has not exited in 30 s: \
+             `ublk recover {id}` once it has"
+        ));
+    }
+    recover(id, false, log)
 }
 
 fn list(as_json: bool) -> CliResult {

@@ -8,6 +8,8 @@
 //! I/O works and the data written before is intact. `ublk recover` is refused, changing
 //! nothing, on a live device, on a device added without `--recovery`, and without saved
 //! state; `ublk del` removes a dead server's device with its saved state and RAM file.
+//! `ublk upgrade` (QUIESCE_DEV, then a new server) replaces a running server twice while fio
+//! writes with `--verify`, and is refused for a device without `--recovery`.
 
 use super::*;
 
@@ -582,4 +584,66 @@ fn recovery_of_a_mirror_after_replace_keeps_the_new_leg() {
     );
     del(&new);
     let _ = fs::remove_dir_all(&dir);
+}
+
+#[test]
+#[ignore = "needs the ublk kernel driver: run `cargo xtask test`"]
+fn recovery_upgrade_replaces_the_server_under_fio_verify() {
+    let session = Session::start("recovery-upgrade");
+    let dev = add(&["ram", "--size", "8M"]);
+    // Refused without --recovery, nothing changed.
+    let id = dev_id(&dev).to_string();
+    let out = ublk_unchecked(&["upgrade", &id]);
+    assert!(
+        !out.status.success() && String::from_utf8_lossy(&out.stderr).contains("--recovery"),
+        "`ublk upgrade` of a device without --recovery: {}",
+        describe("ublk upgrade", &out)
+    );
+    assert!(
+        !process_gone(server_pid(&dev)),
+        "the server exited after a refusal"
+    );
+    del(&dev);
+
+    let backing = session.scratch.join("upgrade.img");
+    fs::write(&backing, vec![0u8; 32 * MIB as usize]).expect("create the backing file");
+    let backing = backing.to_str().expect("utf-8 path").to_string();
+    let dev = add(&["file", "--path", &backing, "--recovery"]);
+    let flags = dev["flags"].to_string();
+    assert!(flags.contains("\"QUIESCE\""), "add --recovery: {dev}");
+    let path = dev_path(&dev).to_string();
+    let ios_before = completed_ios(&path);
+    let mut fio = FioRun::start(&verify_fio(&path, 32 * MIB), &session.scratch);
+    let going = wait_until(Duration::from_secs(60), || {
+        completed_ios(&path) > ios_before + 512 || !fio.is_running()
+    });
+    assert!(
+        going && fio.is_running(),
+        "fio did not get going on {path}\n{}",
+        fio.kill()
+    );
+    let id = dev_id(&dev).to_string();
+    let args = ["upgrade", id.as_str()];
+    let new = parse_json(&ublk(&args), &command_line("ublk", &args));
+    assert_eq!(dev_id(&new), dev_id(&dev), "upgraded another device: {new}");
+    assert_ne!(
+        server_pid(&new),
+        server_pid(&dev),
+        "the upgraded device reports the old server: {new}"
+    );
+    assert!(process_gone(server_pid(&dev)), "the old server still runs");
+    assert_eq!(listed_state(dev_id(&dev)), "LIVE", "after `ublk upgrade`");
+    let (report, _) = fio.finish("fio across `ublk upgrade`");
+    let job = &report["jobs"][0];
+    assert_eq!(job["error"], 0, "fio: {job}");
+    let written = job["write"]["io_bytes"].as_u64().unwrap_or(0);
+    assert_eq!(written, 32 * MIB, "fio wrote {written} bytes");
+    // The new server can be upgraded again.
+    let newer = parse_json(&ublk(&args), &command_line("ublk", &args));
+    assert_ne!(
+        server_pid(&newer),
+        server_pid(&new),
+        "second upgrade: {newer}"
+    );
+    del(&newer);
 }
