@@ -1088,7 +1088,12 @@ fn serve<T: Target>(
 
     // Stop first (kernel drains in-flight I/O through our still-running queues), then let
     // the queue threads go, close the char device, and let the guard delete the device.
-    guard.teardown();
+    // A dead queue thread drains nothing: its requests end only when the char device is
+    // closed (the kernel fails them then), so STOP_DEV, which waits for them, comes after.
+    let queue_died = guard.started && matches!(result, Err(Error::Queue { .. }));
+    if !queue_died {
+        guard.teardown();
+    }
     if let Some(handle) = &resize {
         handle.detach();
     }
@@ -1104,6 +1109,19 @@ fn serve<T: Target>(
         }
     }
     drop(cdev);
+    if queue_died {
+        if info.flags & sys::UBLK_F_USER_RECOVERY != 0 {
+            // Like a server that died: the device waits for `recover`.
+            guard.owned = false;
+            guard.started = false;
+            tracing::error!(
+                dev_id,
+                "a queue thread died: the device is left for a recovering server"
+            );
+        } else {
+            guard.teardown();
+        }
+    }
     result
 }
 

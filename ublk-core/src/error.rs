@@ -146,8 +146,8 @@ pub enum Error {
         /// Why: no `USER_RECOVERY` flag, a live server, a state other than QUIESCED/FAIL_IO.
         reason: String,
     },
-    /// A queue thread failed while starting.
-    #[error("queue {q_id} failed to start: {source}")]
+    /// A queue thread failed, while starting or serving.
+    #[error("queue {q_id} failed: {source}")]
     Queue {
         /// The queue.
         q_id: u16,

@@ -552,3 +552,70 @@ fn lifecycle_resize_grows_a_file_device_under_a_mounted_ext4() {
     );
     del(&ram);
 }
+
+/// This process's io_uring descriptors.
+fn io_uring_fds() -> BTreeSet<i32> {
+    fs::read_dir("/proc/self/fd")
+        .expect("read /proc/self/fd")
+        .flatten()
+        .filter(|e| {
+            fs::read_link(e.path())
+                .map(|t| t.to_string_lossy().contains("io_uring"))
+                .unwrap_or(false)
+        })
+        .filter_map(|e| e.file_name().to_str().and_then(|n| n.parse().ok()))
+        .collect()
+}
+
+#[test]
+#[ignore = "needs the ublk kernel driver: run `cargo xtask test`"]
+fn lifecycle_queue_thread_death_ends_the_run_with_an_error() {
+    let session = Session::start("queue-death");
+    let before = io_uring_fds();
+    let (tx, rx) = mpsc::channel();
+    let (done_tx, done_rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let size = 32 * MIB;
+        let result = DeviceBuilder::new().size(size).queues(1).run_with(
+            Ram::new(size).expect("RAM target"),
+            |info| {
+                let _ = tx.send(info.clone());
+            },
+        );
+        let _ = done_tx.send(result);
+    });
+    let info = rx
+        .recv_timeout(Duration::from_secs(60))
+        .expect("the device did not start");
+    let fio = fio_in_flight(&info.block_path, &session.scratch);
+    // The server's rings: its control ring first, then the queue's. Replacing the queue's
+    // ring with /dev/null makes the queue thread's next io_uring_enter fail, as a broken
+    // ring would: the thread dies with requests of fio's in flight.
+    let queue_ring = *io_uring_fds()
+        .difference(&before)
+        .max()
+        .expect("the server has no io_uring");
+    let null = File::open("/dev/null").expect("open /dev/null");
+    // SAFETY: both descriptors are open; dup2 only swaps what queue_ring refers to.
+    let swapped = unsafe { libc::dup2(std::os::fd::AsRawFd::as_raw_fd(&null), queue_ring) };
+    assert_eq!(swapped, queue_ring, "dup2 over the queue's ring");
+    let result = done_rx
+        .recv_timeout(Duration::from_secs(60))
+        .expect("the run did not end within 60 s of its queue thread dying");
+    let err = result.expect_err("the run ended Ok though its queue thread died");
+    let text = err.to_string();
+    assert!(
+        text.contains("queue 0"),
+        "the run's error does not name the queue: {text}"
+    );
+    fio_ends(fio, "after the queue thread died");
+    assert!(
+        wait_until(Duration::from_secs(30), || !Path::new(&info.block_path)
+            .exists()),
+        "{} outlived its server",
+        info.block_path
+    );
+    let stuck = stuck_tasks();
+    assert!(stuck.is_empty(), "tasks stuck in D state: {stuck:?}");
+    assert_no_devices("after the queue thread died");
+}
