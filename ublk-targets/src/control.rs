@@ -89,53 +89,33 @@ pub struct ServerState {
     on_quiesce: QuiesceHook,
 }
 
-/// Quiesces the device for a next server, waiting up to a number of milliseconds.
-#[derive(Default)]
-struct QuiesceHook(Option<QuiesceFn>);
+/// An optional callback of the server's, shown by `Debug` only as set or not.
+struct Hook<F: ?Sized>(Option<Box<F>>);
 
-type QuiesceFn = Box<dyn Fn(u64) -> Result<(), String> + Send + Sync>;
+impl<F: ?Sized> Default for Hook<F> {
+    fn default() -> Self {
+        Hook(None)
+    }
+}
 
-impl std::fmt::Debug for QuiesceHook {
+impl<F: ?Sized> std::fmt::Debug for Hook<F> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(if self.0.is_some() {
-            "QuiesceHook(set)"
+            "Hook(set)"
         } else {
-            "QuiesceHook(none)"
+            "Hook(none)"
         })
     }
 }
+
+/// Quiesces the device for a next server, waiting up to a number of milliseconds.
+type QuiesceHook = Hook<dyn Fn(u64) -> Result<(), String> + Send + Sync>;
 
 /// Grows or shrinks the served target and the device to a size in bytes.
-#[derive(Default)]
-struct ResizeHook(Option<ResizeFn>);
-
-type ResizeFn = Box<dyn Fn(u64) -> Result<(), String> + Send + Sync>;
-
-impl std::fmt::Debug for ResizeHook {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(if self.0.is_some() {
-            "ResizeHook(set)"
-        } else {
-            "ResizeHook(none)"
-        })
-    }
-}
+type ResizeHook = Hook<dyn Fn(u64) -> Result<(), String> + Send + Sync>;
 
 /// Told the whole new expression each time `replace` changed the tree.
-#[derive(Default)]
-struct TreeHook(Option<TreeFn>);
-
-type TreeFn = Box<dyn Fn(&str) + Send + Sync>;
-
-impl std::fmt::Debug for TreeHook {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(if self.0.is_some() {
-            "TreeHook(set)"
-        } else {
-            "TreeHook(none)"
-        })
-    }
-}
+type TreeHook = Hook<dyn Fn(&str) + Send + Sync>;
 
 /// A served tree: its canonical expression and its description, changed together.
 #[derive(Debug)]
@@ -164,7 +144,7 @@ impl ServerState {
         mut self,
         hook: impl Fn(u64) -> Result<(), String> + Send + Sync + 'static,
     ) -> Self {
-        self.on_quiesce = QuiesceHook(Some(Box::new(hook)));
+        self.on_quiesce = Hook(Some(Box::new(hook)));
         self
     }
 
@@ -174,14 +154,14 @@ impl ServerState {
         mut self,
         hook: impl Fn(u64) -> Result<(), String> + Send + Sync + 'static,
     ) -> Self {
-        self.on_resize = ResizeHook(Some(Box::new(hook)));
+        self.on_resize = Hook(Some(Box::new(hook)));
         self
     }
 
     /// Calls `hook` with the tree's whole new expression each time `replace` changed it
     /// (the `ublk` tool keeps a recoverable device's saved state in step with it).
     pub fn on_tree_change(mut self, hook: impl Fn(&str) + Send + Sync + 'static) -> Self {
-        self.on_tree_change = TreeHook(Some(Box::new(hook)));
+        self.on_tree_change = Hook(Some(Box::new(hook)));
         self
     }
 
