@@ -47,7 +47,8 @@ commands:
   test   [--mem SIZE] [--smp N] [-- TEST-ARGS...]
          host tests, release build, kernel tests (natively or in a qemu VM)
   vm     [--mem SIZE] [--smp N] [--no-build] -- CMD ARGS...
-         run CMD in the VM with the release binaries on PATH
+         run CMD in the VM with the release binaries on PATH (and libublk-null,
+         once `cargo xtask bench` has built it)
   demo   [--mem SIZE] [--smp N] [--no-build] [--runtime SECS]
          RAM-backed ublk device: ext4 round trip + fio
   profile [--mem SIZE] [--smp N] [--no-build] [--runtime SECS (5)] [-- TARGET ARGS]
@@ -491,9 +492,18 @@ fn vm_cmd(a: &Args) -> Result<i32> {
     }
     let ws = prepare(a)?;
     let line: Vec<String> = a.rest.iter().map(|s| sh_quote(s)).collect();
+    // The libublk peer server too, when a bench has built it, for comparisons by hand.
+    let libublk = ws
+        .root
+        .join("benches/libublk-null/target/release/libublk-null");
+    let extra_bins = if libublk.is_file() {
+        vec![("libublk-null".to_string(), libublk)]
+    } else {
+        Vec::new()
+    };
     let payload = Payload {
         script: format!("{}\n", line.join(" ")),
-        extra_bins: Vec::new(),
+        extra_bins,
     };
     let outcome = run_payload(&ws, &payload, &a.vm_opts()?)?;
     Ok(outcome.code)
