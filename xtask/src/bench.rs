@@ -125,11 +125,11 @@ const MD_RAID1_DEV: &str = "/dev/md1";
 pub const COMPRESS_TESTS: &[&str] = &["randread-4k-qd64", "randwrite-4k-qd64"];
 
 /// MiB of the compression rows that fio addresses (and the fill writes).
-const COMPRESS_SPAN_MIB: u32 = 256;
+pub const COMPRESS_SPAN_MIB: u32 = 256;
 
 /// fio's data for the compression rows: every 4 KiB half random, half zeroes,
 /// refilled for every write, from a fixed seed.
-const COMPRESS_DATA: &str = "--buffer_compress_percentage=50 --buffer_compress_chunk=4k \
+pub const COMPRESS_DATA: &str = "--buffer_compress_percentage=50 --buffer_compress_chunk=4k \
                              --refill_buffers --randseed=11";
 
 /// zram with lz4, the compression rows' reference.

@@ -48,13 +48,16 @@ commands:
          host tests, release build, kernel tests (natively or in a qemu VM)
   vm     [--mem SIZE] [--smp N] [--no-build] -- CMD ARGS...
          run CMD in the VM with the release binaries on PATH (and libublk-null,
-         once `cargo xtask bench` has built it)
+         once `cargo xtask bench` has built it, and the host's perf)
   demo   [--mem SIZE] [--smp N] [--no-build] [--runtime SECS]
          RAM-backed ublk device: ext4 round trip + fio
-  profile [--mem SIZE] [--smp N] [--no-build] [--runtime SECS (5)] [-- TARGET ARGS]
-         perf record -a -g while fio 4k randread qd64 runs on a ublk device
-         (default: null --buffer-mode zero-copy) and on null_blk; prints CPU
-         time by command and by symbol for both
+  profile [--mem SIZE] [--smp N] [--no-build] [--runtime SECS (5)] [--write]
+          [--compress] [-- TARGET ARGS]
+         perf record -a -g while fio 4k randread (--write: randwrite) qd64
+         runs on a ublk device (default: null --buffer-mode zero-copy) and on
+         null_blk; prints CPU time by command and by symbol for both;
+         --compress: against zram lz4 (default target: compress over a tmpfs
+         file), both filled first with the bench's half-compressible data
   bench  [--mem SIZE (10G)] [--smp N] [--no-build] [--rounds N (3)]
          [--runtime SECS (2, after 1 s ramp)] [--quick] [--all] [--filter NAME,...]
          [--accel single|multi|both]
@@ -91,6 +94,9 @@ environment:
   XTASK_FORCE_VM=1         use the VM even when /dev/ublk-control exists
   XTASK_NATIVE=1           run natively even without /dev/ublk-control
   XTASK_ACCEL=ACCEL        qemu -accel value (default: kvm if usable, else tcg,thread=single)
+  XTASK_CPU=MODEL          qemu -cpu value (default: max, or host under kvm)
+  XTASK_MITIGATIONS=on     boot the guest with the kernel's default mitigations
+                           (default: mitigations=off)
   XTASK_KERNEL_DIR=DIR     guest kernel (DIR/vmlinuz, DIR/modules/*.ko.xz)
   XTASK_KERNEL_DOWNLOAD=1  download the newest Debian sid cloud kernel into target/vm-kernel
   XTASK_KEEP=1             keep the generated initramfs and scripts
@@ -128,6 +134,10 @@ struct Args {
     native: bool,
     /// `--sweep`: the scaling sweep alone (natively or in the VM).
     sweep: bool,
+    /// `--compress` (profile): zram as the peer, both devices filled first.
+    compress: bool,
+    /// `--write` (profile): random writes instead of reads.
+    write: bool,
     /// `--accel`: the qemu accelerators to run the benchmark under, one boot each.
     accel: Vec<String>,
     rest: Vec<String>,
@@ -146,6 +156,8 @@ fn parse_args(args: &[String], allowed: &[&str]) -> Result<Args> {
         instructions: false,
         native: false,
         sweep: false,
+        compress: false,
+        write: false,
         accel: Vec::new(),
         rest: Vec::new(),
     };
@@ -188,6 +200,8 @@ fn parse_args(args: &[String], allowed: &[&str]) -> Result<Args> {
             "--instructions" => a.instructions = true,
             "--native" => a.native = true,
             "--sweep" => a.sweep = true,
+            "--compress" => a.compress = true,
+            "--write" => a.write = true,
             "--accel" => {
                 a.accel = match value()?.as_str() {
                     "single" => vec![vm::TCG.to_string()],
@@ -246,10 +260,29 @@ fn try_main() -> Result<i32> {
             vm_cmd(&a)
         }
         "profile" => {
-            let a = parse_args(rest, &["--mem", "--smp", "--no-build", "--runtime"])?;
+            let a = parse_args(
+                rest,
+                &[
+                    "--mem",
+                    "--smp",
+                    "--no-build",
+                    "--runtime",
+                    "--compress",
+                    "--write",
+                ],
+            )?;
             let ws = prepare(&a)?;
+            let peer = if a.compress {
+                profile::Peer::Zram
+            } else {
+                profile::Peer::NullBlk
+            };
+            let rw = if a.write { "randwrite" } else { "randread" };
             let target = if a.rest.is_empty() {
-                "null --buffer-mode zero-copy".to_string()
+                match peer {
+                    profile::Peer::NullBlk => "null --buffer-mode zero-copy".to_string(),
+                    profile::Peer::Zram => "compress --path /tmp/profile.img".to_string(),
+                }
             } else {
                 // Quoted for the guest's shell: a stack expression has parentheses.
                 a.rest
@@ -258,7 +291,14 @@ fn try_main() -> Result<i32> {
                     .collect::<Vec<_>>()
                     .join(" ")
             };
-            profile::profile(&ws, &a.vm_opts()?, &target, a.runtime.unwrap_or(5))?;
+            profile::profile(
+                &ws,
+                &a.vm_opts()?,
+                &target,
+                a.runtime.unwrap_or(5),
+                peer,
+                rw,
+            )?;
             Ok(0)
         }
         "demo" => {
@@ -492,15 +532,18 @@ fn vm_cmd(a: &Args) -> Result<i32> {
     }
     let ws = prepare(a)?;
     let line: Vec<String> = a.rest.iter().map(|s| sh_quote(s)).collect();
-    // The libublk peer server too, when a bench has built it, for comparisons by hand.
+    // The libublk peer server too, when a bench has built it, and the host's perf, for
+    // comparisons and profiles by hand.
     let libublk = ws
         .root
         .join("benches/libublk-null/target/release/libublk-null");
-    let extra_bins = if libublk.is_file() {
-        vec![("libublk-null".to_string(), libublk)]
-    } else {
-        Vec::new()
-    };
+    let mut extra_bins = Vec::new();
+    if libublk.is_file() {
+        extra_bins.push(("libublk-null".to_string(), libublk));
+    }
+    if let Some(perf) = util::which("perf") {
+        extra_bins.push(("perf".to_string(), perf));
+    }
     let payload = Payload {
         script: format!("{}\n", line.join(" ")),
         extra_bins,

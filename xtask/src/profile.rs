@@ -1,6 +1,8 @@
 //! `cargo xtask profile`: where the time of one I/O goes, for the benchmark's
-//! missed bars. In one boot, fio (io_uring, direct, 4k randread, iodepth 64,
-//! 1 job) runs on a ublk device and then on null_blk, each while
+//! missed bars. In one boot, fio (io_uring, direct, 4k randread or, with
+//! `--write`, randwrite, iodepth 64, 1 job) runs on a ublk device and then on
+//! null_blk (with `--compress`: zram lz4, both filled first, as the bench's
+//! compression rows do), each while
 //! `perf record -a -g -e cpu-clock` samples every CPU; the guest then prints
 //! `perf report` by command and by symbol for both, and the fio results.
 //!
@@ -8,6 +10,7 @@
 //! shares of CPU time, not cycles. Kernel symbols come from the guest's
 //! `/proc/kallsyms`; the `ublk` binary keeps its debug symbols in release.
 
+use crate::bench;
 use crate::deps;
 use crate::fio;
 use crate::scripts::prelude;
@@ -16,25 +19,66 @@ use crate::vm::{run_payload, Payload, VmOpts};
 use anyhow::{bail, Context, Result};
 use std::path::PathBuf;
 
+/// What `cargo xtask profile` compares.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Peer {
+    /// null_blk, over the whole device, fio's default data.
+    NullBlk,
+    /// zram with lz4 (`--compress`): both devices first filled over the
+    /// benchmark's span with its half-compressible data, which fio then uses.
+    Zram,
+}
+
 /// The in-guest script: `target` is the `ublk add` target and options.
-fn script(target: &str, runtime: u32) -> String {
+fn script(target: &str, runtime: u32, peer: Peer, rw: &str) -> String {
+    let (peer_setup, peer_name, peer_dev, data, fill) = match peer {
+        Peer::NullBlk => (
+            "load_mod null_blk queue_mode=2 irqmode=0 nr_devices=1 gb=1 submit_queues=2 \
+             hw_queue_depth=128 || die null_blk",
+            "null_blk",
+            "/dev/nullb0",
+            String::new(),
+            String::new(),
+        ),
+        Peer::Zram => {
+            let data = format!(
+                "--size={}M {}",
+                bench::COMPRESS_SPAN_MIB,
+                bench::COMPRESS_DATA
+            );
+            (
+                "{ [ -d /sys/module/lz4hc_compress ] || load_mod lz4hc_compress; } && \
+                 load_mod zram num_devices=1 && echo lz4 >/sys/block/zram0/comp_algorithm && \
+                 echo 1G >/sys/block/zram0/disksize && wait_blk /dev/zram0 || die zram",
+                "zram",
+                "/dev/zram0",
+                data.clone(),
+                format!(
+                    r#"for path in "$dev_dev" /dev/zram0; do
+    fio --name=fill --filename="$path" --ioengine=io_uring --direct=1 --rw=write --bs=1M \
+        --iodepth=16 {data} --end_fsync=1 >/dev/null || die "fill of $path"
+done"#
+                ),
+            )
+        }
+    };
     format!(
         r#"{prelude}
 die() {{ echo "profile: FAILED: $*" >&2; exit 1; }}
 DEV_ID=""
 trap '[ -n "$DEV_ID" ] && ublk del "$DEV_ID"' EXIT
-load_mod null_blk queue_mode=2 irqmode=0 nr_devices=1 gb=1 submit_queues=2 hw_queue_depth=128 \
-    || die "null_blk"
+{peer_setup}
 ublk_add dev {target} --size 1G --queues 2 --depth 128 || die "ublk add failed"
 DEV_ID=$dev_id
+{fill}
 echo 0 > /proc/sys/kernel/kptr_restrict
-for pair in "ublk:$dev_dev" "null_blk:/dev/nullb0"; do
+for pair in "ublk:$dev_dev" "{peer_name}:{peer_dev}"; do
     name=${{pair%%:*}}; path=${{pair#*:}}
     perf record -a -g -e cpu-clock -F 2000 -o "/tmp/$name.data" -q 2>/dev/null &
     PERF=$!
     sleep 1
     run_fio "$name" --name="$name" --filename="$path" --ioengine=io_uring --direct=1 \
-        --rw=randread --bs=4k --iodepth=64 --numjobs=1 --time_based --runtime={runtime} \
+        --rw={rw} --bs=4k --iodepth=64 --numjobs=1 --time_based --runtime={runtime} {data} \
         || die "fio on $name"
     kill -INT "$PERF"; wait "$PERF"
     echo "XTASK-PROFILE-BEGIN $name"
@@ -67,9 +111,16 @@ fn perf_binary() -> Result<PathBuf> {
 }
 
 /// Runs the profile and prints both reports.
-pub fn profile(ws: &Workspace, opts: &VmOpts, target: &str, runtime: u32) -> Result<()> {
+pub fn profile(
+    ws: &Workspace,
+    opts: &VmOpts,
+    target: &str,
+    runtime: u32,
+    peer: Peer,
+    rw: &str,
+) -> Result<()> {
     let payload = Payload {
-        script: script(target, runtime),
+        script: script(target, runtime, peer, rw),
         extra_bins: vec![("perf".to_string(), perf_binary()?)],
     };
     let outcome = run_payload(ws, &payload, opts)?;
@@ -93,10 +144,10 @@ pub fn profile(ws: &Workspace, opts: &VmOpts, target: &str, runtime: u32) -> Res
         }
     }
     for (label, v) in &iops {
-        println!("fio 4k randread qd64, 1 job, {runtime} s: {label}: {v:.0} IOPS");
+        println!("fio 4k {rw} qd64, 1 job, {runtime} s: {label}: {v:.0} IOPS");
     }
-    if let [(_, ublk), (_, null_blk)] = iops[..] {
-        println!("ratio ublk / null_blk: {:.2}", ublk / null_blk);
+    if let [(_, ublk), (peer, theirs)] = &iops[..] {
+        println!("ratio ublk / {peer}: {:.2}", ublk / theirs);
     }
     Ok(())
 }

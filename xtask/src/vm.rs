@@ -303,10 +303,18 @@ pub fn run_vm(ws: &Workspace, payload: &Payload, opts: &VmOpts) -> Result<Outcom
 
 /// The qemu command line booting `vmlinuz` + `initrd` with accelerator `accel`.
 fn qemu_command(accel: &str, opts: &VmOpts, vmlinuz: &Path, initrd: &Path) -> Command {
+    // XTASK_CPU and XTASK_MITIGATIONS=on reproduce a runner with qemu's default CPU model
+    // and the kernel's default mitigations (benchmark comparisons across setups).
+    let cpu = std::env::var("XTASK_CPU")
+        .unwrap_or_else(|_| if accel == "kvm" { "host" } else { "max" }.to_string());
+    let mitigations = match std::env::var("XTASK_MITIGATIONS").as_deref() {
+        Ok("on") => "",
+        _ => " mitigations=off",
+    };
     let mut cmd = Command::new("qemu-system-x86_64");
     cmd.args(["-M", "q35"])
         .args(["-accel", accel])
-        .args(["-cpu", if accel == "kvm" { "host" } else { "max" }])
+        .args(["-cpu", &cpu])
         .args(["-m", &opts.mem])
         .args(["-smp", &opts.smp.to_string()])
         .args(["-nodefaults", "-no-user-config", "-no-reboot"])
@@ -315,10 +323,10 @@ fn qemu_command(accel: &str, opts: &VmOpts, vmlinuz: &Path, initrd: &Path) -> Co
         .arg(vmlinuz)
         .arg("-initrd")
         .arg(initrd)
-        .args([
-            "-append",
-            "console=ttyS0 quiet panic=-1 oops=panic loglevel=4 mitigations=off",
-        ])
+        .arg("-append")
+        .arg(format!(
+            "console=ttyS0 quiet panic=-1 oops=panic loglevel=4{mitigations}"
+        ))
         .stdin(Stdio::null())
         .stdout(Stdio::piped());
     cmd
