@@ -13,12 +13,16 @@
 //!   map lookup, the RAM child's read, the checksum and decompression) and the completion.
 //!   Writes overwrite the same blocks, so space comes back only through the commits the
 //!   target starts itself when it runs short (no FLUSH is sent).
+//! - `ublk-compress-lz4-workers1`, `-workers2`: the same with 1 and 2 compression workers
+//!   (`workers=N`): the queue thread hands each block to a worker and finishes the request
+//!   when the worker's notice comes back. Always timed by the wall clock: the codec runs on
+//!   other threads, so these rows measure throughput, not the CPU time an I/O costs.
 //!
 //! ```text
 //! cargo bench -p ublk-benches --bench compress -- --warm-up-time 1 --measurement-time 3
 //! ```
 //!
-//! With `UBLK_BENCH_CPU=1` every row is timed by the bench thread's CPU time
+//! With `UBLK_BENCH_CPU=1` every other row is timed by the bench thread's CPU time
 //! (`CLOCK_THREAD_CPUTIME_ID`) instead of wall time: steadier on a host shared with other
 //! work, and the same measure for every row, since the simulated queue, the target and its
 //! RAM child all run on that thread.
@@ -40,6 +44,9 @@ use ublk_zc::BoxTarget;
 const BLOCKS: usize = 1024;
 
 const BLOCK: usize = 4096;
+
+/// The worker counts of the rows with compression workers.
+const WORKERS: [usize; 2] = [1, 2];
 
 /// Requests in flight per batch: one per tag.
 const BATCH: u16 = 64;
@@ -155,27 +162,40 @@ fn collect<T: Target>(q: &mut SimQueue<T>, n: usize, out: &mut Vec<(u16, i32)>) 
     }
 }
 
-fn compress(c: &mut Criterion) {
-    let data = blocks();
+/// A new image over RAM with `workers` compression threads on a simulated queue, every block
+/// written once (the reads decompress, the writes overwrite).
+fn image(workers: usize, data: &[Vec<u8>]) -> SimQueue<Compress> {
     let child_size = Layout::child_size_for(SIZE).expect("a child size");
     let ram = Ram::new(child_size).expect("RAM child");
     let opts = CompressOptions {
         size: Some(SIZE),
         algo: Some(Algo::Lz4),
+        workers,
     };
     let target = Compress::open(std::sync::Arc::new(ram) as BoxTarget, &opts).expect("image");
     let mut q = SimQueue::new(&target, GEO, BATCH).expect("simulated queue");
-    // Every block written once: the reads decompress, the writes overwrite.
-    let clock = Clock::from_env();
     let mut next = 0;
     run_ios(
-        clock,
+        Clock { cpu: false },
         &mut q,
         sys::UBLK_IO_OP_WRITE,
-        &data,
+        data,
         &mut next,
         BLOCKS as u64,
     );
+    q
+}
+
+fn compress(c: &mut Criterion) {
+    let data = blocks();
+    let clock = Clock::from_env();
+    let mut q = image(0, &data);
+    // The rows with workers are timed by the wall clock whatever UBLK_BENCH_CPU says: the
+    // codec runs on the workers' threads.
+    let wall = Clock { cpu: false };
+    let mut pooled: Vec<(usize, SimQueue<Compress>)> =
+        WORKERS.iter().map(|&n| (n, image(n, &data))).collect();
+    let mut next = 0;
     let packed: Vec<Vec<u8>> = data.iter().map(|b| lz4_flex::block::compress(b)).collect();
 
     let mut group = c.benchmark_group("compress-4k");
@@ -206,6 +226,11 @@ fn compress(c: &mut Criterion) {
             )
         })
     });
+    for (n, q) in &mut pooled {
+        group.bench_function(format!("ublk-compress-lz4-workers{n}"), |b| {
+            b.iter_custom(|iters| run_ios(wall, q, sys::UBLK_IO_OP_WRITE, &data, &mut next, iters))
+        });
+    }
     group.finish();
 
     let mut group = c.benchmark_group("decompress-4k");
@@ -227,6 +252,11 @@ fn compress(c: &mut Criterion) {
     group.bench_function("ublk-compress-lz4", |b| {
         b.iter_custom(|iters| run_ios(clock, &mut q, sys::UBLK_IO_OP_READ, &data, &mut next, iters))
     });
+    for (n, q) in &mut pooled {
+        group.bench_function(format!("ublk-compress-lz4-workers{n}"), |b| {
+            b.iter_custom(|iters| run_ios(wall, q, sys::UBLK_IO_OP_READ, &data, &mut next, iters))
+        });
+    }
     group.finish();
 }
 

@@ -89,6 +89,7 @@ fn compress_over_ram(geo: Geometry) -> impl FnOnce() -> Compress {
         let opts = CompressOptions {
             size: Some(geo.size),
             algo: None,
+            workers: 0,
         };
         Compress::open(child, &opts).expect("a new image on a blank child")
     }
@@ -457,7 +458,11 @@ fn base_image() -> &'static [u8] {
             .collect();
         let open = |size, algo| {
             let child: BoxTarget = Arc::new(ram.clone());
-            let opts = CompressOptions { size, algo };
+            let opts = CompressOptions {
+                size,
+                algo,
+                workers: 0,
+            };
             Compress::open(child, &opts).expect("the base image opens")
         };
         {

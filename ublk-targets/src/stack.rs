@@ -16,7 +16,7 @@ use serde_json::{json, Map, Value};
 use ublk_zc::{BoxTarget, NodeStats};
 
 use crate::compress::format::Algo;
-use crate::compress::{Compress, CompressHandle, CompressOptions, Opened};
+use crate::compress::{Compress, CompressHandle, CompressOptions, Opened, MAX_WORKERS};
 use crate::expr::{self, Expr, ExprError, Leaf, LeafKind, Node, Param};
 use crate::faulty::{FaultOps, FaultRule, FaultSwitch, Faulty};
 use crate::file::FileTarget;
@@ -400,10 +400,11 @@ fn mirror(n: &Node, path: String, o: &BuildOptions) -> Result<(BoxTarget, NodeDe
     Ok((target, d))
 }
 
-/// `compress(CHILD, size=SIZE, algo=lz4|zstd[:LEVEL])`: a new image on a blank child (size
-/// required), or the one the child holds (size, if given, must match).
+/// `compress(CHILD, size=SIZE, algo=lz4|zstd[:LEVEL], workers=N)`: a new image on a blank
+/// child (size required), or the one the child holds (size, if given, must match); `workers`
+/// threads run the codec for the queues (0, the default: the queue threads do).
 fn compress(n: &Node, path: String, o: &BuildOptions) -> Result<(BoxTarget, NodeDesc), ExprError> {
-    n.check_keys(&["size", "algo"])?;
+    n.check_keys(&["size", "algo", "workers"])?;
     if n.children.len() != 1 {
         return Err(ExprError::new(
             n.pos,
@@ -418,7 +419,27 @@ fn compress(n: &Node, path: String, o: &BuildOptions) -> Result<(BoxTarget, Node
         None => None,
     };
     let (mut targets, descs) = children(n, &path, o)?;
-    let opts = CompressOptions { size, algo };
+    let workers = n
+        .param("workers")
+        .map(|p| {
+            p.value
+                .parse::<usize>()
+                .ok()
+                .filter(|&w| w <= MAX_WORKERS)
+                .ok_or_else(|| {
+                    ExprError::new(
+                        p.value_pos,
+                        format!("workers: a number of threads from 0 to {MAX_WORKERS}"),
+                    )
+                })
+        })
+        .transpose()?
+        .unwrap_or(0);
+    let opts = CompressOptions {
+        size,
+        algo,
+        workers,
+    };
     let c = Compress::open(targets.remove(0), &opts).map_err(|e| ExprError::new(n.pos, e.0))?;
     match c.opened() {
         Opened::New => tracing::info!("compress at {path}: new image"),

@@ -29,6 +29,7 @@ fn opts(algo: Algo) -> CompressOptions {
     CompressOptions {
         size: Some(SIZE),
         algo: Some(algo),
+        workers: 0,
     }
 }
 
@@ -243,6 +244,7 @@ fn reopening_finds_what_was_flushed_and_refuses_a_wrong_size() {
     let wrong = CompressOptions {
         size: Some(SIZE * 2),
         algo: None,
+        workers: 0,
     };
     let e = Compress::open(Arc::new(child.clone()) as BoxTarget, &wrong).expect_err("size");
     assert!(e.0.contains("logical bytes"), "{e}");
@@ -696,4 +698,87 @@ fn discard_shrinks_a_file_child() {
     );
     drop(q);
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// With compression workers: every written block is compressed on another thread and comes
+/// back through the queue's notices. Mixed whole and partial writes, discards, write-zeroes and
+/// flushes on a child too small for every overwrite (writes wait for commits to release
+/// space, keeping their compressed blocks), read back against a model, then the image
+/// reopened without workers.
+#[test]
+fn workers_compress_for_the_queue() {
+    let child = Ram::new(2 * SIZE).expect("memfd");
+    let o = CompressOptions {
+        workers: 2,
+        ..opts(Algo::Lz4)
+    };
+    let c = open(&child, &o);
+    let mut q = SimQueue::new(&c, geo(), 16).expect("sim queue");
+    let mut model = vec![0u8; SIZE as usize];
+    let mut x: u64 = 7;
+    let mut next = |m: u64| {
+        x = x
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        (x >> 33) % m
+    };
+    for round in 0..600u64 {
+        let sector = next(SIZE / 512 - 1);
+        let n = (1 + next(64)).min(SIZE / 512 - sector);
+        let (off, len) = (sector * 512, (n * 512) as usize);
+        match next(10) {
+            0 => {
+                assert_eq!(q.op(sys::UBLK_IO_OP_DISCARD, 0, off, len as u32), Ok(0));
+                model[off as usize..off as usize + len].fill(0);
+            }
+            1 => {
+                assert_eq!(
+                    q.op(sys::UBLK_IO_OP_WRITE_ZEROES, 0, off, len as u32),
+                    Ok(0)
+                );
+                model[off as usize..off as usize + len].fill(0);
+            }
+            2 => assert_eq!(q.op(sys::UBLK_IO_OP_FLUSH, 0, 0, 0), Ok(0)),
+            3..=5 => {
+                let got = q.read(off, len as u32).expect("read");
+                assert!(
+                    got == model[off as usize..off as usize + len],
+                    "round {round}: read of {len} bytes at {off}"
+                );
+            }
+            k => {
+                let data = if k % 2 == 0 {
+                    compressible(round, len)
+                } else {
+                    random(round, len)
+                };
+                assert_eq!(q.write(off, &data), Ok(len as i32), "round {round}");
+                model[off as usize..off as usize + len].copy_from_slice(&data);
+            }
+        }
+    }
+    let whole = |q: &mut SimQueue<Compress>| -> Vec<u8> {
+        (0..SIZE)
+            .step_by(64 << 10)
+            .flat_map(|off| q.read(off, 64 << 10).expect("read"))
+            .collect()
+    };
+    assert!(whole(&mut q) == model);
+    assert_eq!(q.op(sys::UBLK_IO_OP_FLUSH, 0, 0, 0), Ok(0));
+    drop(q);
+    drop(c);
+    let c = open(&child, &opts(Algo::Lz4));
+    let mut q = SimQueue::new(&c, geo(), 16).expect("sim queue");
+    assert!(whole(&mut q) == model, "reopened without workers");
+}
+
+#[test]
+fn workers_are_bounded() {
+    let child = Ram::new(CHILD).expect("memfd");
+    let o = CompressOptions {
+        workers: ublk_targets::compress::MAX_WORKERS + 1,
+        ..opts(Algo::Lz4)
+    };
+    let e = Compress::open(Arc::new(child) as BoxTarget, &o).expect_err("too many workers");
+    assert!(e.0.contains("workers="), "{e}");
 }

@@ -276,6 +276,10 @@ struct AddArgs {
     /// new image; an existing one keeps its own].
     #[arg(long, value_parser = parse_algo)]
     algo: Option<Algo>,
+    /// compress: threads that run the codec for every queue, so a queue keeps serving while
+    /// blocks compress [default: 0, each queue thread compresses its own].
+    #[arg(long)]
+    workers: Option<usize>,
     /// How data moves between kernel and server: copy, registered (tag buffers registered
     /// with io_uring), zero-copy (kernel AUTO_BUF_REG; null and file targets),
     /// manual-zero-copy (REGISTER_IO_BUF per request; null and file) or user-copy (the
@@ -630,6 +634,12 @@ fn target_kind(args: &AddArgs) -> CliResult<TargetKind> {
     if args.algo.is_some() && kind != TargetKind::Compress {
         return Err("--algo applies to the compress target only".into());
     }
+    if args.workers.is_some() && kind != TargetKind::Compress {
+        return Err(
+            "--workers applies to the compress target only (in a stack: compress(...,workers=N))"
+                .into(),
+        );
+    }
     if args.recovery.is_some() && kind == TargetKind::Null {
         return Err("--recovery: a null device keeps no data, there is nothing to recover".into());
     }
@@ -734,7 +744,7 @@ fn tree(args: &AddArgs, kind: TargetKind, size: u64) -> CliResult<(BoxTarget, No
 }
 
 /// The stack expression `ublk add compress` stands for: `compress(file:FILE,size=SIZE,
-/// algo=ALGO)`. A missing FILE is created sparse, with room for every block stored raw (it
+/// algo=ALGO,workers=N)`. A missing FILE is created sparse, with room for every block stored raw (it
 /// takes space only as extents are written); an empty one is grown to that size.
 fn compress_expr(args: &AddArgs) -> CliResult<String> {
     let path = args.path.as_deref().expect("checked in add");
@@ -780,6 +790,9 @@ fn compress_expr(args: &AddArgs) -> CliResult<String> {
     }
     if let Some(algo) = args.algo {
         expr.push_str(&format!(",algo={algo}"));
+    }
+    if let Some(workers) = args.workers {
+        expr.push_str(&format!(",workers={workers}"));
     }
     expr.push(')');
     Ok(expr)
@@ -2155,6 +2168,8 @@ mod tests {
             "{err}"
         );
         assert!(parse(&["add", "compress", "--path", path, "--algo", "gzip"]).is_err());
+        let err = target_kind(&args(&["add", "null", "--workers", "2"])).expect_err("null");
+        assert!(err.contains("--workers applies to the compress"), "{err}");
 
         let fresh = args(&["add", "compress", "--path", path]);
         assert_eq!(target_kind(&fresh), Ok(TargetKind::Compress));
@@ -2187,6 +2202,21 @@ mod tests {
         assert_eq!(expr, format!("compress(file:{path})"));
         let status = desc.compress.as_ref().expect("a compress node").status();
         assert_eq!(status["algo"], "zstd:5");
+        drop(desc);
+        let pooled = args(&["add", "compress", "--path", path, "--workers", "2"]);
+        let (_, desc, expr) = tree(&pooled, TargetKind::Compress, 0).expect("with workers");
+        assert_eq!(expr, format!("compress(file:{path},workers=2)"));
+        assert_eq!(desc.compress.as_ref().expect("node").status()["workers"], 2);
+        drop(desc);
+        let many = args(&["add", "compress", "--path", path, "--workers", "65"]);
+        let err = match tree(&many, TargetKind::Compress, 0) {
+            Ok(_) => panic!("65 workers"),
+            Err(e) => e,
+        };
+        assert!(
+            err.contains("workers: a number of threads from 0 to 64"),
+            "{err}"
+        );
         let wrong = args(&["add", "compress", "--path", path, "--size", "2M"]);
         let err = match tree(&wrong, TargetKind::Compress, 0) {
             Ok(_) => panic!("the image is 1M"),

@@ -41,6 +41,7 @@
 
 mod codec;
 pub mod format;
+mod pool;
 mod queue;
 mod shared;
 
@@ -55,6 +56,7 @@ use format::{
     decode_journal_block, decode_map_block, encode_map_block, Algo, Extent, FormatError, Layout,
     Superblock, BLOCK, BLOCK_BYTES, ENTRIES_PER_BLOCK,
 };
+pub use pool::MAX_WORKERS;
 pub use queue::CompressQueue;
 use shared::{lock, Alloc, Shared};
 
@@ -66,6 +68,9 @@ pub struct CompressOptions {
     /// The algorithm for new extents (default lz4 for a new image; an existing image keeps
     /// its own unless one is given, and its old extents stay readable either way).
     pub algo: Option<Algo>,
+    /// Threads that compress the blocks written to every queue of the device (at most
+    /// [`MAX_WORKERS`]); 0: each queue thread runs the codec itself.
+    pub workers: usize,
 }
 
 /// Why an image could not be opened or checked.
@@ -94,12 +99,15 @@ pub enum Opened {
 pub struct Compress {
     shared: Arc<Shared>,
     opened: Opened,
+    pool: Option<pool::Pool>,
+    workers: usize,
 }
 
 /// A running compressed image's status, for the control socket.
 #[derive(Debug, Clone)]
 pub struct CompressHandle {
     shared: Arc<Shared>,
+    workers: usize,
 }
 
 /// Byte offset on the child of the superblock copy generation `generation` is written to:
@@ -177,11 +185,26 @@ impl Compress {
                 }
             }
         }
+        if opts.workers > MAX_WORKERS {
+            return Err(err(format!(
+                "workers={}: at most {MAX_WORKERS}",
+                opts.workers
+            )));
+        }
         let sb = checkpoint_direct(&child, &sb, &map)?;
+        let pool = match opts.workers {
+            0 => None,
+            n => Some(
+                pool::Pool::start(n, sb.algo)
+                    .map_err(|e| err(format!("cannot start the compression workers: {e}")))?,
+            ),
+        };
         let shared = Shared::new(child, &sb, map, alloc);
         Ok(Compress {
             shared: Arc::new(shared),
             opened,
+            pool,
+            workers: opts.workers,
         })
     }
 
@@ -194,6 +217,7 @@ impl Compress {
     pub fn handle(&self) -> CompressHandle {
         CompressHandle {
             shared: Arc::clone(&self.shared),
+            workers: self.workers,
         }
     }
 }
@@ -435,7 +459,11 @@ impl Target for Compress {
 
     fn open_queue(&self, ctx: &mut OpenCtx<'_>) -> io::Result<CompressQueue> {
         let child = ctx.open_child(&*self.shared.child)?;
-        Ok(CompressQueue::new(Arc::clone(&self.shared), child))
+        Ok(CompressQueue::with_pool(
+            Arc::clone(&self.shared),
+            child,
+            self.pool.clone(),
+        ))
     }
 
     fn size(&self) -> Option<u64> {
@@ -478,6 +506,7 @@ impl CompressHandle {
         json!({
             "uuid": crate::mirror::meta::uuid_string(&s.uuid),
             "algo": sb.algo.to_string(),
+            "workers": self.workers,
             "logical_bytes": s.size,
             "data_bytes": data,
             "stored_bytes": stored,

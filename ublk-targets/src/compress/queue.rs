@@ -16,6 +16,7 @@ use super::format::{
     block_part, blocks_of, encode_journal_block, encode_map_block, Extent, Record, BLOCK,
     BLOCK_BYTES, ENTRIES_PER_BLOCK, MAX_EXTENT, RECORDS_PER_BLOCK, SECTOR,
 };
+use super::pool::{Finished, Inbox, Outcome, Pool, Work, FINISHED};
 use super::shared::{lock, Shared, WAKE};
 
 /// Tokens of the commit's child requests carry this bit (request tokens are `key << 16 | part`).
@@ -67,7 +68,24 @@ struct WriteReq {
     /// Extents allocated for it (freed again if the write fails).
     allocated: Vec<Extent>,
     writing: bool,
+    /// With compression workers: the jobs of its blocks not finished yet.
+    jobs: u32,
+    /// With compression workers: each block's compressed form once its job is done.
+    packed: Vec<Option<Packed>>,
 }
+
+/// A block compressed by a worker.
+#[derive(Debug)]
+enum Packed {
+    /// All zeroes: no extent.
+    Zero,
+    /// An extent buffer with the extent's kind and stored length.
+    Extent(Bounce, super::format::Kind, usize),
+}
+
+/// Compressed blocks waiting for their extents: (block index, extent buffer, kind, stored
+/// length).
+type Extents = Vec<(usize, Bounce, super::format::Kind, usize)>;
 
 #[derive(Debug)]
 struct WriteBlock {
@@ -82,8 +100,9 @@ struct WriteBlock {
 /// What [`CompressQueue::prepare_extents`] made of a write.
 enum Prepared {
     Failed(i32),
-    /// No room until a commit releases the extents overwrites freed.
-    NoSpace,
+    /// No room until a commit releases the extents overwrites freed; the compressed blocks
+    /// come back.
+    NoSpace(Extents),
     Writes(Vec<(BlockIo, Bounce)>),
     /// The one child write of a request of one block.
     One(BlockIo, Bounce),
@@ -136,11 +155,22 @@ pub struct CompressQueue {
     spare: Vec<Bounce>,
     /// A block being built (read-modify-write) or decompressed for part of a request.
     block: Box<[u8]>,
+    /// The device's compression workers, if it has any.
+    pool: Option<Pool>,
+    /// Where the workers put this queue's finished jobs (made with the first request).
+    inbox: Option<Arc<Inbox>>,
+    /// Block-sized buffers the workers' jobs took and gave back, for reuse.
+    spare_blocks: Vec<Bounce>,
 }
 
 /// An extent buffer: a spare one, or a new one.
 fn extent_buf(spare: &mut Vec<Bounce>) -> Option<Bounce> {
     spare.pop().or_else(|| Bounce::new(EXTENT_BUF).ok())
+}
+
+/// A block buffer for a worker's job: a spare one, or a new one.
+fn block_buf(spare: &mut Vec<Bounce>) -> Option<Bounce> {
+    spare.pop().or_else(|| Bounce::new(BLOCK).ok())
 }
 
 fn token(key: usize, part: usize) -> u64 {
@@ -163,6 +193,26 @@ impl CompressQueue {
             punches: Slab::new(),
             spare: Vec::new(),
             block: vec![0; BLOCK].into_boxed_slice(),
+            pool: None,
+            inbox: None,
+            spare_blocks: Vec::new(),
+        }
+    }
+
+    /// The same, handing the compression of written blocks to `pool`'s workers.
+    pub(crate) fn with_pool(s: Arc<Shared>, child: Child, pool: Option<Pool>) -> Self {
+        CompressQueue {
+            pool,
+            ..CompressQueue::new(s, child)
+        }
+    }
+
+    /// Gives a buffer back to the spare lists it came from.
+    fn recycle(&mut self, buf: Bounce) {
+        if buf.len() == EXTENT_BUF && self.spare.len() < SPARE_MAX {
+            self.spare.push(buf);
+        } else if buf.len() == BLOCK && self.spare_blocks.len() < SPARE_MAX {
+            self.spare_blocks.push(buf);
         }
     }
 
@@ -281,24 +331,37 @@ impl CompressQueue {
                 let res = io.copy_data_from(part.at, &self.block[part.range.clone()]);
                 self.part_done(key, res.err().map(|_| -libc::EIO), ctx);
             }
-            Err(why) => {
-                // The block may have been rewritten and its old extent reused since the map
-                // was read: read what the map says now.
-                let now = self.s.map[part.lba as usize].load(SeqCst);
-                if now != part.entry && part.tries < READ_RETRIES {
-                    part.tries += 1;
-                    part.entry = now;
-                    if now == 0 {
-                        let res = io.zero_data(part.at, part.range.len());
-                        self.part_done(key, res.err().map(|_| -libc::EIO), ctx);
-                    } else {
-                        self.issue_read_part(key, i, ctx);
-                    }
-                } else {
-                    tracing::error!("compress: block {}: {why}", part.lba);
-                    self.part_done(key, Some(-libc::EIO), ctx);
-                }
+            Err(why) => self.read_failed(key, i, &why, ctx),
+        }
+    }
+
+    /// Part `i` of read `key` did not check: reads it again if the map changed meanwhile,
+    /// else fails it.
+    fn read_failed(&mut self, key: usize, i: usize, why: &str, ctx: &mut QueueCtx<'_>) {
+        let Some(Req {
+            io,
+            kind: Kind::Read(parts),
+            ..
+        }) = self.reqs.get_mut(key)
+        else {
+            return;
+        };
+        let part = &mut parts[i];
+        // The block may have been rewritten and its old extent reused since the map was
+        // read: read what the map says now.
+        let now = self.s.map[part.lba as usize].load(SeqCst);
+        if now != part.entry && part.tries < READ_RETRIES {
+            part.tries += 1;
+            part.entry = now;
+            if now == 0 {
+                let res = io.zero_data(part.at, part.range.len());
+                self.part_done(key, res.err().map(|_| -libc::EIO), ctx);
+            } else {
+                self.issue_read_part(key, i, ctx);
             }
+        } else {
+            tracing::error!("compress: block {}: {why}", part.lba);
+            self.part_done(key, Some(-libc::EIO), ctx);
         }
     }
 
@@ -370,6 +433,8 @@ impl CompressQueue {
                 blocks,
                 allocated: Vec::new(),
                 writing: false,
+                jobs: 0,
+                packed: Vec::new(),
             }),
         });
         // Read the current content of the blocks covered in part.
@@ -430,16 +495,53 @@ impl CompressQueue {
         }
     }
 
-    /// Every block's new content is known: compress, allocate, write the extents.
+    /// Every block's new content is known: compress, allocate, write the extents. With
+    /// workers, the blocks go to them first (unless they came back already and only room
+    /// was missing).
     fn write_stage(&mut self, key: usize, ctx: &mut QueueCtx<'_>) {
-        match self.prepare_extents(key) {
+        let packed = match self.reqs.get_mut(key) {
+            Some(Req {
+                kind: Kind::Write(w),
+                ..
+            }) if !w.packed.is_empty() => Some(std::mem::take(&mut w.packed)),
+            _ => None,
+        };
+        let prepared = match packed {
+            Some(packed) => self.place_packed(key, packed),
+            None if self.pool.is_some() => return self.send_to_workers(key, ctx),
+            None => self.prepare_extents(key),
+        };
+        self.prepared(key, prepared, ctx);
+    }
+
+    fn prepared(&mut self, key: usize, prepared: Prepared, ctx: &mut QueueCtx<'_>) {
+        match prepared {
             Prepared::Failed(e) => {
                 if let Some(req) = self.reqs.get_mut(key) {
                     req.error.get_or_insert(e);
                 }
                 self.finish_write(key, ctx);
             }
-            Prepared::NoSpace => {
+            Prepared::NoSpace(extents) => {
+                // Workers' output is kept for the retry; the queue's own is made again.
+                match self.reqs.get_mut(key) {
+                    Some(Req {
+                        kind: Kind::Write(w),
+                        ..
+                    }) if self.pool.is_some() => {
+                        let mut packed: Vec<Option<Packed>> =
+                            (0..w.blocks.len()).map(|_| Some(Packed::Zero)).collect();
+                        for (i, buf, kind, len) in extents {
+                            packed[i] = Some(Packed::Extent(buf, kind, len));
+                        }
+                        w.packed = packed;
+                    }
+                    _ => {
+                        for x in extents {
+                            self.recycle(x.1);
+                        }
+                    }
+                }
                 self.s.short_of_space.store(true, SeqCst);
                 let need = self.request_commit(ctx);
                 self.no_space.push((key, need));
@@ -447,6 +549,158 @@ impl CompressQueue {
             Prepared::Writes(writes) => self.send_writes(key, writes, ctx),
             Prepared::One(req, buf) => self.send_writes(key, [(req, buf)], ctx),
         }
+    }
+
+    /// Hands each block of write `key` to a worker, built in a block buffer first (the
+    /// request's bytes over the block's old content). Whole blocks a discard or
+    /// write-zeroes covers are zero without a job.
+    fn send_to_workers(&mut self, key: usize, ctx: &mut QueueCtx<'_>) {
+        let (Some(pool), Some(inbox)) = (&self.pool, &self.inbox) else {
+            return self.prepared(key, Prepared::Failed(-libc::EIO), ctx);
+        };
+        let Some(Req {
+            io,
+            kind: Kind::Write(w),
+            error,
+            ..
+        }) = self.reqs.get_mut(key)
+        else {
+            return;
+        };
+        let op = io.op();
+        w.packed = (0..w.blocks.len()).map(|_| None).collect();
+        let mut failed = None;
+        for (i, b) in w.blocks.iter().enumerate() {
+            if op != Op::Write && b.range.len() == BLOCK {
+                w.packed[i] = Some(Packed::Zero);
+                continue;
+            }
+            let (Some(mut src), Some(out)) = (
+                block_buf(&mut self.spare_blocks),
+                extent_buf(&mut self.spare),
+            ) else {
+                failed = Some(-libc::ENOMEM);
+                break;
+            };
+            let block = src.as_mut_slice();
+            match &b.old {
+                Some(old) => block.copy_from_slice(old),
+                None if b.range.len() < BLOCK => block.fill(0),
+                None => {}
+            }
+            let dst = &mut block[b.range.clone()];
+            if op == Op::Write {
+                if io.copy_data_to(b.at, dst).is_err() {
+                    failed = Some(-libc::EIO);
+                    break;
+                }
+            } else {
+                dst.fill(0);
+            }
+            let work = Work {
+                lba: b.lba,
+                src,
+                out,
+            };
+            if pool.submit(token(key, i), work, inbox).is_err() {
+                tracing::error!("compress: the compression workers are gone");
+                failed = Some(-libc::EIO);
+                break;
+            }
+            w.jobs += 1;
+        }
+        if let Some(e) = failed {
+            error.get_or_insert(e);
+        }
+        if w.jobs == 0 {
+            self.compressed_all(key, ctx);
+        }
+    }
+
+    /// A worker compressed (or failed to) block `i` of write `key` into `out`.
+    fn compressed(
+        &mut self,
+        key: usize,
+        i: usize,
+        out: Bounce,
+        result: Result<Option<(super::format::Kind, usize)>, String>,
+        ctx: &mut QueueCtx<'_>,
+    ) {
+        let Some(Req {
+            kind: Kind::Write(w),
+            error,
+            ..
+        }) = self.reqs.get_mut(key)
+        else {
+            return self.recycle(out);
+        };
+        w.jobs = w.jobs.saturating_sub(1);
+        let mut out = Some(out);
+        match result {
+            Ok(None) => w.packed[i] = Some(Packed::Zero),
+            Ok(Some((kind, len))) => {
+                if let Some(mut buf) = out.take() {
+                    // The rest of the last sector goes to the child too: no stale bytes.
+                    let end = (len as u64).div_ceil(SECTOR) * SECTOR;
+                    buf.as_mut_slice()[len..end as usize].fill(0);
+                    w.packed[i] = Some(Packed::Extent(buf, kind, len));
+                }
+            }
+            Err(why) => {
+                tracing::error!("compress: block {}: {why}", w.blocks[i].lba);
+                error.get_or_insert(-libc::EIO);
+            }
+        }
+        let left = w.jobs;
+        if let Some(buf) = out {
+            self.recycle(buf);
+        }
+        if left == 0 {
+            self.compressed_all(key, ctx);
+        }
+    }
+
+    /// Every job of write `key` is back: place its extents, or fail it.
+    fn compressed_all(&mut self, key: usize, ctx: &mut QueueCtx<'_>) {
+        let Some(Req {
+            kind: Kind::Write(w),
+            error,
+            ..
+        }) = self.reqs.get_mut(key)
+        else {
+            return;
+        };
+        let packed = std::mem::take(&mut w.packed);
+        if let Some(e) = *error {
+            for p in packed {
+                if let Some(Packed::Extent(buf, ..)) = p {
+                    self.recycle(buf);
+                }
+            }
+            return self.prepared(key, Prepared::Failed(e), ctx);
+        }
+        let prepared = self.place_packed(key, packed);
+        self.prepared(key, prepared, ctx);
+    }
+
+    /// Places the blocks workers compressed.
+    fn place_packed(&mut self, key: usize, packed: Vec<Option<Packed>>) -> Prepared {
+        let Some(Req {
+            kind: Kind::Write(w),
+            ..
+        }) = self.reqs.get_mut(key)
+        else {
+            return Prepared::Failed(-libc::EIO);
+        };
+        let mut extents = Vec::with_capacity(packed.len());
+        for (i, p) in packed.into_iter().enumerate() {
+            match p {
+                Some(Packed::Extent(buf, kind, len)) => extents.push((i, buf, kind, len)),
+                Some(Packed::Zero) => w.blocks[i].entry = 0,
+                None => return Prepared::Failed(-libc::EIO),
+            }
+        }
+        self.place_extents(key, extents)
     }
 
     /// Sends the child writes of request `key`'s extents.
@@ -481,7 +735,7 @@ impl CompressQueue {
         };
         let op = io.op();
         // (block index, extent buffer, kind, stored length) of the blocks with an extent.
-        let mut extents: Vec<(usize, Bounce, super::format::Kind, usize)> = Vec::new();
+        let mut extents: Extents = Vec::new();
         let data = if op == Op::Write {
             io.data().ok()
         } else {
@@ -529,6 +783,19 @@ impl CompressQueue {
                 Err(_) => return Prepared::Failed(-libc::EIO),
             }
         }
+        self.place_extents(key, extents)
+    }
+
+    /// Allocates the extents of write `key`'s compressed blocks and builds the child writes
+    /// that store them.
+    fn place_extents(&mut self, key: usize, mut extents: Extents) -> Prepared {
+        let Some(Req {
+            kind: Kind::Write(w),
+            ..
+        }) = self.reqs.get_mut(key)
+        else {
+            return Prepared::Failed(-libc::EIO);
+        };
         // Allocate every extent under one lock.
         let mut placed = Vec::with_capacity(extents.len());
         {
@@ -550,13 +817,13 @@ impl CompressQueue {
                 // Space comes back when a commit releases what overwrites freed.
                 let can_wait = alloc.has_pending() || lock(&self.s.commit).running;
                 drop(alloc);
-                self.spare.extend(extents.into_iter().map(|x| x.1));
-                self.spare.truncate(SPARE_MAX);
-                return if can_wait {
-                    Prepared::NoSpace
-                } else {
-                    Prepared::Failed(-libc::ENOSPC)
-                };
+                if can_wait {
+                    return Prepared::NoSpace(extents);
+                }
+                for x in extents {
+                    self.recycle(x.1);
+                }
+                return Prepared::Failed(-libc::ENOSPC);
             }
         }
         for ((i, _, _, _), e) in extents.iter().zip(&placed) {
@@ -971,6 +1238,9 @@ impl QueueTarget for CompressQueue {
         if !self.registered {
             self.registered = true;
             self.s.register(ctx.notifier());
+            if self.pool.is_some() {
+                self.inbox = Some(Inbox::new(ctx.notifier()));
+            }
         }
         match io.op() {
             Op::Read => self.read(io, ctx),
@@ -981,18 +1251,19 @@ impl QueueTarget for CompressQueue {
     }
 
     fn complete(&mut self, mut done: Completion, ctx: &mut QueueCtx<'_>) {
-        self.completed(&done, ctx);
+        self.completed(&mut done, ctx);
         if let Some(buf) = done.bounce.take() {
-            if buf.len() == EXTENT_BUF && self.spare.len() < SPARE_MAX {
-                self.spare.push(buf);
-            }
+            self.recycle(buf);
         }
     }
 }
 
 impl CompressQueue {
     /// What a child request's end (or a wake-up) means; its buffer is reused after.
-    fn completed(&mut self, done: &Completion, ctx: &mut QueueCtx<'_>) {
+    fn completed(&mut self, done: &mut Completion, ctx: &mut QueueCtx<'_>) {
+        if done.token == FINISHED {
+            return self.take_finished(ctx);
+        }
         if done.token == WAKE {
             self.answer_waiting();
             self.retry_no_space(ctx);
@@ -1018,6 +1289,20 @@ impl CompressQueue {
                 let err = (done.result < 0).then_some(done.result);
                 self.part_done(key, err, ctx);
             }
+        }
+    }
+
+    /// Takes the jobs the workers finished for this queue.
+    fn take_finished(&mut self, ctx: &mut QueueCtx<'_>) {
+        if let Some(inbox) = &self.inbox {
+            inbox.answer();
+        }
+        while let Some(Finished { token, outcome }) = self.inbox.as_ref().and_then(|i| i.pop()) {
+            let key = (token >> 16) as usize;
+            let part = (token & 0xffff) as usize;
+            let Outcome { src, out, result } = outcome;
+            self.recycle(src);
+            self.compressed(key, part, out, result.map_err(|e| e.to_string()), ctx);
         }
     }
 }

@@ -54,6 +54,7 @@ impl CompressFio {
 fn compress_lz4_fio_verify() {
     compress_fio(
         ("lz4", "lz4"),
+        0,
         &[
             CompressFio {
                 case: FioCase {
@@ -89,8 +90,10 @@ fn compress_lz4_fio_verify() {
 #[test]
 #[ignore = "needs the ublk kernel driver: run `cargo xtask test`"]
 fn compress_zstd_fio_verify() {
+    // With 2 compression workers: zstd is where handing blocks to other threads pays.
     compress_fio(
         ("zstd", "zstd:3"),
+        2,
         &[
             CompressFio {
                 case: FioCase {
@@ -123,11 +126,11 @@ fn compress_zstd_fio_verify() {
     );
 }
 
-/// `ublk add compress` of [`SIZE`] with `--algo algo` over a new file (the status names it
-/// `shown`), then each of `runs`: fio writes and verifies. After the first run (4 KiB
-/// compressible writes), the status shows the data compressed better than 1.5:1; after the
-/// last, the image checks clean.
-fn compress_fio((algo, shown): (&str, &str), runs: &[CompressFio]) {
+/// `ublk add compress` of [`SIZE`] with `--algo algo` and `--workers workers` over a new
+/// file (the status names the algorithm `shown`), then each of `runs`: fio writes and
+/// verifies. After the first run (4 KiB compressible writes), the status shows the data
+/// compressed better than 1.5:1; after the last, the image checks clean.
+fn compress_fio((algo, shown): (&str, &str), workers: u64, runs: &[CompressFio]) {
     let session = Session::start(&format!("compress-fio-{algo}"));
     let image = session.scratch.join("image.img").display().to_string();
     let dev = add(&[
@@ -138,12 +141,15 @@ fn compress_fio((algo, shown): (&str, &str), runs: &[CompressFio]) {
         &SIZE.to_string(),
         "--algo",
         algo,
+        "--workers",
+        &workers.to_string(),
     ]);
     assert_eq!(field_str(&dev, "target"), "compress", "add output: {dev}");
     assert_eq!(field_u64(&dev, "size"), SIZE, "add output: {dev}");
     let status = status_json(&dev);
     let c = compress_of(&status);
     assert_eq!(field_str(c, "algo"), shown, "{status}");
+    assert_eq!(field_u64(c, "workers"), workers, "{status}");
     assert_eq!(field_u64(c, "logical_bytes"), SIZE, "{status}");
     assert_eq!(field_u64(c, "stored_bytes"), 0, "a new image: {status}");
 
