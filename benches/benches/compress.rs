@@ -13,10 +13,13 @@
 //!   map lookup, the RAM child's read, the checksum and decompression) and the completion.
 //!   Writes overwrite the same blocks, so space comes back only through the commits the
 //!   target starts itself when it runs short (no FLUSH is sent).
-//! - `ublk-compress-lz4-workers1`, `-workers2`: the same with 1 and 2 compression workers
-//!   (`workers=N`): the queue thread hands each block to a worker and finishes the request
-//!   when the worker's notice comes back. Always timed by the wall clock: the codec runs on
-//!   other threads, so these rows measure throughput, not the CPU time an I/O costs.
+//! - writes only: `ublk-compress-lz4-workers1`, `-workers2`: the same with 1 and 2
+//!   compression workers (`workers=N`): the queue thread hands each block to a worker and
+//!   finishes the request when the worker's notice comes back; always timed by the wall
+//!   clock (the codec runs on other threads, so these rows measure throughput, not the CPU
+//!   time an I/O costs); `ublk-compress-zstd` and `ublk-compress-zstd-workers2`: zstd level
+//!   3, inline and with 2 workers, where the codec is slow enough for workers to pay. Reads
+//!   decompress on the queue thread whatever the workers.
 //!
 //! ```text
 //! cargo bench -p ublk-benches --bench compress -- --warm-up-time 1 --measurement-time 3
@@ -45,8 +48,13 @@ const BLOCKS: usize = 1024;
 
 const BLOCK: usize = 4096;
 
-/// The worker counts of the rows with compression workers.
-const WORKERS: [usize; 2] = [1, 2];
+/// The write rows besides `ublk-compress-lz4`: algorithm and compression workers.
+const WORKERS: [(Algo, usize); 4] = [
+    (Algo::Lz4, 1),
+    (Algo::Lz4, 2),
+    (Algo::Zstd(3), 0),
+    (Algo::Zstd(3), 2),
+];
 
 /// Requests in flight per batch: one per tag.
 const BATCH: u16 = 64;
@@ -162,14 +170,14 @@ fn collect<T: Target>(q: &mut SimQueue<T>, n: usize, out: &mut Vec<(u16, i32)>) 
     }
 }
 
-/// A new image over RAM with `workers` compression threads on a simulated queue, every block
-/// written once (the reads decompress, the writes overwrite).
-fn image(workers: usize, data: &[Vec<u8>]) -> SimQueue<Compress> {
+/// A new image over RAM compressing with `algo` and `workers` compression threads on a
+/// simulated queue, every block written once (the reads decompress, the writes overwrite).
+fn image(algo: Algo, workers: usize, data: &[Vec<u8>]) -> SimQueue<Compress> {
     let child_size = Layout::child_size_for(SIZE).expect("a child size");
     let ram = Ram::new(child_size).expect("RAM child");
     let opts = CompressOptions {
         size: Some(SIZE),
-        algo: Some(Algo::Lz4),
+        algo: Some(algo),
         workers,
     };
     let target = Compress::open(std::sync::Arc::new(ram) as BoxTarget, &opts).expect("image");
@@ -189,12 +197,25 @@ fn image(workers: usize, data: &[Vec<u8>]) -> SimQueue<Compress> {
 fn compress(c: &mut Criterion) {
     let data = blocks();
     let clock = Clock::from_env();
-    let mut q = image(0, &data);
+    let mut q = image(Algo::Lz4, 0, &data);
     // The rows with workers are timed by the wall clock whatever UBLK_BENCH_CPU says: the
     // codec runs on the workers' threads.
     let wall = Clock { cpu: false };
-    let mut pooled: Vec<(usize, SimQueue<Compress>)> =
-        WORKERS.iter().map(|&n| (n, image(n, &data))).collect();
+    let mut pooled: Vec<(String, Clock, SimQueue<Compress>)> = WORKERS
+        .iter()
+        .map(|&(algo, n)| {
+            let codec = match algo {
+                Algo::Lz4 => "lz4",
+                _ => "zstd",
+            };
+            let name = match n {
+                0 => format!("ublk-compress-{codec}"),
+                n => format!("ublk-compress-{codec}-workers{n}"),
+            };
+            let clock = if n == 0 { clock } else { wall };
+            (name, clock, image(algo, n, &data))
+        })
+        .collect();
     let mut next = 0;
     let packed: Vec<Vec<u8>> = data.iter().map(|b| lz4_flex::block::compress(b)).collect();
 
@@ -226,9 +247,11 @@ fn compress(c: &mut Criterion) {
             )
         })
     });
-    for (n, q) in &mut pooled {
-        group.bench_function(format!("ublk-compress-lz4-workers{n}"), |b| {
-            b.iter_custom(|iters| run_ios(wall, q, sys::UBLK_IO_OP_WRITE, &data, &mut next, iters))
+    for (name, clock, q) in &mut pooled {
+        group.bench_function(name.as_str(), |b| {
+            b.iter_custom(|iters| {
+                run_ios(*clock, q, sys::UBLK_IO_OP_WRITE, &data, &mut next, iters)
+            })
         });
     }
     group.finish();
@@ -252,11 +275,6 @@ fn compress(c: &mut Criterion) {
     group.bench_function("ublk-compress-lz4", |b| {
         b.iter_custom(|iters| run_ios(clock, &mut q, sys::UBLK_IO_OP_READ, &data, &mut next, iters))
     });
-    for (n, q) in &mut pooled {
-        group.bench_function(format!("ublk-compress-lz4-workers{n}"), |b| {
-            b.iter_custom(|iters| run_ios(wall, q, sys::UBLK_IO_OP_READ, &data, &mut next, iters))
-        });
-    }
     group.finish();
 }
 

@@ -782,3 +782,48 @@ fn workers_are_bounded() {
     let e = Compress::open(Arc::new(child) as BoxTarget, &o).expect_err("too many workers");
     assert!(e.0.contains("workers="), "{e}");
 }
+
+/// The workers block every signal: the image is opened before the server blocks SIGTERM to
+/// take it from a signalfd, and a worker the kernel handed SIGTERM to would end the process
+/// without its clean stop (found in the VM: `ublk del` had to kill such a server).
+#[test]
+fn workers_block_sigterm() {
+    let child = Ram::new(CHILD).expect("memfd");
+    let o = CompressOptions {
+        workers: 2,
+        ..opts(Algo::Lz4)
+    };
+    let c = open(&child, &o);
+    // A thread names itself once it runs: look until both have.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    let workers = loop {
+        let found: Vec<(String, u64)> = std::fs::read_dir("/proc/self/task")
+            .expect("tasks")
+            .filter_map(|task| {
+                let dir = task.ok()?.path();
+                let comm = std::fs::read_to_string(dir.join("comm")).ok()?;
+                let status = std::fs::read_to_string(dir.join("status")).ok()?;
+                let mask = status.lines().find_map(|l| l.strip_prefix("SigBlk:"))?;
+                let mask = u64::from_str_radix(mask.trim(), 16).expect("a hex mask");
+                comm.starts_with("ublk-compress-").then_some((comm, mask))
+            })
+            .collect();
+        if found.len() >= 2 || std::time::Instant::now() > deadline {
+            break found;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    };
+    assert!(
+        workers.len() >= 2,
+        "the 2 workers of this image run: {workers:?}"
+    );
+    for (comm, blocked) in &workers {
+        for sig in [libc::SIGTERM, libc::SIGINT, libc::SIGHUP] {
+            assert!(blocked & 1 << (sig - 1) != 0, "{comm}: SigBlk {blocked:x}");
+        }
+    }
+    // This thread's own mask is as it was.
+    let own = std::fs::read_to_string("/proc/thread-self/status").expect("status");
+    assert!(own.contains("SigBlk:\t0000000000000000"), "{own}");
+    drop(c);
+}

@@ -2383,7 +2383,15 @@ fn add(args: &[&str]) -> Value {
 /// `ublk del ID`: the device must be gone (its node and its list entry) when it returns.
 #[track_caller]
 fn del(dev: &Value) {
-    ublk(&["del", &dev_id(dev).to_string()]);
+    let out = ublk(&["del", &dev_id(dev).to_string()]);
+    // A server that had to be killed skipped its clean stop (a thread of its own took the
+    // SIGTERM, say): what a clean stop promises was not tested.
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !stderr.contains("did not stop"),
+        "the server of device {} had to be killed: {stderr}",
+        dev_id(dev)
+    );
     let path = dev_path(dev);
     assert!(
         !Path::new(path).exists(),

@@ -17,6 +17,7 @@ use std::sync::Arc;
 
 use crossbeam_channel::{Receiver, Sender};
 use crossbeam_queue::SegQueue;
+use nix::sys::signal::{pthread_sigmask, SigSet, SigmaskHow};
 use ublk_zc::{Bounce, Notifier};
 
 use super::codec::Codec;
@@ -109,15 +110,23 @@ pub(crate) struct Pool {
 }
 
 impl Pool {
-    /// Starts `workers` threads compressing with `algo`.
+    /// Starts `workers` threads compressing with `algo`. They start with every signal
+    /// blocked: the device is usually opened before the server blocks SIGTERM and SIGINT to
+    /// take them from a signalfd, and a worker that received one would end the process
+    /// without the server's clean stop.
     pub(crate) fn start(workers: usize, algo: Algo) -> std::io::Result<Pool> {
         let (tx, rx) = crossbeam_channel::unbounded::<Job>();
-        for i in 0..workers {
+        let mut old = SigSet::empty();
+        pthread_sigmask(SigmaskHow::SIG_BLOCK, Some(&SigSet::all()), Some(&mut old))?;
+        let spawned = (0..workers).try_for_each(|i| {
             let rx = rx.clone();
             std::thread::Builder::new()
                 .name(format!("ublk-compress-{i}"))
-                .spawn(move || work(rx, algo))?;
-        }
+                .spawn(move || work(rx, algo))
+                .map(drop)
+        });
+        pthread_sigmask(SigmaskHow::SIG_SETMASK, Some(&old), None)?;
+        spawned?;
         Ok(Pool { jobs: tx })
     }
 
