@@ -173,6 +173,18 @@ fn block_buf(spare: &mut Vec<Bounce>) -> Option<Bounce> {
     spare.pop().or_else(|| Bounce::new(BLOCK).ok())
 }
 
+/// Read `key` and its part `i`, if that read is still in service.
+fn read_part(reqs: &mut Slab<Req>, key: usize, i: usize) -> Option<(&mut Io, &mut ReadPart)> {
+    match reqs.get_mut(key) {
+        Some(Req {
+            io,
+            kind: Kind::Read(parts),
+            ..
+        }) => Some((io, parts.get_mut(i)?)),
+        _ => None,
+    }
+}
+
 fn token(key: usize, part: usize) -> u64 {
     (key as u64) << 16 | part as u64
 }
@@ -300,15 +312,9 @@ impl CompressQueue {
     }
 
     fn read_done(&mut self, key: usize, i: usize, done: &Completion, ctx: &mut QueueCtx<'_>) {
-        let Some(Req {
-            io,
-            kind: Kind::Read(parts),
-            ..
-        }) = self.reqs.get_mut(key)
-        else {
+        let Some((io, part)) = read_part(&mut self.reqs, key, i) else {
             return;
         };
-        let part = &mut parts[i];
         // A whole block decompresses straight into the request's buffer when the server
         // holds it; anything else through the queue's block.
         let whole = part.range.len() == BLOCK;
@@ -338,15 +344,9 @@ impl CompressQueue {
     /// Part `i` of read `key` did not check: reads it again if the map changed meanwhile,
     /// else fails it.
     fn read_failed(&mut self, key: usize, i: usize, why: &str, ctx: &mut QueueCtx<'_>) {
-        let Some(Req {
-            io,
-            kind: Kind::Read(parts),
-            ..
-        }) = self.reqs.get_mut(key)
-        else {
+        let Some((io, part)) = read_part(&mut self.reqs, key, i) else {
             return;
         };
-        let part = &mut parts[i];
         // The block may have been rewritten and its old extent reused since the map was
         // read: read what the map says now.
         let now = self.s.map[part.lba as usize].load(SeqCst);
