@@ -151,3 +151,23 @@ pub fn profile(
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn scripts_parse_and_fill_only_for_zram() {
+        for (peer, rw) in [(Peer::NullBlk, "randread"), (Peer::Zram, "randwrite")] {
+            let text = script("compress --path /tmp/p.img", 5, peer, rw);
+            let ok = std::process::Command::new("sh")
+                .args(["-n", "-c", &text])
+                .status()
+                .expect("sh");
+            assert!(ok.success(), "{peer:?}: {text}");
+            assert!(text.contains(&format!("--rw={rw}")));
+            assert_eq!(text.contains("--name=fill"), peer == Peer::Zram, "{text}");
+            assert_eq!(text.contains("/dev/zram0"), peer == Peer::Zram, "{text}");
+        }
+    }
+}
