@@ -173,6 +173,24 @@ fn block_buf(spare: &mut Vec<Bounce>) -> Option<Bounce> {
     spare.pop().or_else(|| Bounce::new(BLOCK).ok())
 }
 
+/// Builds block `b`'s new content in `block`: its old content (zeroes if it had none) with
+/// the request's bytes (a write's) or zeroes (a discard's or write-zeroes') over the range
+/// the request covers. `Err` when the request's bytes cannot be read.
+fn build_block(b: &WriteBlock, io: &Io, block: &mut [u8]) -> Result<(), ()> {
+    match &b.old {
+        Some(old) => block.copy_from_slice(old),
+        None if b.range.len() < BLOCK => block.fill(0),
+        None => {}
+    }
+    let dst = &mut block[b.range.clone()];
+    if io.op() == Op::Write {
+        io.copy_data_to(b.at, dst).map_err(drop)
+    } else {
+        dst.fill(0);
+        Ok(())
+    }
+}
+
 /// Read `key` and its part `i`, if that read is still in service.
 fn read_part(reqs: &mut Slab<Req>, key: usize, i: usize) -> Option<(&mut Io, &mut ReadPart)> {
     match reqs.get_mut(key) {
@@ -582,20 +600,9 @@ impl CompressQueue {
                 failed = Some(-libc::ENOMEM);
                 break;
             };
-            let block = src.as_mut_slice();
-            match &b.old {
-                Some(old) => block.copy_from_slice(old),
-                None if b.range.len() < BLOCK => block.fill(0),
-                None => {}
-            }
-            let dst = &mut block[b.range.clone()];
-            if op == Op::Write {
-                if io.copy_data_to(b.at, dst).is_err() {
-                    failed = Some(-libc::EIO);
-                    break;
-                }
-            } else {
-                dst.fill(0);
+            if build_block(b, io, src.as_mut_slice()).is_err() {
+                failed = Some(-libc::EIO);
+                break;
             }
             let work = Work {
                 lba: b.lba,
@@ -639,10 +646,7 @@ impl CompressQueue {
         match result {
             Ok(None) => w.packed[i] = Some(Packed::Zero),
             Ok(Some((kind, len))) => {
-                if let Some(mut buf) = out.take() {
-                    // The rest of the last sector goes to the child too: no stale bytes.
-                    let end = (len as u64).div_ceil(SECTOR) * SECTOR;
-                    buf.as_mut_slice()[len..end as usize].fill(0);
+                if let Some(buf) = out.take() {
                     w.packed[i] = Some(Packed::Extent(buf, kind, len));
                 }
             }
@@ -751,17 +755,8 @@ impl CompressQueue {
             let src: &[u8] = match whole {
                 Some(src) => src,
                 None => {
-                    match &b.old {
-                        Some(old) => self.block.copy_from_slice(old),
-                        None => self.block.fill(0),
-                    }
-                    let dst = &mut self.block[b.range.clone()];
-                    if op == Op::Write {
-                        if io.copy_data_to(b.at, dst).is_err() {
-                            return Prepared::Failed(-libc::EIO);
-                        }
-                    } else {
-                        dst.fill(0);
+                    if build_block(b, io, &mut self.block).is_err() {
+                        return Prepared::Failed(-libc::EIO);
                     }
                     &self.block
                 }
@@ -774,12 +769,7 @@ impl CompressQueue {
                     b.entry = 0;
                     self.spare.push(buf);
                 }
-                Ok(Some((kind, len))) => {
-                    // The rest of the last sector goes to the child too: no stale bytes.
-                    let end = (len as u64).div_ceil(SECTOR) * SECTOR;
-                    buf.as_mut_slice()[len..end as usize].fill(0);
-                    extents.push((i, buf, kind, len));
-                }
+                Ok(Some((kind, len))) => extents.push((i, buf, kind, len)),
                 Err(_) => return Prepared::Failed(-libc::EIO),
             }
         }
@@ -796,6 +786,11 @@ impl CompressQueue {
         else {
             return Prepared::Failed(-libc::EIO);
         };
+        // The rest of each extent's last sector goes to the child too: no stale bytes.
+        for (_, buf, _, len) in &mut extents {
+            let end = (*len as u64).div_ceil(SECTOR) * SECTOR;
+            buf.as_mut_slice()[*len..end as usize].fill(0);
+        }
         // Allocate every extent under one lock.
         let mut placed = Vec::with_capacity(extents.len());
         {
