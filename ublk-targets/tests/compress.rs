@@ -196,7 +196,9 @@ fn overwrites_reuse_space_and_discard_frees_it() {
     }
     assert_eq!(q.read(0, 128 << 10).expect("read"), random(22, 128 << 10));
     assert_eq!(q.op(sys::UBLK_IO_OP_FLUSH, 0, 0, 0), Ok(0));
-    let raw = 64 * 9 * 512;
+    // Each 128 KiB write stores 32 raw extents of 4112 bytes, packed: 31 in one run of at
+    // most 128 KiB (127,472 bytes, 249 sectors), the last alone (9 sectors).
+    let raw = 2 * (249 + 9) * 512;
     assert_eq!(
         h.allocated_bytes(),
         raw,
@@ -209,7 +211,9 @@ fn overwrites_reuse_space_and_discard_frees_it() {
         Ok(0)
     );
     assert_eq!(q.op(sys::UBLK_IO_OP_FLUSH, 0, 0, 0), Ok(0));
-    assert_eq!(h.allocated_bytes(), 16 * 9 * 512);
+    // Blocks 48..64 are left: bytes 16 × 4112 = 65,792 to 127,472 of the second write's
+    // first run (sectors 128..249), and its last block alone (9 sectors).
+    assert_eq!(h.allocated_bytes(), (249 - 128 + 9) * 512);
     assert_eq!(h.stored_bytes(), 16 * 4112);
     assert_eq!(q.read(0, 4096).expect("read"), vec![0; 4096]);
 }
@@ -635,19 +639,19 @@ fn freed_space_is_punched_in_the_child_after_the_commit() {
     let h = c.handle();
     let mut q = SimQueue::new(&c, geo(), 8).expect("sim queue");
     let empty = child.written_pages();
-    // 32 raw extents: 32 × 9 sectors, 36 whole child pages.
+    // 32 raw extents, packed: 249 + 9 sectors, 33 child pages.
     let noise = random(7, 128 << 10);
     assert_eq!(q.write(0, &noise), Ok(128 << 10));
     assert_eq!(q.op(sys::UBLK_IO_OP_FLUSH, 0, 0, 0), Ok(0));
     let full = child.written_pages();
-    assert!(full >= empty + 36, "{empty} -> {full}");
+    assert!(full >= empty + 33, "{empty} -> {full}");
     // Discarded, but not yet committed: the durable map still names the extents.
     assert_eq!(q.op(sys::UBLK_IO_OP_DISCARD, 0, 0, 128 << 10), Ok(0));
     assert_eq!(child.written_pages(), full);
     assert_eq!(q.op(sys::UBLK_IO_OP_FLUSH, 0, 0, 0), Ok(0));
-    // The commit's journal block is one more page; the 36 data pages are gone.
+    // The commit's journal block is one more page; the 33 data pages are gone.
     let after = child.written_pages();
-    assert!(after <= full + 1 - 36, "{full} -> {after}");
+    assert!(after <= full + 1 - 33, "{full} -> {after}");
     assert_eq!(h.allocated_bytes(), 0);
     // Overwrites free their old extents' pages too, one commit later (when no write has
     // reused them meanwhile), and the data stays right.
@@ -826,4 +830,132 @@ fn workers_block_sigterm() {
     let own = std::fs::read_to_string("/proc/thread-self/status").expect("status");
     assert!(own.contains("SigBlk:\t0000000000000000"), "{own}");
     drop(c);
+}
+
+/// Blocks like fio's `buffer_compress_percentage=50`: half random bytes, half zeroes.
+fn half_random(seed: u64, len: usize) -> Vec<u8> {
+    let mut out = random(seed, len);
+    for block in out.chunks_mut(BLOCK) {
+        let half = block.len() / 2;
+        block[half..].fill(0);
+    }
+    out
+}
+
+#[test]
+fn extents_written_together_are_packed_and_share_sectors_safely() {
+    let child = Ram::new(CHILD).expect("memfd");
+    let c = open(&child, &opts(Algo::Lz4));
+    let h = c.handle();
+    let mut q = SimQueue::new(&c, geo(), 8).expect("sim queue");
+    let mut model = half_random(5, SIZE as usize);
+    for chunk in model.chunks(128 << 10).enumerate() {
+        let (i, data) = chunk;
+        assert_eq!(q.write(i as u64 * (128 << 10), data), Ok(128 << 10));
+    }
+    assert_eq!(q.op(sys::UBLK_IO_OP_FLUSH, 0, 0, 0), Ok(0));
+    let (stored, allocated) = (h.stored_bytes(), h.allocated_bytes());
+    // 64 extents of about 2.1 KiB: whole sectors would take 5 each (163,840 bytes); packed,
+    // they take their bytes, at most 15 bytes of alignment each and the tail of each
+    // write's last sector.
+    assert!(stored > 64 * 2048 && stored < 64 * 2200, "{stored}");
+    assert!(allocated >= stored, "{allocated} < {stored}");
+    assert!(
+        allocated < stored + 64 * 15 + 2 * 512,
+        "{allocated} vs {stored}"
+    );
+
+    // Overwrite every other block on its own: the sectors the old extents shared with
+    // their neighbours stay with the neighbours.
+    for lba in (0..64).step_by(2) {
+        let block = random(100 + lba, BLOCK);
+        assert_eq!(q.write(lba * BLOCK as u64, &block), Ok(BLOCK as i32));
+        model[lba as usize * BLOCK..][..BLOCK].copy_from_slice(&block);
+    }
+    assert_eq!(q.op(sys::UBLK_IO_OP_FLUSH, 0, 0, 0), Ok(0));
+    // Write more so that the freed sectors are reused, then read everything.
+    let more = half_random(6, 64 << 10);
+    assert_eq!(q.write(0, &more), Ok(64 << 10));
+    model[..64 << 10].copy_from_slice(&more);
+    assert_eq!(q.op(sys::UBLK_IO_OP_FLUSH, 0, 0, 0), Ok(0));
+    assert_eq!(read_all(&mut q), model);
+    drop(q);
+    drop(c);
+    let target: BoxTarget = Arc::new(child.clone());
+    let report = ublk_targets::compress::check(&target).expect("readable");
+    assert!(report.is_clean(), "{report}");
+    assert_eq!(report.allocated_bytes, allocated_after(&child));
+
+    // Reopened: the same bytes, and discarding everything frees every sector.
+    let c = open(&child, &CompressOptions::default());
+    let h = c.handle();
+    let mut q = SimQueue::new(&c, geo(), 8).expect("sim queue");
+    assert_eq!(read_all(&mut q), model);
+    for at in [0, 128 << 10] {
+        assert_eq!(q.op(sys::UBLK_IO_OP_DISCARD, 0, at, 128 << 10), Ok(0));
+    }
+    assert_eq!(q.op(sys::UBLK_IO_OP_FLUSH, 0, 0, 0), Ok(0));
+    assert_eq!(h.allocated_bytes(), 0);
+}
+
+/// The whole device, read 128 KiB at a time.
+fn read_all<T: Target>(q: &mut SimQueue<T>) -> Vec<u8> {
+    (0..SIZE)
+        .step_by(128 << 10)
+        .flat_map(|at| q.read(at, 128 << 10).expect("read"))
+        .collect()
+}
+
+/// The allocated bytes an image on `child` reports when opened.
+fn allocated_after(child: &Ram) -> u64 {
+    open(child, &CompressOptions::default())
+        .handle()
+        .allocated_bytes()
+}
+
+#[test]
+fn a_version_1_image_opens_and_is_upgraded() {
+    use ublk_targets::compress::format::{reseal_superblock, Superblock, VERSION};
+    let child = Ram::new(CHILD).expect("memfd");
+    let data = compressible(3, 64 << 10);
+    {
+        let c = open(&child, &opts(Algo::Lz4));
+        let mut q = SimQueue::new(&c, geo(), 8).expect("sim queue");
+        // One block per write: extents on sector boundaries, as version 1 wrote them.
+        for (i, block) in data.chunks(BLOCK).enumerate() {
+            assert_eq!(q.write(i as u64 * BLOCK as u64, block), Ok(BLOCK as i32));
+        }
+        assert_eq!(q.op(sys::UBLK_IO_OP_FLUSH, 0, 0, 0), Ok(0));
+    }
+    // Mark the superblock in force as version 1.
+    let target: BoxTarget = Arc::new(child.clone());
+    let mut sbs = vec![0u8; 2 * BLOCK];
+    target.dyn_read_at(0, &mut sbs).expect("read");
+    let at = (0..2)
+        .filter(|&i| Superblock::decode(&sbs[i * BLOCK..][..BLOCK]).is_ok())
+        .max_by_key(|&i| {
+            Superblock::decode(&sbs[i * BLOCK..][..BLOCK])
+                .map(|s| s.generation)
+                .ok()
+        })
+        .expect("a valid copy")
+        * BLOCK;
+    sbs[at + 8..at + 12].copy_from_slice(&1u32.to_le_bytes());
+    reseal_superblock(&mut sbs[at..at + BLOCK]);
+    target
+        .dyn_write_at(at as u64, &sbs[at..at + BLOCK])
+        .expect("write");
+    let report = ublk_targets::compress::check(&target).expect("readable");
+    assert!(report.is_clean(), "{report}");
+    assert_eq!(report.superblock.as_ref().map(|s| s.version), Some(1));
+    // Opened: the data reads back, and the image is now the current version.
+    let c = open(&child, &CompressOptions::default());
+    assert_eq!(c.handle().status()["format_version"], VERSION);
+    let mut q = SimQueue::new(&c, geo(), 8).expect("sim queue");
+    assert_eq!(q.read(0, 64 << 10).expect("read"), data);
+    drop(q);
+    drop(c);
+    let report = ublk_targets::compress::check(&target).expect("readable");
+    assert!(report.is_clean(), "{report}");
+    assert_eq!(report.superblock.map(|s| s.version), Some(VERSION));
 }

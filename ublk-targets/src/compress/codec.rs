@@ -153,6 +153,7 @@ mod tests {
         if let Some((kind, len)) = got {
             let e = Extent {
                 sector: 0,
+                at: 0,
                 len: len as u32,
                 kind,
             };

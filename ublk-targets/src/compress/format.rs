@@ -19,7 +19,7 @@
 //! | offset | size | field |
 //! |---|---|---|
 //! | 0 | 8 | magic `UBLKCMP1` |
-//! | 8 | 4 | format version (1) |
+//! | 8 | 4 | format version (2; version 1 images are read, and upgraded when opened) |
 //! | 12 | 4 | CRC32C of bytes 0..4096 with this field zeroed |
 //! | 16 | 16 | image UUID |
 //! | 32 | 8 | logical size in bytes (a multiple of 4096) |
@@ -45,25 +45,33 @@
 //! **Map entry** (one per 4 KiB logical block): 0 = the block reads as zeroes and takes no
 //! space; otherwise bits 0..40 the extent's first sector in the data area, bits 40..53 its
 //! stored length in bytes (header included, 17..=4112), bits 53..56 its kind (1 raw, 2 lz4,
-//! 3 zstd).
+//! 3 zstd), bits 56..61 where it starts in its first sector, in 16-byte units (version 2;
+//! always 0 in version 1).
 //!
 //! **Extent**: a 16-byte header {magic `UCX1`, the low 32 bits of the logical block u32,
 //! payload length u16, kind u8, reserved u8, CRC32C u32 of header and payload with this
-//! field zeroed} followed by the payload, starting on a sector boundary.
+//! field zeroed} followed by the payload. It starts on a 16-byte boundary: the extents one
+//! request writes are packed end to end (16-byte aligned), so neighbours share the sector
+//! between them; a sector is free once no extent overlaps it.
 
 use crate::ondisk::{block_crc, get_u32, get_u64, put_u32, put_u64};
 use std::ops::Range;
 
 /// The superblock's magic.
 pub const MAGIC: [u8; 8] = *b"UBLKCMP1";
-/// The format version this build writes and reads.
-pub const VERSION: u32 = 1;
+/// The format version this build writes. It also reads version 1 (whose extents all start on
+/// a sector boundary), and an image it opens is upgraded to this version.
+pub const VERSION: u32 = 2;
+/// The oldest format version this build reads.
+pub const MIN_VERSION: u32 = 1;
 /// Metadata block size, and the logical block size.
 pub const BLOCK: usize = 4096;
 /// Bytes per logical block.
 pub const BLOCK_BYTES: u64 = BLOCK as u64;
 /// Bytes per data-area sector.
 pub const SECTOR: u64 = 512;
+/// Extents start on a multiple of this many bytes (version 2).
+pub const GRAIN: u64 = 16;
 /// Header bytes of a map checkpoint block.
 pub const MAP_HEADER: usize = 16;
 /// Map entries per checkpoint block.
@@ -102,6 +110,8 @@ const EXTENT_MAGIC: [u8; 4] = *b"UCX1";
 const SECTOR_BITS: u32 = 40;
 const LEN_BITS: u32 = 13;
 const KIND_BITS: u32 = 3;
+const AT_BITS: u32 = 5;
+const _: () = assert!(SECTOR == GRAIN << AT_BITS);
 
 /// Why metadata or an extent was refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -114,7 +124,7 @@ pub enum FormatError {
     #[error("not a ublk compressed image (bad magic)")]
     Magic,
     /// A format version this build does not read.
-    #[error("format version {0} is not supported (this build reads {VERSION})")]
+    #[error("format version {0} is not supported (this build reads {MIN_VERSION} to {VERSION})")]
     Version(u32),
     /// The checksum does not match: torn or damaged.
     #[error("checksum mismatch (torn or damaged)")]
@@ -231,6 +241,9 @@ impl Kind {
 pub struct Extent {
     /// First sector in the data area.
     pub sector: u64,
+    /// Where the extent starts in its first sector, in bytes: a multiple of [`GRAIN`] below
+    /// [`SECTOR`] (0 in a version 1 image).
+    pub at: u16,
     /// Stored bytes, header included.
     pub len: u32,
     /// How the payload is stored.
@@ -238,9 +251,15 @@ pub struct Extent {
 }
 
 impl Extent {
-    /// Sectors the extent occupies.
+    /// Sectors the extent occupies (the first and the last may be shared with neighbours).
     pub fn sectors(&self) -> u64 {
-        u64::from(self.len).div_ceil(SECTOR)
+        (u64::from(self.at) + u64::from(self.len)).div_ceil(SECTOR)
+    }
+
+    /// Its bytes in the data area.
+    pub fn bytes(&self) -> Range<u64> {
+        let start = self.sector * SECTOR + u64::from(self.at);
+        start..start + u64::from(self.len)
     }
 
     /// The sectors it occupies, as a range.
@@ -252,13 +271,15 @@ impl Extent {
     /// length is out of range.
     pub fn encode(&self) -> Option<u64> {
         let len_ok = (EXTENT_HEADER as u32 + 1..=MAX_EXTENT as u32).contains(&self.len);
-        if self.sector >> SECTOR_BITS != 0 || !len_ok {
+        let at_ok = u64::from(self.at) < SECTOR && u64::from(self.at) % GRAIN == 0;
+        if self.sector >> SECTOR_BITS != 0 || !len_ok || !at_ok {
             return None;
         }
         Some(
             self.sector
                 | u64::from(self.len) << SECTOR_BITS
-                | u64::from(self.kind.code()) << (SECTOR_BITS + LEN_BITS),
+                | u64::from(self.kind.code()) << (SECTOR_BITS + LEN_BITS)
+                | (u64::from(self.at) / GRAIN) << (SECTOR_BITS + LEN_BITS + KIND_BITS),
         )
     }
 
@@ -268,7 +289,7 @@ impl Extent {
         if entry == 0 {
             return Ok(None);
         }
-        let top = SECTOR_BITS + LEN_BITS + KIND_BITS;
+        let top = SECTOR_BITS + LEN_BITS + KIND_BITS + AT_BITS;
         if entry >> top != 0 {
             return invalid(format!("map entry {entry:#x} has reserved bits set"));
         }
@@ -277,7 +298,13 @@ impl Extent {
         let code = (entry >> (SECTOR_BITS + LEN_BITS)) as u8 & ((1 << KIND_BITS) - 1);
         let kind = Kind::from_code(code)
             .ok_or_else(|| FormatError::Invalid(format!("map entry {entry:#x}: kind {code}")))?;
-        let e = Extent { sector, len, kind };
+        let at = ((entry >> (SECTOR_BITS + LEN_BITS + KIND_BITS)) & ((1 << AT_BITS) - 1)) * GRAIN;
+        let e = Extent {
+            sector,
+            at: at as u16,
+            len,
+            kind,
+        };
         if e.encode() != Some(entry) {
             return invalid(format!("map entry {entry:#x}: length {len} out of range"));
         }
@@ -451,6 +478,9 @@ pub fn block_part(lba: u64, offset: u64, len: u64) -> Range<usize> {
 /// One superblock copy.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Superblock {
+    /// The format version: [`VERSION`] for an image this build created or opened, 1 for an
+    /// older image not opened since.
+    pub version: u32,
     /// The image's UUID.
     pub uuid: [u8; 16],
     /// Logical size in bytes.
@@ -474,7 +504,7 @@ impl Superblock {
         self.check()?;
         block.fill(0);
         block[..8].copy_from_slice(&MAGIC);
-        put_u32(block, SB_VERSION, VERSION);
+        put_u32(block, SB_VERSION, self.version);
         block[SB_UUID..SB_UUID + 16].copy_from_slice(&self.uuid);
         put_u64(block, SB_SIZE, self.size);
         let (code, level) = self.algo.code();
@@ -511,7 +541,7 @@ impl Superblock {
             return Err(FormatError::Magic);
         }
         let version = get_u32(block, SB_VERSION);
-        if version != VERSION {
+        if !(MIN_VERSION..=VERSION).contains(&version) {
             return Err(FormatError::Version(version));
         }
         if get_u32(block, SB_CRC) != block_crc(block, SB_CRC) {
@@ -525,6 +555,7 @@ impl Superblock {
         let mut uuid = [0; 16];
         uuid.copy_from_slice(&block[SB_UUID..SB_UUID + 16]);
         let sb = Superblock {
+            version,
             uuid,
             size: get_u64(block, SB_SIZE),
             algo,
@@ -546,6 +577,9 @@ impl Superblock {
     }
 
     fn check(&self) -> Result<(), FormatError> {
+        if !(MIN_VERSION..=VERSION).contains(&self.version) {
+            return Err(FormatError::Version(self.version));
+        }
         if self.size == 0 || self.size % BLOCK_BYTES != 0 {
             return invalid(format!("logical size {}", self.size));
         }
@@ -705,10 +739,13 @@ pub fn seal_extent(
     Ok(len)
 }
 
-/// Checks the extent `e` of logical block `lba` read into `buf` (at least `e.len` bytes) and
-/// returns its payload.
+/// Checks the extent `e` of logical block `lba`, whose sectors were read into `buf` (from
+/// its first sector: the extent starts `e.at` bytes in), and returns its payload.
 pub fn open_extent<'a>(lba: u64, e: &Extent, buf: &'a [u8]) -> Result<&'a [u8], FormatError> {
-    let ext = buf.get(..e.len as usize).ok_or(FormatError::TooShort)?;
+    let at = usize::from(e.at);
+    let ext = buf
+        .get(at..at + e.len as usize)
+        .ok_or(FormatError::TooShort)?;
     if ext.len() < EXTENT_HEADER || ext[..4] != EXTENT_MAGIC {
         return Err(FormatError::Magic);
     }
@@ -777,6 +814,7 @@ mod tests {
 
     fn sb(size: u64, child: u64) -> Superblock {
         Superblock {
+            version: VERSION,
             uuid: [7; 16],
             size,
             algo: Algo::Zstd(5),
@@ -833,10 +871,17 @@ mod tests {
         let len = seal_extent(42, Kind::Lz4, 100, &mut buf).expect("seal");
         let e = Extent {
             sector: 0,
+            at: 0,
             len: len as u32,
             kind: Kind::Lz4,
         };
         assert_eq!(open_extent(42, &e, &buf), Ok(&[5u8; 100][..]));
+        // Packed 48 bytes into its first sector.
+        let mut shifted = vec![0xee; 48];
+        shifted.extend_from_slice(&buf[..len]);
+        let packed = Extent { at: 48, ..e };
+        assert_eq!(open_extent(42, &packed, &shifted), Ok(&[5u8; 100][..]));
+        assert!(open_extent(42, &packed, &shifted[..48 + len - 1]).is_err());
         assert!(open_extent(43, &e, &buf).is_err(), "another block's extent");
         let longer = Extent { len: 117, ..e };
         assert!(open_extent(42, &longer, &buf).is_err());
@@ -846,12 +891,20 @@ mod tests {
 
     proptest! {
         #[test]
-        fn map_entries_round_trip(sector in 0u64..1 << 40, len in 17u32..=4112, kind in kind()) {
-            let e = Extent { sector, len, kind };
+        fn map_entries_round_trip(sector in 0u64..1 << 40, at in 0u16..32, len in 17u32..=4112, kind in kind()) {
+            let e = Extent { sector, at: at * GRAIN as u16, len, kind };
             let entry = e.encode().expect("fits");
             prop_assert_ne!(entry, 0);
             prop_assert_eq!(Extent::decode(entry), Ok(Some(e)));
             prop_assert!(e.sectors() >= 1 && e.sectors() <= 9);
+            let bytes = e.bytes();
+            prop_assert_eq!(bytes.end - bytes.start, u64::from(len));
+            prop_assert!(bytes.start >= e.sector * SECTOR);
+            prop_assert!(bytes.end <= (e.sector + e.sectors()) * SECTOR);
+            prop_assert!(bytes.end > (e.sector + e.sectors() - 1) * SECTOR);
+            // An offset off the grain, or a whole sector, does not encode.
+            prop_assert_eq!(Extent { at: e.at + 1, ..e }.encode(), None);
+            prop_assert_eq!(Extent { at: SECTOR as u16, ..e }.encode(), None);
         }
 
         #[test]

@@ -138,7 +138,7 @@ impl Compress {
             .ok_or_else(|| err("the child has no known size"))?;
         let copies = read_superblocks(&child)?;
         let blank = copies.iter().all(|c| *c == Err(FormatError::Blank));
-        let (sb, map, opened) = if blank {
+        let (mut sb, map, opened) = if blank {
             let size = opts
                 .size
                 .ok_or_else(|| err("a new compressed image needs size="))?;
@@ -146,6 +146,7 @@ impl Compress {
             let uuid = crate::mirror::meta::new_uuid()
                 .map_err(|e| err(format!("cannot make a UUID: {e}")))?;
             let sb = Superblock {
+                version: format::VERSION,
                 uuid,
                 size,
                 algo: opts.algo.unwrap_or(Algo::Lz4),
@@ -176,15 +177,13 @@ impl Compress {
             (sb, loaded.map, opened)
         };
         let mut alloc = Alloc::new(sb.layout.data_sectors);
-        for (lba, entry) in map.iter().enumerate() {
-            if let Ok(Some(e)) = Extent::decode(*entry) {
-                if !alloc.claim(&e) {
-                    return Err(err(format!(
-                        "block {lba}'s extent overlaps another or lies outside the data area"
-                    )));
-                }
-            }
+        if let Some(lba) = alloc.claim_map(&map).first() {
+            return Err(err(format!(
+                "block {lba}'s extent overlaps another or lies outside the data area"
+            )));
         }
+        // Opening writes a checkpoint and a superblock: an older image is upgraded here.
+        sb.version = format::VERSION;
         if opts.workers > MAX_WORKERS {
             return Err(err(format!(
                 "workers={}: at most {MAX_WORKERS}",
@@ -506,6 +505,7 @@ impl CompressHandle {
         json!({
             "uuid": crate::mirror::meta::uuid_string(&s.uuid),
             "algo": sb.algo.to_string(),
+            "format_version": sb.version,
             "workers": self.workers,
             "logical_bytes": s.size,
             "data_bytes": data,
@@ -581,10 +581,11 @@ impl std::fmt::Display for Report {
         let l = &sb.layout;
         writeln!(
             f,
-            "in force: copy {} (generation {}), uuid {}, algo {}, logical size {} bytes \
-             ({} blocks), child {} bytes",
+            "in force: copy {} (generation {}), format version {}, uuid {}, algo {}, \
+             logical size {} bytes ({} blocks), child {} bytes",
             ["A", "B"][(sb.generation % 2) as usize],
             sb.generation,
+            sb.version,
             crate::mirror::meta::uuid_string(&sb.uuid),
             sb.algo,
             sb.size,
@@ -705,6 +706,7 @@ pub fn check(child: &BoxTarget) -> Result<Report, CompressError> {
         .to_string()
     });
     let mut alloc = Alloc::new(sb.layout.data_sectors);
+    let overlapping = alloc.claim_map(&loaded.map);
     let mut codec = codec::Codec::new(sb.algo);
     let mut buf = vec![0u8; format::MAX_EXTENT.next_multiple_of(format::SECTOR as usize)];
     let mut out = vec![0u8; BLOCK];
@@ -714,7 +716,7 @@ pub fn check(child: &BoxTarget) -> Result<Report, CompressError> {
         };
         report.extents += 1;
         report.stored_bytes += u64::from(e.len);
-        if !alloc.claim(&e) {
+        if overlapping.binary_search(&(lba as u64)).is_ok() {
             report.damaged_extents += 1;
             report
                 .damage
@@ -733,8 +735,8 @@ pub fn check(child: &BoxTarget) -> Result<Report, CompressError> {
         if let Some(why) = why {
             report.damaged_extents += 1;
             report.damage.push(format!(
-                "block {lba}: extent at data sector {} ({} bytes): {why}",
-                e.sector, e.len
+                "block {lba}: extent at data sector {} + {} ({} bytes): {why}",
+                e.sector, e.at, e.len
             ));
         }
     }

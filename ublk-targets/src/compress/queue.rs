@@ -14,10 +14,10 @@ use ublk_zc::{BlockIo, Bounce, Child, Completion, Io, IoFlags, Op, QueueCtx, Que
 use super::codec::{Codec, ROOMY};
 use super::format::{
     block_part, blocks_of, encode_journal_block, encode_map_block, Extent, Record, BLOCK,
-    BLOCK_BYTES, ENTRIES_PER_BLOCK, MAX_EXTENT, RECORDS_PER_BLOCK, SECTOR,
+    BLOCK_BYTES, ENTRIES_PER_BLOCK, GRAIN, MAX_EXTENT, RECORDS_PER_BLOCK, SECTOR,
 };
 use super::pool::{Finished, Inbox, Outcome, Pool, Work, FINISHED};
-use super::shared::{lock, Shared, WAKE};
+use super::shared::{lock, Alloc, Shared, WAKE};
 
 /// Tokens of the commit's child requests carry this bit (request tokens are `key << 16 | part`).
 const COMMIT: u64 = 1 << 62;
@@ -164,6 +164,83 @@ pub struct CompressQueue {
 }
 
 /// An extent buffer: a spare one, or a new one.
+/// The most one packed run, and one child write of a request's extents, holds: 128 KiB.
+const PACK_MAX_SECTORS: u64 = 256;
+
+/// Places the extents of one request, of `lens` stored bytes: packed end to end (16-byte
+/// aligned, see [`Alloc::alloc_packed`]) in runs of at most [`PACK_MAX_SECTORS`], or, for a
+/// run no free space is long enough for, each of its extents on its own. Returns the
+/// `(sector, at, run)` of each: extents of one run share sectors, extents of different runs
+/// never do. All or nothing: `None` (and nothing held) when the data area has no room.
+fn place(alloc: &mut Alloc, lens: &[u32]) -> Option<Vec<(u64, u16, usize)>> {
+    let mut placed: Vec<(u64, u16, usize)> = Vec::with_capacity(lens.len());
+    let mut held: Vec<Extent> = Vec::with_capacity(lens.len());
+    let mut first = 0;
+    let mut runs = 0;
+    while first < lens.len() {
+        // The longest run from `first` that fits in PACK_MAX_SECTORS.
+        let mut end_byte = 0u64;
+        let mut last = first;
+        while last < lens.len() {
+            let end = end_byte.next_multiple_of(GRAIN) + u64::from(lens[last]);
+            if last > first && end > PACK_MAX_SECTORS * SECTOR {
+                break;
+            }
+            end_byte = end;
+            last += 1;
+        }
+        let run = &lens[first..last];
+        // One run of free sectors for them all, or no run that long: each on its own.
+        let (places, together) = match alloc.alloc_packed(run) {
+            Some(places) => (Some(places), true),
+            None => (alone(alloc, run), false),
+        };
+        let Some(places) = places else {
+            for e in &held {
+                alloc.free(e);
+            }
+            return None;
+        };
+        for (&(sector, at), &len) in places.iter().zip(run) {
+            held.push(hold_of(sector, at, len));
+            placed.push((sector, at, runs));
+            if !together {
+                runs += 1;
+            }
+        }
+        runs += 1;
+        first = last;
+    }
+    Some(placed)
+}
+
+/// Each extent of `lens` bytes in whole sectors of its own; all or nothing.
+fn alone(alloc: &mut Alloc, lens: &[u32]) -> Option<Vec<(u64, u16)>> {
+    let mut places = Vec::with_capacity(lens.len());
+    for &len in lens {
+        match alloc.alloc(u64::from(len).div_ceil(SECTOR)) {
+            Some(sector) => places.push((sector, 0)),
+            None => {
+                for (&(sector, _), &len) in places.iter().zip(lens) {
+                    alloc.free(&hold_of(sector, 0, len));
+                }
+                return None;
+            }
+        }
+    }
+    Some(places)
+}
+
+/// An extent of `len` bytes at `(sector, at)`, as far as the allocator cares.
+fn hold_of(sector: u64, at: u16, len: u32) -> Extent {
+    Extent {
+        sector,
+        at,
+        len,
+        kind: super::format::Kind::Raw,
+    }
+}
+
 fn extent_buf(spare: &mut Vec<Bounce>) -> Option<Bounce> {
     spare.pop().or_else(|| Bounce::new(EXTENT_BUF).ok())
 }
@@ -786,47 +863,40 @@ impl CompressQueue {
         else {
             return Prepared::Failed(-libc::EIO);
         };
-        // The rest of each extent's last sector goes to the child too: no stale bytes.
-        for (_, buf, _, len) in &mut extents {
-            let end = (*len as u64).div_ceil(SECTOR) * SECTOR;
-            buf.as_mut_slice()[*len..end as usize].fill(0);
-        }
+        let lens: Vec<u32> = extents.iter().map(|x| x.3 as u32).collect();
         // Allocate every extent under one lock.
-        let mut placed = Vec::with_capacity(extents.len());
-        {
+        let placed = {
             let mut alloc = lock(&self.s.alloc);
-            for (_, _, kind, len) in &extents {
-                match alloc.alloc((*len as u64).div_ceil(SECTOR)) {
-                    Some(sector) => placed.push(Extent {
-                        sector,
-                        len: *len as u32,
-                        kind: *kind,
-                    }),
-                    None => break,
+            match place(&mut alloc, &lens) {
+                Some(placed) => placed,
+                None => {
+                    // Space comes back when a commit releases what overwrites freed.
+                    let can_wait = alloc.has_pending() || lock(&self.s.commit).running;
+                    drop(alloc);
+                    if can_wait {
+                        return Prepared::NoSpace(extents);
+                    }
+                    for x in extents {
+                        self.recycle(x.1);
+                    }
+                    return Prepared::Failed(-libc::ENOSPC);
                 }
             }
-            if placed.len() < extents.len() {
-                for e in &placed {
-                    alloc.free(e);
-                }
-                // Space comes back when a commit releases what overwrites freed.
-                let can_wait = alloc.has_pending() || lock(&self.s.commit).running;
-                drop(alloc);
-                if can_wait {
-                    return Prepared::NoSpace(extents);
-                }
-                for x in extents {
-                    self.recycle(x.1);
-                }
-                return Prepared::Failed(-libc::ENOSPC);
-            }
-        }
-        for ((i, _, _, _), e) in extents.iter().zip(&placed) {
+        };
+        let mut allocated = Vec::with_capacity(placed.len());
+        for ((i, _, kind, len), &(sector, at, _)) in extents.iter().zip(&placed) {
+            let e = Extent {
+                sector,
+                at,
+                len: *len as u32,
+                kind: *kind,
+            };
             w.blocks[*i].entry = e.encode().unwrap_or(0);
+            allocated.push(e);
         }
-        w.allocated = placed;
+        w.allocated = allocated;
         w.writing = true;
-        let placed = &w.allocated;
+        let placed_extents = &w.allocated;
         let layout = self.s.layout;
         let write = |start: u64, end: u64| BlockIo {
             op: Op::Write,
@@ -834,35 +904,53 @@ impl CompressQueue {
             len: ((end - start) * SECTOR) as u32,
             flags: IoFlags::default(),
         };
-        if let ([(_, _, _, _)], [e]) = (&extents[..], &placed[..]) {
+        if let ([_], [e]) = (&extents[..], &placed_extents[..]) {
             let span = e.span();
-            if let Some((_, buf, _, _)) = extents.pop() {
+            if let Some((_, mut buf, _, len)) = extents.pop() {
+                // The rest of its last sector goes to the child too: no stale bytes.
+                buf.as_mut_slice()[len..(span.end - span.start) as usize * SECTOR as usize].fill(0);
                 return Prepared::One(write(span.start, span.end), buf);
             }
         }
-        // One child write per run of adjacent extents (at most 128 KiB each).
-        let mut order: Vec<usize> = (0..placed.len()).collect();
-        order.sort_by_key(|&j| placed[j].sector);
-        let mut runs: Vec<(u64, u64, Vec<usize>)> = Vec::new();
+        // One child write per packed run, adjacent runs joined up to 128 KiB.
+        let mut order: Vec<usize> = (0..placed_extents.len()).collect();
+        order.sort_by_key(|&j| placed_extents[j].bytes().start);
+        // Where each run ends.
+        let mut run_end = vec![0; placed.last().map_or(0, |p| p.2 + 1)];
+        for (e, p) in placed_extents.iter().zip(&placed) {
+            run_end[p.2] = run_end[p.2].max(e.span().end);
+        }
+        // (first sector, end sector, run of the last member, members)
+        let mut writes_at: Vec<(u64, u64, usize, Vec<usize>)> = Vec::new();
         for j in order {
-            let span = placed[j].span();
-            match runs.last_mut() {
-                Some((start, end, members)) if *end == span.start && span.end - *start <= 256 => {
-                    *end = span.end;
+            let span = placed_extents[j].span();
+            let run = placed[j].2;
+            match writes_at.last_mut() {
+                // Packed together: they may share a sector, so one write holds them.
+                Some((_, end, last, members)) if *last == run => {
+                    *end = (*end).max(span.end);
                     members.push(j);
                 }
-                _ => runs.push((span.start, span.end, vec![j])),
+                // The next run starts where this write ends and all of it fits.
+                Some((start, end, last, members))
+                    if *end == span.start && run_end[run] - *start <= PACK_MAX_SECTORS =>
+                {
+                    *end = span.end;
+                    *last = run;
+                    members.push(j);
+                }
+                _ => writes_at.push((span.start, span.end, run, vec![j])),
             }
         }
-        let mut writes = Vec::with_capacity(runs.len());
-        for (start, end, members) in runs {
+        let mut writes = Vec::with_capacity(writes_at.len());
+        for (start, end, _, members) in writes_at {
             let bytes = (end - start) * SECTOR;
             let Ok(mut buf) = Bounce::new(bytes as usize) else {
                 return Prepared::Failed(-libc::ENOMEM);
             };
             for &j in &members {
-                let at = ((placed[j].sector - start) * SECTOR) as usize;
-                let n = (placed[j].sectors() * SECTOR) as usize;
+                let at = (placed_extents[j].bytes().start - start * SECTOR) as usize;
+                let n = extents[j].3;
                 buf.as_mut_slice()[at..at + n].copy_from_slice(&extents[j].1.as_slice()[..n]);
             }
             writes.push((write(start, end), buf));

@@ -15,6 +15,7 @@
 //!   overwrite completion to queue the old extents for release;
 //! - the commit's bookkeeping is a `Mutex` taken only by flushes and FUA writes.
 
+use std::collections::HashMap;
 use std::ops::Range;
 use std::sync::atomic::Ordering::SeqCst;
 use std::sync::atomic::{AtomicBool, AtomicU64};
@@ -23,7 +24,7 @@ use std::sync::{Mutex, MutexGuard};
 use ublk_zc::{BoxTarget, Notifier};
 
 use super::format::{
-    Algo, Extent, Layout, Record, Superblock, BLOCK_BYTES, ENTRIES_PER_BLOCK, SECTOR,
+    Algo, Extent, Layout, Record, Superblock, BLOCK_BYTES, ENTRIES_PER_BLOCK, GRAIN, SECTOR,
 };
 
 /// Sectors in a child page: the unit of hole punching. The data area starts on a 4 KiB
@@ -86,9 +87,15 @@ impl Bits {
 /// moves back to the lowest sector freed (so the data keeps to the front of the area and
 /// freed space is reused before new child pages are touched), and the extents waiting for a
 /// commit before they may be reused.
+///
+/// Extents packed together share the sector between them, so a sector may be held by
+/// several: `shared` counts the holders beyond the first of each such sector. Only an
+/// extent's first and last sectors can be shared (its other sectors hold its bytes alone), so
+/// the count stays small: at most one entry per packed neighbour.
 #[derive(Debug)]
 pub(crate) struct Alloc {
     used: Vec<u64>,
+    shared: HashMap<u64, u32>,
     sectors: u64,
     cursor: u64,
     pub(crate) allocated: u64,
@@ -107,6 +114,7 @@ impl Alloc {
     pub(crate) fn new(sectors: u64) -> Alloc {
         Alloc {
             used: vec![0; sectors.div_ceil(64) as usize],
+            shared: HashMap::new(),
             sectors,
             cursor: 0,
             allocated: 0,
@@ -137,15 +145,41 @@ impl Alloc {
         }
     }
 
-    /// Marks an extent found in the map at open; false if it overlaps one already marked or
-    /// lies outside the data area.
-    pub(crate) fn claim(&mut self, e: &Extent) -> bool {
-        let span = e.span();
-        if span.end > self.sectors || span.clone().any(|s| self.is_used(s)) {
-            return false;
+    /// Holds sectors `span` for one more extent.
+    fn hold(&mut self, span: Range<u64>) {
+        for s in span {
+            if self.is_used(s) {
+                *self.shared.entry(s).or_insert(0) += 1;
+            } else {
+                self.used[(s / 64) as usize] |= 1 << (s % 64);
+                self.allocated += 1;
+            }
         }
-        self.mark(span.start, span.end - span.start, true);
-        true
+    }
+
+    /// Marks the extents of `map` (the map of an image being opened). Returns the logical
+    /// blocks whose extent overlaps the bytes of another (the later one of each pair, by
+    /// position) or lies outside the data area; those are not marked.
+    pub(crate) fn claim_map(&mut self, map: &[u64]) -> Vec<u64> {
+        let mut extents: Vec<(u64, Extent)> = map
+            .iter()
+            .enumerate()
+            .filter_map(|(lba, entry)| Some((lba as u64, Extent::decode(*entry).ok()??)))
+            .collect();
+        extents.sort_unstable_by_key(|(_, e)| e.bytes().start);
+        let mut bad = Vec::new();
+        let mut end = 0;
+        for (lba, e) in extents {
+            let span = e.span();
+            if span.end > self.sectors || e.bytes().start < end {
+                bad.push(lba);
+                continue;
+            }
+            end = e.bytes().end;
+            self.hold(span);
+        }
+        bad.sort_unstable();
+        bad
     }
 
     /// `n` free consecutive sectors, first fit from the cursor.
@@ -176,10 +210,54 @@ impl Alloc {
         None
     }
 
-    /// Returns an extent that was never referenced by the durable map (a failed write).
+    /// Room for extents of `lens` bytes packed end to end in one run of free sectors, each
+    /// starting on a [`GRAIN`] boundary: the `(sector, at)` of each, or `None` when no run is
+    /// long enough. Each extent holds its own sectors (see [`Alloc::free`]).
+    pub(crate) fn alloc_packed(&mut self, lens: &[u32]) -> Option<Vec<(u64, u16)>> {
+        let mut places = Vec::with_capacity(lens.len());
+        let mut pos = 0u64;
+        let mut end = 0u64;
+        for &len in lens {
+            places.push(pos);
+            end = pos + u64::from(len);
+            pos = end.next_multiple_of(GRAIN);
+        }
+        let n = end.div_ceil(SECTOR);
+        let start = self.alloc(n)?;
+        // The run is held once per sector; hand each sector to the extents over it instead.
+        self.mark(start, n, false);
+        self.cursor = start + n;
+        let places: Vec<(u64, u16)> = places
+            .into_iter()
+            .map(|p| (start + p / SECTOR, (p % SECTOR) as u16))
+            .collect();
+        for (&(sector, at), &len) in places.iter().zip(lens) {
+            let last = (u64::from(at) + u64::from(len)).div_ceil(SECTOR);
+            self.hold(sector..sector + last);
+        }
+        Some(places)
+    }
+
+    /// Lets go of an extent's sectors: those no other extent holds are free. Also how an
+    /// extent never referenced by the durable map (a failed write) is returned.
     pub(crate) fn free(&mut self, e: &Extent) {
         let span = e.span();
-        self.mark(span.start, span.end - span.start, false);
+        for s in span.clone() {
+            // Only the first and last sectors can be shared.
+            let edge = s == span.start || s + 1 == span.end;
+            if edge {
+                if let Some(n) = self.shared.get_mut(&s) {
+                    *n -= 1;
+                    if *n == 0 {
+                        self.shared.remove(&s);
+                    }
+                    continue;
+                }
+            }
+            if self.is_used(s) {
+                self.mark(s, 1, false);
+            }
+        }
     }
 
     /// Queues `e` for release by the commit that covers `epoch`; `emptied` when its block
@@ -457,7 +535,8 @@ mod tests {
     fn extent(sector: u64, sectors: u64) -> Extent {
         Extent {
             sector,
-            len: (sectors * SECTOR) as u32,
+            at: 0,
+            len: ((sectors * SECTOR) as u32 - 16).min(4112),
             kind: Kind::Lz4,
         }
     }
@@ -467,9 +546,8 @@ mod tests {
         let mut a = Alloc::new(64);
         // Sectors 0..6 and 6..15 share page 0 (sectors 0..8); 15..24 ends page 2 whole.
         let (x, y, z) = (extent(0, 6), extent(6, 9), extent(15, 9));
-        for e in [&x, &y, &z] {
-            assert!(a.claim(e));
-        }
+        let map: Vec<u64> = [x, y, z].iter().map(|e| e.encode().unwrap()).collect();
+        assert!(a.claim_map(&map).is_empty());
         a.defer(1, x, true);
         assert_eq!(
             a.release(1, true, true),
@@ -488,7 +566,7 @@ mod tests {
         assert_eq!(a.alloc(24), Some(0));
         // Without punching, the space is free at once.
         let mut b = Alloc::new(64);
-        assert!(b.claim(&extent(8, 8)));
+        assert!(b.claim_map(&[extent(8, 8).encode().unwrap()]).is_empty());
         b.defer(1, extent(8, 8), true);
         assert!(b.release(1, false, true).is_empty());
         assert_eq!(b.allocated, 0);
@@ -516,5 +594,48 @@ mod tests {
         a.defer(4, extent(8, 8), false);
         assert!(a.release(4, true, true).is_empty());
         assert!(a.release(5, true, false).is_empty());
+    }
+
+    #[test]
+    fn packed_extents_share_sectors_and_free_them_with_the_last_holder() {
+        let mut a = Alloc::new(64);
+        // 3 extents of 300, 17 and 700 bytes: at bytes 0, 304 and 336, ending at 1036.
+        let places = a.alloc_packed(&[300, 17, 700]).expect("room");
+        assert_eq!(places, vec![(0, 0), (0, 304), (0, 336)]);
+        assert_eq!(a.allocated, 3);
+        let e = |(sector, at): (u64, u16), len| Extent {
+            sector,
+            at,
+            len,
+            kind: Kind::Lz4,
+        };
+        let (x, y, z) = (e(places[0], 300), e(places[1], 17), e(places[2], 700));
+        assert_eq!(z.span(), 0..3);
+        assert_eq!(a.alloc(1), Some(3), "the run ends after the last extent");
+        a.free(&x);
+        a.free(&z);
+        assert_eq!(a.allocated, 2, "sector 0 is still held by y");
+        assert_eq!(a.alloc(2), Some(1));
+        a.free(&y);
+        assert_eq!(a.allocated, 3);
+        assert_eq!(a.alloc(1), Some(0));
+        assert!(a.shared.is_empty());
+
+        // Opening: packed neighbours are fine, overlapping bytes are not.
+        let mut b = Alloc::new(64);
+        let map = [
+            x.encode().unwrap(),
+            y.encode().unwrap(),
+            z.encode().unwrap(),
+            Extent { at: 320, ..y }.encode().unwrap(),
+            Extent { sector: 63, ..z }.encode().unwrap(),
+        ];
+        assert_eq!(b.claim_map(&map), vec![3, 4]);
+        assert_eq!(b.allocated, 3);
+        b.free(&x);
+        b.free(&y);
+        assert_eq!(b.allocated, 3, "z holds sectors 0..3");
+        b.free(&z);
+        assert_eq!(b.allocated, 0);
     }
 }
