@@ -366,7 +366,48 @@ fn jobs_text(jobs: u32) -> String {
     format!("{jobs} job{}", if jobs == 1 { "" } else { "s" })
 }
 
-/// The whole `report.md`.
+/// The number after `label ` in `note`.
+fn note_value(note: &str, label: &str) -> Option<f64> {
+    let label = format!("{label} ");
+    let rest = &note[note.find(&label)? + label.len()..];
+    let end = rest
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(rest.len());
+    rest[..end].parse().ok()
+}
+
+/// The compression ratio bar (ublk compress with lz4 at least zram's ratio with lz4, after
+/// the same fill), from the notes the compression rows leave, both ways `mm_stat` gives
+/// zram's: by the compressed bytes (zram's `compr_data_size` against our `stored_bytes`,
+/// extent headers included) and by the space taken (`mem_used_total` against our
+/// `allocated_bytes`).
+pub fn ratio_bars(notes: &[String]) -> Vec<String> {
+    let find = |device: &str| {
+        notes
+            .iter()
+            .find(|n| n.starts_with(&format!("compression of {device} after the fill")))
+    };
+    let (Some(zram), Some(ours)) = (find(ZRAM_LZ4), find("ublk-compress-lz4")) else {
+        return Vec::new();
+    };
+    let ways = [
+        ("by the compressed bytes", "ratio", "ratio"),
+        ("by the space taken", "by memory used", "by space allocated"),
+    ];
+    ways.iter()
+        .filter_map(|&(how, theirs, mine)| {
+            let (a, b) = (note_value(ours, mine)?, note_value(zram, theirs)?);
+            let verdict = if a >= b { "**PASS**" } else { "**MISS**" };
+            Some(format!(
+                "- {verdict} ublk compress lz4 vs zram lz4, compression ratio after the fill, \
+                 {how}: {a:.3} / {b:.3} = {:.3}× (bar: ≥ 1.00×)",
+                a / b
+            ))
+        })
+        .collect()
+}
+
+/// The whole `report.md`./// The whole `report.md`.
 pub fn markdown(
     plan: &Plan,
     r: &Results,
@@ -410,6 +451,9 @@ pub fn markdown(
     let _ = writeln!(md, "## Bars from the issue (1-job medians)\n");
     for b in bars {
         let _ = writeln!(md, "{}", b.line());
+    }
+    for line in ratio_bars(notes) {
+        let _ = writeln!(md, "{line}");
     }
 
     let _ = writeln!(md, "\n## Best ublk null mode vs best libublk mode\n");
@@ -875,5 +919,30 @@ mod tests {
         let json = rebuilds_json(&rebuilds);
         assert_eq!(json[1]["x_md"], json!(0.5));
         assert_eq!(json[0]["x_md"], json!(1.0));
+    }
+
+    #[test]
+    fn ratio_bars_read_the_compression_notes() {
+        let notes = vec![
+            "compression of zram-lz4 after the fill: orig_data_size 268435456, \
+             compr_data_size 136445701, mem_used_total 143196160 (mm_stat); ratio 1.967, \
+             by memory used 1.875"
+                .to_string(),
+            "compression of ublk-compress-lz4 after the fill: data_bytes 268435456, \
+             stored_bytes 137756421, allocated_bytes 138674176 (ublk status); ratio 1.949, \
+             by space allocated 1.936"
+                .to_string(),
+        ];
+        let lines = ratio_bars(&notes);
+        assert_eq!(lines.len(), 2, "{lines:?}");
+        assert!(lines[0].starts_with("- **MISS**"), "{}", lines[0]);
+        assert!(lines[0].contains("1.949 / 1.967 = 0.991×"), "{}", lines[0]);
+        assert!(lines[1].starts_with("- **PASS**"), "{}", lines[1]);
+        assert!(
+            lines[1].contains("by the space taken: 1.936 / 1.875"),
+            "{}",
+            lines[1]
+        );
+        assert!(ratio_bars(&notes[..1]).is_empty());
     }
 }
