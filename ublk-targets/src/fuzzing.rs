@@ -378,7 +378,7 @@ pub fn compress_image(data: &[u8]) {
         }
     }
     if mode & 2 != 0 {
-        for at in (0..image.len()).step_by(cformat::SECTOR as usize) {
+        for at in (0..image.len()).step_by(cformat::GRAIN as usize) {
             cformat::reseal(&mut image[at..]);
         }
     }

@@ -79,7 +79,7 @@ fn write_compress_image_seeds() {
         }
         v
     };
-    let seeds: [(&str, Vec<u8>); 13] = [
+    let seeds: [(&str, Vec<u8>); 14] = [
         ("base", with(0, &[])),
         ("base-resealed", with(2 | 4 << 2, &[])),
         ("blank", vec![1]),
@@ -108,6 +108,18 @@ fn write_compress_image_seeds() {
                 &[
                     patch(MAP_A + 16, &[1, 0, 0, 0, 0, 0x10, 0x40, 0]),
                     patch(MAP_B + 16, &[1, 0, 0, 0, 0, 0x10, 0x40, 0]),
+                ],
+            ),
+        ),
+        (
+            // Block 0's entry in both checkpoints: 64 bytes 48 bytes into sector 0 (format
+            // version 2's packing), over the extent that is there.
+            "map-entry-packed-forged",
+            with(
+                2,
+                &[
+                    patch(MAP_A + 16, &[0, 0, 0, 0, 0, 0x40, 0x40, 0x03]),
+                    patch(MAP_B + 16, &[0, 0, 0, 0, 0, 0x40, 0x40, 0x03]),
                 ],
             ),
         ),
