@@ -77,6 +77,8 @@ pub(crate) struct Core {
     pub(crate) submits: VecDeque<(NodeId, Io)>,
     /// Completions for nodes, delivered in order.
     pub(crate) events: VecDeque<(NodeId, Completion)>,
+    /// Completions asked for at the end of the loop turn ([`QueueCtx::at_turn_end`]).
+    pub(crate) turn_end: Vec<(NodeId, u64)>,
     pub(crate) meta: Vec<NodeMeta>,
     /// Nodes opened while the queue runs ([`QueueCtx::open_child`]), for the engine to add
     /// to its table after the node that opened them returns.
@@ -179,6 +181,15 @@ impl<'a> QueueCtx<'a> {
     /// The node being served.
     pub fn node(&self) -> NodeId {
         self.node
+    }
+
+    /// Asks for a completion with `token` (and result 0) once everything this loop turn of
+    /// the queue brought is handed out: the new requests, the completions, the notices, and
+    /// what they set in motion. Nothing is submitted to the kernel before it. A node that
+    /// gathers the work of several requests to serve them together (one child request for
+    /// the writes of many) does it there. Each call gives one completion.
+    pub fn at_turn_end(&mut self, token: u64) {
+        self.core.turn_end.push((self.node, token));
     }
 
     /// A handle for other threads to notify this node (see [`Notifier`]).

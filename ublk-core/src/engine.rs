@@ -108,6 +108,7 @@ impl Engine {
                 ops: Slab::new(),
                 submits: VecDeque::new(),
                 events: VecDeque::new(),
+                turn_end: Vec::new(),
                 meta: tree.meta,
                 opened: Vec::new(),
                 stats: Arc::new(QueueStats::new(q_id, paths)),
@@ -465,7 +466,16 @@ impl Engine {
             self.core.sink.take_into(&mut done);
             if done.is_empty() && !progressed {
                 self.scratch = done;
-                return;
+                if self.core.turn_end.is_empty() {
+                    return;
+                }
+                // Everything else is settled: the turn's end, for the nodes that asked.
+                for (node, token) in std::mem::take(&mut self.core.turn_end) {
+                    self.core
+                        .events
+                        .push_back((node, Completion::new(token, 0)));
+                }
+                continue;
             }
             for d in done.drain(..) {
                 self.finish(d);

@@ -452,4 +452,66 @@ mod tests {
             Err(SimError::TagUnavailable(9))
         );
     }
+
+    /// Holds every request until the turn's end, then answers each with the number of
+    /// requests the turn held.
+    struct Gather {
+        held: Vec<Io>,
+        turns: Arc<std::sync::Mutex<Vec<u32>>>,
+    }
+
+    struct Turns(Arc<std::sync::Mutex<Vec<u32>>>);
+
+    impl Target for Turns {
+        type Queue = Gather;
+        fn open_queue(&self, _: &mut OpenCtx<'_>) -> io::Result<Gather> {
+            Ok(Gather {
+                held: Vec::new(),
+                turns: Arc::clone(&self.0),
+            })
+        }
+    }
+
+    impl QueueTarget for Gather {
+        fn submit(&mut self, io: Io, ctx: &mut QueueCtx<'_>) {
+            if self.held.is_empty() {
+                ctx.at_turn_end(7);
+            }
+            self.held.push(io);
+        }
+        fn complete(&mut self, done: crate::target::Completion, _: &mut QueueCtx<'_>) {
+            assert_eq!((done.token, done.result), (7, 0));
+            let n = self.held.len() as u32;
+            self.turns.lock().unwrap().push(n);
+            for io in self.held.drain(..) {
+                io.complete(n as i32 * 512);
+            }
+        }
+    }
+
+    #[test]
+    fn the_turn_end_comes_after_every_request_of_the_turn() {
+        let turns = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let geo = Geometry {
+            size: 1 << 20,
+            logical_block_size: 512,
+            max_io: 64 << 10,
+        };
+        let mut q = SimQueue::new(&Turns(Arc::clone(&turns)), geo, 4).expect("sim queue");
+        let write = |i: u64| IoDesc {
+            op_flags: u32::from(sys::UBLK_IO_OP_WRITE),
+            nr_sectors: 1,
+            start_sector: i,
+            addr: 0,
+        };
+        for tag in 0..3u16 {
+            q.deliver(tag, write(u64::from(tag)), &[0; 512])
+                .expect("deliver");
+        }
+        let answers: Vec<(u16, i32)> = q.commits().iter().map(|c| (c.tag, c.result)).collect();
+        assert_eq!(answers.len(), 3);
+        assert!(answers.iter().all(|&(_, r)| r == 3 * 512), "{answers:?}");
+        assert_eq!(q.write(0, &[0; 512]), Ok(512), "a turn of one request");
+        assert_eq!(*turns.lock().unwrap(), vec![3, 1]);
+    }
 }

@@ -50,9 +50,10 @@
 //!
 //! **Extent**: a 16-byte header {magic `UCX1`, the low 32 bits of the logical block u32,
 //! payload length u16, kind u8, reserved u8, CRC32C u32 of header and payload with this
-//! field zeroed} followed by the payload. It starts on a 16-byte boundary: the extents one
-//! request writes are packed end to end (16-byte aligned), so neighbours share the sector
-//! between them; a sector is free once no extent overlaps it.
+//! field zeroed} followed by the payload. It starts on a 16-byte boundary: the extents a
+//! queue writes together (one request's, and those of the other writes of the same loop
+//! turn) are packed end to end (16-byte aligned), so neighbours share the sector between
+//! them; a sector is free once no extent overlaps it.
 
 use crate::ondisk::{block_crc, get_u32, get_u64, put_u32, put_u64};
 use std::ops::Range;

@@ -1,7 +1,9 @@
 //! One queue of a compressed device: reads decompress one extent per 4 KiB block; writes
 //! compress each block into a new extent (copy-on-write: nothing the durable map references
 //! is overwritten) and install it once it is on the child; FLUSH commits the changed map
-//! entries to the journal, or checkpoints the whole map when the journal is full.
+//! entries to the journal, or checkpoints the whole map when the journal is full. The
+//! extents of the writes compressed in one loop turn are placed together at its end
+//! ([`QueueCtx::at_turn_end`]), packed in shared runs of sectors.
 
 use std::ops::Range;
 use std::sync::atomic::Ordering::SeqCst;
@@ -23,6 +25,12 @@ use super::shared::{lock, Alloc, Shared, WAKE};
 const COMMIT: u64 = 1 << 62;
 /// Tokens of the discards that punch freed space carry this bit, and the key of the run.
 const PUNCH: u64 = 1 << 61;
+/// Tokens of the child writes that hold the extents of several writes carry this bit, and
+/// their key in `shared_writes`.
+const SHARED: u64 = 1 << 60;
+/// The token of the loop turn's end, where gathered writes are placed.
+const GATHERED: u64 = u64::MAX - 2;
+const _: () = assert!(GATHERED != FINISHED && GATHERED != WAKE);
 /// Times a read retries an extent that failed its check because the block was rewritten
 /// meanwhile.
 const READ_RETRIES: u8 = 4;
@@ -161,9 +169,12 @@ pub struct CompressQueue {
     inbox: Option<Arc<Inbox>>,
     /// Block-sized buffers the workers' jobs took and gave back, for reuse.
     spare_blocks: Vec<Bounce>,
+    /// Writes compressed this loop turn, placed together at its end.
+    gathered: Vec<(usize, Extents)>,
+    /// Child writes holding the extents of several writes: the writes' keys.
+    shared_writes: Slab<Vec<usize>>,
 }
 
-/// An extent buffer: a spare one, or a new one.
 /// The most one packed run, and one child write of a request's extents, holds: 128 KiB.
 const PACK_MAX_SECTORS: u64 = 256;
 
@@ -241,6 +252,7 @@ fn hold_of(sector: u64, at: u16, len: u32) -> Extent {
     }
 }
 
+/// An extent buffer: a spare one, or a new one.
 fn extent_buf(spare: &mut Vec<Bounce>) -> Option<Bounce> {
     spare.pop().or_else(|| Bounce::new(EXTENT_BUF).ok())
 }
@@ -303,6 +315,8 @@ impl CompressQueue {
             pool: None,
             inbox: None,
             spare_blocks: Vec::new(),
+            gathered: Vec::new(),
+            shared_writes: Slab::new(),
         }
     }
 
@@ -601,12 +615,15 @@ impl CompressQueue {
             }) if !w.packed.is_empty() => Some(std::mem::take(&mut w.packed)),
             _ => None,
         };
-        let prepared = match packed {
-            Some(packed) => self.place_packed(key, packed),
+        let extents = match packed {
+            Some(packed) => self.unpack(key, packed),
             None if self.pool.is_some() => return self.send_to_workers(key, ctx),
-            None => self.prepare_extents(key),
+            None => self.compress_blocks(key),
         };
-        self.prepared(key, prepared, ctx);
+        match extents {
+            Ok(extents) => self.gather(key, extents, ctx),
+            Err(e) => self.prepared(key, Prepared::Failed(e), ctx),
+        }
     }
 
     fn prepared(&mut self, key: usize, prepared: Prepared, ctx: &mut QueueCtx<'_>) {
@@ -760,28 +777,31 @@ impl CompressQueue {
             }
             return self.prepared(key, Prepared::Failed(e), ctx);
         }
-        let prepared = self.place_packed(key, packed);
-        self.prepared(key, prepared, ctx);
+        match self.unpack(key, packed) {
+            Ok(extents) => self.gather(key, extents, ctx),
+            Err(e) => self.prepared(key, Prepared::Failed(e), ctx),
+        }
     }
 
-    /// Places the blocks workers compressed.
-    fn place_packed(&mut self, key: usize, packed: Vec<Option<Packed>>) -> Prepared {
+    /// The blocks workers compressed, as the extents to place (the zero blocks' entries
+    /// set).
+    fn unpack(&mut self, key: usize, packed: Vec<Option<Packed>>) -> Result<Extents, i32> {
         let Some(Req {
             kind: Kind::Write(w),
             ..
         }) = self.reqs.get_mut(key)
         else {
-            return Prepared::Failed(-libc::EIO);
+            return Err(-libc::EIO);
         };
         let mut extents = Vec::with_capacity(packed.len());
         for (i, p) in packed.into_iter().enumerate() {
             match p {
                 Some(Packed::Extent(buf, kind, len)) => extents.push((i, buf, kind, len)),
                 Some(Packed::Zero) => w.blocks[i].entry = 0,
-                None => return Prepared::Failed(-libc::EIO),
+                None => return Err(-libc::EIO),
             }
         }
-        self.place_extents(key, extents)
+        Ok(extents)
     }
 
     /// Sends the child writes of request `key`'s extents.
@@ -802,17 +822,16 @@ impl CompressQueue {
         self.part_done(key, None, ctx);
     }
 
-    /// Builds the new content of request `key`'s blocks, compresses them and allocates their
-    /// extents: the child writes to make, one per extent for a request of one block (its
-    /// extent buffer is the write's), else one per run of adjacent extents.
-    fn prepare_extents(&mut self, key: usize) -> Prepared {
+    /// Builds the new content of request `key`'s blocks and compresses them: the extents to
+    /// place (the zero blocks' entries set).
+    fn compress_blocks(&mut self, key: usize) -> Result<Extents, i32> {
         let Some(Req {
             io,
             kind: Kind::Write(w),
             ..
         }) = self.reqs.get_mut(key)
         else {
-            return Prepared::Failed(-libc::EIO);
+            return Err(-libc::EIO);
         };
         let op = io.op();
         // (block index, extent buffer, kind, stored length) of the blocks with an extent.
@@ -833,13 +852,13 @@ impl CompressQueue {
                 Some(src) => src,
                 None => {
                     if build_block(b, io, &mut self.block).is_err() {
-                        return Prepared::Failed(-libc::EIO);
+                        return Err(-libc::EIO);
                     }
                     &self.block
                 }
             };
             let Some(mut buf) = extent_buf(&mut self.spare) else {
-                return Prepared::Failed(-libc::ENOMEM);
+                return Err(-libc::ENOMEM);
             };
             match self.codec.compress(b.lba, src, buf.as_mut_slice()) {
                 Ok(None) => {
@@ -847,22 +866,15 @@ impl CompressQueue {
                     self.spare.push(buf);
                 }
                 Ok(Some((kind, len))) => extents.push((i, buf, kind, len)),
-                Err(_) => return Prepared::Failed(-libc::EIO),
+                Err(_) => return Err(-libc::EIO),
             }
         }
-        self.place_extents(key, extents)
+        Ok(extents)
     }
 
     /// Allocates the extents of write `key`'s compressed blocks and builds the child writes
     /// that store them.
     fn place_extents(&mut self, key: usize, mut extents: Extents) -> Prepared {
-        let Some(Req {
-            kind: Kind::Write(w),
-            ..
-        }) = self.reqs.get_mut(key)
-        else {
-            return Prepared::Failed(-libc::EIO);
-        };
         let lens: Vec<u32> = extents.iter().map(|x| x.3 as u32).collect();
         // Allocate every extent under one lock.
         let placed = {
@@ -883,8 +895,49 @@ impl CompressQueue {
                 }
             }
         };
+        let Some(allocated) = self.assign(key, &extents, &placed) else {
+            return Prepared::Failed(-libc::EIO);
+        };
+        if let ([_], [e]) = (&extents[..], &allocated[..]) {
+            let span = e.span();
+            if let Some((_, mut buf, _, len)) = extents.pop() {
+                // The rest of its last sector goes to the child too: no stale bytes.
+                buf.as_mut_slice()[len..(span.end - span.start) as usize * SECTOR as usize].fill(0);
+                return Prepared::One(self.child_write(span.start, span.end), buf);
+            }
+        }
+        let items: Vec<(Extent, usize, &[u8])> = allocated
+            .iter()
+            .zip(&placed)
+            .zip(&extents)
+            .map(|((e, p), x)| (*e, p.2, &x.1.as_slice()[..x.3]))
+            .collect();
+        let writes = self.build_writes(&items);
+        self.spare.extend(extents.into_iter().map(|x| x.1));
+        self.spare.truncate(SPARE_MAX);
+        match writes {
+            Ok(writes) => Prepared::Writes(writes.into_iter().map(|(r, b, _)| (r, b)).collect()),
+            Err(e) => Prepared::Failed(e),
+        }
+    }
+
+    /// Write `key`'s compressed blocks got the places `placed` (see [`place`]): their map
+    /// entries and the extents the write holds. `None` if `key` is not a write.
+    fn assign(
+        &mut self,
+        key: usize,
+        extents: &Extents,
+        placed: &[(u64, u16, usize)],
+    ) -> Option<Vec<Extent>> {
+        let Some(Req {
+            kind: Kind::Write(w),
+            ..
+        }) = self.reqs.get_mut(key)
+        else {
+            return None;
+        };
         let mut allocated = Vec::with_capacity(placed.len());
-        for ((i, _, kind, len), &(sector, at, _)) in extents.iter().zip(&placed) {
+        for ((i, _, kind, len), &(sector, at, _)) in extents.iter().zip(placed) {
             let e = Extent {
                 sector,
                 at,
@@ -894,70 +947,180 @@ impl CompressQueue {
             w.blocks[*i].entry = e.encode().unwrap_or(0);
             allocated.push(e);
         }
-        w.allocated = allocated;
+        w.allocated.clone_from(&allocated);
         w.writing = true;
-        let placed_extents = &w.allocated;
-        let layout = self.s.layout;
-        let write = |start: u64, end: u64| BlockIo {
+        Some(allocated)
+    }
+
+    /// A child write of data-area sectors `start..end`.
+    fn child_write(&self, start: u64, end: u64) -> BlockIo {
+        BlockIo {
             op: Op::Write,
-            offset: layout.sector_offset(start),
+            offset: self.s.layout.sector_offset(start),
             len: ((end - start) * SECTOR) as u32,
             flags: IoFlags::default(),
-        };
-        if let ([_], [e]) = (&extents[..], &placed_extents[..]) {
-            let span = e.span();
-            if let Some((_, mut buf, _, len)) = extents.pop() {
-                // The rest of its last sector goes to the child too: no stale bytes.
-                buf.as_mut_slice()[len..(span.end - span.start) as usize * SECTOR as usize].fill(0);
-                return Prepared::One(write(span.start, span.end), buf);
-            }
         }
-        // One child write per packed run, adjacent runs joined up to 128 KiB.
-        let mut order: Vec<usize> = (0..placed_extents.len()).collect();
-        order.sort_by_key(|&j| placed_extents[j].bytes().start);
+    }
+
+    /// The child writes that store placed extents, given as (extent, run, stored bytes):
+    /// one per packed run (its extents may share sectors, so one write holds them), adjacent
+    /// runs joined up to 128 KiB. Each comes with the indexes of the extents it holds.
+    fn build_writes(
+        &self,
+        items: &[(Extent, usize, &[u8])],
+    ) -> Result<Vec<(BlockIo, Bounce, Vec<usize>)>, i32> {
+        let mut order: Vec<usize> = (0..items.len()).collect();
+        order.sort_by_key(|&j| items[j].0.bytes().start);
         // Where each run ends.
-        let mut run_end = vec![0; placed.last().map_or(0, |p| p.2 + 1)];
-        for (e, p) in placed_extents.iter().zip(&placed) {
-            run_end[p.2] = run_end[p.2].max(e.span().end);
+        let mut run_end = vec![0; items.iter().map(|x| x.1 + 1).max().unwrap_or(0)];
+        for (e, run, _) in items {
+            run_end[*run] = run_end[*run].max(e.span().end);
         }
         // (first sector, end sector, run of the last member, members)
-        let mut writes_at: Vec<(u64, u64, usize, Vec<usize>)> = Vec::new();
+        let mut spans: Vec<(u64, u64, usize, Vec<usize>)> = Vec::new();
         for j in order {
-            let span = placed_extents[j].span();
-            let run = placed[j].2;
-            match writes_at.last_mut() {
-                // Packed together: they may share a sector, so one write holds them.
-                Some((_, end, last, members)) if *last == run => {
+            let (e, run, _) = &items[j];
+            let span = e.span();
+            match spans.last_mut() {
+                Some((_, end, last, members)) if last == run => {
                     *end = (*end).max(span.end);
                     members.push(j);
                 }
                 // The next run starts where this write ends and all of it fits.
                 Some((start, end, last, members))
-                    if *end == span.start && run_end[run] - *start <= PACK_MAX_SECTORS =>
+                    if *end == span.start && run_end[*run] - *start <= PACK_MAX_SECTORS =>
                 {
                     *end = span.end;
-                    *last = run;
+                    *last = *run;
                     members.push(j);
                 }
-                _ => writes_at.push((span.start, span.end, run, vec![j])),
+                _ => spans.push((span.start, span.end, *run, vec![j])),
             }
         }
-        let mut writes = Vec::with_capacity(writes_at.len());
-        for (start, end, _, members) in writes_at {
-            let bytes = (end - start) * SECTOR;
-            let Ok(mut buf) = Bounce::new(bytes as usize) else {
-                return Prepared::Failed(-libc::ENOMEM);
-            };
+        let mut writes = Vec::with_capacity(spans.len());
+        for (start, end, _, members) in spans {
+            let mut buf =
+                Bounce::new(((end - start) * SECTOR) as usize).map_err(|_| -libc::ENOMEM)?;
             for &j in &members {
-                let at = (placed_extents[j].bytes().start - start * SECTOR) as usize;
-                let n = extents[j].3;
-                buf.as_mut_slice()[at..at + n].copy_from_slice(&extents[j].1.as_slice()[..n]);
+                let (e, _, bytes) = &items[j];
+                let at = (e.bytes().start - start * SECTOR) as usize;
+                buf.as_mut_slice()[at..at + bytes.len()].copy_from_slice(bytes);
             }
-            writes.push((write(start, end), buf));
+            writes.push((self.child_write(start, end), buf, members));
         }
-        self.spare.extend(extents.into_iter().map(|x| x.1));
-        self.spare.truncate(SPARE_MAX);
-        Prepared::Writes(writes)
+        Ok(writes)
+    }
+
+    /// Write `key`'s blocks are compressed: its extents are placed at the end of the loop
+    /// turn, packed with those of the other writes compressed in the same turn.
+    fn gather(&mut self, key: usize, extents: Extents, ctx: &mut QueueCtx<'_>) {
+        if extents.is_empty() {
+            let prepared = self.place_extents(key, extents);
+            return self.prepared(key, prepared, ctx);
+        }
+        if self.gathered.is_empty() {
+            ctx.at_turn_end(GATHERED);
+        }
+        self.gathered.push((key, extents));
+    }
+
+    /// The loop turn's end: places the extents of the writes gathered in it, packed
+    /// together, and sends the child writes, each answering every write it holds extents
+    /// of. Without room for them all at once, each write is placed on its own.
+    fn place_gathered(&mut self, ctx: &mut QueueCtx<'_>) {
+        let mut batch = std::mem::take(&mut self.gathered);
+        if batch.len() == 1 {
+            if let Some((key, extents)) = batch.pop() {
+                let prepared = self.place_extents(key, extents);
+                self.prepared(key, prepared, ctx);
+            }
+            return;
+        }
+        let lens: Vec<u32> = batch
+            .iter()
+            .flat_map(|(_, x)| x.iter().map(|x| x.3 as u32))
+            .collect();
+        let placed = place(&mut lock(&self.s.alloc), &lens);
+        let Some(placed) = placed else {
+            for (key, extents) in batch {
+                let prepared = self.place_extents(key, extents);
+                self.prepared(key, prepared, ctx);
+            }
+            return;
+        };
+        // Each write's extents, and which write each extent belongs to.
+        let mut allocated = Vec::with_capacity(lens.len());
+        let mut owner = Vec::with_capacity(lens.len());
+        let mut at = 0;
+        for (key, extents) in &batch {
+            let mine = &placed[at..at + extents.len()];
+            at += extents.len();
+            match self.assign(*key, extents, mine) {
+                Some(es) => allocated.extend(es.into_iter().zip(mine).map(|(e, p)| (e, p.2))),
+                None => allocated.extend(mine.iter().map(|p| (hold_of(p.0, p.1, 0), p.2))),
+            }
+            owner.extend(std::iter::repeat(*key).take(extents.len()));
+        }
+        let items: Vec<(Extent, usize, &[u8])> = allocated
+            .iter()
+            .zip(batch.iter().flat_map(|(_, x)| x.iter()))
+            .map(|((e, run), x)| (*e, *run, &x.1.as_slice()[..x.3]))
+            .collect();
+        let writes = self.build_writes(&items);
+        let keys: Vec<usize> = batch.iter().map(|(k, _)| *k).collect();
+        for (_, extents) in batch {
+            for x in extents {
+                self.recycle(x.1);
+            }
+        }
+        let writes = match writes {
+            Ok(writes) => writes,
+            Err(e) => {
+                for key in keys {
+                    self.prepared(key, Prepared::Failed(e), ctx);
+                }
+                return;
+            }
+        };
+        // Each write is answered once every child write it has extents in is done (and the
+        // sending below is over).
+        for key in &keys {
+            if let Some(req) = self.reqs.get_mut(*key) {
+                req.left = 1;
+            }
+        }
+        let mut holders: Vec<Vec<usize>> = Vec::with_capacity(writes.len());
+        for (_, _, members) in &writes {
+            let mut these: Vec<usize> = members.iter().map(|&j| owner[j]).collect();
+            these.sort_unstable();
+            these.dedup();
+            for &key in &these {
+                if let Some(req) = self.reqs.get_mut(key) {
+                    req.left += 1;
+                }
+            }
+            holders.push(these);
+        }
+        for ((req, buf, _), these) in writes.into_iter().zip(holders) {
+            let id = self.shared_writes.insert(these);
+            if !self.child_io(req, buf, SHARED | id as u64, ctx) {
+                self.shared_write_done(id, -libc::EIO, ctx);
+            }
+        }
+        for key in keys {
+            self.part_done(key, None, ctx);
+        }
+    }
+
+    /// A child write holding the extents of several writes ended.
+    fn shared_write_done(&mut self, id: usize, result: i32, ctx: &mut QueueCtx<'_>) {
+        let Some(keys) = self.shared_writes.try_remove(id) else {
+            tracing::error!(id, "compress: answer for no shared write");
+            return;
+        };
+        for key in keys {
+            self.part_done(key, (result < 0).then_some(result), ctx);
+        }
     }
 
     /// The extents are on the child (or the write failed): install them and answer.
@@ -1346,6 +1509,12 @@ impl CompressQueue {
     fn completed(&mut self, done: &mut Completion, ctx: &mut QueueCtx<'_>) {
         if done.token == FINISHED {
             return self.take_finished(ctx);
+        }
+        if done.token == GATHERED {
+            return self.place_gathered(ctx);
+        }
+        if done.token & SHARED != 0 && done.token & (COMMIT | PUNCH) == 0 && done.token < GATHERED {
+            return self.shared_write_done((done.token & !SHARED) as usize, done.result, ctx);
         }
         if done.token == WAKE {
             self.answer_waiting();

@@ -143,19 +143,22 @@ compress_fill() {
         --iodepth=16 --size="$COMPRESS_SPAN_MIB"M --end_fsync=1 $COMPRESS_DATA >/dev/null || return 1
 }
 
-# zram_ratio NAME: prints zram0's mm_stat (orig_data_size compr_data_size
-# mem_used_total ...) as a note.
+# zram_ratio NAME [WHEN]: prints zram0's mm_stat (orig_data_size compr_data_size
+# mem_used_total ...) as a note, "after the fill" unless WHEN says when.
 zram_ratio() {
     read -r _orig _compr _used _ </sys/block/zram0/mm_stat || return 1
-    echo "XTASK-BENCH-NOTE compression of $1 after the fill: orig_data_size $_orig, compr_data_size $_compr, mem_used_total $_used (mm_stat); ratio $(awk "BEGIN {printf \"%.3f\", $_orig / $_compr}"), by memory used $(awk "BEGIN {printf \"%.3f\", $_orig / $_used}")"
+    echo "XTASK-BENCH-NOTE compression of $1 ${2:-after the fill}: orig_data_size $_orig, compr_data_size $_compr, mem_used_total $_used (mm_stat); ratio $(awk "BEGIN {printf \"%.3f\", $_orig / $_compr}"), by memory used $(awk "BEGIN {printf \"%.3f\", $_orig / $_used}")"
 }
 
-# ublk_ratio NAME ID: prints the compress node's status fields as a note.
+# ublk_ratio NAME ID [WHEN DEV]: prints the compress node's status fields as a note,
+# "after the fill" unless WHEN says when; with DEV, after a flush of it (sync DEV
+# fsyncs the device: the commit frees what overwrites left).
 ublk_ratio() {
+    if [ -n "${4:-}" ]; then sync "$4" || return 1; fi
     _st=$(ublk status "$2" --json) || return 1
     _field() { printf '%s\n' "$_st" | sed -n "s/.*\"$1\":\([0-9.]*\).*/\1/p"; }
     _data=$(_field data_bytes); _stored=$(_field stored_bytes); _alloc=$(_field allocated_bytes)
-    echo "XTASK-BENCH-NOTE compression of $1 after the fill: data_bytes $_data, stored_bytes $_stored, allocated_bytes $_alloc (ublk status); ratio $(awk "BEGIN {printf \"%.3f\", $_data / $_stored}"), by space allocated $(awk "BEGIN {printf \"%.3f\", $_data / $_alloc}")"
+    echo "XTASK-BENCH-NOTE compression of $1 ${3:-after the fill}: data_bytes $_data, stored_bytes $_stored, allocated_bytes $_alloc (ublk status); ratio $(awk "BEGIN {printf \"%.3f\", $_data / $_stored}"), by space allocated $(awk "BEGIN {printf \"%.3f\", $_data / $_alloc}")"
 }
 "#;
 
@@ -397,6 +400,21 @@ fi
             }
         }
     }
+    // Where the compression ratios stand after the runs' random writes.
+    for (i, d) in plan.devices.iter().enumerate() {
+        let ratio = match (&d.setup, d.role) {
+            _ if !d.compresses() => continue,
+            (Setup::Zram(_), _) => format!("zram_ratio {} 'after the runs'", d.name),
+            (_, Role::UblkCompress) => {
+                format!(
+                    r#"ublk_ratio {} $u{i}_id 'after the runs' "$DEV_{i}""#,
+                    d.name
+                )
+            }
+            _ => continue,
+        };
+        let _ = write!(s, "\nif [ -n \"$DEV_{i}\" ]; then {ratio}; fi\n");
+    }
     s.push_str("\necho \"== bench: done\"\n");
     s
 }
@@ -571,6 +589,13 @@ mod tests {
         assert!(s.contains(
             "compress_fill ublk-compress-zstd \"$DEV\" && ublk_ratio ublk-compress-zstd $u2_id"
         ));
+        // And again after the runs, the ublk rows after a flush.
+        assert!(s.contains("then zram_ratio zram-lz4 'after the runs'; fi"));
+        assert!(
+            s.contains("then ublk_ratio ublk-compress-lz4 $u1_id 'after the runs' \"$DEV_1\"; fi")
+        );
+        let end = s.rfind("after the runs").expect("ratios after the runs");
+        assert!(s.rfind("run_fio").expect("runs") < end);
         for name in ["zram-lz4", "ublk-compress-lz4", "ublk-compress-zstd"] {
             let runs = s.matches(&format!("run_fio {name}.")).count();
             assert_eq!(runs, 2 * 2 * 3, "{name}");
