@@ -178,9 +178,9 @@ pub struct CompressQueue {
 /// The most one packed run, and one child write of a request's extents, holds: 128 KiB.
 const PACK_MAX_SECTORS: u64 = 256;
 
-/// Places the extents of one request, of `lens` stored bytes: packed end to end (16-byte
-/// aligned, see [`Alloc::alloc_packed`]) in runs of at most [`PACK_MAX_SECTORS`], or, for a
-/// run no free space is long enough for, each of its extents on its own. Returns the
+/// Places extents of `lens` stored bytes: packed end to end (16-byte aligned, see
+/// [`Alloc::alloc_packed`]) in runs of at most [`PACK_MAX_SECTORS`], a run no free space is
+/// long enough for split in shorter ones (see [`pack_split`]). Returns the
 /// `(sector, at, run)` of each: extents of one run share sectors, extents of different runs
 /// never do. All or nothing: `None` (and nothing held) when the data area has no room.
 fn place(alloc: &mut Alloc, lens: &[u32]) -> Option<Vec<(u64, u16, usize)>> {
@@ -201,45 +201,45 @@ fn place(alloc: &mut Alloc, lens: &[u32]) -> Option<Vec<(u64, u16, usize)>> {
             last += 1;
         }
         let run = &lens[first..last];
-        // One run of free sectors for them all, or no run that long: each on its own.
-        let (places, together) = match alloc.alloc_packed(run) {
-            Some(places) => (Some(places), true),
-            None => (alone(alloc, run), false),
-        };
-        let Some(places) = places else {
+        let Some(places) = pack_split(alloc, run) else {
             for e in &held {
                 alloc.free(e);
             }
             return None;
         };
-        for (&(sector, at), &len) in places.iter().zip(run) {
+        for (&(sector, at, sub), &len) in places.iter().zip(run) {
             held.push(hold_of(sector, at, len));
-            placed.push((sector, at, runs));
-            if !together {
-                runs += 1;
-            }
+            placed.push((sector, at, runs + sub));
         }
+        runs += places.last().map_or(0, |p| p.2);
         runs += 1;
         first = last;
     }
     Some(placed)
 }
 
-/// Each extent of `lens` bytes in whole sectors of its own; all or nothing.
-fn alone(alloc: &mut Alloc, lens: &[u32]) -> Option<Vec<(u64, u16)>> {
-    let mut places = Vec::with_capacity(lens.len());
-    for &len in lens {
-        match alloc.alloc(u64::from(len).div_ceil(SECTOR)) {
-            Some(sector) => places.push((sector, 0)),
-            None => {
-                for (&(sector, _), &len) in places.iter().zip(lens) {
-                    alloc.free(&hold_of(sector, 0, len));
-                }
-                return None;
-            }
-        }
+/// Extents of `lens` bytes packed in one run of free sectors, or, when no free run is that
+/// long, the two halves each packed the same way (down to an extent alone in whole sectors,
+/// for a data area cut into short holes). Returns the `(sector, at, sub-run)` of each, the
+/// sub-runs numbered from 0; all or nothing.
+fn pack_split(alloc: &mut Alloc, lens: &[u32]) -> Option<Vec<(u64, u16, usize)>> {
+    if let Some(places) = alloc.alloc_packed(lens) {
+        return Some(places.into_iter().map(|(s, a)| (s, a, 0)).collect());
     }
-    Some(places)
+    if lens.len() < 2 {
+        return None;
+    }
+    let (a, b) = lens.split_at(lens.len() / 2);
+    let mut first = pack_split(alloc, a)?;
+    let Some(second) = pack_split(alloc, b) else {
+        for (&(sector, at, _), &len) in first.iter().zip(a) {
+            alloc.free(&hold_of(sector, at, len));
+        }
+        return None;
+    };
+    let next = first.last().map_or(0, |p| p.2 + 1);
+    first.extend(second.into_iter().map(|(s, at, r)| (s, at, r + next)));
+    Some(first)
 }
 
 /// An extent of `len` bytes at `(sector, at)`, as far as the allocator cares.
@@ -1556,5 +1556,34 @@ impl CompressQueue {
             self.recycle(src);
             self.compressed(key, part, out, result.map_err(|e| e.to_string()), ctx);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn runs_too_long_for_the_holes_are_split_in_halves() {
+        let mut a = Alloc::new(40);
+        assert_eq!(a.alloc(40), Some(0));
+        // Two holes of 10 sectors: 0..10 and 20..30.
+        a.free(&hold_of(0, 0, 10 * 512 - 16));
+        a.free(&hold_of(20, 0, 10 * 512 - 16));
+        assert_eq!(a.allocated, 20);
+        // 4 × 2,100 bytes packed need 17 sectors; 2 of them need 9, so each half takes a
+        // hole, as a run of its own.
+        let places = pack_split(&mut a, &[2100; 4]).expect("room in halves");
+        assert_eq!(places, vec![(0, 0, 0), (4, 64, 0), (20, 0, 1), (24, 64, 1)]);
+        assert_eq!(a.allocated, 38);
+        // Sectors 9 and 29 are left: no room for two more, and nothing stays held.
+        assert_eq!(pack_split(&mut a, &[2100; 2]), None);
+        assert_eq!(a.allocated, 38);
+        // place() numbers the runs of its chunks on from there.
+        let mut b = Alloc::new(1 << 12);
+        let placed = place(&mut b, &[4112; 40]).expect("room");
+        let runs: Vec<usize> = placed.iter().map(|p| p.2).collect();
+        assert_eq!(runs[..31], [0; 31], "31 raw extents fit in 128 KiB");
+        assert_eq!(runs[31..], [1; 9]);
     }
 }
