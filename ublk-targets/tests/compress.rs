@@ -469,8 +469,14 @@ fn every_crash_point_opens_clean_with_flushed_blocks_intact() {
     drop(c);
     let snapshots = std::mem::take(&mut state.lock().expect("tap state").snapshots);
     assert!(snapshots.len() > 100, "{} snapshots", snapshots.len());
+    open_every_snapshot(&snapshots, TIGHT);
+}
+
+/// Opens every copy of the child a [`Tap`] took: each must open, and each block read one of
+/// the contents allowed for it at that moment.
+fn open_every_snapshot(snapshots: &[(Vec<u8>, Allowed)], child: u64) {
     for (i, (bytes, allowed)) in snapshots.iter().enumerate() {
-        let copy = Ram::new(TIGHT).expect("memfd");
+        let copy = Ram::new(child).expect("memfd");
         copy.write_at(0, bytes).expect("copy");
         let c = Compress::open(Arc::new(copy) as BoxTarget, &CompressOptions::default())
             .unwrap_or_else(|e| panic!("snapshot {i} does not open: {e}"));
@@ -486,6 +492,81 @@ fn every_crash_point_opens_clean_with_flushed_blocks_intact() {
             );
         }
     }
+}
+
+#[test]
+fn every_crash_point_opens_clean_with_writes_packed_across_requests() {
+    // As above, with up to 6 writes handed over in one loop turn, so that the extents of
+    // different requests share child writes and sectors.
+    const BLOCKS: usize = (SIZE / 4096) as usize;
+    const TIGHT: u64 = 512 << 10;
+    let tap = Tap {
+        ram: Ram::new(TIGHT).expect("memfd"),
+        every: 1,
+        state: Arc::new(Mutex::new(TapState {
+            ops: 0,
+            allowed: vec![vec![vec![0; BLOCK]]; BLOCKS],
+            snapshots: Vec::new(),
+        })),
+    };
+    let c = Compress::open(Arc::new(tap.clone()) as BoxTarget, &opts(Algo::Lz4)).expect("open");
+    let mut q = SimQueue::new(&c, geo(), 8).expect("sim queue");
+    let mut current = vec![0u8; SIZE as usize];
+    let mut rng = 777u64;
+    let mut next = |n: u64| {
+        rng ^= rng << 13;
+        rng ^= rng >> 7;
+        rng ^= rng << 17;
+        rng % n
+    };
+    let state = Arc::clone(&tap.state);
+    for step in 0..150u64 {
+        if next(8) == 0 {
+            assert_eq!(q.op(sys::UBLK_IO_OP_FLUSH, 0, 0, 0), Ok(0), "step {step}");
+            let mut st = state.lock().expect("tap state");
+            for (b, allowed) in st.allowed.iter_mut().enumerate() {
+                *allowed = vec![current[b * BLOCK..(b + 1) * BLOCK].to_vec()];
+            }
+            continue;
+        }
+        // 1 to 6 writes of 1 to 3 whole blocks, on blocks no other write of the turn has.
+        let mut writes: Vec<(u64, Vec<u8>)> = Vec::new();
+        for k in 0..1 + next(6) {
+            let blocks = 1 + next(3) as usize;
+            let lba = next((BLOCKS - blocks) as u64) as usize;
+            let range = lba * BLOCK..(lba + blocks) * BLOCK;
+            let taken = writes
+                .iter()
+                .any(|(o, d)| (*o as usize) < range.end && range.start < *o as usize + d.len());
+            if taken {
+                continue;
+            }
+            let data = if next(2) == 0 {
+                half_random(step * 10 + k, range.len())
+            } else {
+                compressible(step * 10 + k, range.len())
+            };
+            writes.push((range.start as u64, data));
+        }
+        let mut after = current.clone();
+        {
+            let mut st = state.lock().expect("tap state");
+            for (offset, data) in &writes {
+                let at = *offset as usize;
+                after[at..at + data.len()].copy_from_slice(data);
+                for b in at / BLOCK..(at + data.len()) / BLOCK {
+                    st.allowed[b].push(after[b * BLOCK..(b + 1) * BLOCK].to_vec());
+                }
+            }
+        }
+        write_in_one_turn(&mut q, &writes);
+        current = after;
+    }
+    drop(q);
+    drop(c);
+    let snapshots = std::mem::take(&mut state.lock().expect("tap state").snapshots);
+    assert!(snapshots.len() > 100, "{} snapshots", snapshots.len());
+    open_every_snapshot(&snapshots, TIGHT);
 }
 
 #[test]
