@@ -374,40 +374,58 @@ impl QueueTarget for TapQueue {
     }
 }
 
-#[test]
-fn every_crash_point_opens_clean_with_flushed_blocks_intact() {
-    const BLOCKS: usize = (SIZE / 4096) as usize;
-    // A child whose data area is little more than the logical size stored raw: extents are
-    // reused soon after they are freed, and writes wait for commits to release space.
-    const TIGHT: u64 = 512 << 10;
-    let tap = Tap {
+/// Blocks of the crash tests' devices.
+const BLOCKS: usize = (SIZE / 4096) as usize;
+/// The crash tests' child: its data area is little more than the logical size stored raw,
+/// so extents are reused soon after they are freed, and writes wait for commits to release
+/// space.
+const TIGHT: u64 = 512 << 10;
+
+/// A [`Tap`] over a new [`TIGHT`] child copying it before every `every`-th request, with
+/// every block allowed to read zeroes.
+fn tight_tap(every: u64) -> Tap {
+    Tap {
         ram: Ram::new(TIGHT).expect("memfd"),
-        every: 2,
+        every,
         state: Arc::new(Mutex::new(TapState {
             ops: 0,
             allowed: vec![vec![vec![0; BLOCK]]; BLOCKS],
             snapshots: Vec::new(),
         })),
-    };
+    }
+}
+
+/// A xorshift generator from `seed`: `next(n)` is below `n`.
+fn xorshift(mut seed: u64) -> impl FnMut(u64) -> u64 {
+    move |n| {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        seed % n
+    }
+}
+
+/// A flush succeeded: each block may read only its `current` content from now on.
+fn flushed(state: &Mutex<TapState>, current: &[u8]) {
+    let mut st = state.lock().expect("tap state");
+    for (b, allowed) in st.allowed.iter_mut().enumerate() {
+        *allowed = vec![current[b * BLOCK..(b + 1) * BLOCK].to_vec()];
+    }
+}
+
+#[test]
+fn every_crash_point_opens_clean_with_flushed_blocks_intact() {
+    let tap = tight_tap(2);
     let c = Compress::open(Arc::new(tap.clone()) as BoxTarget, &opts(Algo::Lz4)).expect("open");
     let mut q = SimQueue::new(&c, geo(), 8).expect("sim queue");
     let mut current = vec![0u8; SIZE as usize];
-    let mut rng = 12345u64;
-    let mut next = |n: u64| {
-        rng ^= rng << 13;
-        rng ^= rng >> 7;
-        rng ^= rng << 17;
-        rng % n
-    };
+    let mut next = xorshift(12345);
     let state = Arc::clone(&tap.state);
     for step in 0..400u64 {
         let kind = next(20);
         if kind == 0 {
             assert_eq!(q.op(sys::UBLK_IO_OP_FLUSH, 0, 0, 0), Ok(0), "step {step}");
-            let mut st = state.lock().expect("tap state");
-            for (b, allowed) in st.allowed.iter_mut().enumerate() {
-                *allowed = vec![current[b * BLOCK..(b + 1) * BLOCK].to_vec()];
-            }
+            flushed(&state, &current);
             continue;
         }
         // A write (some FUA), a discard or write-zeroes, aligned or not.
@@ -498,35 +516,16 @@ fn open_every_snapshot(snapshots: &[(Vec<u8>, Allowed)], child: u64) {
 fn every_crash_point_opens_clean_with_writes_packed_across_requests() {
     // As above, with up to 6 writes handed over in one loop turn, so that the extents of
     // different requests share child writes and sectors.
-    const BLOCKS: usize = (SIZE / 4096) as usize;
-    const TIGHT: u64 = 512 << 10;
-    let tap = Tap {
-        ram: Ram::new(TIGHT).expect("memfd"),
-        every: 1,
-        state: Arc::new(Mutex::new(TapState {
-            ops: 0,
-            allowed: vec![vec![vec![0; BLOCK]]; BLOCKS],
-            snapshots: Vec::new(),
-        })),
-    };
+    let tap = tight_tap(1);
     let c = Compress::open(Arc::new(tap.clone()) as BoxTarget, &opts(Algo::Lz4)).expect("open");
     let mut q = SimQueue::new(&c, geo(), 8).expect("sim queue");
     let mut current = vec![0u8; SIZE as usize];
-    let mut rng = 777u64;
-    let mut next = |n: u64| {
-        rng ^= rng << 13;
-        rng ^= rng >> 7;
-        rng ^= rng << 17;
-        rng % n
-    };
+    let mut next = xorshift(777);
     let state = Arc::clone(&tap.state);
     for step in 0..150u64 {
         if next(8) == 0 {
             assert_eq!(q.op(sys::UBLK_IO_OP_FLUSH, 0, 0, 0), Ok(0), "step {step}");
-            let mut st = state.lock().expect("tap state");
-            for (b, allowed) in st.allowed.iter_mut().enumerate() {
-                *allowed = vec![current[b * BLOCK..(b + 1) * BLOCK].to_vec()];
-            }
+            flushed(&state, &current);
             continue;
         }
         // 1 to 6 writes of 1 to 3 whole blocks, on blocks no other write of the turn has.
