@@ -16,10 +16,10 @@ use ublk_zc::{BlockIo, Bounce, Child, Completion, Io, IoFlags, Op, QueueCtx, Que
 use super::codec::{Codec, ROOMY};
 use super::format::{
     block_part, blocks_of, encode_journal_block, encode_map_block, Extent, Record, BLOCK,
-    BLOCK_BYTES, ENTRIES_PER_BLOCK, GRAIN, MAX_EXTENT, RECORDS_PER_BLOCK, SECTOR,
+    BLOCK_BYTES, ENTRIES_PER_BLOCK, MAX_EXTENT, RECORDS_PER_BLOCK, SECTOR,
 };
 use super::pool::{Finished, Inbox, Outcome, Pool, Work, FINISHED};
-use super::shared::{lock, Alloc, Shared, WAKE};
+use super::shared::{hold_of, lock, Shared, PACK_MAX_SECTORS, WAKE};
 
 /// Tokens of the commit's child requests carry this bit (request tokens are `key << 16 | part`).
 const COMMIT: u64 = 1 << 62;
@@ -173,83 +173,6 @@ pub struct CompressQueue {
     gathered: Vec<(usize, Extents)>,
     /// Child writes holding the extents of several writes: the writes' keys.
     shared_writes: Slab<Vec<usize>>,
-}
-
-/// The most one packed run, and one child write of a request's extents, holds: 128 KiB.
-const PACK_MAX_SECTORS: u64 = 256;
-
-/// Places extents of `lens` stored bytes: packed end to end (16-byte aligned, see
-/// [`Alloc::alloc_packed`]) in runs of at most [`PACK_MAX_SECTORS`], a run no free space is
-/// long enough for split in shorter ones (see [`pack_split`]). Returns the
-/// `(sector, at, run)` of each: extents of one run share sectors, extents of different runs
-/// never do. All or nothing: `None` (and nothing held) when the data area has no room.
-fn place(alloc: &mut Alloc, lens: &[u32]) -> Option<Vec<(u64, u16, usize)>> {
-    let mut placed: Vec<(u64, u16, usize)> = Vec::with_capacity(lens.len());
-    let mut held: Vec<Extent> = Vec::with_capacity(lens.len());
-    let mut first = 0;
-    let mut runs = 0;
-    while first < lens.len() {
-        // The longest run from `first` that fits in PACK_MAX_SECTORS.
-        let mut end_byte = 0u64;
-        let mut last = first;
-        while last < lens.len() {
-            let end = end_byte.next_multiple_of(GRAIN) + u64::from(lens[last]);
-            if last > first && end > PACK_MAX_SECTORS * SECTOR {
-                break;
-            }
-            end_byte = end;
-            last += 1;
-        }
-        let run = &lens[first..last];
-        let Some(places) = pack_split(alloc, run) else {
-            for e in &held {
-                alloc.free(e);
-            }
-            return None;
-        };
-        for (&(sector, at, sub), &len) in places.iter().zip(run) {
-            held.push(hold_of(sector, at, len));
-            placed.push((sector, at, runs + sub));
-        }
-        runs += places.last().map_or(0, |p| p.2);
-        runs += 1;
-        first = last;
-    }
-    Some(placed)
-}
-
-/// Extents of `lens` bytes packed in one run of free sectors, or, when no free run is that
-/// long, the two halves each packed the same way (down to an extent alone in whole sectors,
-/// for a data area cut into short holes). Returns the `(sector, at, sub-run)` of each, the
-/// sub-runs numbered from 0; all or nothing.
-fn pack_split(alloc: &mut Alloc, lens: &[u32]) -> Option<Vec<(u64, u16, usize)>> {
-    if let Some(places) = alloc.alloc_packed(lens) {
-        return Some(places.into_iter().map(|(s, a)| (s, a, 0)).collect());
-    }
-    if lens.len() < 2 {
-        return None;
-    }
-    let (a, b) = lens.split_at(lens.len() / 2);
-    let mut first = pack_split(alloc, a)?;
-    let Some(second) = pack_split(alloc, b) else {
-        for (&(sector, at, _), &len) in first.iter().zip(a) {
-            alloc.free(&hold_of(sector, at, len));
-        }
-        return None;
-    };
-    let next = first.last().map_or(0, |p| p.2 + 1);
-    first.extend(second.into_iter().map(|(s, at, r)| (s, at, r + next)));
-    Some(first)
-}
-
-/// An extent of `len` bytes at `(sector, at)`, as far as the allocator cares.
-fn hold_of(sector: u64, at: u16, len: u32) -> Extent {
-    Extent {
-        sector,
-        at,
-        len,
-        kind: super::format::Kind::Raw,
-    }
 }
 
 /// An extent buffer: a spare one, or a new one.
@@ -879,7 +802,7 @@ impl CompressQueue {
         // Allocate every extent under one lock.
         let placed = {
             let mut alloc = lock(&self.s.alloc);
-            match place(&mut alloc, &lens) {
+            match alloc.place(&lens) {
                 Some(placed) => placed,
                 None => {
                     // Space comes back when a commit releases what overwrites freed.
@@ -921,7 +844,7 @@ impl CompressQueue {
         }
     }
 
-    /// Write `key`'s compressed blocks got the places `placed` (see [`place`]): their map
+    /// Write `key`'s compressed blocks got the places `placed` (see [`Alloc::place`](super::shared::Alloc::place)): their map
     /// entries and the extents the write holds. `None` if `key` is not a write.
     fn assign(
         &mut self,
@@ -1040,7 +963,7 @@ impl CompressQueue {
             .iter()
             .flat_map(|(_, x)| x.iter().map(|x| x.3 as u32))
             .collect();
-        let placed = place(&mut lock(&self.s.alloc), &lens);
+        let placed = lock(&self.s.alloc).place(&lens);
         let Some(placed) = placed else {
             for (key, extents) in batch {
                 let prepared = self.place_extents(key, extents);
@@ -1513,9 +1436,6 @@ impl CompressQueue {
         if done.token == GATHERED {
             return self.place_gathered(ctx);
         }
-        if done.token & SHARED != 0 && done.token & (COMMIT | PUNCH) == 0 && done.token < GATHERED {
-            return self.shared_write_done((done.token & !SHARED) as usize, done.result, ctx);
-        }
         if done.token == WAKE {
             self.answer_waiting();
             self.retry_no_space(ctx);
@@ -1527,6 +1447,9 @@ impl CompressQueue {
         }
         if done.token & PUNCH != 0 {
             return self.punch_done((done.token & !PUNCH) as usize, done.result);
+        }
+        if done.token & SHARED != 0 {
+            return self.shared_write_done((done.token & !SHARED) as usize, done.result, ctx);
         }
         let key = (done.token >> 16) as usize;
         let part = (done.token & 0xffff) as usize;
@@ -1556,34 +1479,5 @@ impl CompressQueue {
             self.recycle(src);
             self.compressed(key, part, out, result.map_err(|e| e.to_string()), ctx);
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn runs_too_long_for_the_holes_are_split_in_halves() {
-        let mut a = Alloc::new(40);
-        assert_eq!(a.alloc(40), Some(0));
-        // Two holes of 10 sectors: 0..10 and 20..30.
-        a.free(&hold_of(0, 0, 10 * 512 - 16));
-        a.free(&hold_of(20, 0, 10 * 512 - 16));
-        assert_eq!(a.allocated, 20);
-        // 4 × 2,100 bytes packed need 17 sectors; 2 of them need 9, so each half takes a
-        // hole, as a run of its own.
-        let places = pack_split(&mut a, &[2100; 4]).expect("room in halves");
-        assert_eq!(places, vec![(0, 0, 0), (4, 64, 0), (20, 0, 1), (24, 64, 1)]);
-        assert_eq!(a.allocated, 38);
-        // Sectors 9 and 29 are left: no room for two more, and nothing stays held.
-        assert_eq!(pack_split(&mut a, &[2100; 2]), None);
-        assert_eq!(a.allocated, 38);
-        // place() numbers the runs of its chunks on from there.
-        let mut b = Alloc::new(1 << 12);
-        let placed = place(&mut b, &[4112; 40]).expect("room");
-        let runs: Vec<usize> = placed.iter().map(|p| p.2).collect();
-        assert_eq!(runs[..31], [0; 31], "31 raw extents fit in 128 KiB");
-        assert_eq!(runs[31..], [1; 9]);
     }
 }

@@ -238,6 +238,70 @@ impl Alloc {
         Some(places)
     }
 
+    /// Places extents of `lens` stored bytes: packed end to end (16-byte aligned, see
+    /// [`Alloc::alloc_packed`]) in runs of at most [`PACK_MAX_SECTORS`], a run no free space is
+    /// long enough for split in shorter ones (see [`Alloc::pack_split`]). Returns the
+    /// `(sector, at, run)` of each: extents of one run share sectors, extents of different runs
+    /// never do. All or nothing: `None` (and nothing held) when the data area has no room.
+    pub(crate) fn place(&mut self, lens: &[u32]) -> Option<Vec<(u64, u16, usize)>> {
+        let mut placed: Vec<(u64, u16, usize)> = Vec::with_capacity(lens.len());
+        let mut held: Vec<Extent> = Vec::with_capacity(lens.len());
+        let mut first = 0;
+        let mut runs = 0;
+        while first < lens.len() {
+            // The longest run from `first` that fits in PACK_MAX_SECTORS.
+            let mut end_byte = 0u64;
+            let mut last = first;
+            while last < lens.len() {
+                let end = end_byte.next_multiple_of(GRAIN) + u64::from(lens[last]);
+                if last > first && end > PACK_MAX_SECTORS * SECTOR {
+                    break;
+                }
+                end_byte = end;
+                last += 1;
+            }
+            let run = &lens[first..last];
+            let Some(places) = self.pack_split(run) else {
+                for e in &held {
+                    self.free(e);
+                }
+                return None;
+            };
+            for (&(sector, at, sub), &len) in places.iter().zip(run) {
+                held.push(hold_of(sector, at, len));
+                placed.push((sector, at, runs + sub));
+            }
+            runs += places.last().map_or(0, |p| p.2);
+            runs += 1;
+            first = last;
+        }
+        Some(placed)
+    }
+
+    /// Extents of `lens` bytes packed in one run of free sectors, or, when no free run is that
+    /// long, the two halves each packed the same way (down to an extent alone in whole sectors,
+    /// for a data area cut into short holes). Returns the `(sector, at, sub-run)` of each, the
+    /// sub-runs numbered from 0; all or nothing.
+    fn pack_split(&mut self, lens: &[u32]) -> Option<Vec<(u64, u16, usize)>> {
+        if let Some(places) = self.alloc_packed(lens) {
+            return Some(places.into_iter().map(|(s, a)| (s, a, 0)).collect());
+        }
+        if lens.len() < 2 {
+            return None;
+        }
+        let (a, b) = lens.split_at(lens.len() / 2);
+        let mut first = self.pack_split(a)?;
+        let Some(second) = self.pack_split(b) else {
+            for (&(sector, at, _), &len) in first.iter().zip(a) {
+                self.free(&hold_of(sector, at, len));
+            }
+            return None;
+        };
+        let next = first.last().map_or(0, |p| p.2 + 1);
+        first.extend(second.into_iter().map(|(s, at, r)| (s, at, r + next)));
+        Some(first)
+    }
+
     /// Lets go of an extent's sectors: those no other extent holds are free. Also how an
     /// extent never referenced by the durable map (a failed write) is returned.
     pub(crate) fn free(&mut self, e: &Extent) {
@@ -345,6 +409,19 @@ impl Alloc {
     /// runs for their discard.
     pub(crate) fn has_pending(&self) -> bool {
         !self.pending.is_empty() || self.punching > 0
+    }
+}
+
+/// The most one packed run, and one child write of a request's extents, holds: 128 KiB.
+pub(crate) const PACK_MAX_SECTORS: u64 = 256;
+
+/// An extent of `len` bytes at `(sector, at)`, as far as the allocator cares.
+pub(crate) fn hold_of(sector: u64, at: u16, len: u32) -> Extent {
+    Extent {
+        sector,
+        at,
+        len,
+        kind: super::format::Kind::Raw,
     }
 }
 
@@ -637,5 +714,29 @@ mod tests {
         assert_eq!(b.allocated, 3, "z holds sectors 0..3");
         b.free(&z);
         assert_eq!(b.allocated, 0);
+    }
+
+    #[test]
+    fn runs_too_long_for_the_holes_are_split_in_halves() {
+        let mut a = Alloc::new(40);
+        assert_eq!(a.alloc(40), Some(0));
+        // Two holes of 10 sectors: 0..10 and 20..30.
+        a.free(&hold_of(0, 0, 10 * 512 - 16));
+        a.free(&hold_of(20, 0, 10 * 512 - 16));
+        assert_eq!(a.allocated, 20);
+        // 4 × 2,100 bytes packed need 17 sectors; 2 of them need 9, so each half takes a
+        // hole, as a run of its own.
+        let places = a.pack_split(&[2100; 4]).expect("room in halves");
+        assert_eq!(places, vec![(0, 0, 0), (4, 64, 0), (20, 0, 1), (24, 64, 1)]);
+        assert_eq!(a.allocated, 38);
+        // Sectors 9 and 29 are left: no room for two more, and nothing stays held.
+        assert_eq!(a.pack_split(&[2100; 2]), None);
+        assert_eq!(a.allocated, 38);
+        // place() numbers the runs of its chunks on from there.
+        let mut b = Alloc::new(1 << 12);
+        let placed = b.place(&[4112; 40]).expect("room");
+        let runs: Vec<usize> = placed.iter().map(|p| p.2).collect();
+        assert_eq!(runs[..31], [0; 31], "31 raw extents fit in 128 KiB");
+        assert_eq!(runs[31..], [1; 9]);
     }
 }
