@@ -24,16 +24,30 @@
 //!   sequential stream stays on its leg). The regions' write-intent bits are set by the
 //!   prefill pass and stay set while the I/Os keep coming back to them, so the measured
 //!   writes do not wait for the mirror's thread.
+//! - `compress-lz4`: the compressing target over RAM with lz4 (`compress(ram, algo=lz4)`):
+//!   each write compresses its block into a new extent with its checksum and writes it to
+//!   the RAM child, each read reads the extent back, checks and decompresses it;
+//!
+//! and, for [`run_codec`] only (no target: the codec alone on the same block, what the
+//! compressing target's figures compare with), `lz4_flex` ([`CODECS`]).
+//!
+//! Every write carries the same block: half random bytes, half zeroes, like fio's
+//! `buffer_compress_percentage=50`.
 
 use std::hint::black_box;
 use std::time::{Duration, Instant};
 
+use std::sync::Arc;
 use ublk_core::io::IoDesc;
 use ublk_core::sim::SimQueue;
 use ublk_core::BufferMode;
 use ublk_core::{sys, Geometry, Target};
+
+use ublk_targets::compress::format::{Algo, Layout};
+use ublk_targets::compress::{Compress, CompressOptions};
 use ublk_targets::null::Null;
 use ublk_targets::ram::Ram;
+use ublk_zc::BoxTarget;
 
 /// Requests in flight per batch: one per tag.
 pub const BATCH: u16 = 64;
@@ -60,7 +74,43 @@ pub const WORKLOADS: &[&str] = &[
     "mirror2-null",
     "ram",
     "ram-user-copy",
+    "compress-lz4",
 ];
+
+/// The codec baselines [`run_codec`] runs.
+pub const CODECS: &[&str] = &["lz4_flex"];
+
+/// The block every write carries: half random bytes, half zeroes.
+pub fn block() -> Vec<u8> {
+    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+    let mut b = vec![0u8; IO_SIZE as usize];
+    for byte in &mut b[..IO_SIZE as usize / 2] {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        *byte = x as u8;
+    }
+    b
+}
+
+/// Runs codec `name` (one of [`CODECS`]) `n` times on [`block`]: a compression per write,
+/// a decompression per read. `false` when there is no such codec.
+pub fn run_codec(name: &str, dir: Dir, n: u64) -> bool {
+    if name != "lz4_flex" {
+        return false;
+    }
+    let data = block();
+    let packed = lz4_flex::block::compress(&data);
+    let mut out = vec![0u8; lz4_flex::block::get_maximum_output_size(data.len())];
+    for _ in 0..n {
+        let got = match dir {
+            Dir::Write => lz4_flex::block::compress_into(black_box(&data), &mut out).ok(),
+            Dir::Read => lz4_flex::block::decompress_into(black_box(&packed), &mut out).ok(),
+        };
+        black_box(got.expect("the block round-trips"));
+    }
+    true
+}
 
 /// The direction of the I/Os.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -112,7 +162,7 @@ impl<T: Target> Loop<T> {
             q,
             next: shift,
             shift,
-            data: vec![0x5a; IO_SIZE as usize],
+            data: block(),
             results: Vec::with_capacity(usize::from(BATCH)),
         };
         for _ in 0..SPAN / u64::from(IO_SIZE) / u64::from(BATCH) {
@@ -240,6 +290,17 @@ pub fn with_workload(name: &str, v: impl Visit) -> bool {
             BufferMode::UserCopy,
             0,
         ),
+        "compress-lz4" => {
+            let child = Layout::child_size_for(SPAN).expect("a child size for the span");
+            let ram = Ram::new(child).expect("RAM child memory");
+            let opts = CompressOptions {
+                size: Some(SPAN),
+                algo: Some(Algo::Lz4),
+                workers: 0,
+            };
+            let target = Compress::open(Arc::new(ram) as BoxTarget, &opts).expect("image");
+            v.visit(&target, BufferMode::Copy, 0)
+        }
         _ => return false,
     }
     true

@@ -8,7 +8,9 @@
 //!
 //! The setup (building the target, one pass of writes over the span) is the same whatever
 //! COUNT is, so the difference between two counts' totals divided by the difference of the
-//! counts is the cost of one I/O. Workloads: see `ublk_benches::simloop::WORKLOADS`.
+//! counts is the cost of one I/O. Workloads: see `ublk_benches::simloop::WORKLOADS`; the
+//! codec baselines (`ublk_benches::simloop::CODECS`, the codec alone on the same block, no
+//! queue) are named the same way.
 
 use std::process::ExitCode;
 
@@ -30,15 +32,16 @@ impl Visit for Run {
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     if args.len() == 1 && args[0] == "list" {
-        for w in simloop::WORKLOADS {
+        for w in simloop::WORKLOADS.iter().chain(simloop::CODECS) {
             println!("{w}");
         }
         return ExitCode::SUCCESS;
     }
     let usage = || {
         eprintln!(
-            "usage: sim-ios WORKLOAD read|write COUNT | sim-ios list\nworkloads: {}",
-            simloop::WORKLOADS.join(", ")
+            "usage: sim-ios WORKLOAD read|write COUNT | sim-ios list\nworkloads: {}, {}",
+            simloop::WORKLOADS.join(", "),
+            simloop::CODECS.join(", ")
         );
         ExitCode::from(2)
     };
@@ -53,7 +56,9 @@ fn main() -> ExitCode {
     let Ok(count) = count.parse() else {
         return usage();
     };
-    if !simloop::with_workload(workload, Run { dir, count }) {
+    if simloop::CODECS.contains(&workload.as_str()) {
+        simloop::run_codec(workload, dir, count);
+    } else if !simloop::with_workload(workload, Run { dir, count }) {
         return usage();
     }
     ExitCode::SUCCESS

@@ -10,6 +10,7 @@ use std::sync::atomic::Ordering::SeqCst;
 use std::sync::Arc;
 
 use slab::Slab;
+use smallvec::SmallVec;
 use ublk_core::sys::UBLK_IO_F_FUA;
 use ublk_zc::{BlockIo, Bounce, Child, Completion, Io, IoFlags, Op, QueueCtx, QueueTarget};
 
@@ -42,6 +43,14 @@ const EXTENT_BUF: usize = 2 * BLOCK;
 const _: () = assert!(EXTENT_BUF >= ROOMY && EXTENT_BUF >= MAX_EXTENT.div_ceil(512) * 512);
 /// Extent buffers a queue keeps for reuse (a queue depth's worth covers 4 KiB I/O).
 const SPARE_MAX: usize = 256;
+/// Bytes of the largest buffer packed runs are written to the child from: the longest child
+/// write [`CompressQueue::build_writes`] makes. Run buffers come in powers of two from twice
+/// [`EXTENT_BUF`] up to it.
+const RUN_BUF: usize = (PACK_MAX_SECTORS * SECTOR) as usize;
+const _: () = assert!(RUN_BUF.is_power_of_two() && EXTENT_BUF.is_power_of_two());
+/// Run buffers a queue keeps for reuse: a loop turn's runs are short where overwrites left
+/// the free space in short holes, so a turn can send dozens.
+const SPARE_RUNS: usize = 64;
 
 #[derive(Debug)]
 struct Req {
@@ -53,7 +62,7 @@ struct Req {
 
 #[derive(Debug)]
 enum Kind {
-    Read(Vec<ReadPart>),
+    Read(SmallVec<[ReadPart; 1]>),
     Write(WriteReq),
 }
 
@@ -72,9 +81,9 @@ struct ReadPart {
 #[derive(Debug)]
 struct WriteReq {
     /// The blocks it covers; it holds their busy bits.
-    blocks: Vec<WriteBlock>,
+    blocks: SmallVec<[WriteBlock; 1]>,
     /// Extents allocated for it (freed again if the write fails).
-    allocated: Vec<Extent>,
+    allocated: SmallVec<[Extent; 1]>,
     writing: bool,
     /// With compression workers: the jobs of its blocks not finished yet.
     jobs: u32,
@@ -93,7 +102,8 @@ enum Packed {
 
 /// Compressed blocks waiting for their extents: (block index, extent buffer, kind, stored
 /// length).
-type Extents = Vec<(usize, Bounce, super::format::Kind, usize)>;
+/// Inline for one block: a 4 KiB write allocates no vector for them.
+type Extents = SmallVec<[(usize, Bounce, super::format::Kind, usize); 1]>;
 
 #[derive(Debug)]
 struct WriteBlock {
@@ -169,6 +179,9 @@ pub struct CompressQueue {
     inbox: Option<Arc<Inbox>>,
     /// Block-sized buffers the workers' jobs took and gave back, for reuse.
     spare_blocks: Vec<Bounce>,
+    /// [`RUN_BUF`]-sized buffers of packed runs back from the child, for reuse: a new one
+    /// would cost the kernel a page fault for each of its pages.
+    spare_runs: Vec<Bounce>,
     /// Writes compressed this loop turn, placed together at its end.
     gathered: Vec<(usize, Extents)>,
     /// Child writes holding the extents of several writes: the writes' keys.
@@ -178,6 +191,25 @@ pub struct CompressQueue {
 /// An extent buffer: a spare one, or a new one.
 fn extent_buf(spare: &mut Vec<Bounce>) -> Option<Bounce> {
     spare.pop().or_else(|| Bounce::new(EXTENT_BUF).ok())
+}
+
+/// Whether a buffer of `len` bytes is one of [`run_buf`]'s sizes.
+fn is_run_buf(len: usize) -> bool {
+    len.is_power_of_two() && len > EXTENT_BUF && len <= RUN_BUF
+}
+
+/// A buffer for a run of `len` bytes (more than [`EXTENT_BUF`]): a spare one of the
+/// smallest size that holds it, or a new one (a power of two up to [`RUN_BUF`]; the
+/// exact length beyond).
+fn run_buf(spare: &mut Vec<Bounce>, len: usize) -> Option<Bounce> {
+    let size = len.next_power_of_two();
+    if size > RUN_BUF {
+        return Bounce::new(len).ok();
+    }
+    match spare.iter().position(|b| b.len() == size) {
+        Some(i) => Some(spare.swap_remove(i)),
+        None => Bounce::new(size).ok(),
+    }
 }
 
 /// A block buffer for a worker's job: a spare one, or a new one.
@@ -238,6 +270,7 @@ impl CompressQueue {
             pool: None,
             inbox: None,
             spare_blocks: Vec::new(),
+            spare_runs: Vec::new(),
             gathered: Vec::new(),
             shared_writes: Slab::new(),
         }
@@ -257,6 +290,8 @@ impl CompressQueue {
             self.spare.push(buf);
         } else if buf.len() == BLOCK && self.spare_blocks.len() < SPARE_MAX {
             self.spare_blocks.push(buf);
+        } else if is_run_buf(buf.len()) && self.spare_runs.len() < SPARE_RUNS {
+            self.spare_runs.push(buf);
         }
     }
 
@@ -292,7 +327,7 @@ impl CompressQueue {
 
     fn read(&mut self, mut io: Io, ctx: &mut QueueCtx<'_>) {
         let (offset, len) = (io.offset(), u64::from(io.len()));
-        let mut parts = Vec::new();
+        let mut parts: SmallVec<[ReadPart; 1]> = SmallVec::new();
         for lba in blocks_of(offset, len) {
             let range = block_part(lba, offset, len);
             let at = (lba * BLOCK_BYTES + range.start as u64 - offset) as usize;
@@ -435,7 +470,7 @@ impl CompressQueue {
         {
             return io.fail(libc::EINVAL);
         }
-        let mut blocks: Vec<WriteBlock> = Vec::new();
+        let mut blocks: SmallVec<[WriteBlock; 1]> = SmallVec::new();
         for lba in blocks_of(offset, len) {
             let range = block_part(lba, offset, len);
             let at = (lba * BLOCK_BYTES + range.start as u64 - offset) as usize;
@@ -463,7 +498,7 @@ impl CompressQueue {
             error: None,
             kind: Kind::Write(WriteReq {
                 blocks,
-                allocated: Vec::new(),
+                allocated: SmallVec::new(),
                 writing: false,
                 jobs: 0,
                 packed: Vec::new(),
@@ -716,7 +751,7 @@ impl CompressQueue {
         else {
             return Err(-libc::EIO);
         };
-        let mut extents = Vec::with_capacity(packed.len());
+        let mut extents = Extents::with_capacity(packed.len());
         for (i, p) in packed.into_iter().enumerate() {
             match p {
                 Some(Packed::Extent(buf, kind, len)) => extents.push((i, buf, kind, len)),
@@ -758,7 +793,7 @@ impl CompressQueue {
         };
         let op = io.op();
         // (block index, extent buffer, kind, stored length) of the blocks with an extent.
-        let mut extents: Extents = Vec::new();
+        let mut extents = Extents::new();
         let data = if op == Op::Write {
             io.data().ok()
         } else {
@@ -851,7 +886,7 @@ impl CompressQueue {
         key: usize,
         extents: &Extents,
         placed: &[(u64, u16, usize)],
-    ) -> Option<Vec<Extent>> {
+    ) -> Option<SmallVec<[Extent; 1]>> {
         let Some(Req {
             kind: Kind::Write(w),
             ..
@@ -859,7 +894,7 @@ impl CompressQueue {
         else {
             return None;
         };
-        let mut allocated = Vec::with_capacity(placed.len());
+        let mut allocated = SmallVec::with_capacity(placed.len());
         for ((i, _, kind, len), &(sector, at, _)) in extents.iter().zip(placed) {
             let e = Extent {
                 sector,
@@ -889,7 +924,7 @@ impl CompressQueue {
     /// one per packed run (its extents may share sectors, so one write holds them), adjacent
     /// runs joined up to 128 KiB. Each comes with the indexes of the extents it holds.
     fn build_writes(
-        &self,
+        &mut self,
         items: &[(Extent, usize, &[u8])],
     ) -> Result<Vec<(BlockIo, Bounce, Vec<usize>)>, i32> {
         let mut order: Vec<usize> = (0..items.len()).collect();
@@ -922,13 +957,29 @@ impl CompressQueue {
         }
         let mut writes = Vec::with_capacity(spans.len());
         for (start, end, _, members) in spans {
-            let mut buf =
-                Bounce::new(((end - start) * SECTOR) as usize).map_err(|_| -libc::ENOMEM)?;
+            let len = ((end - start) * SECTOR) as usize;
+            let buf = if len <= EXTENT_BUF {
+                extent_buf(&mut self.spare)
+            } else {
+                run_buf(&mut self.spare_runs, len)
+            };
+            let Some(mut buf) = buf else {
+                return Err(-libc::ENOMEM);
+            };
+            // The members are in byte order; what lies between and after them is zeroed, so
+            // that a reused buffer sends no stale bytes to the child.
+            let out = &mut buf.as_mut_slice()[..len];
+            let mut done = 0;
             for &j in &members {
                 let (e, _, bytes) = &items[j];
                 let at = (e.bytes().start - start * SECTOR) as usize;
-                buf.as_mut_slice()[at..at + bytes.len()].copy_from_slice(bytes);
+                if done < at {
+                    out[done..at].fill(0);
+                }
+                out[at..at + bytes.len()].copy_from_slice(bytes);
+                done = at + bytes.len();
             }
+            out[done..].fill(0);
             writes.push((self.child_write(start, end), buf, members));
         }
         Ok(writes)

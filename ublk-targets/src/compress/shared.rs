@@ -15,7 +15,6 @@
 //!   overwrite completion to queue the old extents for release;
 //! - the commit's bookkeeping is a `Mutex` taken only by flushes and FUA writes.
 
-use std::collections::HashMap;
 use std::ops::Range;
 use std::sync::atomic::Ordering::SeqCst;
 use std::sync::atomic::{AtomicBool, AtomicU64};
@@ -95,7 +94,8 @@ impl Bits {
 #[derive(Debug)]
 pub(crate) struct Alloc {
     used: Vec<u64>,
-    shared: HashMap<u64, u32>,
+    /// Seeded at random (foldhash), so no image can be forged to make its keys collide.
+    shared: foldhash::HashMap<u64, u32>,
     sectors: u64,
     cursor: u64,
     pub(crate) allocated: u64,
@@ -114,7 +114,7 @@ impl Alloc {
     pub(crate) fn new(sectors: u64) -> Alloc {
         Alloc {
             used: vec![0; sectors.div_ceil(64) as usize],
-            shared: HashMap::new(),
+            shared: foldhash::HashMap::default(),
             sectors,
             cursor: 0,
             allocated: 0,
@@ -129,19 +129,59 @@ impl Alloc {
     }
 
     fn mark(&mut self, start: u64, n: u64, used: bool) {
-        for s in start..start + n {
+        let end = start + n;
+        let mut s = start;
+        while s < end {
+            let bit = s % 64;
+            let k = (64 - bit).min(end - s);
+            let mask = if k == 64 {
+                u64::MAX
+            } else {
+                ((1 << k) - 1) << bit
+            };
             let w = &mut self.used[(s / 64) as usize];
             if used {
-                *w |= 1 << (s % 64);
+                *w |= mask;
             } else {
-                *w &= !(1 << (s % 64));
+                *w &= !mask;
             }
+            s += k;
         }
         if used {
             self.allocated += n;
         } else {
             self.allocated -= n;
             self.cursor = self.cursor.min(start);
+        }
+    }
+
+    /// The first sector in `from..to` that is used (`used`) or free (`!used`), else `to`;
+    /// a word of the bitmap at a time.
+    fn first(&self, used: bool, from: u64, to: u64) -> u64 {
+        let mut s = from;
+        while s < to {
+            let word = self.used[(s / 64) as usize];
+            let w = if used { word } else { !word } >> (s % 64);
+            if w != 0 {
+                return (s + u64::from(w.trailing_zeros())).min(to);
+            }
+            s = (s / 64 + 1) * 64;
+        }
+        to
+    }
+
+    /// The first `n` free consecutive sectors in `from..to`.
+    fn fit(&self, from: u64, to: u64, n: u64) -> Option<u64> {
+        let mut s = from;
+        loop {
+            s = self.first(false, s, to);
+            if s + n > to {
+                return None;
+            }
+            match self.first(true, s, s + n) {
+                u if u == s + n => return Some(s),
+                u => s = u,
+            }
         }
     }
 
@@ -183,31 +223,22 @@ impl Alloc {
     }
 
     /// `n` free consecutive sectors, first fit from the cursor.
+    #[cfg(test)]
     pub(crate) fn alloc(&mut self, n: u64) -> Option<u64> {
+        let start = self.find(n)?;
+        self.mark(start, n, true);
+        self.cursor = start + n;
+        Some(start)
+    }
+
+    /// Where [`Alloc::alloc`] would put `n` sectors: the first fit from the cursor, then from
+    /// the start of the data area. Marks nothing.
+    fn find(&self, n: u64) -> Option<u64> {
         if n == 0 || n > self.sectors {
             return None;
         }
-        let mut start = self.cursor;
-        let mut scanned = 0u64;
-        while scanned < self.sectors + n {
-            if start + n > self.sectors {
-                scanned += self.sectors - start;
-                start = 0;
-                continue;
-            }
-            match (start..start + n).rev().find(|&s| self.is_used(s)) {
-                None => {
-                    self.mark(start, n, true);
-                    self.cursor = start + n;
-                    return Some(start);
-                }
-                Some(s) => {
-                    scanned += s + 1 - start;
-                    start = s + 1;
-                }
-            }
-        }
-        None
+        self.fit(self.cursor, self.sectors, n)
+            .or_else(|| self.fit(0, self.sectors.min(self.cursor + n), n))
     }
 
     /// Room for extents of `lens` bytes packed end to end in one run of free sectors, each
@@ -223,9 +254,8 @@ impl Alloc {
             pos = end.next_multiple_of(GRAIN);
         }
         let n = end.div_ceil(SECTOR);
-        let start = self.alloc(n)?;
-        // The run is held once per sector; hand each sector to the extents over it instead.
-        self.mark(start, n, false);
+        // Each sector of the run is held by the extents over it, not by the run.
+        let start = self.find(n)?;
         self.cursor = start + n;
         let places: Vec<(u64, u16)> = places
             .into_iter()
@@ -306,21 +336,49 @@ impl Alloc {
     /// extent never referenced by the durable map (a failed write) is returned.
     pub(crate) fn free(&mut self, e: &Extent) {
         let span = e.span();
-        for s in span.clone() {
-            // Only the first and last sectors can be shared.
-            let edge = s == span.start || s + 1 == span.end;
-            if edge {
-                if let Some(n) = self.shared.get_mut(&s) {
-                    *n -= 1;
-                    if *n == 0 {
-                        self.shared.remove(&s);
-                    }
-                    continue;
+        if span.is_empty() {
+            return;
+        }
+        // Only the first and last sectors can be shared: one another extent still holds.
+        let (mut start, mut end) = (span.start, span.end);
+        if self.let_go_shared(start) {
+            start += 1;
+        }
+        if end > start && self.let_go_shared(end - 1) {
+            end -= 1;
+        }
+        let mut s = start;
+        let mut freed = 0;
+        while s < end {
+            let bit = s % 64;
+            let k = (64 - bit).min(end - s);
+            let mask = if k == 64 {
+                u64::MAX
+            } else {
+                ((1 << k) - 1) << bit
+            };
+            let w = &mut self.used[(s / 64) as usize];
+            freed += u64::from((*w & mask).count_ones());
+            *w &= !mask;
+            s += k;
+        }
+        if freed > 0 {
+            self.allocated -= freed;
+            self.cursor = self.cursor.min(start);
+        }
+    }
+
+    /// One holder fewer for sector `s` if others share it: true when one is left.
+    fn let_go_shared(&mut self, s: u64) -> bool {
+        match self.shared.get_mut(&s) {
+            Some(n) => {
+                *n -= 1;
+                if *n == 0 {
+                    self.shared.remove(&s);
                 }
+                true
             }
-            if self.is_used(s) {
-                self.mark(s, 1, false);
-            }
+            None => false,
         }
     }
 
@@ -615,6 +673,35 @@ mod tests {
             at: 0,
             len: ((sectors * SECTOR) as u32 - 16).min(4112),
             kind: Kind::Lz4,
+        }
+    }
+
+    proptest::proptest! {
+        /// The word-at-a-time search finds what a search sector by sector finds.
+        #[test]
+        fn the_first_fit_is_the_one_a_sector_by_sector_search_finds(
+            words in proptest::collection::vec(proptest::prelude::any::<u64>(), 1..5),
+            dense in 0u32..4,
+            sectors_cut in 0u64..64,
+            cursor in 0u64..320,
+            n in 1u64..80,
+        ) {
+            let sectors = (words.len() as u64 * 64).saturating_sub(sectors_cut).max(1);
+            let mut a = Alloc::new(sectors);
+            // More bits set with each `dense` (the AND of fewer random words).
+            for (i, w) in words.iter().enumerate() {
+                let mut w = *w;
+                for k in 0..dense {
+                    w &= w.rotate_left(7 + k + i as u32);
+                }
+                a.used[i] = w;
+            }
+            a.cursor = cursor.min(sectors);
+            let free_run = |s: u64| s + n <= sectors && (s..s + n).all(|x| !a.is_used(x));
+            let want = (a.cursor..sectors)
+                .find(|&s| free_run(s))
+                .or_else(|| (0..sectors).find(|&s| free_run(s)));
+            proptest::prop_assert_eq!(a.find(n), want);
         }
     }
 
