@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex};
 
 use ublk_core::sim::SimQueue;
 use ublk_core::{sys, Geometry};
-use ublk_targets::compress::format::Algo;
+use ublk_targets::compress::format::{Algo, EXTENT_HEADER, EXTENT_MAGIC};
 use ublk_targets::compress::{Compress, CompressOptions, Opened};
 use ublk_targets::ram::Ram;
 use ublk_zc::{BoxTarget, Io, OpenCtx, QueueCtx, QueueTarget, Target};
@@ -1184,4 +1184,144 @@ fn space_stays_packed_under_random_rewrites() {
     let (stored, allocated) = (h.stored_bytes(), h.allocated_bytes());
     println!("after the rewrites: stored {stored}, allocated {allocated}");
     assert!(allocated * 100 < stored * 115, "{allocated} for {stored}");
+}
+
+/// A RAM child that checks every write of packed extents it serves (a write whose first
+/// bytes are an extent header): each extent is followed by the next one at the next
+/// 16-byte boundary, or by zeroes to the end of its sector; after the last, zeroes.
+#[derive(Clone)]
+struct Scribe {
+    ram: Ram,
+    seen: Arc<Mutex<Seen>>,
+}
+
+#[derive(Default)]
+struct Seen {
+    /// Writes of packed extents longer than a queue's extent buffer (8 KiB): run buffers.
+    runs: u64,
+    extents: u64,
+    stale: Vec<String>,
+}
+
+struct ScribeQueue {
+    seen: Arc<Mutex<Seen>>,
+    ram: <Ram as Target>::Queue,
+}
+
+impl Target for Scribe {
+    type Queue = ScribeQueue;
+    fn open_queue(&self, ctx: &mut OpenCtx<'_>) -> io::Result<ScribeQueue> {
+        Ok(ScribeQueue {
+            seen: Arc::clone(&self.seen),
+            ram: self.ram.open_queue(ctx)?,
+        })
+    }
+    fn size(&self) -> Option<u64> {
+        self.ram.size()
+    }
+    fn copies_data(&self) -> bool {
+        true
+    }
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+        self.ram.read_at(offset, buf)
+    }
+    fn write_at(&self, offset: u64, buf: &[u8]) -> io::Result<()> {
+        self.ram.write_at(offset, buf)
+    }
+}
+
+impl QueueTarget for ScribeQueue {
+    fn submit(&mut self, io: Io, ctx: &mut QueueCtx<'_>) {
+        if let Ok(data) = io.data() {
+            if data.starts_with(&EXTENT_MAGIC) {
+                let mut seen = self.seen.lock().expect("seen");
+                match packed_extents(data) {
+                    Ok(n) => {
+                        seen.extents += n;
+                        seen.runs += u64::from(data.len() > 8192);
+                    }
+                    Err(e) => seen.stale.push(format!("write at {}: {e}", io.offset())),
+                }
+            }
+        }
+        self.ram.submit(io, ctx);
+    }
+}
+
+/// The extents in a write of packed extents, or where a byte that is neither an extent's
+/// nor a zero lies.
+fn packed_extents(buf: &[u8]) -> Result<u64, String> {
+    let (mut pos, mut n) = (0, 0);
+    while pos < buf.len() {
+        if !buf[pos..].starts_with(&EXTENT_MAGIC) {
+            return match buf[pos..].iter().position(|&b| b != 0) {
+                Some(i) => Err(format!("byte {} is neither an extent's nor zero", pos + i)),
+                None => Ok(n),
+            };
+        }
+        let payload = usize::from(u16::from_le_bytes([buf[pos + 8], buf[pos + 9]]));
+        let end = pos + EXTENT_HEADER + payload;
+        if end > buf.len() {
+            return Err(format!("the extent at {pos} runs past the write"));
+        }
+        n += 1;
+        let grain = end.next_multiple_of(16);
+        let next = if buf.get(grain..grain + 4) == Some(&EXTENT_MAGIC[..]) {
+            grain
+        } else {
+            end.next_multiple_of(512).min(buf.len())
+        };
+        if let Some(i) = buf[end..next].iter().position(|&b| b != 0) {
+            return Err(format!("stale byte {} after the extent at {pos}", end + i));
+        }
+        pos = next;
+    }
+    Ok(n)
+}
+
+#[test]
+fn reused_write_buffers_send_no_stale_bytes_to_the_child() {
+    let scribe = Scribe {
+        ram: Ram::new(CHILD).expect("memfd"),
+        seen: Arc::default(),
+    };
+    let c = Compress::open(Arc::new(scribe.clone()) as BoxTarget, &opts(Algo::Lz4)).expect("open");
+    let mut q = SimQueue::new(&c, geo(), 32).expect("sim queue");
+    let mut model = vec![0u8; SIZE as usize];
+    let mut next = xorshift(777);
+    // Turns of 16 single-block writes of every kind of data to distinct blocks: their runs
+    // go out in buffers the child gave back, still holding the bytes of earlier runs laid
+    // out differently.
+    for round in 0..40u64 {
+        let mut lbas: Vec<u64> = Vec::new();
+        while lbas.len() < 16 {
+            let lba = next(SIZE / BLOCK as u64);
+            if !lbas.contains(&lba) {
+                lbas.push(lba);
+            }
+        }
+        let writes: Vec<(u64, Vec<u8>)> = lbas
+            .iter()
+            .enumerate()
+            .map(|(k, &lba)| {
+                let seed = round * 100 + k as u64;
+                let data = match next(4) {
+                    0 => compressible(seed, BLOCK),
+                    1 => random(seed, BLOCK),
+                    _ => half_random(seed, BLOCK),
+                };
+                model[lba as usize * BLOCK..][..BLOCK].copy_from_slice(&data);
+                (lba * BLOCK as u64, data)
+            })
+            .collect();
+        write_in_one_turn(&mut q, &writes);
+        if round % 4 == 3 {
+            assert_eq!(q.op(sys::UBLK_IO_OP_FLUSH, 0, 0, 0), Ok(0));
+        }
+    }
+    assert_eq!(read_all(&mut q), model);
+    let seen = scribe.seen.lock().expect("seen");
+    assert!(seen.stale.is_empty(), "{:?}", seen.stale);
+    assert!(seen.extents >= 40 * 16, "{} extents checked", seen.extents);
+    assert!(seen.runs >= 20, "{} run buffers checked", seen.runs);
 }

@@ -106,7 +106,8 @@ const SB_LAYOUT: usize = 72;
 
 const MAP_MAGIC: [u8; 4] = *b"UCMB";
 const JOURNAL_MAGIC: [u8; 4] = *b"UCJB";
-const EXTENT_MAGIC: [u8; 4] = *b"UCX1";
+/// The first bytes of every extent's header.
+pub const EXTENT_MAGIC: [u8; 4] = *b"UCX1";
 
 const SECTOR_BITS: u32 = 40;
 const LEN_BITS: u32 = 13;
