@@ -317,31 +317,28 @@ fn a_damaged_image_is_refused_with_a_clear_error() {
 /// What a crash at some point may leave: for each block, the contents it may read back.
 type Allowed = Vec<Vec<Vec<u8>>>;
 
-/// A RAM child that copies its bytes (and the model's allowed contents at that moment)
-/// before every `every`-th request it serves.
+/// A RAM child that lets `watch` look at every request before serving it.
 #[derive(Clone)]
-struct Tap {
+struct Watched<W> {
     ram: Ram,
-    every: u64,
-    state: Arc<Mutex<TapState>>,
+    watch: W,
 }
 
-struct TapState {
-    ops: u64,
-    allowed: Allowed,
-    snapshots: Vec<(Vec<u8>, Allowed)>,
+/// What a [`Watched`] child does before serving a request.
+trait Watch: Clone + Send + Sync + 'static {
+    fn before(&self, ram: &Ram, io: &Io);
 }
 
-struct TapQueue {
-    tap: Tap,
+struct WatchedQueue<W> {
+    watch: W,
     ram: Ram,
 }
 
-impl Target for Tap {
-    type Queue = TapQueue;
-    fn open_queue(&self, ctx: &mut OpenCtx<'_>) -> io::Result<TapQueue> {
-        Ok(TapQueue {
-            tap: self.clone(),
+impl<W: Watch> Target for Watched<W> {
+    type Queue = WatchedQueue<W>;
+    fn open_queue(&self, ctx: &mut OpenCtx<'_>) -> io::Result<WatchedQueue<W>> {
+        Ok(WatchedQueue {
+            watch: self.watch.clone(),
             ram: self.ram.open_queue(ctx)?,
         })
     }
@@ -359,18 +356,39 @@ impl Target for Tap {
     }
 }
 
-impl QueueTarget for TapQueue {
+impl<W: Watch> QueueTarget for WatchedQueue<W> {
     fn submit(&mut self, io: Io, ctx: &mut QueueCtx<'_>) {
-        let mut st = self.tap.state.lock().expect("tap state");
+        self.watch.before(&self.ram, &io);
+        self.ram.submit(io, ctx);
+    }
+}
+
+/// A RAM child that copies its bytes (and the model's allowed contents at that moment)
+/// before every `every`-th request it serves.
+type Tap = Watched<Snapshots>;
+
+#[derive(Clone)]
+struct Snapshots {
+    every: u64,
+    state: Arc<Mutex<TapState>>,
+}
+
+struct TapState {
+    ops: u64,
+    allowed: Allowed,
+    snapshots: Vec<(Vec<u8>, Allowed)>,
+}
+
+impl Watch for Snapshots {
+    fn before(&self, ram: &Ram, _io: &Io) {
+        let mut st = self.state.lock().expect("tap state");
         st.ops += 1;
-        if st.ops % self.tap.every == 0 {
-            let mut bytes = vec![0u8; self.ram.size().unwrap_or(0) as usize];
-            self.ram.read_at(0, &mut bytes).expect("copy the child");
+        if st.ops % self.every == 0 {
+            let mut bytes = vec![0u8; ram.size().unwrap_or(0) as usize];
+            ram.read_at(0, &mut bytes).expect("copy the child");
             let allowed = st.allowed.clone();
             st.snapshots.push((bytes, allowed));
         }
-        drop(st);
-        self.ram.submit(io, ctx);
     }
 }
 
@@ -384,14 +402,16 @@ const TIGHT: u64 = 512 << 10;
 /// A [`Tap`] over a new [`TIGHT`] child copying it before every `every`-th request, with
 /// every block allowed to read zeroes.
 fn tight_tap(every: u64) -> Tap {
-    Tap {
+    Watched {
         ram: Ram::new(TIGHT).expect("memfd"),
-        every,
-        state: Arc::new(Mutex::new(TapState {
-            ops: 0,
-            allowed: vec![vec![vec![0; BLOCK]]; BLOCKS],
-            snapshots: Vec::new(),
-        })),
+        watch: Snapshots {
+            every,
+            state: Arc::new(Mutex::new(TapState {
+                ops: 0,
+                allowed: vec![vec![vec![0; BLOCK]]; BLOCKS],
+                snapshots: Vec::new(),
+            })),
+        },
     }
 }
 
@@ -420,7 +440,7 @@ fn every_crash_point_opens_clean_with_flushed_blocks_intact() {
     let mut q = SimQueue::new(&c, geo(), 8).expect("sim queue");
     let mut current = vec![0u8; SIZE as usize];
     let mut next = xorshift(12345);
-    let state = Arc::clone(&tap.state);
+    let state = Arc::clone(&tap.watch.state);
     for step in 0..400u64 {
         let kind = next(20);
         if kind == 0 {
@@ -521,7 +541,7 @@ fn every_crash_point_opens_clean_with_writes_packed_across_requests() {
     let mut q = SimQueue::new(&c, geo(), 8).expect("sim queue");
     let mut current = vec![0u8; SIZE as usize];
     let mut next = xorshift(777);
-    let state = Arc::clone(&tap.state);
+    let state = Arc::clone(&tap.watch.state);
     for step in 0..150u64 {
         if next(8) == 0 {
             assert_eq!(q.op(sys::UBLK_IO_OP_FLUSH, 0, 0, 0), Ok(0), "step {step}");
@@ -1186,12 +1206,11 @@ fn space_stays_packed_under_random_rewrites() {
     assert!(allocated * 100 < stored * 115, "{allocated} for {stored}");
 }
 
-/// A RAM child that checks every write of packed extents it serves (a write whose first
+/// Checks every write of packed extents a [`Watched`] child serves (a write whose first
 /// bytes are an extent header): each extent is followed by the next one at the next
 /// 16-byte boundary, or by zeroes to the end of its sector; after the last, zeroes.
-#[derive(Clone)]
+#[derive(Clone, Default)]
 struct Scribe {
-    ram: Ram,
     seen: Arc<Mutex<Seen>>,
 }
 
@@ -1203,48 +1222,22 @@ struct Seen {
     stale: Vec<String>,
 }
 
-struct ScribeQueue {
-    seen: Arc<Mutex<Seen>>,
-    ram: <Ram as Target>::Queue,
-}
-
-impl Target for Scribe {
-    type Queue = ScribeQueue;
-    fn open_queue(&self, ctx: &mut OpenCtx<'_>) -> io::Result<ScribeQueue> {
-        Ok(ScribeQueue {
-            seen: Arc::clone(&self.seen),
-            ram: self.ram.open_queue(ctx)?,
-        })
-    }
-    fn size(&self) -> Option<u64> {
-        self.ram.size()
-    }
-    fn copies_data(&self) -> bool {
-        true
-    }
-    fn read_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
-        self.ram.read_at(offset, buf)
-    }
-    fn write_at(&self, offset: u64, buf: &[u8]) -> io::Result<()> {
-        self.ram.write_at(offset, buf)
-    }
-}
-
-impl QueueTarget for ScribeQueue {
-    fn submit(&mut self, io: Io, ctx: &mut QueueCtx<'_>) {
-        if let Ok(data) = io.data() {
-            if data.starts_with(&EXTENT_MAGIC) {
-                let mut seen = self.seen.lock().expect("seen");
-                match packed_extents(data) {
-                    Ok(n) => {
-                        seen.extents += n;
-                        seen.runs += u64::from(data.len() > 8192);
-                    }
-                    Err(e) => seen.stale.push(format!("write at {}: {e}", io.offset())),
-                }
-            }
+impl Watch for Scribe {
+    fn before(&self, _ram: &Ram, io: &Io) {
+        let Ok(data) = io.data() else {
+            return;
+        };
+        if !data.starts_with(&EXTENT_MAGIC) {
+            return;
         }
-        self.ram.submit(io, ctx);
+        let mut seen = self.seen.lock().expect("seen");
+        match packed_extents(data) {
+            Ok(n) => {
+                seen.extents += n;
+                seen.runs += u64::from(data.len() > 8192);
+            }
+            Err(e) => seen.stale.push(format!("write at {}: {e}", io.offset())),
+        }
     }
 }
 
@@ -1281,9 +1274,9 @@ fn packed_extents(buf: &[u8]) -> Result<u64, String> {
 
 #[test]
 fn reused_write_buffers_send_no_stale_bytes_to_the_child() {
-    let scribe = Scribe {
+    let scribe = Watched {
         ram: Ram::new(CHILD).expect("memfd"),
-        seen: Arc::default(),
+        watch: Scribe::default(),
     };
     let c = Compress::open(Arc::new(scribe.clone()) as BoxTarget, &opts(Algo::Lz4)).expect("open");
     let mut q = SimQueue::new(&c, geo(), 32).expect("sim queue");
@@ -1320,7 +1313,7 @@ fn reused_write_buffers_send_no_stale_bytes_to_the_child() {
         }
     }
     assert_eq!(read_all(&mut q), model);
-    let seen = scribe.seen.lock().expect("seen");
+    let seen = scribe.watch.seen.lock().expect("seen");
     assert!(seen.stale.is_empty(), "{:?}", seen.stale);
     assert!(seen.extents >= 40 * 16, "{} extents checked", seen.extents);
     assert!(seen.runs >= 20, "{} run buffers checked", seen.runs);

@@ -110,6 +110,26 @@ pub(crate) struct Alloc {
     punching: u64,
 }
 
+/// The bitmap words over sectors `start..end`: each word's index and the mask of those
+/// sectors' bits in it.
+fn word_masks(start: u64, end: u64) -> impl Iterator<Item = (usize, u64)> {
+    let mut s = start;
+    std::iter::from_fn(move || {
+        (s < end).then(|| {
+            let bit = s % 64;
+            let k = (64 - bit).min(end - s);
+            let mask = if k == 64 {
+                u64::MAX
+            } else {
+                ((1 << k) - 1) << bit
+            };
+            let word = (s / 64) as usize;
+            s += k;
+            (word, mask)
+        })
+    })
+}
+
 impl Alloc {
     pub(crate) fn new(sectors: u64) -> Alloc {
         Alloc {
@@ -129,23 +149,12 @@ impl Alloc {
     }
 
     fn mark(&mut self, start: u64, n: u64, used: bool) {
-        let end = start + n;
-        let mut s = start;
-        while s < end {
-            let bit = s % 64;
-            let k = (64 - bit).min(end - s);
-            let mask = if k == 64 {
-                u64::MAX
-            } else {
-                ((1 << k) - 1) << bit
-            };
-            let w = &mut self.used[(s / 64) as usize];
+        for (i, mask) in word_masks(start, start + n) {
             if used {
-                *w |= mask;
+                self.used[i] |= mask;
             } else {
-                *w &= !mask;
+                self.used[i] &= !mask;
             }
-            s += k;
         }
         if used {
             self.allocated += n;
@@ -347,20 +356,10 @@ impl Alloc {
         if end > start && self.let_go_shared(end - 1) {
             end -= 1;
         }
-        let mut s = start;
         let mut freed = 0;
-        while s < end {
-            let bit = s % 64;
-            let k = (64 - bit).min(end - s);
-            let mask = if k == 64 {
-                u64::MAX
-            } else {
-                ((1 << k) - 1) << bit
-            };
-            let w = &mut self.used[(s / 64) as usize];
-            freed += u64::from((*w & mask).count_ones());
-            *w &= !mask;
-            s += k;
+        for (i, mask) in word_masks(start, end) {
+            freed += u64::from((self.used[i] & mask).count_ones());
+            self.used[i] &= !mask;
         }
         if freed > 0 {
             self.allocated -= freed;
