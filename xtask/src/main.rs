@@ -113,7 +113,7 @@ const DEFAULT_MEM: &str = "4G";
 /// RAM-backed root (6G ran out of memory).
 const BENCH_MEM: &str = "10G";
 
-/// Default VM timeout (50 minutes): the test suite's VM part takes about 28 minutes on a quiet
+/// Default VM timeout (50 minutes): the test suite's VM part takes about 31 minutes on a quiet
 /// 2-core host and ran past 35 on a busy one; CI allows 90 for the whole run.
 const DEFAULT_TIMEOUT_SECS: u64 = 50 * 60;
 
