@@ -67,23 +67,6 @@ const GEO: Geometry = Geometry {
     max_io: 512 << 10,
 };
 
-/// `BLOCKS` blocks, each half random bytes and half zeroes.
-fn blocks() -> Vec<Vec<u8>> {
-    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
-    (0..BLOCKS)
-        .map(|_| {
-            let mut b = vec![0u8; BLOCK];
-            for byte in &mut b[..BLOCK / 2] {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                *byte = x as u8;
-            }
-            b
-        })
-        .collect()
-}
-
 /// What the rows are timed with: wall time, or the thread's CPU time (`UBLK_BENCH_CPU`).
 #[derive(Clone, Copy)]
 struct Clock {
@@ -195,7 +178,7 @@ fn image(algo: Algo, workers: usize, data: &[Vec<u8>]) -> SimQueue<Compress> {
 }
 
 fn compress(c: &mut Criterion) {
-    let data = blocks();
+    let data = ublk_benches::simloop::half_random_blocks(BLOCKS);
     let clock = Clock::from_env();
     let mut q = image(Algo::Lz4, 0, &data);
     // The rows with workers are timed by the wall clock whatever UBLK_BENCH_CPU says: the

@@ -80,17 +80,27 @@ pub const WORKLOADS: &[&str] = &[
 /// The codec baselines [`run_codec`] runs.
 pub const CODECS: &[&str] = &["lz4_flex"];
 
-/// The block every write carries: half random bytes, half zeroes.
-pub fn block() -> Vec<u8> {
+/// `n` different 4 KiB blocks, each half random bytes and half zeroes (fio's
+/// `buffer_compress_percentage=50`), the same ones on every call.
+pub fn half_random_blocks(n: usize) -> Vec<Vec<u8>> {
     let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
-    let mut b = vec![0u8; IO_SIZE as usize];
-    for byte in &mut b[..IO_SIZE as usize / 2] {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        *byte = x as u8;
-    }
-    b
+    (0..n)
+        .map(|_| {
+            let mut b = vec![0u8; IO_SIZE as usize];
+            for byte in &mut b[..IO_SIZE as usize / 2] {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                *byte = x as u8;
+            }
+            b
+        })
+        .collect()
+}
+
+/// The block every write carries: the first of [`half_random_blocks`].
+pub fn block() -> Vec<u8> {
+    half_random_blocks(1).remove(0)
 }
 
 /// Runs codec `name` (one of [`CODECS`]) `n` times on [`block`]: a compression per write,

@@ -179,8 +179,8 @@ pub struct CompressQueue {
     inbox: Option<Arc<Inbox>>,
     /// Block-sized buffers the workers' jobs took and gave back, for reuse.
     spare_blocks: Vec<Bounce>,
-    /// [`RUN_BUF`]-sized buffers of packed runs back from the child, for reuse: a new one
-    /// would cost the kernel a page fault for each of its pages.
+    /// Buffers of packed runs back from the child (the power-of-two sizes of [`run_buf`]),
+    /// for reuse: a new one would cost the kernel a page fault for each of its pages.
     spare_runs: Vec<Bounce>,
     /// Writes compressed this loop turn, placed together at its end.
     gathered: Vec<(usize, Extents)>,
