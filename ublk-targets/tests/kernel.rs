@@ -1210,6 +1210,15 @@ fn completed_ios(path: &str) -> u64 {
 /// Runs fio with `args` from `scratch` until it has done some I/O on `path`, kills `dev`'s
 /// server with SIGKILL in the middle, waits for fio to end, and cleans the device up.
 fn kill_server_during_fio(dev: &Value, path: &str, args: &[&str], scratch: &std::path::Path) {
+    kill_during_fio(dev, path, args, scratch);
+    del_killed(dev);
+}
+
+/// Runs fio with `args` from `scratch` until it has done some I/O on `path`, kills `dev`'s
+/// server with SIGKILL in the middle and waits for fio to end; the device is left to
+/// [`del_killed`] (after an unmount, say).
+#[track_caller]
+fn kill_during_fio(dev: &Value, path: &str, args: &[&str], scratch: &std::path::Path) {
     let ios_before = completed_ios(path);
     let mut fio = Spawned::new("fio", args, Some(scratch));
     let going = wait_until(Duration::from_secs(60), || {
@@ -1233,6 +1242,11 @@ fn kill_server_during_fio(dev: &Value, path: &str, args: &[&str], scratch: &std:
             describe(&command_line("fio", args), &fio.kill())
         );
     }
+}
+
+/// Deletes `dev`, whose server was killed, if it is still listed, and checks it is gone.
+#[track_caller]
+fn del_killed(dev: &Value) {
     if listed_entry(&list(), dev_id(dev)).is_some() {
         del(dev);
     }

@@ -72,7 +72,16 @@ pub fn ensure_host_deps() -> Result<()> {
         );
     }
     run(Command::new("apt-get").arg("update"))?;
-    install_without_removing(PACKAGES, &[])?;
+    if let Err(e) = install_without_removing(PACKAGES, &[]) {
+        // Some images ship qemu-utils from backports, which breaks the release's own
+        // qemu-system: the one of the same backports fits it, and nothing is removed.
+        let Some(suite) = backports_suite(&would_remove(PACKAGES, &[])) else {
+            return Err(e);
+        };
+        eprintln!("xtask: the packages apt would remove come from {suite}: installing from it");
+        enable_suite(&suite)?;
+        install_without_removing(PACKAGES, &["-t", &suite])?;
+    }
     let still = missing();
     if !still.is_empty() {
         bail!("still missing after apt-get install: {}", still.join(", "));
@@ -145,6 +154,59 @@ fn would_remove(packages: &[&str], options: &[&str]) -> Vec<String> {
         Ok(out) => removed_in(&String::from_utf8_lossy(&out.stdout)),
         Err(_) => Vec::new(),
     }
+}
+
+/// The backports suite (`CODENAME-backports`) the installed packages `removals` come from,
+/// when every one of them does (its version has Debian's `~bpo` mark).
+fn backports_suite(removals: &[String]) -> Option<String> {
+    let from_backports = |package: &String| {
+        Command::new("dpkg-query")
+            .args(["-W", "-f=${Version}", package])
+            .output()
+            .is_ok_and(|out| {
+                out.status.success() && is_backport(&String::from_utf8_lossy(&out.stdout))
+            })
+    };
+    if removals.is_empty() || !removals.iter().all(from_backports) {
+        return None;
+    }
+    let release = std::fs::read_to_string("/etc/os-release").ok()?;
+    let codename = os_codename(&release)?;
+    Some(format!("{codename}-backports"))
+}
+
+/// Whether a Debian version string is a backport's (`1:10.0.2+ds-2+deb13u1~bpo12+1`).
+fn is_backport(version: &str) -> bool {
+    version.contains("~bpo")
+}
+
+/// `VERSION_CODENAME` of an `/etc/os-release`.
+fn os_codename(release: &str) -> Option<&str> {
+    release
+        .lines()
+        .find_map(|l| l.strip_prefix("VERSION_CODENAME="))
+        .map(|c| c.trim().trim_matches('"'))
+        .filter(|c| !c.is_empty())
+}
+
+/// Adds Debian's `suite` to apt's sources (a file of xtask's own, unless a source names the
+/// suite already) and updates the package lists.
+fn enable_suite(suite: &str) -> Result<()> {
+    let listed = |dir: &str| {
+        std::fs::read_dir(dir)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .any(|entry| {
+                std::fs::read_to_string(entry.path()).is_ok_and(|text| text.contains(suite))
+            })
+    };
+    let main = std::fs::read_to_string("/etc/apt/sources.list").unwrap_or_default();
+    if !main.contains(suite) && !listed("/etc/apt/sources.list.d") {
+        let line = format!("deb http://deb.debian.org/debian {suite} main\n");
+        std::fs::write("/etc/apt/sources.list.d/ublk-rs-backports.list", line)?;
+    }
+    run(Command::new("apt-get").arg("update"))
 }
 
 /// The packages an `apt-get -s` transcript removes (its `Remv NAME [VERSION]` lines).
@@ -227,5 +289,14 @@ mod tests {
             Conf qemu-system-x86 (1:9.2+ds-1 Debian:stable [amd64])\n";
         assert_eq!(removed_in(transcript), ["qemu-utils"]);
         assert!(removed_in("Inst fio (3.33-3)\n").is_empty());
+    }
+
+    #[test]
+    fn backports_are_told_by_their_version_and_the_suite_by_the_release() {
+        assert!(is_backport("1:10.0.2+ds-2+deb13u1~bpo12+1"));
+        assert!(!is_backport("1:7.2+dfsg-7+deb12u18+b3"));
+        let release = "PRETTY_NAME=\"Debian GNU/Linux 12 (bookworm)\"\nVERSION_CODENAME=bookworm\nID=debian\n";
+        assert_eq!(os_codename(release), Some("bookworm"));
+        assert_eq!(os_codename("ID=debian\nVERSION_CODENAME=\n"), None);
     }
 }

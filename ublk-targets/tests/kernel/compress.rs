@@ -4,8 +4,9 @@
 //! requests at iodepth 1 and 128, and the ratio `ublk status` shows for it; the extents of
 //! 1 MiB writes packed, the data area holding little more than their bytes; ext4 with fsck
 //! and a remount; discard punching the child file; `kill -9` of the server during fio with
-//! periodic fsyncs, then `ublk check` and everything fsync'ed before the kill read back; and
-//! compression over a mirror, read back after a reopen and from either leg alone.
+//! periodic fsyncs, then `ublk check` and everything fsync'ed before the kill read back, on
+//! the raw device and under ext4 (then `e2fsck -fn`); and compression over a mirror, read
+//! back after a reopen and from either leg alone.
 
 use super::*;
 
@@ -397,6 +398,123 @@ fn compress_kill_9_during_fio_keeps_what_was_fsynced() {
     );
     // Every block reads: none of pass 2's, fsync'ed or not, is damaged.
     read_direct(again_path, 0, SIZE as usize);
+    del(&again);
+    assert_check_clean(&image, "after the reopened image was stopped cleanly");
+}
+
+/// ext4 on a compressed device, the server killed while fio writes a file with periodic
+/// fsyncs: the image checks clean, the file system mounts again (replaying its journal),
+/// the files fsync'ed before the kill read back, and `e2fsck -fn` finds nothing to fix.
+#[test]
+#[ignore = "needs the ublk kernel driver: run `cargo xtask test`"]
+fn compress_ext4_kill_9_fscks_clean_and_keeps_fsynced_files() {
+    let session = Session::start("compress-ext4-kill-9");
+    let image = session.scratch.join("image.img").display().to_string();
+    let dev = add(&["compress", "--path", &image, "--size", "128M"]);
+    let path = dev_path(&dev).to_string();
+    run("mkfs.ext4", &["-q", "-F", &path]);
+    let mountpoint = session.scratch.join("mnt");
+    fs::create_dir(&mountpoint).expect("create the mount point");
+    let mnt = Mounted::new(&path, &mountpoint);
+
+    // Before the kill: small files, each fsync'ed, and a file fio writes with verify
+    // headers, fsync'ed every 16 writes and at the end.
+    let kept = mountpoint.join("kept");
+    fs::create_dir(&kept).expect("create the directory of fsync'ed files");
+    for i in 0..64 {
+        let mut bytes = format!("fsync'ed file {i}\n").repeat(i * 13).into_bytes();
+        bytes.extend(random_bytes(i * 100));
+        let file = kept.join(format!("file-{i:02}"));
+        File::create(&file)
+            .and_then(|mut f| {
+                std::io::Write::write_all(&mut f, &bytes)?;
+                f.sync_all()
+            })
+            .unwrap_or_else(|e| panic!("write and fsync {}: {e}", file.display()));
+    }
+    File::open(&kept)
+        .and_then(|d| d.sync_all())
+        .expect("fsync the directory of kept files");
+    let files = files_under(&kept);
+    let sums = sha256sums(&kept, &files);
+    let fio_file = |dir: &Path, name: &str| dir.join(name).display().to_string();
+    let verified = |file: &str, verify_only: bool| -> Vec<String> {
+        let mut args: Vec<String> = [
+            "--name=fsynced",
+            "--ioengine=io_uring",
+            "--direct=1",
+            "--rw=randwrite",
+            "--bs=16k",
+            "--iodepth=8",
+            "--size=8M",
+            "--verify=crc32c",
+            "--verify_fatal=1",
+            "--buffer_compress_percentage=50",
+            "--refill_buffers",
+            "--output-format=json",
+        ]
+        .map(String::from)
+        .to_vec();
+        args.push(format!("--filename={file}"));
+        if verify_only {
+            args.extend(["--verify_only", "--do_verify=1"].map(String::from));
+        } else {
+            args.extend(["--fsync=16", "--end_fsync=1", "--do_verify=0"].map(String::from));
+        }
+        args
+    };
+    let fsynced = fio_file(&mountpoint, "fsynced.dat");
+    run_fio(
+        &verified(&fsynced, false),
+        &session.scratch,
+        "fio on ext4 (fsync'ed)",
+    );
+
+    // Until the kill: 4 KiB random writes into another file, an fsync every 64 writes.
+    let churn = format!("--filename={}", fio_file(&mountpoint, "churn.dat"));
+    let killed = [
+        "--name=killed",
+        churn.as_str(),
+        "--ioengine=io_uring",
+        "--direct=1",
+        "--rw=randwrite",
+        "--bs=4k",
+        "--iodepth=16",
+        "--size=16M",
+        "--fsync=64",
+        "--buffer_compress_percentage=50",
+        "--refill_buffers",
+        "--time_based",
+        "--runtime=60",
+    ];
+    kill_during_fio(&dev, &path, &killed, &session.scratch);
+    // The dead device's file system (its writes fail from here on) goes first: the kernel
+    // keeps a device until its last user lets go.
+    mnt.unmount();
+    del_killed(&dev);
+
+    assert_check_clean(&image, "after kill -9 of the server under ext4");
+    let again = add(&["compress", "--path", &image]);
+    let again_path = dev_path(&again).to_string();
+    // Mounting replays the journal; what it committed is what the fsyncs made durable.
+    let mnt = Mounted::new(&again_path, &mountpoint);
+    assert_eq!(
+        files_under(&kept),
+        files,
+        "the fsync'ed files after the kill and a remount"
+    );
+    let sums_after = sha256sums(&kept, &files);
+    assert!(
+        sums == sums_after,
+        "fsync'ed files changed across the kill:\nbefore:\n{sums}\nafter:\n{sums_after}"
+    );
+    run_fio(
+        &verified(&fsynced, true),
+        &session.scratch,
+        "fio --verify_only of the file fsync'ed before the kill",
+    );
+    mnt.unmount();
+    run("e2fsck", &["-fn", &again_path]);
     del(&again);
     assert_check_clean(&image, "after the reopened image was stopped cleanly");
 }
