@@ -39,7 +39,10 @@
 //! run the tests of [`COMPRESS_TESTS`] over [`COMPRESS_SPAN_MIB`] MiB with
 //! half-compressible data ([`COMPRESS_DATA`]). Each is first filled with the
 //! same data (the same fio job and seed), after which the script prints its
-//! compression as a note: zram's `mm_stat`, our `ublk status` fields.
+//! compression as a note: zram's `mm_stat`, our `ublk status` fields. After the
+//! runs, each is discarded and stores the same [`CORPUS_MIB`] MiB of real files
+//! (the start of `tar /bin /lib /usr` in the guest), and its ratio is noted
+//! again: half-random blocks cannot tell zstd from lz4.
 //!
 //! RBD (only with `--filter` naming them, e.g. `--filter rbd`): `rbd-nbd` and
 //! `ublk add rbd` map the same image of one Ceph test cluster started in the
@@ -126,6 +129,16 @@ pub const COMPRESS_TESTS: &[&str] = &["randread-4k-qd64", "randwrite-4k-qd64"];
 
 /// MiB of the compression rows that fio addresses (and the fill writes).
 pub const COMPRESS_SPAN_MIB: u32 = 256;
+
+/// Bytes of real files each compressing device stores after the runs, in MiB: the start
+/// of `tar /bin /lib /usr` in the guest (its programs, libraries and kernel modules).
+pub const CORPUS_MIB: u32 = 128;
+
+/// Where the guest keeps those files meanwhile (tmpfs).
+const CORPUS: &str = "/dev/shm/ublk-bench-files.tar";
+
+/// The `WHEN` of the compression notes taken with the real files stored.
+pub const ON_FILES: &str = "on real files";
 
 /// fio's data for the compression rows: every 4 KiB half random, half zeroes,
 /// refilled for every write, from a fixed seed.

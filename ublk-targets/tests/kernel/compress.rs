@@ -336,34 +336,8 @@ fn compress_kill_9_during_fio_keeps_what_was_fsynced() {
 
     // Pass 1: [0, 8M) written with verify headers and fsync'ed (every 16 writes and at
     // the end), not verified yet.
-    let first = |path: &str, verify_only: bool| -> Vec<String> {
-        let mut args: Vec<String> = [
-            "--name=fsynced",
-            "--ioengine=io_uring",
-            "--direct=1",
-            "--rw=randwrite",
-            "--bs=64k",
-            "--iodepth=16",
-            "--offset=0",
-            "--size=8M",
-            "--verify=crc32c",
-            "--verify_fatal=1",
-            "--buffer_compress_percentage=50",
-            "--refill_buffers",
-            "--output-format=json",
-        ]
-        .map(String::from)
-        .to_vec();
-        args.push(format!("--filename={path}"));
-        if verify_only {
-            args.extend(["--verify_only", "--do_verify=1"].map(String::from));
-        } else {
-            args.extend(["--fsync=16", "--end_fsync=1", "--do_verify=0"].map(String::from));
-        }
-        args
-    };
     run_fio(
-        &first(&path, false),
+        &fsynced_fio(&path, false),
         &session.scratch,
         "fio pass 1 (fsync'ed)",
     );
@@ -392,7 +366,7 @@ fn compress_kill_9_during_fio_keeps_what_was_fsynced() {
     assert_eq!(field_u64(&again, "size"), SIZE, "reopened: {again}");
     let again_path = dev_path(&again);
     run_fio(
-        &first(again_path, true),
+        &fsynced_fio(again_path, true),
         &session.scratch,
         "fio --verify_only of pass 1 (fsync'ed before the kill)",
     );
@@ -438,34 +412,9 @@ fn compress_ext4_kill_9_fscks_clean_and_keeps_fsynced_files() {
     let files = files_under(&kept);
     let sums = sha256sums(&kept, &files);
     let fio_file = |dir: &Path, name: &str| dir.join(name).display().to_string();
-    let verified = |file: &str, verify_only: bool| -> Vec<String> {
-        let mut args: Vec<String> = [
-            "--name=fsynced",
-            "--ioengine=io_uring",
-            "--direct=1",
-            "--rw=randwrite",
-            "--bs=16k",
-            "--iodepth=8",
-            "--size=8M",
-            "--verify=crc32c",
-            "--verify_fatal=1",
-            "--buffer_compress_percentage=50",
-            "--refill_buffers",
-            "--output-format=json",
-        ]
-        .map(String::from)
-        .to_vec();
-        args.push(format!("--filename={file}"));
-        if verify_only {
-            args.extend(["--verify_only", "--do_verify=1"].map(String::from));
-        } else {
-            args.extend(["--fsync=16", "--end_fsync=1", "--do_verify=0"].map(String::from));
-        }
-        args
-    };
     let fsynced = fio_file(&mountpoint, "fsynced.dat");
     run_fio(
-        &verified(&fsynced, false),
+        &fsynced_fio(&fsynced, false),
         &session.scratch,
         "fio on ext4 (fsync'ed)",
     );
@@ -509,7 +458,7 @@ fn compress_ext4_kill_9_fscks_clean_and_keeps_fsynced_files() {
         "fsync'ed files changed across the kill:\nbefore:\n{sums}\nafter:\n{sums_after}"
     );
     run_fio(
-        &verified(&fsynced, true),
+        &fsynced_fio(&fsynced, true),
         &session.scratch,
         "fio --verify_only of the file fsync'ed before the kill",
     );
@@ -517,6 +466,35 @@ fn compress_ext4_kill_9_fscks_clean_and_keeps_fsynced_files() {
     run("e2fsck", &["-fn", &again_path]);
     del(&again);
     assert_check_clean(&image, "after the reopened image was stopped cleanly");
+}
+
+/// fio writing the first 8 MiB of `file` with verify headers, fsync'ed every 16 writes and
+/// at the end (not verified then); with `verify_only`, the run that verifies them.
+fn fsynced_fio(file: &str, verify_only: bool) -> Vec<String> {
+    let mut args: Vec<String> = [
+        "--name=fsynced",
+        "--ioengine=io_uring",
+        "--direct=1",
+        "--rw=randwrite",
+        "--bs=64k",
+        "--iodepth=16",
+        "--offset=0",
+        "--size=8M",
+        "--verify=crc32c",
+        "--verify_fatal=1",
+        "--buffer_compress_percentage=50",
+        "--refill_buffers",
+        "--output-format=json",
+    ]
+    .map(String::from)
+    .to_vec();
+    args.push(format!("--filename={file}"));
+    if verify_only {
+        args.extend(["--verify_only", "--do_verify=1"].map(String::from));
+    } else {
+        args.extend(["--fsync=16", "--end_fsync=1", "--do_verify=0"].map(String::from));
+    }
+    args
 }
 
 // ---------------------------------------------------------------------------------------

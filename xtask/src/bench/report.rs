@@ -3,7 +3,7 @@
 
 use super::{
     Plan, Rebuild, RebuildStats, Results, Role, DEVICES, LIBUBLK, MD_RAID0, MD_RAID1, MD_RESYNC,
-    MIRROR_TESTS, NULL_BLK, PAIR_TESTS, RBD_NBD, ZRAM_LZ4,
+    MIRROR_TESTS, NULL_BLK, ON_FILES, PAIR_TESTS, RBD_NBD, ZRAM_LZ4,
 };
 use crate::fio::{markdown_table, num};
 use serde_json::{json, Value};
@@ -376,35 +376,48 @@ fn note_value(note: &str, label: &str) -> Option<f64> {
     rest[..end].parse().ok()
 }
 
-/// The compression ratio bar (ublk compress with lz4 at least zram's ratio with lz4, after
-/// the same fill), from the notes the compression rows leave, both ways `mm_stat` gives
-/// zram's: by the compressed bytes (zram's `compr_data_size` against our `stored_bytes`,
-/// extent headers included) and by the space taken (`mem_used_total` against our
-/// `allocated_bytes`).
+/// The compression ratio bars, from the notes the compression rows leave, both ways
+/// `mm_stat` gives zram's: by the compressed bytes (zram's `compr_data_size` against our
+/// `stored_bytes`, extent headers included) and by the space taken (`mem_used_total` against
+/// our `allocated_bytes`). After the fill, ublk compress with lz4 must reach zram's ratio
+/// with lz4; on the real files too, and there zstd's ratio against zram's is given (the
+/// issue asks for it well above, and names no figure).
 pub fn ratio_bars(notes: &[String]) -> Vec<String> {
-    let find = |device: &str| {
+    let find = |device: &str, when: &str| {
         notes
             .iter()
-            .find(|n| n.starts_with(&format!("compression of {device} after the fill")))
-    };
-    let (Some(zram), Some(ours)) = (find(ZRAM_LZ4), find("ublk-compress-lz4")) else {
-        return Vec::new();
+            .find(|n| n.starts_with(&format!("compression of {device} {when}")))
     };
     let ways = [
         ("by the compressed bytes", "ratio", "ratio"),
         ("by the space taken", "by memory used", "by space allocated"),
     ];
-    ways.iter()
-        .filter_map(|&(how, theirs, mine)| {
-            let (a, b) = (note_value(ours, mine)?, note_value(zram, theirs)?);
-            let verdict = if a >= b { "**PASS**" } else { "**MISS**" };
-            Some(format!(
-                "- {verdict} ublk compress lz4 vs zram lz4, compression ratio after the fill, \
-                 {how}: {a:.3} / {b:.3} = {:.3}× (bar: ≥ 1.00×)",
+    let mut lines = Vec::new();
+    for (device, algo, when) in [
+        ("ublk-compress-lz4", "lz4", "after the fill"),
+        ("ublk-compress-lz4", "lz4", ON_FILES),
+        ("ublk-compress-zstd", "zstd", ON_FILES),
+    ] {
+        let (Some(zram), Some(ours)) = (find(ZRAM_LZ4, when), find(device, when)) else {
+            continue;
+        };
+        for &(how, theirs, mine) in &ways {
+            let (Some(a), Some(b)) = (note_value(ours, mine), note_value(zram, theirs)) else {
+                continue;
+            };
+            let (verdict, bar) = match algo {
+                "lz4" if a >= b => ("**PASS** ", "bar: ≥ 1.00×"),
+                "lz4" => ("**MISS** ", "bar: ≥ 1.00×"),
+                _ => ("", "the issue asks for well above 1×"),
+            };
+            lines.push(format!(
+                "- {verdict}ublk compress {algo} vs zram lz4, compression ratio {when}, \
+                 {how}: {a:.3} / {b:.3} = {:.3}× ({bar})",
                 a / b
-            ))
-        })
-        .collect()
+            ));
+        }
+    }
+    lines
 }
 
 /// The whole `report.md`./// The whole `report.md`.
@@ -944,5 +957,32 @@ mod tests {
             lines[1]
         );
         assert!(ratio_bars(&notes[..1]).is_empty());
+
+        // On the real files: lz4 against the same bar, zstd's ratio given without a verdict.
+        let mut notes = notes;
+        notes.extend([
+            "compression of zram-lz4 on real files: orig_data_size 134217728, \
+             compr_data_size 67108864, mem_used_total 70000000 (mm_stat); ratio 2.000, \
+             by memory used 1.917"
+                .to_string(),
+            "compression of ublk-compress-lz4 on real files: data_bytes 134217728, \
+             stored_bytes 68000000, allocated_bytes 69000000 (ublk status); ratio 1.974, \
+             by space allocated 1.945"
+                .to_string(),
+            "compression of ublk-compress-zstd on real files: data_bytes 134217728, \
+             stored_bytes 50000000, allocated_bytes 51000000 (ublk status); ratio 2.684, \
+             by space allocated 2.632"
+                .to_string(),
+        ]);
+        let lines = ratio_bars(&notes);
+        assert_eq!(lines.len(), 6, "{lines:?}");
+        assert!(lines[2].starts_with("- **MISS** ublk compress lz4 vs zram lz4, compression ratio on real files, by the compressed bytes: 1.974 / 2.000"), "{}", lines[2]);
+        assert!(lines[3].starts_with("- **PASS**"), "{}", lines[3]);
+        assert!(
+            lines[4].starts_with("- ublk compress zstd vs zram lz4, compression ratio on real files, by the compressed bytes: 2.684 / 2.000 = 1.342×"),
+            "{}",
+            lines[4]
+        );
+        assert!(lines[5].contains("2.632 / 1.917"), "{}", lines[5]);
     }
 }

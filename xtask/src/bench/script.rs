@@ -3,9 +3,9 @@
 
 use super::{
     md_build_command, md_raid1_command, mirror_tree, stripe_tree, Plan, RebuildKind, Role, Setup,
-    BENCH_FILE, BRD_PAIR, BRD_PARAMS, COMPRESS_DATA, COMPRESS_SPAN_MIB, DEVICE_MIB, LIBUBLK_QUEUES,
-    MD_RAID1_DEV, MD_SPEED_LIMIT_KIB, MIRROR_PAIR, RBD_CLUSTER_DIR, RBD_IMAGE, RBD_SPAN_MIB,
-    UBLK_QUEUES, UBLK_STACK_QUEUES,
+    BENCH_FILE, BRD_PAIR, BRD_PARAMS, COMPRESS_DATA, COMPRESS_SPAN_MIB, CORPUS, CORPUS_MIB,
+    DEVICE_MIB, LIBUBLK_QUEUES, MD_RAID1_DEV, MD_SPEED_LIMIT_KIB, MIRROR_PAIR, ON_FILES,
+    RBD_CLUSTER_DIR, RBD_IMAGE, RBD_SPAN_MIB, UBLK_QUEUES, UBLK_STACK_QUEUES,
 };
 use crate::scripts::prelude;
 use std::fmt::Write as _;
@@ -143,6 +143,13 @@ compress_fill() {
         --iodepth=16 --size="$COMPRESS_SPAN_MIB"M --end_fsync=1 $COMPRESS_DATA >/dev/null || return 1
 }
 
+# compress_files DEV: discards DEV, then writes the real files of the corpus over its start,
+# fsync'ed, so that its ratio is theirs alone.
+compress_files() {
+    blkdiscard "$1" || return 1
+    dd if="$CORPUS" of="$1" bs=1M conv=fsync 2>/dev/null || return 1
+}
+
 # zram_ratio NAME [WHEN]: prints zram0's mm_stat (orig_data_size compr_data_size
 # mem_used_total ...) as a note, "after the fill" unless WHEN says when.
 zram_ratio() {
@@ -168,7 +175,7 @@ pub fn script(plan: &Plan) -> String {
     s.push_str(SH_HELPERS);
     let _ = writeln!(
         s,
-        "COMPRESS_SPAN_MIB={COMPRESS_SPAN_MIB}\nCOMPRESS_DATA=\"{COMPRESS_DATA}\""
+        "COMPRESS_SPAN_MIB={COMPRESS_SPAN_MIB}\nCOMPRESS_DATA=\"{COMPRESS_DATA}\"\nCORPUS={CORPUS}"
     );
     s.push_str(
         r#"
@@ -415,6 +422,39 @@ fi
         };
         let _ = write!(s, "\nif [ -n \"$DEV_{i}\" ]; then {ratio}; fi\n");
     }
+    // Then the same real files on each of them: half-random blocks leave a codec nothing
+    // to find but the zeroes, so this is where zstd's ratio shows.
+    let mut corpus = false;
+    for (i, d) in plan.devices.iter().enumerate() {
+        let ratio = match (&d.setup, d.role) {
+            _ if !d.compresses() => continue,
+            (Setup::Zram(_), _) => format!("zram_ratio {} '{ON_FILES}'", d.name),
+            (_, Role::UblkCompress) => {
+                format!(r#"ublk_ratio {} $u{i}_id '{ON_FILES}' "$DEV_{i}""#, d.name)
+            }
+            _ => continue,
+        };
+        if !corpus {
+            corpus = true;
+            // busybox's head takes no unit suffix.
+            let corpus_bytes = u64::from(CORPUS_MIB) << 20;
+            let _ = write!(
+                s,
+                r#"
+echo "== bench: the real files: the first {CORPUS_MIB} MiB of tar /bin /lib /usr"
+tar -cf - /bin /lib /usr 2>/dev/null | head -c {corpus_bytes} >{CORPUS}
+echo "XTASK-BENCH-NOTE real files: $(wc -c <{CORPUS}) bytes of tar /bin /lib /usr (the guest's programs, libraries and kernel modules)"
+"#
+            );
+        }
+        let _ = write!(
+            s,
+            "\nif [ -n \"$DEV_{i}\" ]; then compress_files \"$DEV_{i}\" && {ratio}; fi\n"
+        );
+    }
+    if corpus {
+        let _ = writeln!(s, "rm -f {CORPUS}");
+    }
     s.push_str("\necho \"== bench: done\"\n");
     s
 }
@@ -609,6 +649,15 @@ mod tests {
             3 * 2 * 2 * 3
         );
         assert!(!s.contains("run_fio zram-lz4.seqread"));
+        // Then the real files, once for all, on each after a discard.
+        assert_eq!(s.matches("tar -cf - /bin /lib /usr").count(), 1);
+        assert!(
+            s.contains("then compress_files \"$DEV_0\" && zram_ratio zram-lz4 'on real files'; fi")
+        );
+        assert!(s.contains(
+            "then compress_files \"$DEV_2\" && ublk_ratio ublk-compress-zstd $u2_id 'on real files' \"$DEV_2\"; fi"
+        ));
+        assert!(s.rfind("'on real files'").expect("files") > end);
     }
 
     #[test]
