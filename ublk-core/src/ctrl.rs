@@ -393,7 +393,8 @@ impl ControlDevice {
     /// Deletes the device without waiting for its last user: `/dev/ublkcN` goes at once,
     /// the id once nobody holds the block device any more (a mounted file system, say).
     /// Uses DEL_DEV_ASYNC, or DEL_DEV on kernels without it. Then waits up to `grace` for
-    /// the id to be free; returns whether it is.
+    /// the id to be free; returns whether it is. A device that no longer exists (deleted
+    /// meanwhile, by its own server say) counts as deleted.
     pub fn delete_within(&self, dev_id: u32, grace: std::time::Duration) -> Result<bool> {
         match self.dev_command::<u64>(
             CtrlOp::DelDevAsync,
@@ -408,6 +409,11 @@ impl ControlDevice {
                 if errno == libc::EOPNOTSUPP || errno == libc::EINVAL =>
             {
                 self.delete(dev_id)?;
+                return Ok(true);
+            }
+            // Gone already: its server, seeing it stopped, deleted it first.
+            Err(Error::Ctrl { errno, .. }) if errno == libc::ENODEV => {
+                self.known().remove(&dev_id);
                 return Ok(true);
             }
             Err(e) => return Err(e),
