@@ -244,21 +244,31 @@ fn lifecycle_library_server_50_cycles_leaks_nothing() {
     }
     assert_no_devices("after 50 library server cycles");
     // The first cycles warm up allocators and thread-local caches; after that nothing may
-    // grow with the cycles.
-    let (fds10, threads10, rss10) = samples[9];
-    let (fds50, threads50, rss50) = samples[49];
+    // grow with the cycles. A sample can catch a thread of the cycle still exiting, so the
+    // last five cycles' least is held against cycles 6 to 10's most: a leak of anything per
+    // cycle would put the end 40 above.
+    let fold = |range: std::ops::Range<usize>, max: bool| {
+        let pick = |a: u64, b: u64| if max { a.max(b) } else { a.min(b) };
+        samples[range]
+            .iter()
+            .map(|&(f, t, r)| (f as u64, t as u64, r))
+            .reduce(|a, b| (pick(a.0, b.0), pick(a.1, b.1), pick(a.2, b.2)))
+            .expect("samples")
+    };
+    let (fds10, threads10, rss10) = fold(5..10, true);
+    let (fds50, threads50, rss50) = fold(45..50, false);
     eprintln!(
-        "library server: after cycle 10: {fds10} fds, {threads10} threads, {} KiB RSS; \
-         after cycle 50: {fds50} fds, {threads50} threads, {} KiB RSS",
+        "library server: cycles 6-10 at most {fds10} fds, {threads10} threads, {} KiB RSS; \
+         cycles 46-50 at least {fds50} fds, {threads50} threads, {} KiB RSS",
         rss10 / 1024,
         rss50 / 1024
     );
-    assert_eq!(
-        fds50, fds10,
+    assert!(
+        fds50 <= fds10,
         "descriptors leaked over 40 cycles: {samples:?}"
     );
-    assert_eq!(
-        threads50, threads10,
+    assert!(
+        threads50 <= threads10,
         "threads leaked over 40 cycles: {samples:?}"
     );
     assert!(
