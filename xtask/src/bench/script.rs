@@ -2,8 +2,8 @@
 //! teardown, as one POSIX `sh` payload (busybox in the VM).
 
 use super::{
-    md_build_command, md_raid1_command, mirror_tree, stripe_tree, Plan, RebuildKind, Role, Setup,
-    BENCH_FILE, BRD_PAIR, BRD_PARAMS, COMPRESS_DATA, COMPRESS_SPAN_MIB, CORPUS, CORPUS_MIB,
+    md_build_command, md_raid1_command, mirror_tree, stripe_tree, Device, Plan, RebuildKind, Role,
+    Setup, BENCH_FILE, BRD_PAIR, BRD_PARAMS, COMPRESS_DATA, COMPRESS_SPAN_MIB, CORPUS, CORPUS_MIB,
     DEVICE_MIB, LIBUBLK_QUEUES, MD_RAID1_DEV, MD_SPEED_LIMIT_KIB, MIRROR_PAIR, ON_FILES,
     RBD_CLUSTER_DIR, RBD_IMAGE, RBD_SPAN_MIB, UBLK_QUEUES, UBLK_STACK_QUEUES,
 };
@@ -407,18 +407,20 @@ fi
             }
         }
     }
+    // The note of compressing device `i`'s ratio `when` (the ublk rows after a flush).
+    let ratio_note = |i: usize, d: &Device, when: &str| match (&d.setup, d.role) {
+        _ if !d.compresses() => None,
+        (Setup::Zram(_), _) => Some(format!("zram_ratio {} '{when}'", d.name)),
+        (_, Role::UblkCompress) => Some(format!(
+            r#"ublk_ratio {} $u{i}_id '{when}' "$DEV_{i}""#,
+            d.name
+        )),
+        _ => None,
+    };
     // Where the compression ratios stand after the runs' random writes.
     for (i, d) in plan.devices.iter().enumerate() {
-        let ratio = match (&d.setup, d.role) {
-            _ if !d.compresses() => continue,
-            (Setup::Zram(_), _) => format!("zram_ratio {} 'after the runs'", d.name),
-            (_, Role::UblkCompress) => {
-                format!(
-                    r#"ublk_ratio {} $u{i}_id 'after the runs' "$DEV_{i}""#,
-                    d.name
-                )
-            }
-            _ => continue,
+        let Some(ratio) = ratio_note(i, d, "after the runs") else {
+            continue;
         };
         let _ = write!(s, "\nif [ -n \"$DEV_{i}\" ]; then {ratio}; fi\n");
     }
@@ -426,13 +428,8 @@ fi
     // to find but the zeroes, so this is where zstd's ratio shows.
     let mut corpus = false;
     for (i, d) in plan.devices.iter().enumerate() {
-        let ratio = match (&d.setup, d.role) {
-            _ if !d.compresses() => continue,
-            (Setup::Zram(_), _) => format!("zram_ratio {} '{ON_FILES}'", d.name),
-            (_, Role::UblkCompress) => {
-                format!(r#"ublk_ratio {} $u{i}_id '{ON_FILES}' "$DEV_{i}""#, d.name)
-            }
-            _ => continue,
+        let Some(ratio) = ratio_note(i, d, ON_FILES) else {
+            continue;
         };
         if !corpus {
             corpus = true;
